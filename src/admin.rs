@@ -1,0 +1,562 @@
+//! Key lifecycle (SPEC §7): create, read, list, update, revoke, rotate and
+//! delete, with the validation of every field. No gRPC types here;
+//! `service::admin` converts at the edge and maps [`AdminError`] to a status.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use crate::key::generate::FullKey;
+use crate::key::{Env, KeyId, generate};
+use crate::store::{KeyRecord, ListPage, ListQuery, RateLimitPolicy, StoreError};
+use crate::verify::{Code, Engine, Request};
+
+/// The scope that admits a key to KeyAdmin.
+pub const ADMIN_SCOPE: &str = "keystile:admin";
+/// Default grace window of a rotation.
+pub const DEFAULT_GRACE_SECONDS: u64 = 3600;
+/// Longest grace window of a rotation (30 days).
+pub const MAX_GRACE_SECONDS: u64 = 30 * 86_400;
+
+const MAX_NAME: usize = 200;
+const MAX_TENANT: usize = 128;
+const MAX_SCOPES: usize = 64;
+const MAX_SCOPE_LEN: usize = 128;
+const MAX_CIDRS: usize = 64;
+const MAX_METADATA: usize = 32;
+const MAX_METADATA_KEY: usize = 64;
+const MAX_METADATA_VALUE: usize = 512;
+pub const MAX_PAGE_SIZE: usize = 1000;
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// Every problem found, one sentence each.
+    #[error("{}", .0.join("; "))]
+    Invalid(Vec<String>),
+    #[error("missing or invalid admin key: {0}")]
+    Unauthenticated(&'static str),
+    #[error("{0}")]
+    PermissionDenied(&'static str),
+    #[error("the admin key's rate limit is exceeded")]
+    RateLimited,
+    #[error("no key with key_id {0}")]
+    NotFound(KeyId),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("the key was changed by someone else at the same time; retry")]
+    Conflict,
+    #[error("the key store is unavailable")]
+    Unavailable,
+}
+
+impl From<StoreError> for AdminError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict => AdminError::Conflict,
+            other => {
+                tracing::warn!(error = %other, "store call failed");
+                AdminError::Unavailable
+            }
+        }
+    }
+}
+
+/// A new key's attributes, as asked (not yet validated).
+#[derive(Debug, Clone, Default)]
+pub struct KeySpec {
+    pub name: String,
+    pub env: String,
+    pub tenant: String,
+    pub scopes: Vec<String>,
+    pub ip_allowlist: Vec<String>,
+    pub rate_limit: Option<RateLimitPolicy>,
+    pub metadata: BTreeMap<String, String>,
+    /// Unix seconds; `None` = never.
+    pub expires_at: Option<i64>,
+}
+
+/// Changes to a key; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct KeyPatch {
+    pub name: Option<String>,
+    pub scopes: Option<Vec<String>>,
+    pub ip_allowlist: Option<Vec<String>>,
+    /// `Some(None)` removes the key's own limit.
+    pub rate_limit: Option<Option<RateLimitPolicy>>,
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// `Some(None)` = never expires.
+    pub expires_at: Option<Option<i64>>,
+}
+
+/// Where a key stands at a given instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    Active,
+    /// Rotated: valid until its `revoked_at`.
+    Rotating,
+    Expired,
+    Revoked,
+}
+
+pub fn state_at(record: &KeyRecord, now: i64) -> KeyState {
+    if record.is_revoked_at(now) {
+        KeyState::Revoked
+    } else if record.is_expired_at(now) {
+        KeyState::Expired
+    } else if record.revoked_at.is_some() {
+        KeyState::Rotating
+    } else {
+        KeyState::Active
+    }
+}
+
+/// A freshly minted key: the full key (shown once) and its record.
+#[derive(Debug)]
+pub struct Minted {
+    pub key: FullKey,
+    pub record: KeyRecord,
+}
+
+pub struct Admin {
+    engine: Arc<Engine>,
+}
+
+impl Admin {
+    pub fn new(engine: Arc<Engine>) -> Admin {
+        Admin { engine }
+    }
+
+    fn now(&self) -> i64 {
+        self.engine.clock().unix_seconds()
+    }
+
+    /// Checks that `bearer` is a valid key holding [`ADMIN_SCOPE`], through
+    /// the same engine as every Verify.
+    pub async fn authorize(&self, bearer: Option<&str>, ip: Option<IpAddr>) -> Result<(), AdminError> {
+        let Some(key) = bearer else {
+            return Err(AdminError::Unauthenticated("send `authorization: Bearer <admin key>`"));
+        };
+        let scopes = [ADMIN_SCOPE.to_string()];
+        let verdict = self
+            .engine
+            .verify(&Request { key, ip, scopes: &scopes, tenant: "", cost: 1 })
+            .await
+            .map_err(|_| AdminError::Unavailable)?;
+        match verdict.code {
+            Code::Valid => Ok(()),
+            Code::InsufficientScope => Err(AdminError::PermissionDenied("the key lacks the keystile:admin scope")),
+            Code::IpNotAllowed | Code::TenantMismatch => {
+                Err(AdminError::PermissionDenied("the admin key may not be used from this address"))
+            }
+            Code::RateLimited | Code::TooManyFailedAttempts => Err(AdminError::RateLimited),
+            Code::Malformed | Code::NotFound | Code::Revoked | Code::Expired => {
+                Err(AdminError::Unauthenticated("the key is not a valid admin key"))
+            }
+        }
+    }
+
+    pub async fn create(&self, spec: KeySpec) -> Result<Minted, AdminError> {
+        let now = self.now();
+        let mut problems = Vec::new();
+        let env = match spec.env.parse::<Env>() {
+            Ok(e) if self.engine.settings().format.accepts_env(e) => Some(e),
+            Ok(e) => {
+                problems.push(format!("env {e} is not accepted by this deployment"));
+                None
+            }
+            Err(_) if spec.env.is_empty() => {
+                problems.push("env is required: \"live\" or \"test\"".to_string());
+                None
+            }
+            Err(e) => {
+                problems.push(e);
+                None
+            }
+        };
+        let name = check_name(&spec.name, &mut problems);
+        check_tenant(&spec.tenant, &mut problems);
+        let scopes = check_scopes(&spec.scopes, &mut problems);
+        let ip_allowlist = check_cidrs(&spec.ip_allowlist, &mut problems);
+        if let Some(p) = &spec.rate_limit {
+            problems.extend(p.problems());
+        }
+        check_metadata(&spec.metadata, &mut problems);
+        if let Some(at) = spec.expires_at
+            && at <= now
+        {
+            problems.push("expires_at must be in the future".to_string());
+        }
+        let Some(env) = env.filter(|_| problems.is_empty()) else {
+            return Err(AdminError::Invalid(problems));
+        };
+        let fields = RecordFields {
+            name,
+            tenant: spec.tenant,
+            scopes,
+            ip_allowlist,
+            rate_limit: spec.rate_limit,
+            metadata: spec.metadata,
+            expires_at: spec.expires_at,
+        };
+        self.mint(env, fields, now).await
+    }
+
+    async fn mint(&self, env: Env, fields: RecordFields, now: i64) -> Result<Minted, AdminError> {
+        let format = &self.engine.settings().format;
+        // A key_id collision is astronomically unlikely (62^8); retry anyway.
+        for _ in 0..3 {
+            let new = generate(format, env);
+            let presented = format.parse(new.key.expose()).expect("a generated key parses");
+            let secret_hash = self.engine.settings().peppers.seal(new.key_id, presented.secret());
+            let record = KeyRecord {
+                key_id: new.key_id,
+                prefix: format.primary_prefix().to_string(),
+                secret_hash,
+                name: fields.name.clone(),
+                env,
+                tenant: fields.tenant.clone(),
+                scopes: fields.scopes.clone(),
+                ip_allowlist: fields.ip_allowlist.clone(),
+                rate_limit: fields.rate_limit,
+                metadata: fields.metadata.clone(),
+                created_at: now,
+                expires_at: fields.expires_at,
+                revoked_at: None,
+                last_used_at: None,
+                version: 1,
+            };
+            match self.engine.store().create(&record).await {
+                Ok(()) => {
+                    self.engine.invalidate(record.key_id);
+                    tracing::info!(key_id = %record.key_id, env = %env, "key created");
+                    return Ok(Minted { key: new.key, record });
+                }
+                Err(StoreError::AlreadyExists) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(AdminError::Unavailable)
+    }
+
+    pub async fn get(&self, id: &str) -> Result<KeyRecord, AdminError> {
+        let id = parse_id(id)?;
+        let mut record = self.engine.store().get(id).await?.ok_or(AdminError::NotFound(id))?;
+        record.last_used_at = self.engine.store().last_used(id).await?;
+        Ok(record)
+    }
+
+    pub async fn list(
+        &self,
+        tenant: &str,
+        env: &str,
+        page_size: usize,
+        page_token: &str,
+    ) -> Result<ListPage, AdminError> {
+        let mut problems = Vec::new();
+        let env = if env.is_empty() { None } else { env.parse::<Env>().map_err(|e| problems.push(e)).ok() };
+        if page_size > MAX_PAGE_SIZE {
+            problems.push(format!("page_size must be at most {MAX_PAGE_SIZE}"));
+        }
+        if !page_token.is_empty() && !valid_page_token(page_token) {
+            problems.push("page_token is not one this server handed out".to_string());
+        }
+        check_tenant(tenant, &mut problems);
+        if !problems.is_empty() {
+            return Err(AdminError::Invalid(problems));
+        }
+        let query = ListQuery {
+            tenant: (!tenant.is_empty()).then(|| tenant.to_string()),
+            env,
+            after: (!page_token.is_empty()).then(|| page_token.to_string()),
+            limit: if page_size == 0 { DEFAULT_PAGE_SIZE } else { page_size },
+        };
+        Ok(self.engine.store().list(&query).await?)
+    }
+
+    pub async fn update(&self, id: &str, patch: KeyPatch) -> Result<KeyRecord, AdminError> {
+        let id = parse_id(id)?;
+        let mut problems = Vec::new();
+        let name = patch.name.as_deref().map(|n| check_name(n, &mut problems));
+        let scopes = patch.scopes.as_deref().map(|s| check_scopes(s, &mut problems));
+        let cidrs = patch.ip_allowlist.as_deref().map(|c| check_cidrs(c, &mut problems));
+        if let Some(Some(p)) = &patch.rate_limit {
+            problems.extend(p.problems());
+        }
+        if let Some(m) = &patch.metadata {
+            check_metadata(m, &mut problems);
+        }
+        if let Some(Some(at)) = patch.expires_at
+            && at <= self.now()
+        {
+            problems.push("expires_at must be in the future".to_string());
+        }
+        if !problems.is_empty() {
+            return Err(AdminError::Invalid(problems));
+        }
+        self.mutate(id, |r, now| {
+            if r.is_revoked_at(now) {
+                return Err(AdminError::FailedPrecondition(format!(
+                    "key {} is revoked and cannot be changed",
+                    r.key_id
+                )));
+            }
+            if let Some(n) = &name {
+                r.name = n.clone();
+            }
+            if let Some(s) = &scopes {
+                r.scopes = s.clone();
+            }
+            if let Some(c) = &cidrs {
+                r.ip_allowlist = c.clone();
+            }
+            if let Some(l) = patch.rate_limit {
+                r.rate_limit = l;
+            }
+            if let Some(m) = &patch.metadata {
+                r.metadata = m.clone();
+            }
+            if let Some(e) = patch.expires_at {
+                r.expires_at = e;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Revokes at once. Revoking a revoked key changes nothing.
+    pub async fn revoke(&self, id: &str) -> Result<KeyRecord, AdminError> {
+        let id = parse_id(id)?;
+        let record = self
+            .mutate(id, |r, now| {
+                if r.is_revoked_at(now) {
+                    return Err(AdminError::FailedPrecondition(String::new()));
+                }
+                r.revoked_at = Some(now);
+                Ok(())
+            })
+            .await;
+        match record {
+            Err(AdminError::FailedPrecondition(s)) if s.is_empty() => self.get(id.as_str()).await,
+            other => {
+                if other.is_ok() {
+                    tracing::info!(key_id = %id, "key revoked");
+                }
+                other
+            }
+        }
+    }
+
+    /// Mints a new key with the same attributes; the old one stays valid for
+    /// `grace_seconds`, then counts as revoked.
+    pub async fn rotate(&self, id: &str, grace_seconds: Option<u64>) -> Result<(Minted, KeyRecord), AdminError> {
+        let id = parse_id(id)?;
+        let grace = grace_seconds.unwrap_or(DEFAULT_GRACE_SECONDS);
+        if grace > MAX_GRACE_SECONDS {
+            return Err(AdminError::Invalid(vec![format!(
+                "grace_seconds must be at most {MAX_GRACE_SECONDS} (30 days)"
+            )]));
+        }
+        let old = self.engine.store().get(id).await?.ok_or(AdminError::NotFound(id))?;
+        let now = self.now();
+        if old.is_revoked_at(now) {
+            return Err(AdminError::FailedPrecondition(format!("key {id} is revoked and cannot be rotated")));
+        }
+        if old.is_expired_at(now) {
+            return Err(AdminError::FailedPrecondition(format!("key {id} has expired and cannot be rotated")));
+        }
+        let fields = RecordFields {
+            name: old.name.clone(),
+            tenant: old.tenant.clone(),
+            scopes: old.scopes.clone(),
+            ip_allowlist: old.ip_allowlist.clone(),
+            rate_limit: old.rate_limit,
+            metadata: old.metadata.clone(),
+            expires_at: old.expires_at,
+        };
+        let minted = self.mint(old.env, fields, now).await?;
+        let end = now.saturating_add(grace as i64);
+        let previous = self
+            .mutate(id, |r, _| {
+                r.revoked_at = Some(r.revoked_at.map_or(end, |t| t.min(end)));
+                Ok(())
+            })
+            .await?;
+        tracing::info!(key_id = %id, new_key_id = %minted.record.key_id, grace_seconds = grace, "key rotated");
+        Ok((minted, previous))
+    }
+
+    /// Removes a key for good; afterwards it is `NOT_FOUND`, not `REVOKED`.
+    pub async fn delete(&self, id: &str) -> Result<(), AdminError> {
+        let id = parse_id(id)?;
+        let removed = self.engine.store().delete(id).await?;
+        self.engine.invalidate(id);
+        self.engine.forget_limiter(id);
+        if !removed {
+            return Err(AdminError::NotFound(id));
+        }
+        tracing::info!(key_id = %id, "key deleted");
+        Ok(())
+    }
+
+    /// Read, change, write with the version as a fence; retries a few times
+    /// when another writer got there first.
+    async fn mutate(
+        &self,
+        id: KeyId,
+        change: impl Fn(&mut KeyRecord, i64) -> Result<(), AdminError>,
+    ) -> Result<KeyRecord, AdminError> {
+        for _ in 0..5 {
+            let mut record = self.engine.store().get(id).await?.ok_or(AdminError::NotFound(id))?;
+            let expected = record.version;
+            change(&mut record, self.now())?;
+            record.version = expected + 1;
+            match self.engine.store().update(&record, expected).await {
+                Ok(()) => {
+                    self.engine.invalidate(id);
+                    record.last_used_at = self.engine.store().last_used(id).await.unwrap_or(None);
+                    return Ok(record);
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(StoreError::NotFound) => return Err(AdminError::NotFound(id)),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(AdminError::Conflict)
+    }
+}
+
+struct RecordFields {
+    name: String,
+    tenant: String,
+    scopes: Vec<String>,
+    ip_allowlist: Vec<IpNet>,
+    rate_limit: Option<RateLimitPolicy>,
+    metadata: BTreeMap<String, String>,
+    expires_at: Option<i64>,
+}
+
+fn parse_id(id: &str) -> Result<KeyId, AdminError> {
+    id.parse::<KeyId>().map_err(|e| AdminError::Invalid(vec![format!("key_id: {e}")]))
+}
+
+fn valid_page_token(t: &str) -> bool {
+    t.len() == 29
+        && t.split_once(':').is_some_and(|(ts, id)| {
+            ts.len() == 20 && ts.bytes().all(|c| c.is_ascii_digit()) && id.parse::<KeyId>().is_ok()
+        })
+}
+
+fn check_name(name: &str, problems: &mut Vec<String>) -> String {
+    let name = name.trim();
+    if name.is_empty() {
+        problems.push("name must not be empty".to_string());
+    } else if name.chars().count() > MAX_NAME {
+        problems.push(format!("name must be at most {MAX_NAME} characters"));
+    } else if name.chars().any(char::is_control) {
+        problems.push("name must not contain control characters".to_string());
+    }
+    name.to_string()
+}
+
+fn check_tenant(tenant: &str, problems: &mut Vec<String>) {
+    if tenant.len() > MAX_TENANT || !tenant.bytes().all(|c| c.is_ascii_alphanumeric() || b"._:-".contains(&c)) {
+        problems.push(format!("tenant must be at most {MAX_TENANT} characters of [A-Za-z0-9._:-]"));
+    }
+}
+
+/// Scope syntax: 1–128 characters of `[A-Za-z0-9._:/*-]`. Duplicates are
+/// dropped, order is kept.
+pub fn check_scopes(scopes: &[String], problems: &mut Vec<String>) -> Vec<String> {
+    if scopes.len() > MAX_SCOPES {
+        problems.push(format!("at most {MAX_SCOPES} scopes"));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(scopes.len());
+    for s in scopes {
+        if s.is_empty()
+            || s.len() > MAX_SCOPE_LEN
+            || !s.bytes().all(|c| c.is_ascii_alphanumeric() || b"._:/*-".contains(&c))
+        {
+            problems.push(format!("scope {s:?} must be 1-{MAX_SCOPE_LEN} characters of [A-Za-z0-9._:/*-]"));
+        } else if !out.contains(s) {
+            out.push(s.clone());
+        }
+    }
+    out
+}
+
+/// CIDRs or bare addresses (a bare address is its own /32 or /128).
+/// IPv4-mapped IPv6 is written as IPv4, as the engine compares it.
+fn check_cidrs(cidrs: &[String], problems: &mut Vec<String>) -> Vec<IpNet> {
+    if cidrs.len() > MAX_CIDRS {
+        problems.push(format!("at most {MAX_CIDRS} ip_allowlist entries"));
+    }
+    let mut out = Vec::with_capacity(cidrs.len());
+    for c in cidrs {
+        let t = c.trim();
+        let net = t.parse::<IpNet>().or_else(|_| t.parse::<IpAddr>().map(IpNet::from));
+        match net {
+            Ok(IpNet::V6(v6)) if v6.addr().to_ipv4_mapped().is_some() && v6.prefix_len() >= 96 => {
+                let v4 = v6.addr().to_ipv4_mapped().expect("checked");
+                out.push(IpNet::V4(ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).expect("prefix <= 32")).trunc());
+            }
+            Ok(net) => out.push(net.trunc()),
+            Err(_) => {
+                problems.push(format!("ip_allowlist entry {c:?} is not a CIDR (e.g. 10.0.0.0/8) or an IP address"))
+            }
+        }
+    }
+    out
+}
+
+fn check_metadata(m: &BTreeMap<String, String>, problems: &mut Vec<String>) {
+    if m.len() > MAX_METADATA {
+        problems.push(format!("at most {MAX_METADATA} metadata entries"));
+    }
+    for (k, v) in m {
+        if k.is_empty() || k.len() > MAX_METADATA_KEY {
+            problems.push(format!("metadata key {k:?} must be 1-{MAX_METADATA_KEY} bytes"));
+        }
+        if v.len() > MAX_METADATA_VALUE {
+            problems.push(format!("metadata value of {k:?} must be at most {MAX_METADATA_VALUE} bytes"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_accept_bare_addresses_and_map_ipv4_in_ipv6() {
+        let mut p = Vec::new();
+        let nets = check_cidrs(
+            &["10.1.2.3/8".into(), "192.0.2.1".into(), "::ffff:198.51.100.0/120".into(), "2001:db8::/32".into()],
+            &mut p,
+        );
+        assert!(p.is_empty(), "{p:?}");
+        let shown: Vec<String> = nets.iter().map(|n| n.to_string()).collect();
+        assert_eq!(shown, ["10.0.0.0/8", "192.0.2.1/32", "198.51.100.0/24", "2001:db8::/32"]);
+        check_cidrs(&["10.0.0.0/33".into(), "nope".into()], &mut p);
+        assert_eq!(p.len(), 2);
+    }
+
+    #[test]
+    fn scopes_are_checked_and_deduplicated() {
+        let mut p = Vec::new();
+        assert_eq!(
+            check_scopes(&["read".into(), "read".into(), "keystile:admin".into()], &mut p),
+            ["read", "keystile:admin"]
+        );
+        check_scopes(&["".into(), "has space".into()], &mut p);
+        assert_eq!(p.len(), 2);
+    }
+
+    #[test]
+    fn page_tokens_are_checked() {
+        assert!(valid_page_token("00000000001700000000:abcdEFGH"));
+        assert!(!valid_page_token("garbage"));
+    }
+}

@@ -1,0 +1,226 @@
+//! The in-process cache of key records (SPEC §5).
+//!
+//! Positive entries are fresh for `cache_ttl`, then kept up to `stale_window`
+//! longer so they can still answer while the store is down. Negative entries
+//! (no such key_id) are fresh for `negative_ttl` and never served stale.
+//! Freshness is judged by the injectable [`Clock`]; moka's own time-to-live
+//! only bounds memory.
+//!
+//! Every key_id maps to one of [`STRIPES`] generation counters. An
+//! invalidation bumps the counter under its lock; a loader inserts only if
+//! the counter is what it was before the store read began. So a lookup that
+//! started before a revocation can never put the revoked record back.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::clock::Clock;
+use crate::key::KeyId;
+use crate::limit::KeyLimiter;
+use crate::store::KeyRecord;
+
+const STRIPES: usize = 256;
+
+/// A record as the hot path needs it.
+pub struct CachedKey {
+    pub record: KeyRecord,
+    /// The key's bucket, shared with the registry; `None` = unlimited.
+    pub limiter: Option<Arc<KeyLimiter>>,
+    /// Granted scopes joined with `,`, for the `x-api-key-scopes` header.
+    pub scopes_header: String,
+    /// The last unix second this key verified on this sidecar.
+    pub last_touch: std::sync::atomic::AtomicI64,
+}
+
+impl std::fmt::Debug for CachedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedKey").field("record", &self.record).finish_non_exhaustive()
+    }
+}
+
+/// What a lookup found.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    Present(Arc<CachedKey>),
+    Absent,
+}
+
+#[derive(Clone)]
+struct Entry {
+    lookup: Lookup,
+    loaded_at: u64,
+}
+
+/// Freshness of a cached entry.
+pub enum Cached {
+    Fresh(Lookup),
+    /// Past its TTL but within the stale window: use only if the store fails.
+    Stale(Arc<CachedKey>),
+    Missing,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct CacheSettings {
+    pub ttl: Duration,
+    pub negative_ttl: Duration,
+    pub stale_window: Duration,
+    pub max_entries: u64,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(5),
+            stale_window: Duration::from_secs(60),
+            max_entries: 1_000_000,
+        }
+    }
+}
+
+pub struct KeyCache {
+    entries: moka::sync::Cache<KeyId, Entry>,
+    generations: Box<[Mutex<u64>]>,
+    /// Bumped by `invalidate_all`, read together with the stripe.
+    epoch: AtomicU64,
+    settings: CacheSettings,
+    ttl_nanos: u64,
+    negative_nanos: u64,
+    stale_nanos: u64,
+    clock: Clock,
+}
+
+/// A loader's ticket: the generation seen before the store read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Generation(u64, u64);
+
+impl KeyCache {
+    pub fn new(settings: CacheSettings, clock: Clock) -> KeyCache {
+        let longest = settings.ttl.saturating_add(settings.stale_window).max(settings.negative_ttl);
+        KeyCache {
+            entries: moka::sync::Cache::builder()
+                .max_capacity(settings.max_entries)
+                .time_to_live(longest.max(Duration::from_millis(1)))
+                .build(),
+            generations: (0..STRIPES).map(|_| Mutex::new(0)).collect(),
+            epoch: AtomicU64::new(0),
+            ttl_nanos: settings.ttl.as_nanos() as u64,
+            negative_nanos: settings.negative_ttl.as_nanos() as u64,
+            stale_nanos: settings.stale_window.as_nanos() as u64,
+            settings,
+            clock,
+        }
+    }
+
+    pub fn settings(&self) -> CacheSettings {
+        self.settings
+    }
+
+    fn stripe(&self, id: KeyId) -> &Mutex<u64> {
+        // key_ids are uniformly random: a few of their bytes are a good hash.
+        let b = id.as_bytes();
+        let h = (b[0] as usize) ^ ((b[3] as usize) << 1) ^ ((b[7] as usize) << 2);
+        &self.generations[h % STRIPES]
+    }
+
+    #[inline]
+    pub fn get(&self, id: KeyId) -> Cached {
+        let Some(entry) = self.entries.get(&id) else { return Cached::Missing };
+        let age = self.clock.mono_nanos().saturating_sub(entry.loaded_at);
+        match entry.lookup {
+            Lookup::Present(key) if age < self.ttl_nanos => Cached::Fresh(Lookup::Present(key)),
+            Lookup::Present(key) if age < self.ttl_nanos.saturating_add(self.stale_nanos) => Cached::Stale(key),
+            Lookup::Absent if age < self.negative_nanos => Cached::Fresh(Lookup::Absent),
+            _ => Cached::Missing,
+        }
+    }
+
+    /// Call before reading the store for `id`.
+    pub fn generation(&self, id: KeyId) -> Generation {
+        let stripe = *self.stripe(id).lock().unwrap_or_else(|e| e.into_inner());
+        Generation(stripe, self.epoch.load(Ordering::SeqCst))
+    }
+
+    /// Inserts what the store said, unless `id` was invalidated since
+    /// `seen` was taken. Returns whether it was inserted.
+    pub fn insert_if_current(&self, id: KeyId, seen: Generation, lookup: Lookup) -> bool {
+        let stripe = self.stripe(id).lock().unwrap_or_else(|e| e.into_inner());
+        if Generation(*stripe, self.epoch.load(Ordering::SeqCst)) != seen {
+            return false;
+        }
+        if matches!(lookup, Lookup::Absent) && self.negative_nanos == 0 {
+            return false;
+        }
+        self.entries.insert(id, Entry { lookup, loaded_at: self.clock.mono_nanos() });
+        true
+    }
+
+    /// Drops `id` (positive or negative) and fences off loads in flight.
+    pub fn invalidate(&self, id: KeyId) {
+        let mut stripe = self.stripe(id).lock().unwrap_or_else(|e| e.into_inner());
+        *stripe += 1;
+        self.entries.invalidate(&id);
+    }
+
+    /// Drops everything and fences off every load in flight.
+    pub fn invalidate_all(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.entries.invalidate_all();
+    }
+
+    /// Entries held (approximate; for metrics and tests).
+    pub fn len(&self) -> u64 {
+        self.entries.run_pending_tasks();
+        self.entries.entry_count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(clock: &Clock) -> KeyCache {
+        KeyCache::new(
+            CacheSettings {
+                ttl: Duration::from_secs(60),
+                negative_ttl: Duration::from_secs(5),
+                stale_window: Duration::from_secs(30),
+                max_entries: 100,
+            },
+            clock.clone(),
+        )
+    }
+
+    fn id() -> KeyId {
+        "abcdEFGH".parse().unwrap()
+    }
+
+    #[test]
+    fn negative_entries_expire_and_are_never_stale() {
+        let clock = Clock::manual(0);
+        let c = cache(&clock);
+        assert!(c.insert_if_current(id(), c.generation(id()), Lookup::Absent));
+        assert!(matches!(c.get(id()), Cached::Fresh(Lookup::Absent)));
+        clock.advance(Duration::from_secs(5));
+        assert!(matches!(c.get(id()), Cached::Missing));
+    }
+
+    #[test]
+    fn an_invalidation_during_a_load_wins() {
+        let clock = Clock::manual(0);
+        let c = cache(&clock);
+        let seen = c.generation(id());
+        c.invalidate(id());
+        assert!(!c.insert_if_current(id(), seen, Lookup::Absent), "the load began before the invalidation");
+        let seen = c.generation(id());
+        c.invalidate_all();
+        assert!(!c.insert_if_current(id(), seen, Lookup::Absent));
+        assert!(matches!(c.get(id()), Cached::Missing));
+        assert!(c.insert_if_current(id(), c.generation(id()), Lookup::Absent));
+    }
+}

@@ -1,0 +1,347 @@
+//! `keystile serve` configuration: flags with `KEYSTILE_*` environment
+//! fallbacks, validated into a [`ServeConfig`] before any port is bound.
+//! Every problem is reported at once.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::cache::CacheSettings;
+use crate::key::{Env, KeyFormat, Pepper, PepperSet};
+use crate::server::ServerOptions;
+use crate::store::RateLimitPolicy;
+use crate::telemetry::LogFormat;
+use crate::verify::EngineSettings;
+
+/// Exit code for a configuration error (EX_USAGE).
+pub const EX_USAGE: i32 = 64;
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 50ms, 5s, 1m)"))
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// gRPC address to listen on.
+    #[arg(long, env = "KEYSTILE_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: String,
+    /// Redis URL (redis://, rediss://, unix://). Without it the embedded
+    /// in-memory store is used (one process, nothing persisted).
+    #[arg(long, env = "KEYSTILE_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key keystile writes.
+    #[arg(long, env = "KEYSTILE_REDIS_NAMESPACE", default_value = "keystile")]
+    pub redis_namespace: String,
+    /// Development mode: mint an admin key and print it on stdout as
+    /// `KEYSTILE_ADMIN_KEY=<key>`; generate a pepper if none is given.
+    #[arg(long, env = "KEYSTILE_DEV")]
+    pub dev: bool,
+    /// File holding the 32-byte pepper (64 hex characters).
+    #[arg(long, env = "KEYSTILE_PEPPER_FILE")]
+    pub pepper_file: Option<PathBuf>,
+    /// The pepper itself, 64 hex characters (prefer --pepper-file).
+    #[arg(long = "pepper", env = "KEYSTILE_PEPPER", hide_env_values = true)]
+    pub pepper: Option<String>,
+    /// Earlier peppers, still needed to verify keys created under them.
+    #[arg(long, env = "KEYSTILE_PREVIOUS_PEPPER_FILES", value_delimiter = ',')]
+    pub previous_pepper_file: Vec<PathBuf>,
+    /// Accepted key prefixes; the first one is used for new keys.
+    #[arg(long = "key-prefix", env = "KEYSTILE_KEY_PREFIXES", value_delimiter = ',', default_value = "ks")]
+    pub key_prefixes: Vec<String>,
+    /// Accepted key environments.
+    #[arg(long, env = "KEYSTILE_ACCEPT_ENVS", value_delimiter = ',', default_value = "live,test")]
+    pub accept_envs: Vec<String>,
+    /// How long a found key is served from the cache.
+    #[arg(long, env = "KEYSTILE_CACHE_TTL", default_value = "60s")]
+    pub cache_ttl: String,
+    /// How long an unknown key_id is remembered as unknown.
+    #[arg(long, env = "KEYSTILE_NEGATIVE_TTL", default_value = "5s")]
+    pub negative_ttl: String,
+    /// How long cached keys keep verifying while the store is down (0 = never).
+    #[arg(long, env = "KEYSTILE_STALE_WINDOW", default_value = "60s")]
+    pub stale_window: String,
+    /// Most keys held in the cache.
+    #[arg(long, env = "KEYSTILE_CACHE_MAX_ENTRIES", default_value_t = 1_000_000)]
+    pub cache_max_entries: u64,
+    /// How long a Verify waits for the store before answering UNAVAILABLE.
+    #[arg(long, env = "KEYSTILE_STORE_TIMEOUT", default_value = "50ms")]
+    pub store_timeout: String,
+    /// Limit for keys without their own, e.g. 1000/60s or 1000/60s:100
+    /// (requests/window[:burst]). Unset: such keys are unlimited.
+    #[arg(long, env = "KEYSTILE_DEFAULT_RATE_LIMIT")]
+    pub default_rate_limit: Option<String>,
+    /// Failed attempts (malformed or unknown keys) per minute per client IP
+    /// before that IP is shed; 0 turns shedding off.
+    #[arg(long, env = "KEYSTILE_FAILED_ATTEMPTS_PER_MINUTE", default_value_t = 20)]
+    pub failed_attempts_per_minute: u32,
+    /// Do not serve KeyAdmin on this sidecar.
+    #[arg(long, env = "KEYSTILE_NO_ADMIN")]
+    pub no_admin: bool,
+    /// HTTP/2 streams per connection.
+    #[arg(long, env = "KEYSTILE_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
+    pub max_concurrent_streams: u32,
+    /// How long in-flight calls may take to finish on SIGTERM.
+    #[arg(long, env = "KEYSTILE_SHUTDOWN_GRACE", default_value = "10s")]
+    pub shutdown_grace: String,
+    /// How often last-used timestamps are written to the store.
+    #[arg(long, env = "KEYSTILE_LAST_USED_FLUSH", default_value = "10s")]
+    pub last_used_flush: String,
+    /// Runtime worker threads (default: the CPUs available to the process).
+    #[arg(long, env = "KEYSTILE_WORKERS")]
+    pub workers: Option<usize>,
+    /// Log format.
+    #[arg(long, env = "KEYSTILE_LOG_FORMAT", value_enum, default_value = "plain")]
+    pub log_format: LogFormat,
+}
+
+/// Where keys live.
+#[derive(Debug, Clone)]
+pub enum StoreChoice {
+    Memory,
+    Redis { url: String, namespace: String },
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub store: StoreChoice,
+    pub dev: bool,
+    pub engine: EngineSettings,
+    pub server: ServerOptions,
+    pub workers: Option<usize>,
+    pub log_format: LogFormat,
+    /// Whether the pepper was generated (dev only): keys die with the process.
+    pub pepper_generated: bool,
+}
+
+impl ServeArgs {
+    /// Validates everything, reading the pepper files; returns every problem.
+    pub fn validate(&self) -> Result<ServeConfig, Vec<String>> {
+        let mut errors = Vec::new();
+        let listen = self
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|_| errors.push(format!("--listen {:?} is not an address like 0.0.0.0:50051", self.listen)))
+            .ok();
+        let mut dur = |name: &str, v: &str| duration(v).map_err(|e| errors.push(format!("--{name} {v:?}: {e}"))).ok();
+        let cache_ttl = dur("cache-ttl", &self.cache_ttl);
+        let negative_ttl = dur("negative-ttl", &self.negative_ttl);
+        let stale_window = dur("stale-window", &self.stale_window);
+        let store_timeout = dur("store-timeout", &self.store_timeout);
+        let shutdown_grace = dur("shutdown-grace", &self.shutdown_grace);
+        let last_used_flush = dur("last-used-flush", &self.last_used_flush);
+        if cache_ttl.is_some_and(|d| d.is_zero()) {
+            errors.push("--cache-ttl must be more than 0".into());
+        }
+        if store_timeout.is_some_and(|d| d.is_zero() || d > Duration::from_secs(30)) {
+            errors.push("--store-timeout must be between 1ms and 30s".into());
+        }
+        if last_used_flush.is_some_and(|d| d < Duration::from_secs(1)) {
+            errors.push("--last-used-flush must be at least 1s".into());
+        }
+        let mut envs = Vec::new();
+        for e in &self.accept_envs {
+            match e.trim().parse::<Env>() {
+                Ok(env) => envs.push(env),
+                Err(msg) => errors.push(format!("--accept-envs: {msg}")),
+            }
+        }
+        let format = match KeyFormat::new(self.key_prefixes.iter().map(|p| p.trim().to_string()).collect(), &envs) {
+            Ok(f) => Some(f),
+            Err(es) => {
+                errors.extend(es.into_iter().map(|e| format!("--key-prefix/--accept-envs: {e}")));
+                None
+            }
+        };
+        let default_rate_limit = match &self.default_rate_limit {
+            None => None,
+            Some(s) if s.trim().is_empty() || s == "none" => None,
+            Some(s) => s.parse::<RateLimitPolicy>().map_err(|e| errors.push(format!("--default-rate-limit: {e}"))).ok(),
+        };
+        if self.cache_max_entries == 0 {
+            errors.push("--cache-max-entries must be more than 0".into());
+        }
+        if self.max_concurrent_streams == 0 {
+            errors.push("--max-concurrent-streams must be more than 0".into());
+        }
+        if self.workers == Some(0) || self.workers.is_some_and(|w| w > 1024) {
+            errors.push("--workers must be between 1 and 1024".into());
+        }
+        if self.redis_namespace.is_empty() || self.redis_namespace.contains(char::is_whitespace) {
+            errors.push("--redis-namespace must be non-empty and without whitespace".into());
+        }
+        let store = match &self.redis_url {
+            Some(url) if url.trim().is_empty() => StoreChoice::Memory,
+            Some(url) => {
+                if redis::Client::open(url.as_str()).is_err() {
+                    errors.push(
+                        "--redis-url is not a valid Redis URL (redis://host:port/db, rediss://…, unix://…)".into(),
+                    );
+                }
+                StoreChoice::Redis { url: url.clone(), namespace: self.redis_namespace.clone() }
+            }
+            None => StoreChoice::Memory,
+        };
+
+        let (current, pepper_generated) = match (&self.pepper_file, &self.pepper) {
+            (Some(_), Some(_)) => {
+                errors.push("give the pepper either by --pepper-file or by KEYSTILE_PEPPER, not both".into());
+                (None, false)
+            }
+            (Some(path), None) => (read_pepper(path).map_err(|e| errors.push(e)).ok(), false),
+            (None, Some(hex)) => {
+                (Pepper::parse(hex.as_bytes()).map_err(|e| errors.push(format!("KEYSTILE_PEPPER: {e}"))).ok(), false)
+            }
+            (None, None) if self.dev => (Some(Pepper::random()), true),
+            (None, None) => {
+                errors.push("a pepper is required: --pepper-file <file> or KEYSTILE_PEPPER (64 hex characters; generate one with `openssl rand -hex 32`), or --dev".into());
+                (None, false)
+            }
+        };
+        let previous: Vec<Pepper> =
+            self.previous_pepper_file.iter().filter_map(|p| read_pepper(p).map_err(|e| errors.push(e)).ok()).collect();
+
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let (Some(listen), Some(format), Some(current)) = (listen, format, current) else {
+            return Err(vec!["invalid configuration".into()]);
+        };
+        let engine = EngineSettings {
+            format,
+            peppers: PepperSet::new(current, previous),
+            cache: CacheSettings {
+                ttl: cache_ttl.unwrap_or_default(),
+                negative_ttl: negative_ttl.unwrap_or_default(),
+                stale_window: stale_window.unwrap_or_default(),
+                max_entries: self.cache_max_entries,
+            },
+            default_rate_limit,
+            failed_attempts_per_minute: NonZeroU32::new(self.failed_attempts_per_minute),
+            store_timeout: store_timeout.unwrap_or_default(),
+        };
+        Ok(ServeConfig {
+            listen,
+            store,
+            dev: self.dev,
+            engine,
+            server: ServerOptions {
+                admin_enabled: !self.no_admin,
+                max_concurrent_streams: self.max_concurrent_streams,
+                shutdown_grace: shutdown_grace.unwrap_or_default(),
+                last_used_flush: last_used_flush.unwrap_or_default(),
+            },
+            workers: self.workers,
+            log_format: self.log_format,
+            pepper_generated,
+        })
+    }
+}
+
+/// Reads a pepper file; the error names the file, never its content.
+pub fn read_pepper(path: &PathBuf) -> Result<Pepper, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("pepper file {}: {e}", path.display()))?;
+    Pepper::parse(&bytes).map_err(|e| format!("pepper file {}: {e}", path.display()))
+}
+
+impl ServeConfig {
+    /// The effective configuration as log fields, secrets left out.
+    pub fn summary(&self) -> String {
+        let store = match &self.store {
+            StoreChoice::Memory => "memory".to_string(),
+            StoreChoice::Redis { url, namespace } => format!("redis {} ns={namespace}", redact_url(url)),
+        };
+        format!(
+            "listen={} store={} pepper_id={} cache_ttl={:?} negative_ttl={:?} stale_window={:?} store_timeout={:?} default_rate_limit={} failed_attempts_per_minute={} admin={} max_concurrent_streams={}",
+            self.listen,
+            store,
+            self.engine.peppers.current().id(),
+            self.engine.cache.ttl,
+            self.engine.cache.negative_ttl,
+            self.engine.cache.stale_window,
+            self.engine.store_timeout,
+            self.engine.default_rate_limit.map_or("none".to_string(), |p| format!(
+                "{}/{}s:{}",
+                p.requests,
+                p.window_seconds,
+                p.effective_burst()
+            )),
+            self.engine.failed_attempts_per_minute.map_or(0, |n| n.get()),
+            self.server.admin_enabled,
+            self.server.max_concurrent_streams,
+        )
+    }
+}
+
+/// `redis://user:secret@host` → `redis://user:***@host`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn args(a: &[&str]) -> ServeArgs {
+        Cli::parse_from(std::iter::once("keystile").chain(a.iter().copied())).serve
+    }
+
+    #[test]
+    fn dev_needs_nothing_else() {
+        let c = args(&["--dev"]).validate().unwrap();
+        assert!(c.pepper_generated);
+        assert!(matches!(c.store, StoreChoice::Memory));
+        assert!(!c.summary().contains("Pepper("));
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let errs = args(&[
+            "--listen",
+            "nowhere",
+            "--cache-ttl",
+            "forever",
+            "--key-prefix",
+            "A",
+            "--accept-envs",
+            "prod",
+            "--default-rate-limit",
+            "lots",
+            "--redis-url",
+            "http://x",
+        ])
+        .validate()
+        .unwrap_err();
+        let text = errs.join("\n");
+        for needle in
+            ["--listen", "--cache-ttl", "prefix", "prod", "--default-rate-limit", "--redis-url", "pepper is required"]
+        {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(redact_url("redis://app:hunter2@redis:6379/0"), "redis://app:***@redis:6379/0");
+        assert_eq!(redact_url("redis://redis:6379"), "redis://redis:6379");
+    }
+}

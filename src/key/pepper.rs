@@ -1,0 +1,174 @@
+//! Secrets are stored only as a BLAKE3 keyed hash under a server pepper. The
+//! pepper never reaches the store; its id does, so peppers can be rotated: new
+//! keys use the current pepper, old hashes still verify under theirs.
+
+use std::fmt;
+
+use super::KeyId;
+
+/// A 32-byte server secret. `Debug` shows only its id.
+#[derive(Clone)]
+pub struct Pepper {
+    id: String,
+    key: [u8; 32],
+}
+
+impl Pepper {
+    /// The id is derived from the pepper itself (a one-way BLAKE3 derivation),
+    /// so operators never have to keep the two in sync.
+    pub fn new(key: [u8; 32]) -> Pepper {
+        let derived = blake3::derive_key("keystile 2026 pepper id v1", &key);
+        let id = derived[..4].iter().map(|b| format!("{b:02x}")).collect();
+        Pepper { id, key }
+    }
+
+    /// Parses a pepper as stored in a file or environment variable: 64 hex
+    /// characters (surrounding whitespace ignored) or exactly 32 raw bytes.
+    pub fn parse(bytes: &[u8]) -> Result<Pepper, String> {
+        if bytes.len() == 32 && std::str::from_utf8(bytes).map(|s| s.trim().len() != 64).unwrap_or(true) {
+            let mut key = [0u8; 32];
+            key.copy_from_slice(bytes);
+            return Ok(Pepper::new(key));
+        }
+        let text = std::str::from_utf8(bytes)
+            .map_err(|_| "the pepper must be 64 hex characters or 32 raw bytes".to_string())?;
+        let hex = text.trim();
+        if hex.len() != 64 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(format!("the pepper must be 64 hex characters or 32 raw bytes (got {} characters)", hex.len()));
+        }
+        let mut key = [0u8; 32];
+        for (i, slot) in key.iter_mut().enumerate() {
+            *slot = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("validated hex");
+        }
+        Ok(Pepper::new(key))
+    }
+
+    /// A fresh random pepper (for `serve --dev`).
+    pub fn random() -> Pepper {
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).expect("the OS CSPRNG is unavailable");
+        Pepper::new(key)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The keyed hash of a key's secret. The key id is hashed in too, so a
+    /// hash cannot be moved from one record to another.
+    #[inline]
+    pub fn hash(&self, key_id: KeyId, secret: &[u8]) -> blake3::Hash {
+        let mut h = blake3::Hasher::new_keyed(&self.key);
+        h.update(key_id.as_bytes());
+        h.update(secret);
+        h.finalize()
+    }
+}
+
+impl fmt::Debug for Pepper {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Pepper(id={}, <redacted>)", self.id)
+    }
+}
+
+/// The current pepper plus older ones still needed to verify existing keys.
+#[derive(Debug, Clone)]
+pub struct PepperSet {
+    current: Pepper,
+    previous: Vec<Pepper>,
+}
+
+impl PepperSet {
+    pub fn new(current: Pepper, previous: Vec<Pepper>) -> PepperSet {
+        PepperSet { current, previous }
+    }
+
+    pub fn single(current: Pepper) -> PepperSet {
+        PepperSet { current, previous: Vec::new() }
+    }
+
+    pub fn current(&self) -> &Pepper {
+        &self.current
+    }
+
+    pub fn by_id(&self, id: &str) -> Option<&Pepper> {
+        std::iter::once(&self.current).chain(&self.previous).find(|p| p.id == id)
+    }
+
+    /// Hashes a new secret under the current pepper.
+    pub fn seal(&self, key_id: KeyId, secret: &[u8]) -> SecretHash {
+        SecretHash { pepper_id: self.current.id.clone(), hash: self.current.hash(key_id, secret) }
+    }
+
+    /// Whether `secret` matches `stored`, in constant time.
+    #[inline]
+    pub fn matches(&self, stored: &SecretHash, key_id: KeyId, secret: &[u8]) -> bool {
+        let pepper = if stored.pepper_id == self.current.id {
+            &self.current
+        } else {
+            match self.by_id(&stored.pepper_id) {
+                Some(p) => p,
+                None => return false,
+            }
+        };
+        // blake3::Hash's PartialEq is constant-time.
+        pepper.hash(key_id, secret) == stored.hash
+    }
+}
+
+/// What the store keeps of a secret: the keyed hash and the pepper's id.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretHash {
+    pub pepper_id: String,
+    pub hash: blake3::Hash,
+}
+
+impl SecretHash {
+    /// `<pepper_id>:<hex>`, the stored form.
+    pub fn encode(&self) -> String {
+        format!("{}:{}", self.pepper_id, self.hash.to_hex())
+    }
+
+    pub fn decode(s: &str) -> Option<SecretHash> {
+        let (id, hex) = s.split_once(':')?;
+        Some(SecretHash { pepper_id: id.to_string(), hash: blake3::Hash::from_hex(hex).ok()? })
+    }
+}
+
+impl fmt::Debug for SecretHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretHash(pepper={}, <redacted>)", self.pepper_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_hex_and_raw_and_rejects_garbage() {
+        let hex = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n";
+        let a = Pepper::parse(hex.as_bytes()).unwrap();
+        let b = Pepper::parse(&[7u8; 32]).unwrap();
+        assert_ne!(a.id(), b.id());
+        assert_eq!(a.id().len(), 8);
+        let err = Pepper::parse(b"short").unwrap_err();
+        assert!(err.contains("64 hex"), "{err}");
+        assert!(!format!("{a:?}").contains("0011"));
+    }
+
+    #[test]
+    fn seal_and_match_across_rotation() {
+        let id: KeyId = "abcdEFGH".parse().unwrap();
+        let old = PepperSet::single(Pepper::parse(&[1u8; 32]).unwrap());
+        let sealed = old.seal(id, b"secret");
+        assert!(old.matches(&sealed, id, b"secret"));
+        assert!(!old.matches(&sealed, id, b"secreT"));
+        assert!(!old.matches(&sealed, "abcdEFGX".parse().unwrap(), b"secret"));
+        let rotated = PepperSet::new(Pepper::parse(&[2u8; 32]).unwrap(), vec![Pepper::parse(&[1u8; 32]).unwrap()]);
+        assert!(rotated.matches(&sealed, id, b"secret"));
+        let unknown = PepperSet::single(Pepper::parse(&[3u8; 32]).unwrap());
+        assert!(!unknown.matches(&sealed, id, b"secret"));
+        assert_eq!(SecretHash::decode(&sealed.encode()).unwrap(), sealed);
+    }
+}

@@ -1,0 +1,144 @@
+//! The `keystile` binary: parses the command line and wires the pieces.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use keystile::admin::{ADMIN_SCOPE, Admin, KeySpec};
+use keystile::client::{self, KeysArgs};
+use keystile::clock::Clock;
+use keystile::config::{EX_USAGE, ServeArgs, ServeConfig, StoreChoice};
+use keystile::key::Env;
+use keystile::server;
+use keystile::store::KeyStore;
+use keystile::store::memory::MemoryStore;
+use keystile::store::redis::RedisStore;
+use keystile::verify::Engine;
+
+#[derive(Parser)]
+#[command(name = "keystile", version, about = "API-key verification sidecar")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar.
+    Serve(Box<ServeArgs>),
+    /// Manage keys through KeyAdmin.
+    Keys(KeysArgs),
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a `serve` configuration without serving.
+    Check(Box<ServeArgs>),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => match args.validate() {
+            Ok(config) => serve(config),
+            Err(errors) => config_errors(&errors),
+        },
+        Command::Config { command: ConfigCommand::Check(args) } => match args.validate() {
+            Ok(config) => {
+                println!("configuration ok: {}", config.summary());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => config_errors(&errors),
+        },
+        Command::Keys(args) => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
+            match runtime.block_on(client::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {}", e.message);
+                    ExitCode::from(e.code as u8)
+                }
+            }
+        }
+    }
+}
+
+fn config_errors(errors: &[String]) -> ExitCode {
+    eprintln!(
+        "keystile: invalid configuration ({} problem{}):",
+        errors.len(),
+        if errors.len() == 1 { "" } else { "s" }
+    );
+    for e in errors {
+        eprintln!("  - {e}");
+    }
+    ExitCode::from(EX_USAGE as u8)
+}
+
+fn serve(config: ServeConfig) -> ExitCode {
+    keystile::telemetry::init(config.log_format);
+    let workers = config.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    match runtime.block_on(run(config, workers)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "keystile stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: ServeConfig, workers: usize) -> Result<(), Box<dyn std::error::Error>> {
+    tracing::info!(workers, config = %config.summary(), "starting keystile {}", env!("CARGO_PKG_VERSION"));
+    let store: Arc<dyn KeyStore> = match &config.store {
+        StoreChoice::Memory => Arc::new(MemoryStore::new()),
+        StoreChoice::Redis { url, namespace } => Arc::new(RedisStore::open(url, namespace, Duration::from_secs(1))?),
+    };
+    let engine = Arc::new(Engine::new(config.engine.clone(), store, Clock::system()));
+    if config.dev {
+        if config.pepper_generated {
+            tracing::warn!("dev mode: the pepper is random, keys stop verifying when this process ends");
+        }
+        let env = if config.engine.format.accepts_env(Env::Live) { Env::Live } else { Env::Test };
+        let minted = Admin::new(engine.clone())
+            .create(KeySpec {
+                name: "dev admin".into(),
+                env: env.to_string(),
+                scopes: vec![ADMIN_SCOPE.into()],
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("could not mint the dev admin key: {e}"))?;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "KEYSTILE_ADMIN_KEY={}", minted.key.expose())?;
+        out.flush()?;
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    server::serve(engine, config.server.clone(), listener, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,200 @@
+//! The sidecar's gRPC port: Verifier, KeyAdmin, grpc.health.v1 and server
+//! reflection (v1 and v1alpha), plus the background tasks that keep the
+//! cache honest (change feed), the store informed (last-used batches) and
+//! memory bounded (purges). Shutdown is passed in as a future.
+//!
+//! Health: the empty service name and `keystile.v1.Verifier` report
+//! readiness (SERVING once the store answers and the change feed is live,
+//! NOT_SERVING when the feed has been down longer than the stale window, and
+//! from the moment shutdown begins); `liveness` stays SERVING while the
+//! process runs.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::admin::Admin;
+use crate::proto;
+use crate::service::admin::AdminService;
+use crate::service::verifier::VerifierService;
+use crate::store::FeedEvent;
+use crate::verify::Engine;
+
+/// Service names reported by grpc.health.v1.
+pub const READINESS: [&str; 2] = ["", "keystile.v1.Verifier"];
+pub const LIVENESS: &str = "liveness";
+
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Serve KeyAdmin on the same port.
+    pub admin_enabled: bool,
+    /// HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// How long in-flight calls may take to finish after shutdown begins.
+    pub shutdown_grace: Duration,
+    /// How often pending last-used timestamps are written.
+    pub last_used_flush: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            admin_enabled: true,
+            max_concurrent_streams: 1024,
+            shutdown_grace: Duration::from_secs(10),
+            last_used_flush: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Serves on `listener` until `shutdown` completes, then drains.
+pub async fn serve(
+    engine: Arc<Engine>,
+    options: ServerOptions,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in READINESS {
+        health.set_service_status(name, ServingStatus::NotServing).await;
+    }
+    health.set_service_status(LIVENESS, ServingStatus::Serving).await;
+
+    let stop = CancellationToken::new();
+    let tasks = CancellationToken::new();
+    tokio::spawn(follow_feed(engine.clone(), health.clone(), stop.clone(), tasks.clone()));
+    tokio::spawn(flush_usage(engine.clone(), options.last_used_flush, tasks.clone()));
+    tokio::spawn(purge(engine.clone(), tasks.clone()));
+    {
+        let (stop, health) = (stop.clone(), health.clone());
+        tokio::spawn(async move {
+            shutdown.await;
+            for name in READINESS {
+                health.set_service_status(name, ServingStatus::NotServing).await;
+            }
+            tracing::info!("shutting down: readiness is NOT_SERVING, draining in-flight calls");
+            stop.cancel();
+        });
+    }
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().expect("the embedded descriptors are valid");
+    let reflection_v1alpha = reflection().build_v1alpha().expect("the embedded descriptors are valid");
+
+    // serve_with_incoming ignores the builder's tcp_nodelay: set it here.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let admin = options
+        .admin_enabled
+        .then(|| AdminService::new(Admin::new(engine.clone()), engine.clock().clone()).into_server());
+    let router = tonic::transport::Server::builder()
+        .max_concurrent_streams(options.max_concurrent_streams)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(VerifierService::new(engine.clone()).into_server())
+        .add_optional_service(admin);
+
+    let served = router.serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
+    let grace = options.shutdown_grace;
+    let outcome = tokio::select! {
+        r = served => r,
+        _ = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(grace = ?grace, "shutdown grace elapsed with calls still in flight");
+            Ok(())
+        }
+    };
+    tasks.cancel();
+    match engine.flush_usage().await {
+        Ok(n) => tracing::info!(keys = n, "last-used timestamps flushed"),
+        Err(e) => tracing::warn!(error = %e, "could not flush last-used timestamps"),
+    }
+    outcome
+}
+
+/// Applies the store's change feed to the cache and turns its state into
+/// readiness.
+async fn follow_feed(engine: Arc<Engine>, health: HealthReporter, stop: CancellationToken, tasks: CancellationToken) {
+    let mut feed = engine.store().feed();
+    let stale_window = engine.settings().cache.stale_window;
+    let mut down_since: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
+    let mut ready = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        let event = tokio::select! {
+            _ = tasks.cancelled() => return,
+            _ = tick.tick() => None,
+            e = feed.recv() => Some(e),
+        };
+        match event {
+            Some(Ok(ev)) => {
+                engine.apply(&ev);
+                match ev {
+                    FeedEvent::Connected => down_since = None,
+                    FeedEvent::Disconnected => {
+                        tracing::warn!("change feed lost; cached keys keep verifying for the stale window");
+                        down_since = Some(tokio::time::Instant::now());
+                    }
+                    _ => {}
+                }
+            }
+            Some(Err(RecvError::Lagged(n))) => {
+                tracing::warn!(missed = n, "change feed lagged; dropping the whole cache");
+                engine.apply(&FeedEvent::InvalidateAll);
+            }
+            Some(Err(RecvError::Closed)) => return,
+            None => {}
+        }
+        let want = !stop.is_cancelled()
+            && match down_since {
+                None => true,
+                // Never ready before the first connection; afterwards, ready
+                // while within the stale window.
+                Some(since) => ready && since.elapsed() < stale_window,
+            };
+        if want != ready {
+            ready = want;
+            let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+            tracing::info!(ready, "readiness changed");
+            for name in READINESS {
+                health.set_service_status(name, status).await;
+            }
+        }
+    }
+}
+
+async fn flush_usage(engine: Arc<Engine>, every: Duration, tasks: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tasks.cancelled() => return,
+            _ = tick.tick() => {
+                if let Err(e) = engine.flush_usage().await {
+                    tracing::debug!(error = %e, "last-used flush failed; will retry");
+                }
+            }
+        }
+    }
+}
+
+async fn purge(engine: Arc<Engine>, tasks: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = tasks.cancelled() => return,
+            _ = tick.tick() => engine.purge(),
+        }
+    }
+}

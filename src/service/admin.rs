@@ -1,0 +1,195 @@
+//! `keystile.v1.KeyAdmin`: authorizes every call with the caller's admin
+//! key, converts at the edge and leaves the rest to [`crate::admin::Admin`].
+
+use tonic::{Request, Response, Status};
+
+use super::status;
+use crate::admin::{self, Admin, KeyPatch, KeySpec, KeyState};
+use crate::clock::Clock;
+use crate::proto;
+use crate::store::{KeyRecord, RateLimitPolicy};
+
+pub struct AdminService {
+    admin: Admin,
+    clock: Clock,
+}
+
+impl AdminService {
+    pub fn new(admin: Admin, clock: Clock) -> AdminService {
+        AdminService { admin, clock }
+    }
+
+    pub fn into_server(self) -> proto::key_admin_server::KeyAdminServer<Self> {
+        proto::key_admin_server::KeyAdminServer::new(self).max_decoding_message_size(super::MAX_REQUEST_BYTES)
+    }
+
+    async fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let bearer = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        let ip = request.remote_addr().map(|a| a.ip().to_canonical());
+        self.admin.authorize(bearer, ip).await.map_err(|e| status::from_admin(&e))
+    }
+
+    fn record(&self, r: &KeyRecord) -> proto::KeyRecord {
+        to_proto(r, self.clock.unix_seconds())
+    }
+}
+
+/// A stored record as the API shows it. Never carries the secret hash.
+pub fn to_proto(r: &KeyRecord, now: i64) -> proto::KeyRecord {
+    let state = match admin::state_at(r, now) {
+        KeyState::Active => proto::KeyState::Active,
+        KeyState::Rotating => proto::KeyState::Rotating,
+        KeyState::Expired => proto::KeyState::Expired,
+        KeyState::Revoked => proto::KeyState::Revoked,
+    };
+    proto::KeyRecord {
+        key_id: r.key_id.to_string(),
+        display_prefix: r.display_prefix(),
+        name: r.name.clone(),
+        env: r.env.to_string(),
+        tenant: r.tenant.clone(),
+        scopes: r.scopes.clone(),
+        ip_allowlist: r.ip_allowlist.iter().map(|n| n.to_string()).collect(),
+        rate_limit: r.rate_limit.map(|p| proto::RateLimit {
+            requests: p.requests,
+            window_seconds: p.window_seconds,
+            burst: p.burst,
+        }),
+        metadata: r.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        created_at: r.created_at,
+        expires_at: r.expires_at.unwrap_or(0),
+        revoked_at: r.revoked_at.unwrap_or(0),
+        last_used_at: r.last_used_at.unwrap_or(0),
+        version: r.version,
+        state: state as i32,
+    }
+}
+
+fn policy(p: proto::RateLimit) -> RateLimitPolicy {
+    RateLimitPolicy { requests: p.requests, window_seconds: p.window_seconds, burst: p.burst }
+}
+
+fn expiry(at: i64) -> Result<Option<i64>, Status> {
+    match at {
+        0 => Ok(None),
+        at if at < 0 => Err(status::invalid("expires_at must be unix seconds in the future, or 0 for never")),
+        at => Ok(Some(at)),
+    }
+}
+
+impl TryFrom<proto::CreateKeyRequest> for KeySpec {
+    type Error = Status;
+
+    fn try_from(r: proto::CreateKeyRequest) -> Result<Self, Status> {
+        Ok(KeySpec {
+            name: r.name,
+            env: r.env,
+            tenant: r.tenant,
+            scopes: r.scopes,
+            ip_allowlist: r.ip_allowlist,
+            rate_limit: r.rate_limit.map(policy),
+            metadata: r.metadata.into_iter().collect(),
+            expires_at: expiry(r.expires_at)?,
+        })
+    }
+}
+
+impl TryFrom<proto::UpdateKeyRequest> for KeyPatch {
+    type Error = Status;
+
+    fn try_from(r: proto::UpdateKeyRequest) -> Result<Self, Status> {
+        if r.clear_rate_limit && r.rate_limit.is_some() {
+            return Err(status::invalid("set either rate_limit or clear_rate_limit, not both"));
+        }
+        Ok(KeyPatch {
+            name: r.name,
+            scopes: r.scopes.map(|s| s.values),
+            ip_allowlist: r.ip_allowlist.map(|s| s.values),
+            rate_limit: if r.clear_rate_limit { Some(None) } else { r.rate_limit.map(|p| Some(policy(p))) },
+            metadata: r.metadata.map(|m| m.entries.into_iter().collect()),
+            expires_at: r.expires_at.map(expiry).transpose()?,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl proto::key_admin_server::KeyAdmin for AdminService {
+    async fn create_key(
+        &self,
+        request: Request<proto::CreateKeyRequest>,
+    ) -> Result<Response<proto::CreateKeyResponse>, Status> {
+        self.authorize(&request).await?;
+        let spec = KeySpec::try_from(request.into_inner())?;
+        let minted = self.admin.create(spec).await.map_err(|e| status::from_admin(&e))?;
+        let record = Some(self.record(&minted.record));
+        Ok(Response::new(proto::CreateKeyResponse { key: minted.key.into_exposed(), record }))
+    }
+
+    async fn get_key(&self, request: Request<proto::GetKeyRequest>) -> Result<Response<proto::GetKeyResponse>, Status> {
+        self.authorize(&request).await?;
+        let r = self.admin.get(&request.get_ref().key_id).await.map_err(|e| status::from_admin(&e))?;
+        Ok(Response::new(proto::GetKeyResponse { record: Some(self.record(&r)) }))
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<proto::ListKeysRequest>,
+    ) -> Result<Response<proto::ListKeysResponse>, Status> {
+        self.authorize(&request).await?;
+        let q = request.get_ref();
+        let page = self
+            .admin
+            .list(&q.tenant, &q.env, q.page_size as usize, &q.page_token)
+            .await
+            .map_err(|e| status::from_admin(&e))?;
+        Ok(Response::new(proto::ListKeysResponse {
+            records: page.records.iter().map(|r| self.record(r)).collect(),
+            next_page_token: page.next.unwrap_or_default(),
+        }))
+    }
+
+    async fn update_key(
+        &self,
+        request: Request<proto::UpdateKeyRequest>,
+    ) -> Result<Response<proto::UpdateKeyResponse>, Status> {
+        self.authorize(&request).await?;
+        let msg = request.into_inner();
+        let id = msg.key_id.clone();
+        let patch = KeyPatch::try_from(msg)?;
+        let r = self.admin.update(&id, patch).await.map_err(|e| status::from_admin(&e))?;
+        Ok(Response::new(proto::UpdateKeyResponse { record: Some(self.record(&r)) }))
+    }
+
+    async fn revoke_key(
+        &self,
+        request: Request<proto::RevokeKeyRequest>,
+    ) -> Result<Response<proto::RevokeKeyResponse>, Status> {
+        self.authorize(&request).await?;
+        let r = self.admin.revoke(&request.get_ref().key_id).await.map_err(|e| status::from_admin(&e))?;
+        Ok(Response::new(proto::RevokeKeyResponse { record: Some(self.record(&r)) }))
+    }
+
+    async fn rotate_key(
+        &self,
+        request: Request<proto::RotateKeyRequest>,
+    ) -> Result<Response<proto::RotateKeyResponse>, Status> {
+        self.authorize(&request).await?;
+        let q = request.get_ref();
+        let (minted, previous) =
+            self.admin.rotate(&q.key_id, q.grace_seconds).await.map_err(|e| status::from_admin(&e))?;
+        Ok(Response::new(proto::RotateKeyResponse {
+            record: Some(self.record(&minted.record)),
+            key: minted.key.into_exposed(),
+            previous: Some(self.record(&previous)),
+        }))
+    }
+
+    async fn delete_key(
+        &self,
+        request: Request<proto::DeleteKeyRequest>,
+    ) -> Result<Response<proto::DeleteKeyResponse>, Status> {
+        self.authorize(&request).await?;
+        self.admin.delete(&request.get_ref().key_id).await.map_err(|e| status::from_admin(&e))?;
+        Ok(Response::new(proto::DeleteKeyResponse {}))
+    }
+}

@@ -1,0 +1,30 @@
+//! The one map from domain errors to gRPC status codes.
+
+use tonic::{Code, Status};
+
+use crate::admin::AdminError;
+use crate::verify::VerifyError;
+
+/// `UNAVAILABLE`: the answer needs the store and the store did not answer.
+pub fn from_verify(e: &VerifyError) -> Status {
+    Status::unavailable(e.to_string())
+}
+
+pub fn from_admin(e: &AdminError) -> Status {
+    let code = match e {
+        AdminError::Invalid(_) => Code::InvalidArgument,
+        AdminError::Unauthenticated(_) => Code::Unauthenticated,
+        AdminError::PermissionDenied(_) => Code::PermissionDenied,
+        AdminError::RateLimited => Code::ResourceExhausted,
+        AdminError::NotFound(_) => Code::NotFound,
+        AdminError::FailedPrecondition(_) => Code::FailedPrecondition,
+        AdminError::Conflict => Code::Aborted,
+        AdminError::Unavailable => Code::Unavailable,
+    };
+    Status::new(code, e.to_string())
+}
+
+/// `INVALID_ARGUMENT` for a request that breaks a limit.
+pub fn invalid(msg: impl Into<String>) -> Status {
+    Status::invalid_argument(msg)
+}

@@ -1,0 +1,125 @@
+//! `keystile.v1.Verifier`: converts the request, asks the engine, writes the
+//! verdict and its headers into the response and its metadata.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Request, Response, Status};
+
+use super::status;
+use crate::proto;
+use crate::verify::{self, Code, Engine, Verdict};
+
+const MAX_SCOPES: usize = 64;
+const MAX_SCOPE_LEN: usize = 128;
+const MAX_TENANT_LEN: usize = 128;
+
+pub struct VerifierService {
+    engine: Arc<Engine>,
+}
+
+impl VerifierService {
+    pub fn new(engine: Arc<Engine>) -> VerifierService {
+        VerifierService { engine }
+    }
+
+    pub fn into_server(self) -> proto::verifier_server::VerifierServer<Self> {
+        proto::verifier_server::VerifierServer::new(self).max_decoding_message_size(super::MAX_REQUEST_BYTES)
+    }
+}
+
+/// An empty or unparseable address is unknown; IPv4-mapped IPv6 is IPv4.
+pub fn parse_ip(ip: &str) -> Option<IpAddr> {
+    ip.trim().parse::<IpAddr>().ok().map(|a| a.to_canonical())
+}
+
+impl<'a> TryFrom<&'a proto::VerifyRequest> for verify::Request<'a> {
+    type Error = Status;
+
+    fn try_from(r: &'a proto::VerifyRequest) -> Result<Self, Status> {
+        if r.scopes.len() > MAX_SCOPES {
+            return Err(status::invalid(format!("at most {MAX_SCOPES} scopes per request")));
+        }
+        if r.scopes.iter().any(|s| s.len() > MAX_SCOPE_LEN) {
+            return Err(status::invalid(format!("a scope is longer than {MAX_SCOPE_LEN} bytes")));
+        }
+        if r.tenant.len() > MAX_TENANT_LEN {
+            return Err(status::invalid(format!("tenant is longer than {MAX_TENANT_LEN} bytes")));
+        }
+        Ok(verify::Request {
+            key: &r.key,
+            ip: parse_ip(&r.ip),
+            scopes: &r.scopes,
+            tenant: &r.tenant,
+            cost: r.cost.unwrap_or(1).max(1),
+        })
+    }
+}
+
+fn wire_code(code: Code) -> proto::Code {
+    match code {
+        Code::Valid => proto::Code::Valid,
+        Code::Malformed => proto::Code::Malformed,
+        Code::NotFound => proto::Code::NotFound,
+        Code::Revoked => proto::Code::Revoked,
+        Code::Expired => proto::Code::Expired,
+        Code::TenantMismatch => proto::Code::TenantMismatch,
+        Code::IpNotAllowed => proto::Code::IpNotAllowed,
+        Code::InsufficientScope => proto::Code::InsufficientScope,
+        Code::TooManyFailedAttempts | Code::RateLimited => proto::Code::RateLimited,
+    }
+}
+
+/// The response message and the metadata carrying the same headers.
+pub fn to_response(verdict: &Verdict, now_unix: i64) -> (proto::VerifyResponse, MetadataMap) {
+    let headers = verify::headers(verdict, now_unix);
+    let mut metadata = MetadataMap::with_capacity(headers.len());
+    for (name, value) in &headers {
+        if let Ok(v) = MetadataValue::try_from(value.as_str()) {
+            metadata.insert(*name, v);
+        }
+    }
+    let mut resp = proto::VerifyResponse {
+        valid: verdict.is_valid(),
+        code: wire_code(verdict.code) as i32,
+        error: verdict.code.error().to_string(),
+        http_status: verdict.code.http_status() as u32,
+        message: verdict.code.message().to_string(),
+        headers: headers.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        ..Default::default()
+    };
+    if let Some(k) = &verdict.key {
+        let r = &k.record;
+        resp.key_id = r.key_id.to_string();
+        resp.name = r.name.clone();
+        resp.env = r.env.to_string();
+        resp.tenant = r.tenant.clone();
+        resp.scopes = r.scopes.clone();
+        resp.metadata = r.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        resp.expires_at = r.expires_at.unwrap_or(0);
+    }
+    if let Some(rate) = &verdict.rate {
+        resp.rate_limit = Some(proto::RateLimitState {
+            limit: rate.limit,
+            remaining: rate.remaining,
+            reset_seconds: rate.reset_seconds,
+            window_seconds: rate.window_seconds,
+            retry_after_ms: rate.retry_after_ms,
+        });
+    }
+    (resp, metadata)
+}
+
+#[tonic::async_trait]
+impl proto::verifier_server::Verifier for VerifierService {
+    async fn verify(&self, request: Request<proto::VerifyRequest>) -> Result<Response<proto::VerifyResponse>, Status> {
+        let msg = request.into_inner();
+        let req = verify::Request::try_from(&msg)?;
+        let verdict = self.engine.verify(&req).await.map_err(|e| status::from_verify(&e))?;
+        let (body, metadata) = to_response(&verdict, self.engine.clock().unix_seconds());
+        let mut response = Response::new(body);
+        *response.metadata_mut() = metadata;
+        Ok(response)
+    }
+}

@@ -1,0 +1,145 @@
+//! The embedded store: the default of `serve --dev`, and the store of tests
+//! that do not need Redis. Counts its calls so that tests can prove that a
+//! malformed key never reaches a store.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+
+use super::{FEED_CAPACITY, FeedEvent, KeyRecord, KeyStore, ListPage, ListQuery, StoreError, page_token};
+use crate::key::KeyId;
+
+pub struct MemoryStore {
+    records: Mutex<HashMap<KeyId, KeyRecord>>,
+    last_used: Mutex<HashMap<KeyId, i64>>,
+    feed: broadcast::Sender<FeedEvent>,
+    calls: AtomicU64,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore::new()
+    }
+}
+
+impl MemoryStore {
+    pub fn new() -> MemoryStore {
+        let (feed, _) = broadcast::channel(FEED_CAPACITY);
+        MemoryStore {
+            records: Mutex::default(),
+            last_used: Mutex::default(),
+            feed,
+            calls: AtomicU64::new(0),
+            failing: Default::default(),
+        }
+    }
+
+    /// How many store operations were made so far.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// Makes every later call fail as if the store were down (tests).
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    fn enter(&self) -> Result<MutexGuard<'_, HashMap<KeyId, KeyRecord>>, StoreError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("the in-memory store is switched off".into()));
+        }
+        Ok(self.records.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn announce(&self, id: KeyId) {
+        // No receivers is fine: nothing is cached anywhere yet.
+        let _ = self.feed.send(FeedEvent::Invalidate(id));
+    }
+}
+
+#[async_trait]
+impl KeyStore for MemoryStore {
+    async fn get(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        Ok(self.enter()?.get(&id).cloned())
+    }
+
+    async fn create(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        let mut map = self.enter()?;
+        if map.contains_key(&record.key_id) {
+            return Err(StoreError::AlreadyExists);
+        }
+        map.insert(record.key_id, record.clone());
+        drop(map);
+        self.announce(record.key_id);
+        Ok(())
+    }
+
+    async fn update(&self, record: &KeyRecord, expected_version: u64) -> Result<(), StoreError> {
+        let mut map = self.enter()?;
+        match map.get_mut(&record.key_id) {
+            None => return Err(StoreError::NotFound),
+            Some(old) if old.version != expected_version => return Err(StoreError::Conflict),
+            Some(old) => *old = record.clone(),
+        }
+        drop(map);
+        self.announce(record.key_id);
+        Ok(())
+    }
+
+    async fn delete(&self, id: KeyId) -> Result<bool, StoreError> {
+        let removed = self.enter()?.remove(&id).is_some();
+        self.last_used.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        if removed {
+            self.announce(id);
+        }
+        Ok(removed)
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
+        let map = self.enter()?;
+        let mut all: Vec<&KeyRecord> = map
+            .values()
+            .filter(|r| query.tenant.as_ref().is_none_or(|t| &r.tenant == t))
+            .filter(|r| query.env.is_none_or(|e| r.env == e))
+            .filter(|r| query.after.as_ref().is_none_or(|a| page_token(r).as_str() > a.as_str()))
+            .collect();
+        all.sort_by_key(|r| page_token(r));
+        let more = all.len() > query.limit;
+        all.truncate(query.limit);
+        let last_used = self.last_used.lock().unwrap_or_else(|e| e.into_inner());
+        let records: Vec<KeyRecord> = all
+            .into_iter()
+            .map(|r| KeyRecord { last_used_at: last_used.get(&r.key_id).copied(), ..r.clone() })
+            .collect();
+        let next = if more { records.last().map(page_token) } else { None };
+        Ok(ListPage { records, next })
+    }
+
+    async fn last_used(&self, id: KeyId) -> Result<Option<i64>, StoreError> {
+        drop(self.enter()?);
+        Ok(self.last_used.lock().unwrap_or_else(|e| e.into_inner()).get(&id).copied())
+    }
+
+    async fn touch_last_used(&self, batch: &[(KeyId, i64)]) -> Result<(), StoreError> {
+        let map = self.enter()?;
+        let mut last_used = self.last_used.lock().unwrap_or_else(|e| e.into_inner());
+        for &(id, at) in batch {
+            if map.contains_key(&id) {
+                let slot = last_used.entry(id).or_insert(at);
+                *slot = (*slot).max(at);
+            }
+        }
+        Ok(())
+    }
+
+    fn feed(&self) -> broadcast::Receiver<FeedEvent> {
+        let rx = self.feed.subscribe();
+        let _ = self.feed.send(FeedEvent::Connected);
+        rx
+    }
+}

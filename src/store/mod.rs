@@ -1,0 +1,102 @@
+//! Where keys live (SPEC §3). One trait, [`KeyStore`]; the verify engine does
+//! not know whether it talks to [`memory::MemoryStore`] (embedded, `serve
+//! --dev`, tests) or [`redis::RedisStore`] (production, shared by replicas).
+//!
+//! Every mutation also announces itself on the store's [`FeedEvent`] feed so
+//! that every sidecar drops its cached copy.
+
+pub mod memory;
+pub mod record;
+pub mod redis;
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+
+pub use record::{KeyRecord, RateLimitPolicy};
+
+use crate::key::{Env, KeyId};
+
+/// Why the store could not answer. Never cached by the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the key store is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the key store did not answer in time")]
+    Timeout,
+    #[error("a key with this key_id already exists")]
+    AlreadyExists,
+    #[error("no such key")]
+    NotFound,
+    #[error("the key was changed concurrently; retry")]
+    Conflict,
+    #[error("a stored record could not be decoded: {0}")]
+    Corrupt(String),
+}
+
+/// A change that sidecars must apply to their caches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeedEvent {
+    /// This key changed (created, updated, revoked, rotated or deleted).
+    Invalidate(KeyId),
+    /// Events may have been lost: drop every cached entry.
+    InvalidateAll,
+    /// The feed is live (first subscription or after a reconnect + resync).
+    Connected,
+    /// The feed lost its connection.
+    Disconnected,
+}
+
+/// Filters and paging for [`KeyStore::list`].
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub tenant: Option<String>,
+    pub env: Option<Env>,
+    /// Opaque token from the previous page.
+    pub after: Option<String>,
+    pub limit: usize,
+}
+
+/// One page of records, oldest first.
+#[derive(Debug, Clone, Default)]
+pub struct ListPage {
+    pub records: Vec<KeyRecord>,
+    pub next: Option<String>,
+}
+
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// The record for `id`, tombstones included; `None` when it does not exist.
+    async fn get(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Inserts a new record; `AlreadyExists` if the key_id is taken.
+    async fn create(&self, record: &KeyRecord) -> Result<(), StoreError>;
+
+    /// Replaces a record whose stored version is `expected_version`
+    /// (`Conflict` otherwise, `NotFound` if it is gone).
+    async fn update(&self, record: &KeyRecord, expected_version: u64) -> Result<(), StoreError>;
+
+    /// Removes a record for good; `false` if there was none.
+    async fn delete(&self, id: KeyId) -> Result<bool, StoreError>;
+
+    /// Records ordered by creation, filtered and paged.
+    async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError>;
+
+    /// When the key was last used, as far as the sidecars have reported.
+    async fn last_used(&self, id: KeyId) -> Result<Option<i64>, StoreError>;
+
+    /// Writes a batch of last-used timestamps (only ever moves them forward).
+    async fn touch_last_used(&self, batch: &[(KeyId, i64)]) -> Result<(), StoreError>;
+
+    /// Subscribes to the feed of changes.
+    fn feed(&self) -> broadcast::Receiver<FeedEvent>;
+}
+
+/// Capacity of the in-process feed channels. A receiver that lags this far
+/// behind drops its whole cache instead.
+pub const FEED_CAPACITY: usize = 4096;
+
+/// The sort key of a record in listings (creation time, then key_id), also
+/// used as the opaque page token.
+pub fn page_token(record: &KeyRecord) -> String {
+    format!("{:020}:{}", record.created_at.max(0), record.key_id)
+}

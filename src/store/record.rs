@@ -1,0 +1,102 @@
+//! The stored form of a key (SPEC §3). Holds a keyed hash of the secret,
+//! never the secret; its `Debug` redacts even that.
+
+use std::collections::BTreeMap;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
+
+use crate::key::{Env, KeyId, SecretHash};
+
+/// A key's quota: `requests` per `window_seconds`, up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RateLimitPolicy {
+    pub requests: u64,
+    pub window_seconds: u64,
+    pub burst: u64,
+}
+
+/// One key, as the store holds it. Times are unix seconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub key_id: KeyId,
+    /// The prefix the key was minted with, for its display prefix.
+    pub prefix: String,
+    pub secret_hash: SecretHash,
+    pub name: String,
+    pub env: Env,
+    #[serde(default)]
+    pub tenant: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub ip_allowlist: Vec<IpNet>,
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitPolicy>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    pub created_at: i64,
+    #[serde(default)]
+    pub expires_at: Option<i64>,
+    /// When set, the key is revoked from this instant on (a rotated key
+    /// carries the end of its grace window here).
+    #[serde(default)]
+    pub revoked_at: Option<i64>,
+    /// Kept outside the record in the store; filled in on reads.
+    #[serde(skip)]
+    pub last_used_at: Option<i64>,
+    pub version: u64,
+}
+
+impl KeyRecord {
+    pub fn display_prefix(&self) -> String {
+        crate::key::format::display_prefix(&self.prefix, self.env, self.key_id)
+    }
+
+    pub fn is_revoked_at(&self, now: i64) -> bool {
+        self.revoked_at.is_some_and(|t| t <= now)
+    }
+
+    pub fn is_expired_at(&self, now: i64) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
+}
+
+impl Serialize for KeyId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+impl Serialize for Env {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Env {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+impl Serialize for SecretHash {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.encode())
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretHash {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        SecretHash::decode(&s).ok_or_else(|| de::Error::custom("malformed secret_hash"))
+    }
+}

@@ -1,0 +1,392 @@
+//! The verify engine: SPEC §4's checks in order, over the cache, the store
+//! and the limiters. Knows nothing of gRPC; `service::verifier` converts at
+//! the edge.
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::sync::OnceCell;
+
+use crate::cache::{CacheSettings, Cached, CachedKey, KeyCache, Lookup};
+use crate::clock::Clock;
+use crate::key::{KeyFormat, KeyId, Malformed, PepperSet};
+use crate::limit::{FailureShedder, LimiterRegistry, RateState};
+use crate::store::{FeedEvent, KeyRecord, KeyStore, RateLimitPolicy, StoreError};
+
+/// The outcome of a verification, in SPEC §4's order of precedence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Code {
+    Valid,
+    Malformed,
+    /// `RATE_LIMITED` because this IP failed too often recently.
+    TooManyFailedAttempts,
+    NotFound,
+    Revoked,
+    Expired,
+    TenantMismatch,
+    IpNotAllowed,
+    InsufficientScope,
+    RateLimited,
+}
+
+impl Code {
+    /// The stable wire error string; empty when valid.
+    pub fn error(self) -> &'static str {
+        match self {
+            Code::Valid => "",
+            Code::Malformed | Code::NotFound => "invalid_api_key",
+            Code::TooManyFailedAttempts => "too_many_failed_attempts",
+            Code::Revoked | Code::Expired => "expired_api_key",
+            Code::TenantMismatch => "wrong_tenant",
+            Code::IpNotAllowed => "ip_not_allowed",
+            Code::InsufficientScope => "insufficient_scope",
+            Code::RateLimited => "rate_limited",
+        }
+    }
+
+    pub fn http_status(self) -> u16 {
+        match self {
+            Code::Valid => 200,
+            Code::Malformed | Code::NotFound | Code::Revoked | Code::Expired => 401,
+            Code::TenantMismatch | Code::IpNotAllowed | Code::InsufficientScope => 403,
+            Code::TooManyFailedAttempts | Code::RateLimited => 429,
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            Code::Valid => "The API key is valid.",
+            Code::Malformed => "The API key is malformed.",
+            Code::TooManyFailedAttempts => "Too many failed attempts from this address; try again later.",
+            Code::NotFound => "The API key is not valid.",
+            Code::Revoked => "The API key has been revoked.",
+            Code::Expired => "The API key has expired.",
+            Code::TenantMismatch => "The API key does not belong to this tenant.",
+            Code::IpNotAllowed => "The API key may not be used from this address.",
+            Code::InsufficientScope => "The API key lacks a scope this request needs.",
+            Code::RateLimited => "The API key's rate limit is exceeded; try again later.",
+        }
+    }
+
+    /// Whether the caller's IP is charged a failed attempt.
+    pub fn is_failed_attempt(self) -> bool {
+        matches!(self, Code::Malformed | Code::NotFound)
+    }
+}
+
+/// What one `Verify` asks.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// The credential as presented, `Bearer ` and whitespace allowed.
+    pub key: &'a str,
+    /// The end client's address, already canonical (IPv4-mapped → IPv4).
+    pub ip: Option<IpAddr>,
+    pub scopes: &'a [String],
+    /// Empty = any tenant.
+    pub tenant: &'a str,
+    /// Rate-limit cells to take; at least 1.
+    pub cost: u32,
+}
+
+/// The answer: a code, the key when it was identified, the quota state.
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    pub code: Code,
+    /// Set from `REVOKED` on (never for `MALFORMED`/`NOT_FOUND`).
+    pub key: Option<Arc<CachedKey>>,
+    pub rate: Option<RateState>,
+    /// Why a key was malformed (for logs; never contains key material).
+    pub malformed: Option<Malformed>,
+}
+
+impl Verdict {
+    fn bare(code: Code) -> Verdict {
+        Verdict { code, key: None, rate: None, malformed: None }
+    }
+
+    pub fn is_valid(&self) -> bool {
+        self.code == Code::Valid
+    }
+}
+
+/// A real failure, not a verdict: the answer needed the store and the store
+/// did not give one in time.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum VerifyError {
+    #[error("the key store did not answer within {0:?}")]
+    StoreTimeout(Duration),
+    #[error("the key store is unavailable")]
+    StoreUnavailable,
+}
+
+/// Everything the engine is built from.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub format: KeyFormat,
+    pub peppers: PepperSet,
+    pub cache: CacheSettings,
+    /// Applies to keys without their own limit; `None` = unlimited.
+    pub default_rate_limit: Option<RateLimitPolicy>,
+    /// Failed attempts per minute per IP before shedding; `None` = never.
+    pub failed_attempts_per_minute: Option<NonZeroU32>,
+    /// How long a Verify waits for the store.
+    pub store_timeout: Duration,
+}
+
+impl EngineSettings {
+    pub fn new(peppers: PepperSet) -> EngineSettings {
+        EngineSettings {
+            format: KeyFormat::default(),
+            peppers,
+            cache: CacheSettings::default(),
+            default_rate_limit: None,
+            failed_attempts_per_minute: NonZeroU32::new(20),
+            store_timeout: Duration::from_millis(50),
+        }
+    }
+}
+
+type Flight = Arc<OnceCell<Result<Lookup, VerifyError>>>;
+
+pub struct Engine {
+    settings: EngineSettings,
+    store: Arc<dyn KeyStore>,
+    cache: KeyCache,
+    limiters: LimiterRegistry,
+    shedder: Option<FailureShedder>,
+    inflight: DashMap<KeyId, Flight>,
+    /// key_id → last second it verified, waiting to be written in a batch.
+    usage: DashMap<KeyId, i64>,
+    clock: Clock,
+}
+
+impl Engine {
+    pub fn new(settings: EngineSettings, store: Arc<dyn KeyStore>, clock: Clock) -> Engine {
+        Engine {
+            cache: KeyCache::new(settings.cache, clock.clone()),
+            limiters: LimiterRegistry::new(settings.default_rate_limit, clock.clone()),
+            shedder: settings.failed_attempts_per_minute.map(|n| FailureShedder::new(n, clock.clone())),
+            inflight: DashMap::new(),
+            usage: DashMap::new(),
+            settings,
+            store,
+            clock,
+        }
+    }
+
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
+    pub fn store(&self) -> &Arc<dyn KeyStore> {
+        &self.store
+    }
+
+    pub fn cache(&self) -> &KeyCache {
+        &self.cache
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// Answers one request. Every denial is a [`Verdict`]; only a store
+    /// that cannot answer is an error.
+    pub async fn verify(&self, req: &Request<'_>) -> Result<Verdict, VerifyError> {
+        let presented = match self.settings.format.parse(req.key) {
+            Ok(p) => p,
+            Err(why) => {
+                self.count_failure(req.ip);
+                return Ok(Verdict { malformed: Some(why), ..Verdict::bare(Code::Malformed) });
+            }
+        };
+        if let (Some(ip), Some(shedder)) = (req.ip, &self.shedder)
+            && let Some(retry_after_ms) = shedder.shed(ip)
+        {
+            let limit = self.settings.failed_attempts_per_minute.map_or(0, |n| n.get() as u64);
+            let rate = RateState {
+                limit,
+                remaining: 0,
+                reset_seconds: retry_after_ms.div_ceil(1000),
+                window_seconds: 60,
+                retry_after_ms,
+            };
+            return Ok(Verdict { rate: Some(rate), ..Verdict::bare(Code::TooManyFailedAttempts) });
+        }
+
+        let key = match self.lookup(presented.key_id).await? {
+            Lookup::Present(key)
+                if key.record.env == presented.env
+                    && self.settings.peppers.matches(&key.record.secret_hash, presented.key_id, presented.secret()) =>
+            {
+                key
+            }
+            _ => {
+                self.count_failure(req.ip);
+                return Ok(Verdict::bare(Code::NotFound));
+            }
+        };
+
+        let now = self.clock.unix_seconds();
+        let record = &key.record;
+        let code = if record.is_revoked_at(now) {
+            Code::Revoked
+        } else if record.is_expired_at(now) {
+            Code::Expired
+        } else if !req.tenant.is_empty() && req.tenant != record.tenant {
+            Code::TenantMismatch
+        } else if !record.ip_allowlist.is_empty()
+            && !req.ip.is_some_and(|ip| record.ip_allowlist.iter().any(|net| net.contains(&ip)))
+        {
+            Code::IpNotAllowed
+        } else if !req.scopes.iter().all(|s| record.scopes.iter().any(|g| g == s)) {
+            Code::InsufficientScope
+        } else {
+            Code::Valid
+        };
+        if code != Code::Valid {
+            return Ok(Verdict { code, key: Some(key), rate: None, malformed: None });
+        }
+        let (code, rate) = match &key.limiter {
+            None => (Code::Valid, None),
+            Some(limiter) => {
+                let (ok, state) = limiter.check(req.cost.max(1));
+                (if ok { Code::Valid } else { Code::RateLimited }, Some(state))
+            }
+        };
+        if code == Code::Valid {
+            self.note_use(&key, now);
+        }
+        Ok(Verdict { code, key: Some(key), rate, malformed: None })
+    }
+
+    fn count_failure(&self, ip: Option<IpAddr>) {
+        if let (Some(ip), Some(shedder)) = (ip, &self.shedder) {
+            shedder.record_failure(ip);
+        }
+    }
+
+    /// Remembers that a key was used, at most once a second per key, for
+    /// the batched `last_used_at` writes.
+    #[inline]
+    fn note_use(&self, key: &CachedKey, now: i64) {
+        if key.last_touch.swap(now, Ordering::Relaxed) != now {
+            self.usage.insert(key.record.key_id, now);
+        }
+    }
+
+    /// The record for `id` from the cache, or from the store on a miss (one
+    /// read, shared by every concurrent miss for the same key_id).
+    async fn lookup(&self, id: KeyId) -> Result<Lookup, VerifyError> {
+        let stale = match self.cache.get(id) {
+            Cached::Fresh(found) => return Ok(found),
+            Cached::Stale(key) => Some(key),
+            Cached::Missing => None,
+        };
+        let flight = self.inflight.entry(id).or_default().clone();
+        let result = flight.get_or_init(|| self.load(id)).await.clone();
+        self.inflight.remove_if(&id, |_, f| Arc::ptr_eq(f, &flight));
+        match (result, stale) {
+            (Ok(found), _) => Ok(found),
+            // The store cannot answer: a key seen within the stale window
+            // keeps working. Nothing else does, and nothing is cached.
+            (Err(_), Some(key)) => Ok(Lookup::Present(key)),
+            (Err(e), None) => Err(e),
+        }
+    }
+
+    async fn load(&self, id: KeyId) -> Result<Lookup, VerifyError> {
+        let seen = self.cache.generation(id);
+        let budget = self.settings.store_timeout;
+        let record = match tokio::time::timeout(budget, self.store.get(id)).await {
+            Err(_) => return Err(VerifyError::StoreTimeout(budget)),
+            Ok(Err(e)) => {
+                tracing::warn!(key_id = %id, error = %e, "store read failed");
+                return Err(VerifyError::StoreUnavailable);
+            }
+            Ok(Ok(record)) => record,
+        };
+        let found = match record {
+            None => Lookup::Absent,
+            Some(record) => Lookup::Present(Arc::new(self.prepare(record))),
+        };
+        self.cache.insert_if_current(id, seen, found.clone());
+        Ok(found)
+    }
+
+    fn prepare(&self, record: KeyRecord) -> CachedKey {
+        let limiter = self.limiters.for_key(record.key_id, record.rate_limit);
+        CachedKey { scopes_header: record.scopes.join(","), limiter, last_touch: AtomicI64::new(0), record }
+    }
+
+    /// Applies a change announced by the store.
+    pub fn apply(&self, event: &FeedEvent) {
+        match event {
+            FeedEvent::Invalidate(id) => self.invalidate(*id),
+            FeedEvent::InvalidateAll => {
+                self.cache.invalidate_all();
+                self.inflight.clear();
+            }
+            FeedEvent::Connected | FeedEvent::Disconnected => {}
+        }
+    }
+
+    /// Drops `id` from the cache and from the loads in flight, so that a
+    /// lookup starting now reads the store afresh.
+    pub fn invalidate(&self, id: KeyId) {
+        self.cache.invalidate(id);
+        self.inflight.remove(&id);
+    }
+
+    /// Takes the pending last-used timestamps and writes them in one batch.
+    /// What fails to be written is kept for the next flush.
+    pub async fn flush_usage(&self) -> Result<usize, StoreError> {
+        let batch: Vec<(KeyId, i64)> = self.usage.iter().map(|e| (*e.key(), *e.value())).collect();
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        self.store.touch_last_used(&batch).await?;
+        for (id, at) in &batch {
+            self.usage.remove_if(id, |_, v| v == at);
+        }
+        Ok(batch.len())
+    }
+
+    /// Periodic housekeeping: forget idle IPs and unused buckets.
+    pub fn purge(&self) {
+        if let Some(s) = &self.shedder {
+            s.purge();
+        }
+        self.limiters.purge_unused();
+    }
+
+    /// Forgets a deleted key's bucket.
+    pub fn forget_limiter(&self, id: KeyId) {
+        self.limiters.forget(id);
+    }
+}
+
+/// The HTTP headers a caller can forward (SPEC §4), lower-case.
+pub fn headers(verdict: &Verdict, now_unix: i64) -> Vec<(&'static str, String)> {
+    let mut out = Vec::with_capacity(7);
+    if let Some(r) = &verdict.rate {
+        out.push(("x-ratelimit-limit", r.limit.to_string()));
+        out.push(("x-ratelimit-remaining", r.remaining.to_string()));
+        out.push(("x-ratelimit-reset", (now_unix.max(0) as u64 + r.reset_seconds).to_string()));
+        out.push(("ratelimit-policy", format!("\"default\";q={};w={}", r.limit, r.window_seconds)));
+        out.push(("ratelimit", format!("\"default\";r={};t={}", r.remaining, r.reset_seconds)));
+        if verdict.code.http_status() == 429 {
+            out.push(("retry-after", r.retry_after_ms.div_ceil(1000).max(1).to_string()));
+        }
+    }
+    if verdict.code == Code::Valid
+        && let Some(k) = &verdict.key
+    {
+        out.push(("x-api-key-scopes", k.scopes_header.clone()));
+    }
+    out
+}

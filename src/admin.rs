@@ -8,8 +8,7 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use crate::key::generate::FullKey;
-use crate::key::{Env, KeyId, generate};
+use crate::key::{Env, FullKey, KeyId, generate};
 use crate::store::{KeyRecord, ListPage, ListQuery, RateLimitPolicy, StoreError};
 use crate::verify::{Code, Engine, Request};
 

@@ -83,6 +83,10 @@ pub struct ServeArgs {
     /// HTTP/2 streams per connection.
     #[arg(long, env = "KEYSTILE_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
     pub max_concurrent_streams: u32,
+    /// Calls in progress per connection beyond which new ones get
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "KEYSTILE_MAX_INFLIGHT_PER_CONNECTION", default_value_t = 1024)]
+    pub max_inflight_per_connection: usize,
     /// How long in-flight calls may take to finish on SIGTERM.
     #[arg(long, env = "KEYSTILE_SHUTDOWN_GRACE", default_value = "10s")]
     pub shutdown_grace: String,
@@ -168,6 +172,9 @@ impl ServeArgs {
         if self.max_concurrent_streams == 0 {
             errors.push("--max-concurrent-streams must be more than 0".into());
         }
+        if self.max_inflight_per_connection == 0 {
+            errors.push("--max-inflight-per-connection must be more than 0".into());
+        }
         if self.workers == Some(0) || self.workers.is_some_and(|w| w > 1024) {
             errors.push("--workers must be between 1 and 1024".into());
         }
@@ -232,6 +239,7 @@ impl ServeArgs {
             server: ServerOptions {
                 admin_enabled: !self.no_admin,
                 max_concurrent_streams: self.max_concurrent_streams,
+                max_inflight_per_connection: self.max_inflight_per_connection,
                 shutdown_grace: shutdown_grace.unwrap_or_default(),
                 last_used_flush: last_used_flush.unwrap_or_default(),
             },

@@ -37,6 +37,9 @@ pub struct ServerOptions {
     pub admin_enabled: bool,
     /// HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
+    /// Calls in progress per connection beyond which new ones are shed
+    /// with RESOURCE_EXHAUSTED.
+    pub max_inflight_per_connection: usize,
     /// How long in-flight calls may take to finish after shutdown begins.
     pub shutdown_grace: Duration,
     /// How often pending last-used timestamps are written.
@@ -48,6 +51,7 @@ impl Default for ServerOptions {
         ServerOptions {
             admin_enabled: true,
             max_concurrent_streams: 1024,
+            max_inflight_per_connection: 1024,
             shutdown_grace: Duration::from_secs(10),
             last_used_flush: Duration::from_secs(10),
         }
@@ -99,6 +103,9 @@ pub async fn serve(
         .then(|| AdminService::new(Admin::new(engine.clone()), engine.clock().clone()).into_server());
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(options.max_concurrent_streams)
+        .concurrency_limit_per_connection(options.max_inflight_per_connection)
+        .load_shed(true)
+        .layer(crate::service::limits::oversize_is_invalid_argument())
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -44,6 +44,13 @@ pub fn generate(format: &KeyFormat, env: Env) -> NewKey {
     fill_base62(&mut id);
     fill_base62(&mut secret);
     let key_id = KeyId::from_bytes(&id).expect("base62 by construction");
+    let key = assemble(prefix, env, key_id, &secret);
+    NewKey { display_prefix: display_prefix(prefix, env, key_id), key, key_id, env }
+}
+
+/// Writes a key from its parts and appends the checksum. `secret` must be
+/// base62; tests use this to build keys with a chosen key_id or secret.
+pub fn assemble(prefix: &str, env: Env, key_id: KeyId, secret: &[u8]) -> FullKey {
     let mut s = String::with_capacity(prefix.len() + 54);
     s.push_str(prefix);
     s.push('_');
@@ -51,10 +58,10 @@ pub fn generate(format: &KeyFormat, env: Env) -> NewKey {
     s.push('_');
     s.push_str(key_id.as_str());
     s.push('_');
-    s.push_str(std::str::from_utf8(&secret).expect("ascii"));
+    s.push_str(std::str::from_utf8(secret).expect("ascii"));
     let sum = checksum::compute(s.as_bytes());
     s.push_str(std::str::from_utf8(&sum).expect("ascii"));
-    NewKey { display_prefix: display_prefix(prefix, env, key_id), key: FullKey(s), key_id, env }
+    FullKey(s)
 }
 
 /// Fills `out` with uniformly random base62 characters (rejection sampling, so

@@ -12,7 +12,7 @@ pub mod generate;
 pub mod pepper;
 
 pub use format::{Env, KeyFormat, KeyId, Malformed, PresentedKey};
-pub use generate::{NewKey, generate};
+pub use generate::{FullKey, NewKey, assemble, generate};
 pub use pepper::{Pepper, PepperSet, SecretHash};
 
 /// `0-9A-Za-z`: value 0 is `0`, 10 is `A`, 36 is `a`.

@@ -3,6 +3,7 @@
 //! [`status`] is the one place where errors become a `tonic::Status`.
 
 pub mod admin;
+pub mod limits;
 pub mod status;
 pub mod verifier;
 

@@ -18,6 +18,7 @@ pub struct MemoryStore {
     feed: broadcast::Sender<FeedEvent>,
     calls: AtomicU64,
     failing: std::sync::atomic::AtomicBool,
+    latency_ms: AtomicU64,
 }
 
 impl Default for MemoryStore {
@@ -35,6 +36,7 @@ impl MemoryStore {
             feed,
             calls: AtomicU64::new(0),
             failing: Default::default(),
+            latency_ms: AtomicU64::new(0),
         }
     }
 
@@ -46,6 +48,18 @@ impl MemoryStore {
     /// Makes every later call fail as if the store were down (tests).
     pub fn set_failing(&self, failing: bool) {
         self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// Makes every later read take this long (tests of timeouts and load).
+    pub fn set_latency(&self, latency: std::time::Duration) {
+        self.latency_ms.store(latency.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    async fn delay(&self) {
+        let ms = self.latency_ms.load(Ordering::SeqCst);
+        if ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
     }
 
     fn enter(&self) -> Result<MutexGuard<'_, HashMap<KeyId, KeyRecord>>, StoreError> {
@@ -65,6 +79,7 @@ impl MemoryStore {
 #[async_trait]
 impl KeyStore for MemoryStore {
     async fn get(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        self.delay().await;
         Ok(self.enter()?.get(&id).cloned())
     }
 

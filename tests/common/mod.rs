@@ -1,0 +1,257 @@
+//! Test harness: a real `redis-server` on a free loopback port, and a real
+//! keystile server on a real socket, reached through generated tonic
+//! clients.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keystile::admin::{ADMIN_SCOPE, Admin, KeySpec};
+use keystile::clock::Clock;
+use keystile::key::{Pepper, PepperSet};
+use keystile::proto;
+use keystile::proto::key_admin_client::KeyAdminClient;
+use keystile::proto::verifier_client::VerifierClient;
+use keystile::server::{self, ServerOptions};
+use keystile::store::KeyStore;
+use keystile::verify::{Engine, EngineSettings};
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `redis-server` of the test's own, stopped when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = RedisServer { port: free_port(), dir, child: None };
+        server.launch();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn launch(&mut self) {
+        let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let child = Command::new(&bin)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(["--dbfilename", "dump.rdb", "--protected-mode", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin}: {e} (install redis-server)"));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(client) = redis::Client::open(self.url())
+                && let Ok(mut conn) = client.get_connection()
+                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start on port {}", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url()).unwrap().get_connection().unwrap()
+    }
+
+    /// Saves the data set and stops the server (connections are refused).
+    pub fn stop(&mut self) {
+        let _: redis::RedisResult<()> = redis::cmd("SHUTDOWN").arg("SAVE").query(&mut self.conn());
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the saved data.
+    pub fn restart(&mut self) {
+        self.launch();
+    }
+
+    /// Calls of one command since start (from INFO commandstats).
+    pub fn command_calls(&self) -> std::collections::BTreeMap<String, u64> {
+        let info: String = redis::cmd("INFO").arg("commandstats").query(&mut self.conn()).unwrap();
+        info.lines()
+            .filter_map(|l| l.strip_prefix("cmdstat_"))
+            .filter_map(|l| {
+                let (name, rest) = l.split_once(':')?;
+                let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?.parse().ok()?;
+                Some((name.to_string(), calls))
+            })
+            .collect()
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn test_pepper() -> PepperSet {
+    PepperSet::single(Pepper::parse(&[42u8; 32]).unwrap())
+}
+
+/// A keystile server on a real loopback socket.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub admin_key: String,
+    pub engine: Arc<Engine>,
+    pub clock: Clock,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start(store: Arc<dyn KeyStore>) -> TestServer {
+        Self::start_with(store, EngineSettings::new(test_pepper()), ServerOptions::default(), Clock::system()).await
+    }
+
+    pub async fn start_with(
+        store: Arc<dyn KeyStore>,
+        settings: EngineSettings,
+        options: ServerOptions,
+        clock: Clock,
+    ) -> TestServer {
+        let engine = Arc::new(Engine::new(settings, store, clock.clone()));
+        let admin = Admin::new(engine.clone())
+            .create(KeySpec {
+                name: "test admin".into(),
+                env: "live".into(),
+                scopes: vec![ADMIN_SCOPE.into()],
+                ..Default::default()
+            })
+            .await
+            .expect("the store takes the admin key");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn({
+            let engine = engine.clone();
+            async move {
+                server::serve(engine, options, listener, async {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+            }
+        });
+        let server = TestServer {
+            addr,
+            admin_key: admin.key.expose().to_string(),
+            engine,
+            clock,
+            shutdown: Some(tx),
+            task: Some(task),
+        };
+        server.wait_ready().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url()).unwrap().connect().await.unwrap()
+    }
+
+    pub async fn verifier(&self) -> VerifierClient<Channel> {
+        VerifierClient::new(self.channel().await)
+    }
+
+    pub async fn admin(&self) -> AdminClient {
+        admin_client(self.channel().await, &self.admin_key)
+    }
+
+    /// Waits until health says SERVING.
+    pub async fn wait_ready(&self) {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel().await);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await;
+            if status.is_ok_and(|s| {
+                s.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            }) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the server never became ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+pub type AdminClient = KeyAdminClient<
+    tonic::service::interceptor::InterceptedService<
+        Channel,
+        Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>,
+    >,
+>;
+
+pub fn admin_client(channel: Channel, key: &str) -> AdminClient {
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {key}").parse().unwrap();
+    let f: Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send> =
+        Box::new(move |mut req| {
+            req.metadata_mut().insert("authorization", bearer.clone());
+            Ok(req)
+        });
+    KeyAdminClient::with_interceptor(channel, f)
+}
+
+pub fn verify_req(key: &str) -> proto::VerifyRequest {
+    proto::VerifyRequest { key: key.to_string(), ..Default::default() }
+}
+
+pub fn create_req(name: &str) -> proto::CreateKeyRequest {
+    proto::CreateKeyRequest { name: name.into(), env: "live".into(), ..Default::default() }
+}
+
+/// Creates a key through KeyAdmin and returns (full key, record).
+pub async fn create(admin: &mut AdminClient, req: proto::CreateKeyRequest) -> (String, proto::KeyRecord) {
+    let resp = admin.create_key(req).await.expect("CreateKey").into_inner();
+    (resp.key, resp.record.unwrap())
+}
+
+pub async fn verify(client: &mut VerifierClient<Channel>, req: proto::VerifyRequest) -> proto::VerifyResponse {
+    client.verify(req).await.expect("Verify answers").into_inner()
+}
+
+pub fn code(resp: &proto::VerifyResponse) -> proto::Code {
+    proto::Code::try_from(resp.code).unwrap()
+}

@@ -1,0 +1,294 @@
+//! Every code of SPEC §4, produced by the real server through a real
+//! socket, once on the in-memory store and once on a real Redis.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use keystile::clock::Clock;
+use keystile::key::{Env, KeyFormat, assemble, generate};
+use keystile::proto::{self, Code};
+use keystile::server::ServerOptions;
+use keystile::store::KeyStore;
+use keystile::store::memory::MemoryStore;
+use keystile::store::redis::RedisStore;
+use keystile::verify::EngineSettings;
+
+const START: i64 = 1_800_000_000;
+
+async fn server(store: Arc<dyn KeyStore>) -> TestServer {
+    TestServer::start_with(store, EngineSettings::new(test_pepper()), ServerOptions::default(), Clock::manual(START))
+        .await
+}
+
+fn with_ip(key: &str, ip: &str) -> proto::VerifyRequest {
+    proto::VerifyRequest { key: key.into(), ip: ip.into(), ..Default::default() }
+}
+
+/// One key for each check, then every verdict in SPEC order.
+async fn every_code(s: &TestServer) {
+    let mut admin = s.admin().await;
+    let mut v = s.verifier().await;
+
+    // VALID, with the key's attributes and the scopes header.
+    let mut req = create_req("plain");
+    req.scopes = vec!["read".into(), "write".into()];
+    req.tenant = "acme".into();
+    req.metadata = [("team".to_string(), "core".to_string())].into();
+    let (key, record) = create(&mut admin, req).await;
+    let r = verify(
+        &mut v,
+        proto::VerifyRequest {
+            key: format!("Bearer {key}"),
+            scopes: vec!["read".into()],
+            tenant: "acme".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(code(&r), Code::Valid, "{r:?}");
+    assert!(r.valid);
+    assert_eq!((r.http_status, r.error.as_str()), (200, ""));
+    assert_eq!(r.key_id, record.key_id);
+    assert_eq!(r.name, "plain");
+    assert_eq!(r.tenant, "acme");
+    assert_eq!(r.metadata.get("team").map(String::as_str), Some("core"));
+    assert_eq!(r.headers.get("x-api-key-scopes").map(String::as_str), Some("read,write"));
+    assert!(
+        r.rate_limit.is_none() && !r.headers.contains_key("x-ratelimit-limit"),
+        "an unlimited key sends no rate-limit headers"
+    );
+
+    // MALFORMED: one character changed.
+    let mut damaged = key.clone().into_bytes();
+    damaged[30] = if damaged[30] == b'a' { b'b' } else { b'a' };
+    let r = verify(&mut v, verify_req(std::str::from_utf8(&damaged).unwrap())).await;
+    assert_eq!(code(&r), Code::Malformed);
+    assert_eq!((r.http_status, r.error.as_str()), (401, "invalid_api_key"));
+    assert!(r.key_id.is_empty(), "nothing about a malformed key is told");
+
+    // NOT_FOUND: well-formed, unknown key_id.
+    let stranger = generate(&KeyFormat::default(), Env::Live);
+    let r = verify(&mut v, verify_req(stranger.key.expose())).await;
+    assert_eq!(code(&r), Code::NotFound);
+    assert_eq!((r.http_status, r.error.as_str()), (401, "invalid_api_key"));
+    assert!(r.key_id.is_empty());
+
+    // NOT_FOUND: known key_id, wrong secret.
+    let forged = assemble("ks", Env::Live, record.key_id.parse().unwrap(), &[b'Q'; 32]);
+    let r = verify(&mut v, verify_req(forged.expose())).await;
+    assert_eq!(code(&r), Code::NotFound);
+    assert!(r.key_id.is_empty(), "a wrong secret learns nothing about the key");
+
+    // TENANT_MISMATCH.
+    let r =
+        verify(&mut v, proto::VerifyRequest { key: key.clone(), tenant: "globex".into(), ..Default::default() }).await;
+    assert_eq!(code(&r), Code::TenantMismatch);
+    assert_eq!((r.http_status, r.error.as_str()), (403, "wrong_tenant"));
+
+    // INSUFFICIENT_SCOPE.
+    let r = verify(
+        &mut v,
+        proto::VerifyRequest { key: key.clone(), scopes: vec!["read".into(), "admin".into()], ..Default::default() },
+    )
+    .await;
+    assert_eq!(code(&r), Code::InsufficientScope);
+    assert_eq!((r.http_status, r.error.as_str()), (403, "insufficient_scope"));
+    assert_eq!(r.key_id, record.key_id, "an identified key is named");
+
+    // IP_NOT_ALLOWED: outside the allowlist, and unknown.
+    let mut req = create_req("office only");
+    req.ip_allowlist = vec!["10.0.0.0/8".into()];
+    let (office, _) = create(&mut admin, req).await;
+    assert_eq!(code(&verify(&mut v, with_ip(&office, "10.1.2.3")).await), Code::Valid);
+    assert_eq!(
+        code(&verify(&mut v, with_ip(&office, "::ffff:10.1.2.3")).await),
+        Code::Valid,
+        "IPv4-mapped IPv6 is IPv4"
+    );
+    let r = verify(&mut v, with_ip(&office, "192.0.2.1")).await;
+    assert_eq!(code(&r), Code::IpNotAllowed);
+    assert_eq!((r.http_status, r.error.as_str()), (403, "ip_not_allowed"));
+    assert_eq!(code(&verify(&mut v, with_ip(&office, "")).await), Code::IpNotAllowed, "unknown IP");
+    assert_eq!(code(&verify(&mut v, with_ip(&office, "not an ip")).await), Code::IpNotAllowed);
+
+    // RATE_LIMITED: five per minute, then 429 with every header in the
+    // message and in the response metadata. Denials consume nothing.
+    let mut req = create_req("limited");
+    req.rate_limit = Some(proto::RateLimit { requests: 5, window_seconds: 60, burst: 0 });
+    req.scopes = vec!["read".into()];
+    let (limited, _) = create(&mut admin, req).await;
+    for _ in 0..3 {
+        let r = verify(
+            &mut v,
+            proto::VerifyRequest { key: limited.clone(), scopes: vec!["write".into()], ..Default::default() },
+        )
+        .await;
+        assert_eq!(code(&r), Code::InsufficientScope);
+    }
+    for left in (0..5).rev() {
+        let r = verify(&mut v, verify_req(&limited)).await;
+        assert_eq!(code(&r), Code::Valid);
+        assert_eq!(r.rate_limit.as_ref().unwrap().remaining, left);
+        assert_eq!(r.headers["x-ratelimit-remaining"], left.to_string());
+        assert_eq!(r.headers["x-ratelimit-limit"], "5");
+    }
+    let raw = v.verify(verify_req(&limited)).await.unwrap();
+    let md = raw.metadata().clone();
+    let r = raw.into_inner();
+    assert_eq!(code(&r), Code::RateLimited);
+    assert_eq!((r.http_status, r.error.as_str()), (429, "rate_limited"));
+    let rl = r.rate_limit.clone().unwrap();
+    assert_eq!((rl.limit, rl.remaining, rl.window_seconds, rl.retry_after_ms), (5, 0, 60, 12_000));
+    let expect = [
+        ("x-ratelimit-limit", "5".to_string()),
+        ("x-ratelimit-remaining", "0".to_string()),
+        ("x-ratelimit-reset", (START + 12).to_string()),
+        ("ratelimit-policy", "\"default\";q=5;w=60".to_string()),
+        ("ratelimit", "\"default\";r=0;t=12".to_string()),
+        ("retry-after", "12".to_string()),
+    ];
+    for (name, value) in expect {
+        assert_eq!(r.headers.get(name), Some(&value), "header {name} in the message");
+        assert_eq!(md.get(name).and_then(|v| v.to_str().ok()), Some(value.as_str()), "header {name} in the metadata");
+    }
+    assert!(!r.headers.contains_key("x-api-key-scopes"), "scopes only when valid");
+
+    // EXPIRED (time moves by hand).
+    let mut req = create_req("short lived");
+    req.expires_at = START + 100;
+    let (short, _) = create(&mut admin, req).await;
+    assert_eq!(code(&verify(&mut v, verify_req(&short)).await), Code::Valid);
+    s.clock.advance(Duration::from_secs(101));
+    let r = verify(&mut v, verify_req(&short)).await;
+    assert_eq!(code(&r), Code::Expired);
+    assert_eq!((r.http_status, r.error.as_str()), (401, "expired_api_key"));
+
+    // REVOKED, and revocation wins over expiry.
+    admin.revoke_key(proto::RevokeKeyRequest { key_id: record.key_id.clone() }).await.unwrap();
+    let r = verify(&mut v, verify_req(&key)).await;
+    assert_eq!(code(&r), Code::Revoked);
+    assert_eq!((r.http_status, r.error.as_str()), (401, "expired_api_key"));
+    admin.revoke_key(proto::RevokeKeyRequest { key_id: short_id(&short) }).await.unwrap();
+    assert_eq!(code(&verify(&mut v, verify_req(&short)).await), Code::Revoked);
+
+    // RATE_LIMITED / too_many_failed_attempts: 20 failures from one IP shed
+    // it (even with a good key); another IP is untouched.
+    let mut req = create_req("good");
+    req.scopes = vec![];
+    let (good, _) = create(&mut admin, req).await;
+    for _ in 0..20 {
+        assert_eq!(code(&verify(&mut v, with_ip("ks_live_nope", "198.51.100.7")).await), Code::Malformed);
+    }
+    assert_eq!(code(&verify(&mut v, with_ip(stranger.key.expose(), "198.51.100.7")).await), Code::NotFound);
+    let r = verify(&mut v, with_ip(&good, "198.51.100.7")).await;
+    assert_eq!(code(&r), Code::RateLimited);
+    assert_eq!((r.http_status, r.error.as_str()), (429, "too_many_failed_attempts"));
+    assert!(r.headers.contains_key("retry-after"));
+    assert!(r.key_id.is_empty(), "shed before the key is looked at");
+    assert_eq!(code(&verify(&mut v, with_ip(&good, "198.51.100.8")).await), Code::Valid);
+    assert_eq!(code(&verify(&mut v, with_ip(&good, "")).await), Code::Valid, "no IP, never shed");
+    // IPv6: one /64 shares a bucket.
+    for _ in 0..21 {
+        verify(&mut v, with_ip("garbage", "2001:db8:0:7::1")).await;
+    }
+    assert_eq!(code(&verify(&mut v, with_ip(&good, "2001:db8:0:7::abcd")).await), Code::RateLimited);
+    assert_eq!(code(&verify(&mut v, with_ip(&good, "2001:db8:0:8::1")).await), Code::Valid);
+    // The block ends when a failure's cell is back (one every 3 s).
+    s.clock.advance(Duration::from_secs(3));
+    assert_eq!(code(&verify(&mut v, with_ip(&good, "198.51.100.7")).await), Code::Valid);
+
+    // INVALID_ARGUMENT: a message over 16 KiB.
+    let err = v.verify(verify_req(&"k".repeat(17 * 1024))).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    let err = v
+        .verify(proto::VerifyRequest { key: good.clone(), scopes: vec!["s".into(); 65], ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}
+
+fn short_id(key: &str) -> String {
+    KeyFormat::default().parse(key).unwrap().key_id.to_string()
+}
+
+#[tokio::test]
+async fn every_code_on_the_memory_store() {
+    let s = server(Arc::new(MemoryStore::new())).await;
+    every_code(&s).await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn every_code_on_redis() {
+    let redis = RedisServer::start();
+    let store = RedisStore::open(&redis.url(), "keystile", Duration::from_secs(1)).unwrap();
+    let s = server(Arc::new(store)).await;
+    every_code(&s).await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn unavailable_when_the_memory_store_fails_and_nothing_is_negative_cached() {
+    let store = Arc::new(MemoryStore::new());
+    let s = server(store.clone()).await;
+    let mut admin = s.admin().await;
+    let mut v = s.verifier().await;
+    let (cached, _) = create(&mut admin, create_req("cached")).await;
+    let (uncached, _) = create(&mut admin, create_req("uncached")).await;
+    assert_eq!(code(&verify(&mut v, verify_req(&cached)).await), Code::Valid);
+    store.set_failing(true);
+    assert_eq!(code(&verify(&mut v, verify_req(&cached)).await), Code::Valid, "a cached key keeps working");
+    let err = v.verify(verify_req(&uncached)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    // Past the TTL the entry is stale: served only within the stale window.
+    s.clock.advance(Duration::from_secs(61));
+    assert_eq!(code(&verify(&mut v, verify_req(&cached)).await), Code::Valid, "stale, but within the window");
+    s.clock.advance(Duration::from_secs(60));
+    let err = v.verify(verify_req(&cached)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "past the stale window");
+    store.set_failing(false);
+    assert_eq!(code(&verify(&mut v, verify_req(&uncached)).await), Code::Valid, "the failure was not cached");
+    assert_eq!(code(&verify(&mut v, verify_req(&cached)).await), Code::Valid);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn unavailable_when_the_store_is_slower_than_its_budget() {
+    let store = Arc::new(MemoryStore::new());
+    let s = TestServer::start(store.clone()).await;
+    let mut admin = s.admin().await;
+    let mut v = s.verifier().await;
+    let (key, _) = create(&mut admin, create_req("slow")).await;
+    store.set_latency(Duration::from_millis(500));
+    let err = v.verify(verify_req(&key)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert!(err.message().contains("did not answer"), "{}", err.message());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn resource_exhausted_when_the_server_sheds_load() {
+    let store = Arc::new(MemoryStore::new());
+    let mut settings = EngineSettings::new(test_pepper());
+    settings.store_timeout = Duration::from_secs(5);
+    let options = ServerOptions { max_inflight_per_connection: 1, ..ServerOptions::default() };
+    let s = TestServer::start_with(store.clone(), settings, options, Clock::system()).await;
+    let mut admin = s.admin().await;
+    let (key, _) = create(&mut admin, create_req("slow")).await;
+    store.set_latency(Duration::from_millis(300));
+    let channel = s.channel().await;
+    let mut a = keystile::proto::verifier_client::VerifierClient::new(channel.clone());
+    let mut b = keystile::proto::verifier_client::VerifierClient::new(channel);
+    let first = tokio::spawn({
+        let key = key.clone();
+        async move { a.verify(verify_req(&key)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let err = b.verify(verify_req(&key)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert_eq!(code(&first.await.unwrap().unwrap().into_inner()), Code::Valid, "the call in progress completes");
+    s.stop().await;
+}

@@ -29,7 +29,7 @@ enum Command {
     /// Run the sidecar.
     Serve(Box<ServeArgs>),
     /// Manage keys through KeyAdmin.
-    Keys(KeysArgs),
+    Keys(Box<KeysArgs>),
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -59,7 +59,7 @@ fn main() -> ExitCode {
         },
         Command::Keys(args) => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
-            match runtime.block_on(client::run(args)) {
+            match runtime.block_on(client::run(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {}", e.message);

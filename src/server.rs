@@ -135,7 +135,8 @@ pub async fn serve(
 async fn follow_feed(engine: Arc<Engine>, health: HealthReporter, stop: CancellationToken, tasks: CancellationToken) {
     let mut feed = engine.store().feed();
     let stale_window = engine.settings().cache.stale_window;
-    let mut down_since: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
+    // Subscribed first, then asked: no transition can fall between.
+    let mut down_since = (!engine.store().feed_is_live()).then(tokio::time::Instant::now);
     let mut ready = false;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {

@@ -140,7 +140,7 @@ async fn every_code(s: &TestServer) {
     let r = raw.into_inner();
     assert_eq!(code(&r), Code::RateLimited);
     assert_eq!((r.http_status, r.error.as_str()), (429, "rate_limited"));
-    let rl = r.rate_limit.clone().unwrap();
+    let rl = r.rate_limit.unwrap();
     assert_eq!((rl.limit, rl.remaining, rl.window_seconds, rl.retry_after_ms), (5, 0, 60, 12_000));
     let expect = [
         ("x-ratelimit-limit", "5".to_string()),

@@ -204,7 +204,7 @@ impl KeyFormat {
         if n == 0 {
             return Err(Malformed::Empty);
         }
-        if n < MIN_PREFIX_LEN + 1 + ENV_LEN + TAIL_LEN || n > MAX_PREFIX_LEN + 1 + ENV_LEN + TAIL_LEN {
+        if !(MIN_PREFIX_LEN + 1 + ENV_LEN + TAIL_LEN..=MAX_PREFIX_LEN + 1 + ENV_LEN + TAIL_LEN).contains(&n) {
             return Err(Malformed::Structure);
         }
         let body_end = n - CHECKSUM_LEN;

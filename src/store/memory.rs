@@ -153,8 +153,10 @@ impl KeyStore for MemoryStore {
     }
 
     fn feed(&self) -> broadcast::Receiver<FeedEvent> {
-        let rx = self.feed.subscribe();
-        let _ = self.feed.send(FeedEvent::Connected);
-        rx
+        self.feed.subscribe()
+    }
+
+    fn feed_is_live(&self) -> bool {
+        true
     }
 }

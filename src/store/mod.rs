@@ -89,6 +89,10 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Subscribes to the feed of changes.
     fn feed(&self) -> broadcast::Receiver<FeedEvent>;
+
+    /// Whether the feed is connected right now (a subscriber that joins
+    /// late learns the state here, then follows Connected/Disconnected).
+    fn feed_is_live(&self) -> bool;
 }
 
 /// Capacity of the in-process feed channels. A receiver that lags this far

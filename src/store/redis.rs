@@ -12,6 +12,8 @@
 //! and the publish happen together, so no reader can see the new state
 //! without its event being on the stream.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -100,6 +102,7 @@ pub struct RedisStore {
     keys: Keys,
     feed: broadcast::Sender<FeedEvent>,
     scripts: [Script; 4],
+    live: Arc<AtomicBool>,
     _subscriber: DropGuard,
 }
 
@@ -131,12 +134,14 @@ impl RedisStore {
         let keys = Keys { ns: namespace.to_string() };
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
         let cancel = CancellationToken::new();
-        tokio::spawn(subscribe_loop(client, keys.clone(), feed.clone(), cancel.clone()));
+        let live = Arc::new(AtomicBool::new(false));
+        tokio::spawn(subscribe_loop(client, keys.clone(), feed.clone(), live.clone(), cancel.clone()));
         Ok(RedisStore {
             conn,
             keys,
             feed,
             scripts: [Script::new(CREATE), Script::new(UPDATE), Script::new(DELETE), Script::new(TOUCH)],
+            live,
             _subscriber: cancel.drop_guard(),
         })
     }
@@ -284,6 +289,10 @@ impl KeyStore for RedisStore {
     fn feed(&self) -> broadcast::Receiver<FeedEvent> {
         self.feed.subscribe()
     }
+
+    fn feed_is_live(&self) -> bool {
+        self.live.load(Ordering::SeqCst)
+    }
 }
 
 /// Keeps a pub/sub subscription alive for as long as the store lives and
@@ -294,17 +303,19 @@ async fn subscribe_loop(
     client: redis::Client,
     keys: Keys,
     feed: broadcast::Sender<FeedEvent>,
+    live: Arc<AtomicBool>,
     cancel: CancellationToken,
 ) {
     let mut last_seen: Option<String> = None;
     let mut backoff = Duration::from_millis(50);
     let mut was_connected = false;
     loop {
-        let session = subscribe_once(&client, &keys, &feed, &mut last_seen, &mut was_connected);
+        let session = subscribe_once(&client, &keys, &feed, &live, &mut last_seen, &mut was_connected);
         tokio::select! {
             _ = cancel.cancelled() => return,
             result = session => {
                 if was_connected {
+                    live.store(false, Ordering::SeqCst);
                     let _ = feed.send(FeedEvent::Disconnected);
                     backoff = Duration::from_millis(50);
                 }
@@ -326,6 +337,7 @@ async fn subscribe_once(
     client: &redis::Client,
     keys: &Keys,
     feed: &broadcast::Sender<FeedEvent>,
+    live: &AtomicBool,
     last_seen: &mut Option<String>,
     was_connected: &mut bool,
 ) -> redis::RedisResult<()> {
@@ -351,6 +363,7 @@ async fn subscribe_once(
         }
     }
     *was_connected = true;
+    live.store(true, Ordering::SeqCst);
     let _ = feed.send(FeedEvent::Connected);
     tracing::info!("revocation feed connected");
 
@@ -371,7 +384,7 @@ async fn subscribe_once(
                 }
             }
             _ = ping.tick() => {
-                tokio::time::timeout(PING_EVERY, sink.ping::<String>())
+                tokio::time::timeout(PING_EVERY, sink.ping::<redis::Value>())
                     .await
                     .map_err(|_| redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "feed ping timed out")))??;
             }

@@ -217,23 +217,18 @@ impl TestServer {
     }
 }
 
-pub type AdminClient = KeyAdminClient<
-    tonic::service::interceptor::InterceptedService<
-        Channel,
-        Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>,
-    >,
->;
+type Auth = Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+
+pub type AdminClient = KeyAdminClient<tonic::service::interceptor::InterceptedService<Channel, Auth>>;
 
 pub fn admin_client(channel: Channel, key: &str) -> AdminClient {
     let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {key}").parse().unwrap();
-    let f: Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send> =
-        Box::new(move |mut req| {
-            req.metadata_mut().insert("authorization", bearer.clone());
-            Ok(req)
-        });
+    let f: Auth = Box::new(move |mut req| {
+        req.metadata_mut().insert("authorization", bearer.clone());
+        Ok(req)
+    });
     KeyAdminClient::with_interceptor(channel, f)
 }
-
 pub fn verify_req(key: &str) -> proto::VerifyRequest {
     proto::VerifyRequest { key: key.to_string(), ..Default::default() }
 }

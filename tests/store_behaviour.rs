@@ -1,0 +1,179 @@
+//! How Verify uses the store: malformed keys never reach it, misses coalesce,
+//! outages answer UNAVAILABLE without poisoning the cache, and revocations
+//! reach other replicas through Redis.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use keystile::key::{Env, KeyFormat, generate};
+use keystile::proto::{self, Code};
+use keystile::store::memory::MemoryStore;
+use keystile::store::redis::RedisStore;
+
+fn malformed_keys() -> Vec<String> {
+    let good = generate(&KeyFormat::default(), Env::Live).key.expose().to_string();
+    let mut keys = vec![
+        String::new(),
+        "Bearer".into(),
+        "x".repeat(600),
+        good[..54].to_string(),
+        good.replacen("ks_", "zz_", 1),
+        good.replacen("_live_", "_prod_", 1),
+        format!("{good}0"),
+    ];
+    for i in 0..55 {
+        let mut b = good.clone().into_bytes();
+        b[i] = if b[i] == b'7' { b'8' } else { b'7' };
+        keys.push(String::from_utf8(b).unwrap());
+    }
+    keys
+}
+
+#[tokio::test]
+async fn malformed_keys_never_reach_the_memory_store() {
+    let store = Arc::new(MemoryStore::new());
+    let s = TestServer::start(store.clone()).await;
+    let mut v = s.verifier().await;
+    let before = store.calls();
+    for key in malformed_keys() {
+        let r = verify(&mut v, verify_req(&key)).await;
+        assert_eq!(code(&r), Code::Malformed, "{key:?}");
+    }
+    assert_eq!(store.calls(), before, "no store call for a malformed key");
+    // The counter does count: an unknown well-formed key is one read.
+    let unknown = generate(&KeyFormat::default(), Env::Live);
+    verify(&mut v, verify_req(unknown.key.expose())).await;
+    assert_eq!(store.calls(), before + 1);
+    s.stop().await;
+}
+
+fn data_commands(stats: &std::collections::BTreeMap<String, u64>) -> u64 {
+    // The change feed pings once a second and the test reads INFO itself.
+    stats
+        .iter()
+        .filter(|(name, _)| !matches!(name.as_str(), "ping" | "info" | "subscribe" | "client|setinfo" | "hello"))
+        .map(|(_, n)| n)
+        .sum()
+}
+
+#[tokio::test]
+async fn malformed_keys_issue_no_redis_command_and_a_miss_issues_one() {
+    let redis = RedisServer::start();
+    let store = RedisStore::open(&redis.url(), "keystile", Duration::from_secs(1)).unwrap();
+    let s = TestServer::start(Arc::new(store)).await;
+    let mut v = s.verifier().await;
+    let before = redis.command_calls();
+    for _ in 0..20 {
+        for key in malformed_keys() {
+            assert_eq!(code(&verify(&mut v, verify_req(&key)).await), Code::Malformed);
+        }
+    }
+    let after = redis.command_calls();
+    assert_eq!(data_commands(&after), data_commands(&before), "before {before:?}\nafter {after:?}");
+
+    let unknown = generate(&KeyFormat::default(), Env::Live);
+    verify(&mut v, verify_req(unknown.key.expose())).await;
+    let once = redis.command_calls();
+    assert_eq!(data_commands(&once), data_commands(&after) + 1, "a cold miss is one command: {once:?}");
+    assert_eq!(once.get("hget").copied().unwrap_or(0), after.get("hget").copied().unwrap_or(0) + 1);
+    verify(&mut v, verify_req(unknown.key.expose())).await;
+    assert_eq!(data_commands(&redis.command_calls()), data_commands(&once), "the unknown key_id is negative-cached");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_misses_for_one_key_are_one_store_read() {
+    let store = Arc::new(MemoryStore::new());
+    let s = TestServer::start(store.clone()).await;
+    let mut admin = s.admin().await;
+    let (key, _) = create(&mut admin, create_req("popular")).await;
+    store.set_latency(Duration::from_millis(40));
+    let before = store.calls();
+    let channel = s.channel().await;
+    let calls: Vec<_> = (0..50)
+        .map(|_| {
+            let mut c = keystile::proto::verifier_client::VerifierClient::new(channel.clone());
+            let key = key.clone();
+            tokio::spawn(async move { c.verify(verify_req(&key)).await })
+        })
+        .collect();
+    for c in calls {
+        let r = c.await.unwrap().expect("answered within the store budget").into_inner();
+        assert_eq!(code(&r), Code::Valid);
+    }
+    assert_eq!(store.calls(), before + 1, "fifty concurrent misses, one read");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn redis_outage_cached_keys_verify_uncached_are_unavailable_then_recover() {
+    let mut redis = RedisServer::start();
+    let store = RedisStore::open(&redis.url(), "keystile", Duration::from_millis(200)).unwrap();
+    let s = TestServer::start(Arc::new(store)).await;
+    let mut admin = s.admin().await;
+    let mut v = s.verifier().await;
+    let (cached, _) = create(&mut admin, create_req("cached")).await;
+    let (uncached, _) = create(&mut admin, create_req("uncached")).await;
+    assert_eq!(code(&verify(&mut v, verify_req(&cached)).await), Code::Valid);
+
+    redis.stop();
+    assert_eq!(code(&verify(&mut v, verify_req(&cached)).await), Code::Valid, "a cached key keeps verifying");
+    for _ in 0..3 {
+        let err = v.verify(verify_req(&uncached)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    }
+
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match v.verify(verify_req(&uncached)).await {
+            Ok(r) => {
+                assert_eq!(code(&r.into_inner()), Code::Valid, "never a cached NOT_FOUND");
+                break;
+            }
+            Err(e) => assert_eq!(e.code(), tonic::Code::Unavailable),
+        }
+        assert!(Instant::now() < deadline, "Redis is back but the key never verified");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_revocation_reaches_another_replica_through_redis() {
+    let redis = RedisServer::start();
+    let open = || Arc::new(RedisStore::open(&redis.url(), "keystile", Duration::from_secs(1)).unwrap());
+    let a = TestServer::start(open()).await;
+    let b = TestServer::start(open()).await;
+    let mut admin = a.admin().await;
+    let mut va = a.verifier().await;
+    let mut vb = b.verifier().await;
+    let (key, record) = create(&mut admin, create_req("shared")).await;
+    assert_eq!(code(&verify(&mut va, verify_req(&key)).await), Code::Valid);
+    assert_eq!(code(&verify(&mut vb, verify_req(&key)).await), Code::Valid, "b caches it");
+
+    let t0 = Instant::now();
+    admin.revoke_key(proto::RevokeKeyRequest { key_id: record.key_id.clone() }).await.unwrap();
+    loop {
+        if code(&verify(&mut vb, verify_req(&key)).await) == Code::Revoked {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(1), "replica b still accepts a revoked key");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+
+    // Creation beats the negative cache on the other replica too.
+    let unknown = generate(&KeyFormat::default(), Env::Live);
+    assert_eq!(code(&verify(&mut vb, verify_req(unknown.key.expose())).await), Code::NotFound);
+    let (fresh, _) = create(&mut admin, create_req("fresh")).await;
+    let t0 = Instant::now();
+    while code(&verify(&mut vb, verify_req(&fresh)).await) != Code::Valid {
+        assert!(t0.elapsed() < Duration::from_secs(1), "a new key must verify on every replica within 1 s");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    a.stop().await;
+    b.stop().await;
+}

@@ -154,13 +154,16 @@ impl ServeArgs {
                 Err(msg) => errors.push(format!("--accept-envs: {msg}")),
             }
         }
-        let format = match KeyFormat::new(self.key_prefixes.iter().map(|p| p.trim().to_string()).collect(), &envs) {
-            Ok(f) => Some(f),
-            Err(es) => {
-                errors.extend(es.into_iter().map(|e| format!("--key-prefix/--accept-envs: {e}")));
-                None
-            }
-        };
+        // An env that failed to parse is reported once, above.
+        let checked_envs = if envs.len() == self.accept_envs.len() { envs } else { Env::ALL.to_vec() };
+        let format =
+            match KeyFormat::new(self.key_prefixes.iter().map(|p| p.trim().to_string()).collect(), &checked_envs) {
+                Ok(f) => Some(f),
+                Err(es) => {
+                    errors.extend(es.into_iter().map(|e| format!("--key-prefix/--accept-envs: {e}")));
+                    None
+                }
+            };
         let default_rate_limit = match &self.default_rate_limit {
             None => None,
             Some(s) if s.trim().is_empty() || s == "none" => None,

@@ -1,0 +1,259 @@
+//! KeyAdmin through a real socket: authorization, validation, paging,
+//! updates that apply at once, rotation with a grace window, deletion, and
+//! last-used timestamps. Run on the memory store and on Redis.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use keystile::clock::Clock;
+use keystile::proto::{self, Code, KeyState};
+use keystile::server::ServerOptions;
+use keystile::store::KeyStore;
+use keystile::store::memory::MemoryStore;
+use keystile::store::redis::RedisStore;
+use keystile::verify::EngineSettings;
+
+const START: i64 = 1_800_000_000;
+
+async fn server(store: Arc<dyn KeyStore>) -> TestServer {
+    TestServer::start_with(store, EngineSettings::new(test_pepper()), ServerOptions::default(), Clock::manual(START))
+        .await
+}
+
+async fn lifecycle(s: &TestServer) {
+    let mut admin = s.admin().await;
+    let mut v = s.verifier().await;
+
+    // Authorization.
+    let mut anonymous = keystile::proto::key_admin_client::KeyAdminClient::new(s.channel().await);
+    let err = anonymous.list_keys(proto::ListKeysRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let (plain, plain_rec) = create(&mut admin, create_req("not an admin")).await;
+    let mut pretender = admin_client(s.channel().await, &plain);
+    let err = pretender.list_keys(proto::ListKeysRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let mut garbage = admin_client(s.channel().await, "ks_live_garbage");
+    assert_eq!(
+        garbage.list_keys(proto::ListKeysRequest::default()).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    assert!(!err.message().contains(&plain), "no key material in errors");
+
+    // Validation reports every problem at once.
+    let bad = proto::CreateKeyRequest {
+        name: "  ".into(),
+        env: "prod".into(),
+        scopes: vec!["has space".into()],
+        ip_allowlist: vec!["10.0.0.0/33".into()],
+        rate_limit: Some(proto::RateLimit { requests: 0, window_seconds: 60, burst: 0 }),
+        expires_at: START - 1,
+        ..Default::default()
+    };
+    let err = admin.create_key(bad).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    for needle in ["name", "prod", "has space", "10.0.0.0/33", "requests", "expires_at"] {
+        assert!(err.message().contains(needle), "{needle:?} missing from {:?}", err.message());
+    }
+    assert_eq!(
+        admin.get_key(proto::GetKeyRequest { key_id: "short".into() }).await.unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+    assert_eq!(
+        admin.get_key(proto::GetKeyRequest { key_id: "abcdEFGH".into() }).await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+
+    // Get shows the record, never a secret.
+    let got = admin
+        .get_key(proto::GetKeyRequest { key_id: plain_rec.key_id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
+    assert_eq!(got.display_prefix, format!("ks_live_{}", plain_rec.key_id));
+    assert_eq!(got.state, KeyState::Active as i32);
+    assert_eq!(got.version, 1);
+
+    // Listing: sorted by creation, paged, filtered.
+    for i in 0..5 {
+        s.clock.advance(Duration::from_secs(1));
+        let mut req = create_req(&format!("tenant key {i}"));
+        req.tenant = "paged".into();
+        req.env = if i % 2 == 0 { "live" } else { "test" }.into();
+        create(&mut admin, req).await;
+    }
+    let mut names = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = admin
+            .list_keys(proto::ListKeysRequest {
+                page_size: 2,
+                page_token: token.clone(),
+                tenant: "paged".into(),
+                env: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        names.extend(page.records.into_iter().map(|r| r.name));
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(names, (0..5).map(|i| format!("tenant key {i}")).collect::<Vec<_>>());
+    assert_eq!(pages, 3);
+    let tests = admin
+        .list_keys(proto::ListKeysRequest { tenant: "paged".into(), env: "test".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(tests.records.len(), 2);
+    let err = admin
+        .list_keys(proto::ListKeysRequest { page_token: "forged".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    // Updates apply on the next call and bump the version.
+    let mut req = create_req("evolving");
+    req.scopes = vec!["read".into()];
+    let (evolving, rec) = create(&mut admin, req).await;
+    let scoped = |key: &str, scope: &str| proto::VerifyRequest {
+        key: key.into(),
+        scopes: vec![scope.into()],
+        ..Default::default()
+    };
+    assert_eq!(code(&verify(&mut v, scoped(&evolving, "write")).await), Code::InsufficientScope);
+    let updated = admin
+        .update_key(proto::UpdateKeyRequest {
+            key_id: rec.key_id.clone(),
+            scopes: Some(proto::StringList { values: vec!["read".into(), "write".into()] }),
+            rate_limit: Some(proto::RateLimit { requests: 1, window_seconds: 60, burst: 0 }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
+    assert_eq!(updated.version, 2);
+    assert_eq!(updated.name, "evolving", "fields left unset are kept");
+    assert_eq!(code(&verify(&mut v, scoped(&evolving, "write")).await), Code::Valid);
+    assert_eq!(
+        code(&verify(&mut v, scoped(&evolving, "write")).await),
+        Code::RateLimited,
+        "the new limit applies at once"
+    );
+    let err = admin
+        .update_key(proto::UpdateKeyRequest {
+            key_id: rec.key_id.clone(),
+            ip_allowlist: Some(proto::StringList { values: vec!["nope".into()] }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    // Rotation: both keys work inside the grace window, the old one is
+    // REVOKED after it.
+    let (old, old_rec) = create(&mut admin, create_req("rotating")).await;
+    let rotated = admin
+        .rotate_key(proto::RotateKeyRequest { key_id: old_rec.key_id.clone(), grace_seconds: Some(30) })
+        .await
+        .unwrap()
+        .into_inner();
+    let previous = rotated.previous.unwrap();
+    assert_eq!(previous.state, KeyState::Rotating as i32);
+    assert_eq!(previous.revoked_at, START + 5 + 30);
+    assert_eq!(rotated.record.as_ref().unwrap().name, "rotating");
+    assert_eq!(code(&verify(&mut v, verify_req(&old)).await), Code::Valid);
+    assert_eq!(code(&verify(&mut v, verify_req(&rotated.key)).await), Code::Valid);
+    s.clock.advance(Duration::from_secs(30));
+    assert_eq!(code(&verify(&mut v, verify_req(&old)).await), Code::Revoked);
+    assert_eq!(code(&verify(&mut v, verify_req(&rotated.key)).await), Code::Valid);
+    let err = admin
+        .rotate_key(proto::RotateKeyRequest { key_id: old_rec.key_id.clone(), grace_seconds: None })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "a revoked key cannot be rotated");
+
+    // Revoke is idempotent and changes nothing the second time.
+    let r1 = admin
+        .revoke_key(proto::RevokeKeyRequest { key_id: plain_rec.key_id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
+    let r2 = admin
+        .revoke_key(proto::RevokeKeyRequest { key_id: plain_rec.key_id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
+    assert_eq!(r1.version, r2.version);
+    assert_eq!(r2.state, KeyState::Revoked as i32);
+
+    // Delete: gone for good, NOT_FOUND rather than REVOKED.
+    admin.delete_key(proto::DeleteKeyRequest { key_id: plain_rec.key_id.clone() }).await.unwrap();
+    assert_eq!(code(&verify(&mut v, verify_req(&plain)).await), Code::NotFound);
+    let err = admin.delete_key(proto::DeleteKeyRequest { key_id: plain_rec.key_id.clone() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+
+    // Last used: recorded on VALID, written in one batch.
+    let (used, used_rec) = create(&mut admin, create_req("used")).await;
+    for _ in 0..10 {
+        verify(&mut v, verify_req(&used)).await;
+    }
+    let last_used = async |admin: &mut AdminClient| {
+        let req = proto::GetKeyRequest { key_id: used_rec.key_id.clone() };
+        admin.get_key(req).await.unwrap().into_inner().record.unwrap().last_used_at
+    };
+    assert_eq!(last_used(&mut admin).await, 0, "not written per request");
+    let written = s.engine.flush_usage().await.unwrap();
+    assert!(written >= 1);
+    assert_eq!(last_used(&mut admin).await, s.clock.unix_seconds());
+}
+
+#[tokio::test]
+async fn lifecycle_on_the_memory_store() {
+    let s = server(Arc::new(MemoryStore::new())).await;
+    lifecycle(&s).await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn lifecycle_on_redis() {
+    let redis = RedisServer::start();
+    let s = server(Arc::new(RedisStore::open(&redis.url(), "keystile", Duration::from_secs(1)).unwrap())).await;
+    lifecycle(&s).await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn redis_holds_no_plaintext_key() {
+    let redis = RedisServer::start();
+    let s =
+        TestServer::start(Arc::new(RedisStore::open(&redis.url(), "keystile", Duration::from_secs(1)).unwrap())).await;
+    let mut admin = s.admin().await;
+    let (key, rec) = create(&mut admin, create_req("secret")).await;
+    let secret = &key[17..49];
+    let mut conn = redis.conn();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
+    let mut everything = String::new();
+    for k in &keys {
+        let dump: Vec<u8> = redis::cmd("DUMP").arg(k).query(&mut conn).unwrap();
+        everything.push_str(&String::from_utf8_lossy(&dump));
+    }
+    assert!(everything.contains(&rec.key_id), "the test does see the data");
+    assert!(!everything.contains(secret), "the secret must never be stored");
+    s.stop().await;
+}

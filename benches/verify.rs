@@ -1,1 +1,66 @@
-fn main() {}
+//! In-process costs of the hot path (SPEC §9): parsing, malformed
+//! rejection, a cache-hit verify with every check, a negative-cache hit and
+//! a miss against the memory store.
+//!
+//! `cargo bench --bench verify`
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use keystile::admin::{Admin, KeySpec};
+use keystile::clock::Clock;
+use keystile::key::{Env, KeyFormat, Pepper, PepperSet, generate};
+use keystile::store::RateLimitPolicy;
+use keystile::store::memory::MemoryStore;
+use keystile::verify::{Engine, EngineSettings, Request};
+
+fn benches(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let format = KeyFormat::default();
+    let good = generate(&format, Env::Live).key.expose().to_string();
+    let mut bad = good.clone().into_bytes();
+    bad[40] = if bad[40] == b'x' { b'y' } else { b'x' };
+    let bad = String::from_utf8(bad).unwrap();
+
+    c.bench_function("parse_valid_key", |b| b.iter(|| format.parse(black_box(&good)).is_ok()));
+    c.bench_function("reject_malformed_key", |b| b.iter(|| format.parse(black_box(&bad)).is_err()));
+
+    let store = Arc::new(MemoryStore::new());
+    let settings = EngineSettings::new(PepperSet::single(Pepper::parse(&[7u8; 32]).unwrap()));
+    let engine = Arc::new(Engine::new(settings, store, Clock::system()));
+    let admin = Admin::new(engine.clone());
+    let minted = rt.block_on(admin.create(KeySpec {
+        name: "bench".into(),
+        env: "live".into(),
+        scopes: vec!["read".into(), "write".into()],
+        ip_allowlist: vec!["10.0.0.0/8".into(), "192.168.0.0/16".into()],
+        rate_limit: Some(RateLimitPolicy { requests: 1_000_000_000, window_seconds: 1, burst: 0 }),
+        ..Default::default()
+    }));
+    let key = minted.unwrap().key.expose().to_string();
+    let scopes = vec!["read".to_string()];
+    let hit = Request { key: &key, ip: Some("10.1.2.3".parse().unwrap()), scopes: &scopes, tenant: "", cost: 1 };
+    assert!(rt.block_on(engine.verify(&hit)).unwrap().is_valid());
+    c.bench_function("verify_cache_hit_scopes_ip_limit", |b| {
+        b.to_async(&rt).iter(|| async { engine.verify(black_box(&hit)).await.unwrap().is_valid() })
+    });
+
+    let stranger = generate(&format, Env::Live).key.expose().to_string();
+    let negative = Request { key: &stranger, ip: None, scopes: &[], tenant: "", cost: 1 };
+    rt.block_on(engine.verify(&negative)).unwrap();
+    c.bench_function("verify_negative_cache_hit", |b| {
+        b.to_async(&rt).iter(|| async { engine.verify(black_box(&negative)).await.unwrap().code })
+    });
+
+    let id = format.parse(&key).unwrap().key_id;
+    c.bench_function("verify_miss_memory_store", |b| {
+        b.to_async(&rt).iter(|| async {
+            engine.invalidate(id);
+            engine.verify(black_box(&hit)).await.unwrap().is_valid()
+        })
+    });
+}
+
+criterion_group!(name = verify; config = Criterion::default().sample_size(50).measurement_time(std::time::Duration::from_secs(3)); targets = benches);
+criterion_main!(verify);

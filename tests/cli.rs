@@ -3,81 +3,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use common::*;
 use keystile::proto::Code;
-use serde_json::Value;
 use tokio_stream::StreamExt;
-
-const BIN: &str = env!("CARGO_BIN_EXE_keystile");
-
-struct Sidecar {
-    child: Child,
-    port: u16,
-    admin_key: String,
-}
-
-impl Sidecar {
-    fn start(args: &[&str], envs: &[(&str, &str)]) -> Sidecar {
-        let port = free_port();
-        let mut child = Command::new(BIN)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .args(args)
-            .envs(envs.iter().copied())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut admin_key = String::new();
-        if args.contains(&"--dev") {
-            let mut line = String::new();
-            BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-            admin_key = line.trim().strip_prefix("KEYSTILE_ADMIN_KEY=").expect("the dev line").to_string();
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "keystile did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Sidecar { child, port, admin_key }
-    }
-
-    fn server(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn keys(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .arg("keys")
-            .args(args)
-            .env("KEYSTILE_ADMIN_KEY", &self.admin_key)
-            .env("KEYSTILE_SERVER", self.server())
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    fn keys_json(&self, args: &[&str]) -> Value {
-        let mut all = args.to_vec();
-        all.push("--json");
-        let out = self.keys(&all);
-        assert!(out.status.success(), "keys {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    /// SIGTERM, then the exit code and what was left on stdout.
-    fn terminate(mut self) -> (Option<i32>, String) {
-        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
-        let status = self.child.wait().unwrap();
-        let mut rest = String::new();
-        self.child.stdout.take().unwrap().read_to_string(&mut rest).unwrap();
-        (status.code(), rest)
-    }
-}
 
 async fn channel(s: &Sidecar) -> tonic::transport::Channel {
     tonic::transport::Channel::from_shared(s.server()).unwrap().connect().await.unwrap()

@@ -177,3 +177,84 @@ async fn a_revocation_reaches_another_replica_through_redis() {
     a.stop().await;
     b.stop().await;
 }
+
+async fn health_of(s: &TestServer, service: &str) -> i32 {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(s.channel().await);
+    health.check(tonic_health::pb::HealthCheckRequest { service: service.into() }).await.unwrap().into_inner().status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_drops_past_the_stale_window_and_liveness_stays() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut redis = RedisServer::start();
+    let mut settings = keystile::verify::EngineSettings::new(test_pepper());
+    settings.cache.stale_window = Duration::from_secs(1);
+    let store = Arc::new(RedisStore::open(&redis.url(), "keystile", Duration::from_millis(200)).unwrap());
+    let s = TestServer::start_with(
+        store,
+        settings,
+        keystile::server::ServerOptions::default(),
+        keystile::clock::Clock::system(),
+    )
+    .await;
+    assert_eq!(health_of(&s, "").await, ServingStatus::Serving as i32);
+    redis.stop();
+    let t0 = Instant::now();
+    while health_of(&s, "").await != ServingStatus::NotServing as i32 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "readiness never dropped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(health_of(&s, "keystile.v1.Verifier").await, ServingStatus::NotServing as i32);
+    assert_eq!(health_of(&s, "liveness").await, ServingStatus::Serving as i32);
+    redis.restart();
+    let t0 = Instant::now();
+    while health_of(&s, "").await != ServingStatus::Serving as i32 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "readiness never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_used_is_written_in_batches_not_per_request() {
+    let redis = RedisServer::start();
+    let options = keystile::server::ServerOptions { last_used_flush: Duration::from_secs(1), ..Default::default() };
+    let store = Arc::new(RedisStore::open(&redis.url(), "keystile", Duration::from_secs(1)).unwrap());
+    let s = TestServer::start_with(
+        store,
+        keystile::verify::EngineSettings::new(test_pepper()),
+        options,
+        keystile::clock::Clock::system(),
+    )
+    .await;
+    let mut admin = s.admin().await;
+    let mut v = s.verifier().await;
+    let mut keys = Vec::new();
+    for i in 0..3 {
+        keys.push(create(&mut admin, create_req(&format!("used {i}"))).await);
+    }
+    let writes = |stats: &std::collections::BTreeMap<String, u64>| {
+        stats.get("evalsha").copied().unwrap_or(0) + stats.get("hset").copied().unwrap_or(0)
+    };
+    let before = writes(&redis.command_calls());
+    for _ in 0..100 {
+        for (key, _) in &keys {
+            assert_eq!(code(&verify(&mut v, verify_req(key)).await), Code::Valid);
+        }
+    }
+    // 300 valid calls; within about two flush periods every key shows its
+    // last use, written by a handful of batch writes.
+    let t0 = Instant::now();
+    loop {
+        let page = admin.list_keys(proto::ListKeysRequest::default()).await.unwrap().into_inner();
+        let used = page.records.iter().filter(|r| r.name.starts_with("used") && r.last_used_at > 0).count();
+        if used == 3 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "last_used_at never showed up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let n = writes(&redis.command_calls()) - before;
+    assert!((1..=6).contains(&n), "300 requests caused {n} writes");
+    s.stop().await;
+}

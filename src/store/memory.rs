@@ -50,7 +50,8 @@ impl MemoryStore {
         self.failing.store(failing, Ordering::SeqCst);
     }
 
-    /// Makes every later read take this long (tests of timeouts and load).
+    /// Makes every later read take this long to answer (tests of timeouts,
+    /// coalescing and races).
     pub fn set_latency(&self, latency: std::time::Duration) {
         self.latency_ms.store(latency.as_millis() as u64, Ordering::SeqCst);
     }
@@ -79,8 +80,11 @@ impl MemoryStore {
 #[async_trait]
 impl KeyStore for MemoryStore {
     async fn get(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        // Read, then wait: like a reply that is slow to arrive, so that tests
+        // can hold a stale answer in flight while the record changes.
+        let found = self.enter()?.get(&id).cloned();
         self.delay().await;
-        Ok(self.enter()?.get(&id).cloned())
+        Ok(found)
     }
 
     async fn create(&self, record: &KeyRecord) -> Result<(), StoreError> {

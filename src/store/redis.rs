@@ -151,7 +151,16 @@ impl RedisStore {
 impl KeyStore for RedisStore {
     async fn get(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
         let mut conn = self.conn.clone();
-        let json: Option<String> = conn.hget(self.keys.record(id), "r").await.map_err(unavailable)?;
+        let key = self.keys.record(id);
+        let json: Option<String> = match conn.hget(&key, "r").await {
+            // A read is safe to repeat. The first command after Redis came
+            // back finds the old connection dead; the manager has already
+            // started a new one.
+            Err(e) if e.is_connection_dropped() || e.is_io_error() => {
+                conn.hget(&key, "r").await.map_err(unavailable)?
+            }
+            other => other.map_err(unavailable)?,
+        };
         json.as_deref().map(decode).transpose()
     }
 

@@ -4,9 +4,10 @@
 
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ use keystile::proto::verifier_client::VerifierClient;
 use keystile::server::{self, ServerOptions};
 use keystile::store::KeyStore;
 use keystile::verify::{Engine, EngineSettings};
+use serde_json::Value;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
@@ -249,4 +251,72 @@ pub async fn verify(client: &mut VerifierClient<Channel>, req: proto::VerifyRequ
 
 pub fn code(resp: &proto::VerifyResponse) -> proto::Code {
     proto::Code::try_from(resp.code).unwrap()
+}
+
+/// The `keystile` binary, for tests that run it as operators do.
+pub const BIN: &str = env!("CARGO_BIN_EXE_keystile");
+
+pub struct Sidecar {
+    pub child: Child,
+    pub port: u16,
+    pub admin_key: String,
+}
+
+impl Sidecar {
+    pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Sidecar {
+        let port = free_port();
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(args)
+            .envs(envs.iter().copied())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut admin_key = String::new();
+        if args.contains(&"--dev") {
+            let mut line = String::new();
+            BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+            admin_key = line.trim().strip_prefix("KEYSTILE_ADMIN_KEY=").expect("the dev line").to_string();
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "keystile did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Sidecar { child, port, admin_key }
+    }
+
+    pub fn server(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn keys(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("keys")
+            .args(args)
+            .env("KEYSTILE_ADMIN_KEY", &self.admin_key)
+            .env("KEYSTILE_SERVER", self.server())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    pub fn keys_json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.keys(&all);
+        assert!(out.status.success(), "keys {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// SIGTERM, then the exit code and what was left on stdout.
+    pub fn terminate(mut self) -> (Option<i32>, String) {
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        let status = self.child.wait().unwrap();
+        let mut rest = String::new();
+        self.child.stdout.take().unwrap().read_to_string(&mut rest).unwrap();
+        (status.code(), rest)
+    }
 }

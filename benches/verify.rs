@@ -35,7 +35,7 @@ fn benches(c: &mut Criterion) {
         env: "live".into(),
         scopes: vec!["read".into(), "write".into()],
         ip_allowlist: vec!["10.0.0.0/8".into(), "192.168.0.0/16".into()],
-        rate_limit: Some(RateLimitPolicy { requests: 1_000_000_000, window_seconds: 1, burst: 0 }),
+        rate_limit: Some(RateLimitPolicy { requests: 1_000_000_000, window_seconds: 1, burst: 0, per_tenant: false }),
         ..Default::default()
     }));
     let key = minted.unwrap().key.expose().to_string();
@@ -44,6 +44,25 @@ fn benches(c: &mut Criterion) {
     assert!(rt.block_on(engine.verify(&hit)).unwrap().is_valid());
     c.bench_function("verify_cache_hit_scopes_ip_limit", |b| {
         b.to_async(&rt).iter(|| async { engine.verify(black_box(&hit)).await.unwrap().is_valid() })
+    });
+
+    // The same without a rate limit: the difference is what the limiter adds.
+    let unlimited = rt
+        .block_on(admin.create(KeySpec {
+            name: "bench unlimited".into(),
+            env: "live".into(),
+            scopes: vec!["read".into(), "write".into()],
+            ip_allowlist: vec!["10.0.0.0/8".into(), "192.168.0.0/16".into()],
+            ..Default::default()
+        }))
+        .unwrap()
+        .key
+        .expose()
+        .to_string();
+    let hit_unlimited = Request { key: &unlimited, ..hit };
+    assert!(rt.block_on(engine.verify(&hit_unlimited)).unwrap().is_valid());
+    c.bench_function("verify_cache_hit_scopes_ip_no_limit", |b| {
+        b.to_async(&rt).iter(|| async { engine.verify(black_box(&hit_unlimited)).await.unwrap().is_valid() })
     });
 
     let stranger = generate(&format, Env::Live).key.expose().to_string();

@@ -76,7 +76,8 @@ pub struct CreateArgs {
     /// A CIDR or address the key may be used from; repeat or separate with commas.
     #[arg(long = "allow-ip", value_delimiter = ',')]
     pub ip_allowlist: Vec<String>,
-    /// requests/window[:burst], e.g. 100/60s or 100/1m:20.
+    /// requests/window[:burst][@tenant], e.g. 100/60s, 100/1m:20, or
+    /// 1000/60s@tenant to share one bucket with the tenant's other keys.
     #[arg(long)]
     pub rate_limit: Option<String>,
     /// key=value; repeatable.
@@ -118,7 +119,7 @@ pub struct UpdateArgs {
     /// Replace the IP allowlist (comma-separated; empty string for none).
     #[arg(long)]
     pub allow_ips: Option<String>,
-    /// requests/window[:burst]
+    /// requests/window[:burst][@tenant]
     #[arg(long, conflicts_with = "clear_rate_limit")]
     pub rate_limit: Option<String>,
     /// Remove the key's own limit (the deployment default applies).
@@ -324,7 +325,12 @@ fn parse_meta(pairs: &[String]) -> Result<BTreeMap<String, String>, CliError> {
 
 fn rate(s: &str) -> Result<proto::RateLimit, CliError> {
     let p: RateLimitPolicy = s.parse().map_err(CliError::usage)?;
-    Ok(proto::RateLimit { requests: p.requests, window_seconds: p.window_seconds, burst: p.burst })
+    Ok(proto::RateLimit {
+        requests: p.requests,
+        window_seconds: p.window_seconds,
+        burst: p.burst,
+        per_tenant: p.per_tenant,
+    })
 }
 
 fn create_request(c: CreateArgs) -> Result<proto::CreateKeyRequest, CliError> {
@@ -403,7 +409,7 @@ pub fn record_json(r: &proto::KeyRecord) -> Value {
         "tenant": r.tenant,
         "scopes": r.scopes,
         "ip_allowlist": r.ip_allowlist,
-        "rate_limit": r.rate_limit.as_ref().map(|l| json!({"requests": l.requests, "window_seconds": l.window_seconds, "burst": l.burst})),
+        "rate_limit": r.rate_limit.as_ref().map(|l| json!({"requests": l.requests, "window_seconds": l.window_seconds, "burst": l.burst, "per_tenant": l.per_tenant})),
         "metadata": r.metadata.iter().collect::<BTreeMap<_, _>>(),
         "created_at": r.created_at,
         "expires_at": r.expires_at,

@@ -80,9 +80,18 @@ impl RateLimitPolicy {
 impl std::str::FromStr for RateLimitPolicy {
     type Err = String;
 
-    /// `1000/60s`, `100/1m`, `10/1s:20` (with a burst of 20).
+    /// `1000/60s`, `100/1m`, `10/1s:20` (with a burst of 20), and any of
+    /// them with `@tenant` (shared by the tenant's keys).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || format!("rate limit {s:?} must look like 1000/60s or 1000/60s:100 (requests/window[:burst])");
+        let err = || {
+            format!(
+                "rate limit {s:?} must look like 1000/60s, 1000/60s:100 or 1000/60s@tenant (requests/window[:burst][@tenant])"
+            )
+        };
+        let (s, per_tenant) = match s.trim().strip_suffix("@tenant") {
+            Some(rest) => (rest, true),
+            None => (s.trim(), false),
+        };
         let (rate, burst) = match s.split_once(':') {
             Some((r, b)) => (r, b.parse::<u64>().map_err(|_| err())?),
             None => (s, 0),
@@ -90,7 +99,7 @@ impl std::str::FromStr for RateLimitPolicy {
         let (requests, window) = rate.split_once('/').ok_or_else(err)?;
         let requests = requests.trim().parse::<u64>().map_err(|_| err())?;
         let window = humantime::parse_duration(window.trim()).map_err(|_| err())?;
-        let policy = RateLimitPolicy { requests, window_seconds: window.as_secs(), burst };
+        let policy = RateLimitPolicy { requests, window_seconds: window.as_secs(), burst, per_tenant };
         match policy.problems().first() {
             Some(p) => Err(format!("rate limit {s:?}: {p}")),
             None => Ok(policy),
@@ -170,10 +179,19 @@ fn ceil_seconds(nanos: u64) -> u64 {
     nanos.div_ceil(1_000_000_000)
 }
 
-/// Keeps each key's bucket while the key is in use, so that a cache refresh
-/// or an unrelated update (a new name) does not hand out a fresh quota.
+/// Whose bucket a request draws from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum BucketId {
+    Key(KeyId),
+    /// Shared by the tenant's keys with this policy.
+    Tenant(String, RateLimitPolicy),
+}
+
+/// Keeps each bucket while a cached key refers to it, so that a cache
+/// refresh or an unrelated update (a new name) does not hand out a fresh
+/// quota; a changed policy gets a new, full bucket.
 pub struct LimiterRegistry {
-    limiters: DashMap<KeyId, Arc<KeyLimiter>>,
+    limiters: DashMap<BucketId, Arc<KeyLimiter>>,
     default_policy: Option<RateLimitPolicy>,
     clock: Clock,
 }
@@ -183,14 +201,20 @@ impl LimiterRegistry {
         LimiterRegistry { limiters: DashMap::new(), default_policy, clock }
     }
 
-    /// The bucket for `id` under the key's own policy or the default; `None`
-    /// for an unlimited key. A changed policy gets a new, full bucket.
-    pub fn for_key(&self, id: KeyId, own: Option<RateLimitPolicy>) -> Option<Arc<KeyLimiter>> {
+    /// The bucket of key `id` of `tenant` under its own policy or the
+    /// default; `None` for an unlimited key.
+    pub fn for_key(&self, id: KeyId, tenant: &str, own: Option<RateLimitPolicy>) -> Option<Arc<KeyLimiter>> {
         let Some(policy) = own.or(self.default_policy) else {
-            self.limiters.remove(&id);
+            self.limiters.remove(&BucketId::Key(id));
             return None;
         };
-        let mut slot = self.limiters.entry(id).or_insert_with(|| Arc::new(KeyLimiter::new(policy, self.clock.clone())));
+        let bucket = if policy.per_tenant && !tenant.is_empty() {
+            BucketId::Tenant(tenant.to_string(), policy)
+        } else {
+            BucketId::Key(id)
+        };
+        let mut slot =
+            self.limiters.entry(bucket).or_insert_with(|| Arc::new(KeyLimiter::new(policy, self.clock.clone())));
         if slot.policy != policy {
             *slot = Arc::new(KeyLimiter::new(policy, self.clock.clone()));
         }
@@ -199,7 +223,7 @@ impl LimiterRegistry {
 
     /// Drops the bucket of a deleted key.
     pub fn forget(&self, id: KeyId) {
-        self.limiters.remove(&id);
+        self.limiters.remove(&BucketId::Key(id));
     }
 
     /// Drops buckets that no cached key refers to any more.
@@ -292,7 +316,7 @@ mod tests {
     use super::*;
 
     fn policy(requests: u64, window_seconds: u64, burst: u64) -> RateLimitPolicy {
-        RateLimitPolicy { requests, window_seconds, burst }
+        RateLimitPolicy { requests, window_seconds, burst, per_tenant: false }
     }
 
     #[test]
@@ -358,16 +382,34 @@ mod tests {
         let clock = Clock::manual(0);
         let reg = LimiterRegistry::new(None, clock);
         let id: KeyId = "abcdEFGH".parse().unwrap();
-        assert!(reg.for_key(id, None).is_none(), "no policy, no limit");
-        let a = reg.for_key(id, Some(policy(2, 60, 0))).unwrap();
+        assert!(reg.for_key(id, "", None).is_none(), "no policy, no limit");
+        let a = reg.for_key(id, "", Some(policy(2, 60, 0))).unwrap();
         assert!(a.check(1).0);
-        let b = reg.for_key(id, Some(policy(2, 60, 0))).unwrap();
+        let b = reg.for_key(id, "", Some(policy(2, 60, 0))).unwrap();
         assert!(Arc::ptr_eq(&a, &b));
-        let c = reg.for_key(id, Some(policy(3, 60, 0))).unwrap();
+        let c = reg.for_key(id, "", Some(policy(3, 60, 0))).unwrap();
         assert_eq!(c.check(1).1.remaining, 2, "new policy, new bucket");
         drop((a, b, c));
         reg.purge_unused();
         assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn per_tenant_buckets_are_shared() {
+        let reg = LimiterRegistry::new(None, Clock::manual(0));
+        let shared = RateLimitPolicy { per_tenant: true, ..policy(3, 60, 0) };
+        let a = reg.for_key("aaaaAAAA".parse().unwrap(), "acme", Some(shared)).unwrap();
+        let b = reg.for_key("bbbbBBBB".parse().unwrap(), "acme", Some(shared)).unwrap();
+        let other = reg.for_key("ccccCCCC".parse().unwrap(), "globex", Some(shared)).unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(a.check(2).0);
+        assert_eq!(b.check(1).1.remaining, 0, "the tenant's keys drew from one bucket");
+        assert!(!b.check(1).0);
+        assert!(other.check(1).0, "another tenant has its own");
+        assert_eq!(
+            "10/1m@tenant".parse::<RateLimitPolicy>().unwrap(),
+            RateLimitPolicy { per_tenant: true, ..policy(10, 60, 0) }
+        );
     }
 
     #[test]

@@ -319,7 +319,7 @@ impl Engine {
     }
 
     fn prepare(&self, record: KeyRecord) -> CachedKey {
-        let limiter = self.limiters.for_key(record.key_id, record.rate_limit);
+        let limiter = self.limiters.for_key(record.key_id, &record.tenant, record.rate_limit);
         CachedKey { scopes_header: record.scopes.join(","), limiter, last_touch: AtomicI64::new(0), record }
     }
 

@@ -48,7 +48,7 @@ async fn lifecycle(s: &TestServer) {
         env: "prod".into(),
         scopes: vec!["has space".into()],
         ip_allowlist: vec!["10.0.0.0/33".into()],
-        rate_limit: Some(proto::RateLimit { requests: 0, window_seconds: 60, burst: 0 }),
+        rate_limit: Some(proto::RateLimit { requests: 0, window_seconds: 60, burst: 0, per_tenant: false }),
         expires_at: START - 1,
         ..Default::default()
     };
@@ -135,7 +135,7 @@ async fn lifecycle(s: &TestServer) {
         .update_key(proto::UpdateKeyRequest {
             key_id: rec.key_id.clone(),
             scopes: Some(proto::StringList { values: vec!["read".into(), "write".into()] }),
-            rate_limit: Some(proto::RateLimit { requests: 1, window_seconds: 60, burst: 0 }),
+            rate_limit: Some(proto::RateLimit { requests: 1, window_seconds: 60, burst: 0, per_tenant: false }),
             ..Default::default()
         })
         .await

@@ -174,6 +174,26 @@ async fn a_revocation_reaches_another_replica_through_redis() {
         assert!(t0.elapsed() < Duration::from_secs(1), "a new key must verify on every replica within 1 s");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+
+    // A new rate limit applies on the other replica's next call after the
+    // change reaches it.
+    let fresh_id = keystile::key::KeyFormat::default().parse(&fresh).unwrap().key_id.to_string();
+    assert!(verify(&mut vb, verify_req(&fresh)).await.rate_limit.is_none(), "unlimited so far");
+    admin
+        .update_key(proto::UpdateKeyRequest {
+            key_id: fresh_id,
+            rate_limit: Some(proto::RateLimit { requests: 2, window_seconds: 60, ..Default::default() }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    while verify(&mut vb, verify_req(&fresh)).await.rate_limit.is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(1), "the new limit never reached replica b");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(code(&verify(&mut vb, verify_req(&fresh)).await), Code::Valid);
+    assert_eq!(code(&verify(&mut vb, verify_req(&fresh)).await), Code::RateLimited);
     a.stop().await;
     b.stop().await;
 }

@@ -117,7 +117,7 @@ async fn every_code(s: &TestServer) {
     // RATE_LIMITED: five per minute, then 429 with every header in the
     // message and in the response metadata. Denials consume nothing.
     let mut req = create_req("limited");
-    req.rate_limit = Some(proto::RateLimit { requests: 5, window_seconds: 60, burst: 0 });
+    req.rate_limit = Some(proto::RateLimit { requests: 5, window_seconds: 60, burst: 0, per_tenant: false });
     req.scopes = vec!["read".into()];
     let (limited, _) = create(&mut admin, req).await;
     for _ in 0..3 {

@@ -54,6 +54,7 @@ pub fn to_proto(r: &KeyRecord, now: i64) -> proto::KeyRecord {
             requests: p.requests,
             window_seconds: p.window_seconds,
             burst: p.burst,
+            per_tenant: p.per_tenant,
         }),
         metadata: r.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         created_at: r.created_at,
@@ -66,7 +67,7 @@ pub fn to_proto(r: &KeyRecord, now: i64) -> proto::KeyRecord {
 }
 
 fn policy(p: proto::RateLimit) -> RateLimitPolicy {
-    RateLimitPolicy { requests: p.requests, window_seconds: p.window_seconds, burst: p.burst }
+    RateLimitPolicy { requests: p.requests, window_seconds: p.window_seconds, burst: p.burst, per_tenant: p.per_tenant }
 }
 
 fn expiry(at: i64) -> Result<Option<i64>, Status> {

@@ -8,12 +8,16 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
 use crate::key::{Env, KeyId, SecretHash};
 
-/// A key's quota: `requests` per `window_seconds`, up to `burst` at once.
+/// A key's quota: `requests` per `window_seconds`, up to `burst` at once
+/// (0 = `requests`). With `per_tenant`, every key of the tenant with the
+/// same policy draws from one shared bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RateLimitPolicy {
     pub requests: u64,
     pub window_seconds: u64,
     pub burst: u64,
+    #[serde(default)]
+    pub per_tenant: bool,
 }
 
 /// One key, as the store holds it. Times are unix seconds.

@@ -19,6 +19,7 @@
 //! - [`client`]: the `keystile keys …` CLI, a KeyAdmin client.
 //! - [`clock`]: injectable time for expiry, cache freshness and limiters.
 //! - [`telemetry`]: logging setup.
+//! - [`loadgen`]: `keystile bench`, the gRPC load generator.
 
 pub mod admin;
 pub mod cache;
@@ -27,6 +28,7 @@ pub mod clock;
 pub mod config;
 pub mod key;
 pub mod limit;
+pub mod loadgen;
 pub mod proto;
 pub mod server;
 pub mod service;

@@ -30,6 +30,8 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Manage keys through KeyAdmin.
     Keys(Box<KeysArgs>),
+    /// Load a server and report throughput, latency percentiles and errors.
+    Bench(Box<keystile::loadgen::BenchArgs>),
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -57,6 +59,20 @@ fn main() -> ExitCode {
             }
             Err(errors) => config_errors(&errors),
         },
+        Command::Bench(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime");
+            match runtime.block_on(keystile::loadgen::run(*args)) {
+                Ok(reports) if reports.iter().all(|r| r.errors == 0) => ExitCode::SUCCESS,
+                Ok(_) => {
+                    eprintln!("error: some requests failed");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EX_USAGE as u8)
+                }
+            }
+        }
         Command::Keys(args) => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
             match runtime.block_on(client::run(*args)) {

@@ -1,0 +1,471 @@
+//! `keystile bench`: a gRPC load generator for the sidecar.
+//!
+//! Closed loop (`--concurrency` callers, each waiting for its answer) or open
+//! loop (`--rate` requests per second, latency counted from when a request
+//! was due, so a stalled server is not hidden). Several HTTP/2 connections,
+//! an HDR histogram, and every non-OK grpc-status (or an unexpected verdict)
+//! counted as an error. Scenarios run back to back with the same settings
+//! against the same server, so `Verify / Health` is a ratio from one run.
+//!
+//! Without `--server` it starts a server in this process on its own runtime
+//! threads (memory store, or `--redis-url`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
+use serde_json::json;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::admin::{ADMIN_SCOPE, Admin, KeySpec};
+use crate::clock::Clock;
+use crate::key::{Env, KeyFormat, Pepper, PepperSet, generate};
+use crate::proto;
+use crate::proto::key_admin_client::KeyAdminClient;
+use crate::proto::verifier_client::VerifierClient;
+use crate::server::{self, ServerOptions};
+use crate::store::KeyStore;
+use crate::verify::{Engine, EngineSettings};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// grpc.health.v1.Health/Check: the empty-handler baseline.
+    Health,
+    /// Verify with valid keys, all cached (cycles over --keys keys).
+    Hit,
+    /// Verify with keys the server has never seen: one store read each.
+    Miss,
+    /// Verify with malformed keys: rejected before cache or store.
+    Malformed,
+    /// 90 % hits, 5 % malformed, 5 % unknown key_ids.
+    Mix,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Server to load (http://host:port). Without it, a server is started
+    /// in this process.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Admin key of --server, to create the keys the scenarios use.
+    #[arg(long, env = "KEYSTILE_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+    /// Redis for the in-process server (default: memory store).
+    #[arg(long)]
+    pub redis_url: Option<String>,
+    /// Runtime threads of the in-process server.
+    #[arg(long)]
+    pub server_workers: Option<usize>,
+    /// Scenarios, run in this order.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "health,hit,malformed,mix,miss")]
+    pub scenario: Vec<Scenario>,
+    /// HTTP/2 connections.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Callers in flight (closed loop), or the cap on requests in flight
+    /// (open loop).
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Open loop: requests per second. Unset: closed loop.
+    #[arg(long)]
+    pub rate: Option<u64>,
+    /// Measured time per scenario.
+    #[arg(long, default_value = "5s")]
+    pub duration: String,
+    /// Unmeasured time per scenario before it.
+    #[arg(long, default_value = "1s")]
+    pub warmup: String,
+    /// Distinct keys for `hit` (and for `miss`: its most requests).
+    #[arg(long, default_value_t = 1000)]
+    pub keys: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// A few seconds with small settings; fails on any error.
+    #[arg(long)]
+    pub smoke: bool,
+}
+
+/// One scenario's outcome.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub scenario: Scenario,
+    pub requests: u64,
+    pub errors: u64,
+    pub seconds: f64,
+    pub histogram: Histogram<u64>,
+}
+
+impl Report {
+    pub fn rps(&self) -> f64 {
+        self.requests as f64 / self.seconds.max(1e-9)
+    }
+
+    fn micros(&self, q: f64) -> f64 {
+        self.histogram.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        json!({
+            "scenario": format!("{:?}", self.scenario).to_lowercase(),
+            "requests": self.requests,
+            "errors": self.errors,
+            "seconds": self.seconds,
+            "rps": self.rps(),
+            "p50_us": self.micros(0.5),
+            "p90_us": self.micros(0.9),
+            "p99_us": self.micros(0.99),
+            "p999_us": self.micros(0.999),
+            "max_us": self.histogram.max() as f64 / 1000.0,
+        })
+    }
+}
+
+struct Workload {
+    hit: Vec<String>,
+    miss: Vec<String>,
+    malformed: Vec<String>,
+    unknown: Vec<String>,
+    next_miss: AtomicUsize,
+}
+
+enum Target {
+    Health(HealthClient<Channel>),
+    Verify(VerifierClient<Channel>),
+}
+
+pub async fn run(args: BenchArgs) -> Result<Vec<Report>, String> {
+    let (mut duration, mut warmup) = (parse(&args.duration)?, parse(&args.warmup)?);
+    let (mut connections, mut concurrency, mut keys) =
+        (args.connections.max(1), args.concurrency.max(1), args.keys.max(1));
+    if args.smoke {
+        (duration, warmup, connections, concurrency, keys) =
+            (Duration::from_millis(700), Duration::from_millis(200), 2, 8, 200);
+    }
+
+    let mut _local = LocalServer(None);
+    let (url, admin_key) = match &args.server {
+        Some(url) => (url.clone(), args.admin_key.clone().ok_or("--server needs --admin-key (or KEYSTILE_ADMIN_KEY)")?),
+        None => {
+            let (rt, url, key) = start_local(args.redis_url.as_deref(), args.server_workers).await?;
+            _local.0 = Some(rt);
+            (url, key)
+        }
+    };
+    let mut channels = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let ch = Endpoint::from_shared(url.clone())
+            .map_err(|e| e.to_string())?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| format!("cannot reach {url}: {e}"))?;
+        channels.push(ch);
+    }
+
+    let needs_miss = args.scenario.contains(&Scenario::Miss);
+    let workload = Arc::new(prepare(&channels[0], &admin_key, keys, if needs_miss { keys } else { 0 }).await?);
+    let mut reports = Vec::new();
+    for &scenario in &args.scenario {
+        let settings = Settings { duration, warmup, concurrency, rate: args.rate };
+        let report = run_scenario(scenario, &channels, &workload, settings).await;
+        if !args.json {
+            print_line(&report);
+        }
+        reports.push(report);
+    }
+    let rps = |s| reports.iter().find(|r| r.scenario == s).map(Report::rps);
+    let ratio = rps(Scenario::Hit).zip(rps(Scenario::Health)).map(|(h, b)| h / b);
+    if args.json {
+        let out = json!({
+            "server": url,
+            "connections": connections,
+            "concurrency": concurrency,
+            "rate": args.rate,
+            "duration_seconds": duration.as_secs_f64(),
+            "scenarios": reports.iter().map(Report::to_json).collect::<Vec<_>>(),
+            "verify_hit_over_health": ratio,
+        });
+        println!("{out}");
+    } else if let Some(r) = ratio {
+        println!("verify hit / health baseline: {:.1} %", r * 100.0);
+    }
+    Ok(reports)
+}
+
+/// The in-process server's runtime; stopped without blocking, since it is
+/// dropped inside the client's runtime.
+struct LocalServer(Option<tokio::runtime::Runtime>);
+
+impl Drop for LocalServer {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn parse(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// A server on its own runtime threads, so that it does not share a
+/// scheduler with the load it is measured under.
+async fn start_local(
+    redis_url: Option<&str>,
+    workers: Option<usize>,
+) -> Result<(tokio::runtime::Runtime, String, String), String> {
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers.unwrap_or((cpus / 2).max(1)))
+        .thread_name("keystile-server")
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let redis_url = redis_url.map(str::to_string);
+    let (url, key) = rt
+        .spawn(async move {
+            let store: Arc<dyn KeyStore> = match redis_url {
+                Some(u) => Arc::new(
+                    crate::store::redis::RedisStore::open(&u, "keystile-bench", Duration::from_secs(1))
+                        .map_err(|e| e.to_string())?,
+                ),
+                None => Arc::new(crate::store::memory::MemoryStore::new()),
+            };
+            let engine =
+                Arc::new(Engine::new(EngineSettings::new(PepperSet::single(Pepper::random())), store, Clock::system()));
+            let minted = Admin::new(engine.clone())
+                .create(KeySpec {
+                    name: "bench admin".into(),
+                    env: "live".into(),
+                    scopes: vec![ADMIN_SCOPE.into()],
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+            let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            tokio::spawn(server::serve(engine, ServerOptions::default(), listener, std::future::pending()));
+            Ok::<_, String>((format!("http://{addr}"), minted.key.expose().to_string()))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+    Ok((rt, url, key))
+}
+
+async fn prepare(channel: &Channel, admin_key: &str, hits: usize, misses: usize) -> Result<Workload, String> {
+    let bearer: tonic::metadata::MetadataValue<_> =
+        format!("Bearer {admin_key}").parse().map_err(|_| "bad admin key")?;
+    let admin = KeyAdminClient::with_interceptor(channel.clone(), move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", bearer.clone());
+        Ok(req)
+    });
+    let create = |name: String| {
+        let mut admin = admin.clone();
+        async move {
+            let req =
+                proto::CreateKeyRequest { name, env: "live".into(), scopes: vec!["read".into()], ..Default::default() };
+            admin.create_key(req).await.map(|r| r.into_inner().key).map_err(|e| format!("creating bench keys: {e}"))
+        }
+    };
+    let mut hit = Vec::with_capacity(hits);
+    let mut miss = Vec::with_capacity(misses);
+    for chunk in (0..hits + misses).collect::<Vec<_>>().chunks(64) {
+        let made = futures_join(chunk.iter().map(|i| create(format!("bench {i}")))).await;
+        for (i, key) in chunk.iter().zip(made) {
+            if *i < hits { hit.push(key?) } else { miss.push(key?) }
+        }
+    }
+    let format = KeyFormat::default();
+    let malformed = (0..64)
+        .map(|i| {
+            let mut k = generate(&format, Env::Live).key.into_exposed().into_bytes();
+            let at = 10 + i % 40;
+            k[at] = if k[at] == b'x' { b'y' } else { b'x' };
+            String::from_utf8(k).unwrap_or_default()
+        })
+        .collect();
+    let unknown = (0..64).map(|_| generate(&format, Env::Live).key.into_exposed()).collect();
+    Ok(Workload { hit, miss, malformed, unknown, next_miss: AtomicUsize::new(0) })
+}
+
+async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.expect("a bench setup task panicked"));
+    }
+    out
+}
+
+#[derive(Clone, Copy)]
+struct Settings {
+    duration: Duration,
+    warmup: Duration,
+    concurrency: usize,
+    rate: Option<u64>,
+}
+
+/// Sends the `i`-th request of a scenario. `Ok(false)` = an answer that
+/// the scenario did not expect; `Err` = the scenario has run out of input.
+async fn one(target: &mut Target, scenario: Scenario, w: &Workload, i: usize) -> Result<bool, ()> {
+    let verify =
+        |key: &str| proto::VerifyRequest { key: key.to_string(), scopes: vec!["read".into()], ..Default::default() };
+    match target {
+        Target::Health(c) => Ok(c.check(HealthCheckRequest { service: String::new() }).await.is_ok()),
+        Target::Verify(c) => {
+            let (req, expect) = match scenario {
+                Scenario::Hit => (verify(&w.hit[i % w.hit.len()]), Some(proto::Code::Valid)),
+                Scenario::Malformed => (verify(&w.malformed[i % w.malformed.len()]), Some(proto::Code::Malformed)),
+                Scenario::Miss => {
+                    let n = w.next_miss.fetch_add(1, Ordering::Relaxed);
+                    (verify(w.miss.get(n).ok_or(())?), Some(proto::Code::Valid))
+                }
+                Scenario::Mix => match i % 20 {
+                    0 => (verify(&w.malformed[i % w.malformed.len()]), None),
+                    1 => (verify(&w.unknown[i % w.unknown.len()]), None),
+                    _ => (verify(&w.hit[i % w.hit.len()]), None),
+                },
+                Scenario::Health => unreachable!("health has its own client"),
+            };
+            match c.verify(req).await {
+                Ok(resp) => Ok(expect.is_none_or(|e| resp.into_inner().code == e as i32)),
+                Err(_) => Ok(false),
+            }
+        }
+    }
+}
+
+fn target(scenario: Scenario, channel: &Channel) -> Target {
+    match scenario {
+        Scenario::Health => Target::Health(HealthClient::new(channel.clone())),
+        _ => Target::Verify(VerifierClient::new(channel.clone())),
+    }
+}
+
+async fn run_scenario(scenario: Scenario, channels: &[Channel], w: &Arc<Workload>, s: Settings) -> Report {
+    let counter = Arc::new(AtomicUsize::new(0));
+    if scenario != Scenario::Miss && !s.warmup.is_zero() {
+        closed_loop(scenario, channels, w, s.concurrency, s.warmup, &counter).await;
+    }
+    let started = Instant::now();
+    let (histogram, errors) = match s.rate {
+        None => closed_loop(scenario, channels, w, s.concurrency, s.duration, &counter).await,
+        Some(rate) => open_loop(scenario, channels, w, s.concurrency, s.duration, rate).await,
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    Report { scenario, requests: histogram.len(), errors, seconds, histogram }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // 1 µs .. 60 s in nanoseconds, 3 significant digits.
+    Histogram::new_with_bounds(1_000, 60_000_000_000, 3).expect("valid histogram bounds")
+}
+
+async fn closed_loop(
+    scenario: Scenario,
+    channels: &[Channel],
+    w: &Arc<Workload>,
+    concurrency: usize,
+    duration: Duration,
+    counter: &Arc<AtomicUsize>,
+) -> (Histogram<u64>, u64) {
+    let deadline = Instant::now() + duration;
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|t| {
+            let mut target = target(scenario, &channels[t % channels.len()]);
+            let (w, counter) = (w.clone(), counter.clone());
+            tokio::spawn(async move {
+                let mut h = new_histogram();
+                let mut errors = 0;
+                while Instant::now() < deadline {
+                    let i = counter.fetch_add(1, Ordering::Relaxed);
+                    let t0 = Instant::now();
+                    match one(&mut target, scenario, &w, i).await {
+                        Ok(ok) => {
+                            h.saturating_record(t0.elapsed().as_nanos() as u64);
+                            errors += u64::from(!ok);
+                        }
+                        Err(()) => break,
+                    }
+                }
+                (h, errors)
+            })
+        })
+        .collect();
+    let mut total = new_histogram();
+    let mut errors = 0;
+    for t in tasks {
+        let (h, e) = t.await.expect("a load task panicked");
+        total.add(h).expect("same bounds");
+        errors += e;
+    }
+    (total, errors)
+}
+
+async fn open_loop(
+    scenario: Scenario,
+    channels: &[Channel],
+    w: &Arc<Workload>,
+    cap: usize,
+    duration: Duration,
+    rate: u64,
+) -> (Histogram<u64>, u64) {
+    let period = Duration::from_nanos(1_000_000_000 / rate.max(1));
+    let start = tokio::time::Instant::now();
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(cap));
+    let errors = Arc::new(AtomicU64::new(0));
+    let hist = Arc::new(std::sync::Mutex::new(new_histogram()));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut i = 0usize;
+    let mut handles = Vec::new();
+    loop {
+        let due = tick.tick().await;
+        if due.duration_since(start) >= duration {
+            break;
+        }
+        let permit = in_flight.clone().acquire_owned().await.expect("never closed");
+        let mut target = target(scenario, &channels[i % channels.len()]);
+        let (w, errors, hist) = (w.clone(), errors.clone(), hist.clone());
+        let n = i;
+        handles.push(tokio::spawn(async move {
+            let _permit = permit;
+            if let Ok(ok) = one(&mut target, scenario, &w, n).await {
+                // From when the request was due: waiting for a slot counts.
+                hist.lock().expect("not poisoned").saturating_record(due.elapsed().as_nanos() as u64);
+                if !ok {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+        i += 1;
+    }
+    for h in handles {
+        let _ = h.await;
+    }
+    let h = hist.lock().expect("not poisoned").clone();
+    (h, errors.load(Ordering::Relaxed))
+}
+
+fn print_line(r: &Report) {
+    println!(
+        "{:<10} {:>9} req {:>10.0} req/s  p50 {:>7.1} µs  p90 {:>7.1} µs  p99 {:>7.1} µs  p99.9 {:>8.1} µs  errors {}",
+        format!("{:?}", r.scenario).to_lowercase(),
+        r.requests,
+        r.rps(),
+        r.micros(0.5),
+        r.micros(0.9),
+        r.micros(0.99),
+        r.micros(0.999),
+        r.errors
+    );
+}

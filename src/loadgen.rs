@@ -293,9 +293,9 @@ async fn prepare(channel: &Channel, admin_key: &str, hits: usize, misses: usize)
     Ok(Workload { hit, miss, malformed, unknown, next_miss: AtomicUsize::new(0) })
 }
 
-async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+async fn futures_join<F>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
 where
-    F: Send + 'static,
+    F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let handles: Vec<_> = futs.map(tokio::spawn).collect();

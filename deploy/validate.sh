@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# Validates the Kubernetes manifests in deploy/ offline and strictly:
+#
+#   * every object file (*.yaml except kustomization.yaml) against the
+#     Kubernetes OpenAPI schemas bundled with kubernetes-validate, in --strict
+#     mode (unknown fields are errors), for the newest Kubernetes version the
+#     installed kubernetes-validate bundles (at least 1.30) and for 1.30, the
+#     oldest version these manifests target;
+#   * every object is one the schemas know (an unknown kind or apiVersion is an
+#     error here, not the tool's warning), and none sets a namespace;
+#   * kustomization.yaml lists files that exist, and lists every object file;
+#   * a canary: a copy of deployment.yaml with a misspelled field must fail, so
+#     that a validator that checks nothing cannot pass.
+#
+# Needs python3 with pip. kubernetes-validate is installed from PyPI when
+# missing: with pip into the current environment, or, where the system Python
+# is externally managed (Debian 12+), into a virtual environment under
+# ${XDG_CACHE_HOME:-~/.cache}/keystile-validate.
+#
+# Environment:
+#   KUBERNETES_VALIDATE_SPEC  pip requirement to install (default below)
+#   KUBERNETES_VERSIONS       space-separated versions to validate against
+#                             (default: the newest bundled, and 1.30.0)
+set -euo pipefail
+
+KUBERNETES_VALIDATE_SPEC="${KUBERNETES_VALIDATE_SPEC:-kubernetes-validate==1.37.0}"
+MIN_VERSION="1.30.0"
+
+cd "$(dirname "$0")"
+
+die() { echo "validate.sh: $*" >&2; exit 1; }
+
+command -v python3 >/dev/null 2>&1 || die "python3 is required"
+
+# --- find or install kubernetes-validate ------------------------------------
+# PY is an interpreter that can import kubernetes_validate (and so PyYAML).
+PY=""
+imports_kv() { "$1" -c 'import kubernetes_validate, yaml' >/dev/null 2>&1; }
+
+if imports_kv python3; then
+  PY="python3"
+elif command -v kubernetes-validate >/dev/null 2>&1; then
+  # e.g. installed with pipx: use the interpreter of its entry point.
+  shebang="$(head -n 1 "$(command -v kubernetes-validate)" | sed -n 's|^#![[:space:]]*||p')"
+  if [ -n "$shebang" ] && [ -x "${shebang%% *}" ] && imports_kv "${shebang%% *}"; then
+    PY="${shebang%% *}"
+  fi
+fi
+
+if [ -z "$PY" ]; then
+  externally_managed="$(python3 - <<'EOF'
+import os, sys, sysconfig
+marker = os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")
+print("yes" if sys.prefix == sys.base_prefix and os.path.exists(marker) else "no")
+EOF
+)"
+  if [ "$externally_managed" = "no" ]; then
+    echo "installing $KUBERNETES_VALIDATE_SPEC with pip"
+    python3 -m pip install --quiet --disable-pip-version-check "$KUBERNETES_VALIDATE_SPEC"
+    PY="python3"
+  else
+    venv="${XDG_CACHE_HOME:-$HOME/.cache}/keystile-validate"
+    if ! imports_kv "$venv/bin/python" 2>/dev/null; then
+      echo "installing $KUBERNETES_VALIDATE_SPEC into $venv (the system Python is externally managed)"
+      rm -rf "$venv"
+      if python3 -m venv "$venv" >/dev/null 2>&1; then
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$KUBERNETES_VALIDATE_SPEC"
+      else
+        # No ensurepip (python3-venv not installed): a bare venv, filled by
+        # the system pip.
+        rm -rf "$venv"
+        python3 -m venv --without-pip "$venv"
+        python3 -m pip --python "$venv/bin/python" install --quiet --disable-pip-version-check \
+          "$KUBERNETES_VALIDATE_SPEC"
+      fi
+    fi
+    PY="$venv/bin/python"
+  fi
+  imports_kv "$PY" || die "kubernetes-validate was installed but $PY cannot import it"
+fi
+
+KV=("$PY" -m kubernetes_validate)
+echo "kubernetes-validate $("${KV[@]}" --version) ($PY)"
+
+# --- Kubernetes versions -----------------------------------------------------
+newest="$("$PY" -c 'from kubernetes_validate.utils import latest_version; print(latest_version())')"
+version_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n 1)" = "$2" ]; }
+version_ge "$newest" "$MIN_VERSION" \
+  || die "kubernetes-validate bundles Kubernetes up to $newest; $MIN_VERSION or newer is needed (upgrade it: pip install -U kubernetes-validate)"
+read -r -a versions <<<"${KUBERNETES_VERSIONS:-$newest $MIN_VERSION}"
+echo "Kubernetes versions: ${versions[*]}"
+
+# --- the object files ---------------------------------------------------------
+files=()
+for f in *.yaml *.yml; do
+  [ -e "$f" ] || continue
+  case "$f" in kustomization.yaml | kustomization.yml) continue ;; esac
+  files+=("$f")
+done
+[ "${#files[@]}" -gt 0 ] || die "no manifests found in $(pwd)"
+
+k_args=()
+for v in "${versions[@]}"; do k_args+=(-k "$v"); done
+
+# Runs kubernetes-validate --strict; passes only if it exits 0, every line it
+# prints is an INFO "passed" line (it only warns, exit 0, about a kind or
+# apiVersion it has no schema for), and every document of every file passed
+# for every version.
+strict_validate() {
+  local out rc=0 expected passed
+  out="$("${KV[@]}" --strict "${k_args[@]}" "$@" 2>&1)" || rc=$?
+  printf '%s\n' "$out"
+  [ "$rc" -eq 0 ] || { echo "kubernetes-validate exited $rc" >&2; return 1; }
+  if grep -qv '^INFO .* passed for resource ' <<<"$out"; then
+    echo "kubernetes-validate printed warnings or errors" >&2
+    return 1
+  fi
+  expected="$("$PY" - "${#versions[@]}" "$@" <<'EOF'
+import sys, yaml
+n = 0
+for name in sys.argv[2:]:
+    with open(name) as f:
+        n += sum(1 for doc in yaml.safe_load_all(f) if doc)
+print(n * int(sys.argv[1]))
+EOF
+)"
+  passed="$(grep -c '^INFO .* passed for resource ' <<<"$out" || true)"
+  if [ "$passed" != "$expected" ]; then
+    echo "expected $expected passed validations, got $passed" >&2
+    return 1
+  fi
+}
+
+echo "== kubernetes-validate --strict ${k_args[*]}"
+strict_validate "${files[@]}" || die "manifest validation failed"
+
+# --- kustomization.yaml and manifest-wide rules ------------------------------
+echo "== kustomization.yaml and manifest rules"
+"$PY" - "${files[@]}" <<'EOF' || die "kustomization or manifest check failed"
+import os, sys, yaml
+
+errors = []
+with open("kustomization.yaml") as f:
+    k = yaml.safe_load(f)
+if not isinstance(k, dict):
+    sys.exit("kustomization.yaml: not a mapping")
+if k.get("apiVersion") != "kustomize.config.k8s.io/v1beta1" or k.get("kind") != "Kustomization":
+    errors.append("kustomization.yaml: expected apiVersion kustomize.config.k8s.io/v1beta1, kind Kustomization")
+resources = k.get("resources") or []
+if not resources:
+    errors.append("kustomization.yaml: no resources")
+for r in resources:
+    if not isinstance(r, str):
+        errors.append(f"kustomization.yaml: resource {r!r} is not a path")
+    elif not os.path.isfile(r):
+        errors.append(f"kustomization.yaml: {r} does not exist")
+dupes = sorted({r for r in resources if resources.count(r) > 1})
+if dupes:
+    errors.append(f"kustomization.yaml: listed more than once: {', '.join(map(str, dupes))}")
+for name in sys.argv[1:]:
+    if name not in resources:
+        errors.append(f"kustomization.yaml: does not list {name}")
+
+seen = {}
+for name in sys.argv[1:]:
+    with open(name) as f:
+        for doc in yaml.safe_load_all(f):
+            if not doc:
+                continue
+            meta = doc.get("metadata") or {}
+            ref = f"{name}: {doc.get('kind')}/{meta.get('name')}"
+            if "namespace" in meta:
+                errors.append(f"{ref}: sets metadata.namespace (manifests are namespace-free)")
+            key = (doc.get("apiVersion"), doc.get("kind"), meta.get("name"))
+            if key in seen:
+                errors.append(f"{ref}: also defined in {seen[key]}")
+            seen[key] = name
+
+for e in errors:
+    print("ERROR", e)
+if errors:
+    sys.exit(1)
+print(f"OK kustomization.yaml lists {len(resources)} files, all present; "
+      f"{len(seen)} objects, none namespaced")
+EOF
+
+# --- canary: strict mode must reject an unknown field -----------------------
+echo "== canary: a misspelled field must be rejected"
+canary_dir="$(mktemp -d)"
+trap 'rm -rf "$canary_dir"' EXIT
+"$PY" - deployment.yaml "$canary_dir/deployment-typo.yaml" <<'EOF'
+import sys, yaml
+with open(sys.argv[1]) as f:
+    doc = yaml.safe_load(f)
+c = doc["spec"]["template"]["spec"]["containers"][0]
+c["imagePullPolicyy"] = c.pop("imagePullPolicy", "IfNotPresent")
+with open(sys.argv[2], "w") as f:
+    yaml.safe_dump(doc, f)
+EOF
+if strict_validate "$canary_dir/deployment-typo.yaml" >"$canary_dir/out" 2>&1; then
+  cat "$canary_dir/out"
+  die "canary: a manifest with a misspelled field passed validation"
+fi
+grep -m 1 'imagePullPolicyy' "$canary_dir/out" || die "canary: failed, but not on the misspelled field"
+
+echo "OK: ${#files[@]} manifest files valid for Kubernetes ${versions[*]} (strict)"

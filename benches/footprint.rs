@@ -1,0 +1,82 @@
+//! Memory per cached key (SPEC §9: ≤ 1 KiB of RSS per cached key).
+//!
+//! Fills a memory store with N keys, then verifies each once so that it is
+//! cached, and reports the growth of RSS between the two (the store's own
+//! copy is already counted before). `cargo bench --bench footprint [N ...]`
+
+use std::sync::Arc;
+
+use keystile::clock::Clock;
+use keystile::key::{Env, KeyFormat, Pepper, PepperSet, generate};
+use keystile::store::memory::MemoryStore;
+use keystile::store::{KeyRecord, KeyStore};
+use keystile::verify::{Engine, EngineSettings, Request};
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    let sizes: Vec<usize> =
+        std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect::<Vec<_>>().into_iter().collect();
+    let sizes = if sizes.is_empty() { vec![1_000, 100_000, 1_000_000] } else { sizes };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    println!("{:>10} {:>14} {:>14} {:>16}", "keys", "rss before", "rss cached", "bytes per key");
+    for n in sizes {
+        let peppers = PepperSet::single(Pepper::parse(&[9u8; 32]).unwrap());
+        let format = KeyFormat::default();
+        let store = Arc::new(MemoryStore::new());
+        let mut keys = Vec::with_capacity(n);
+        rt.block_on(async {
+            for i in 0..n {
+                let new = generate(&format, Env::Live);
+                let secret = format.parse(new.key.expose()).unwrap().secret().to_vec();
+                let record = KeyRecord {
+                    key_id: new.key_id,
+                    prefix: "ks".into(),
+                    secret_hash: peppers.seal(new.key_id, &secret),
+                    name: format!("service {i}"),
+                    env: Env::Live,
+                    tenant: "acme".into(),
+                    scopes: vec!["read".into(), "write".into()],
+                    ip_allowlist: vec![],
+                    rate_limit: None,
+                    metadata: Default::default(),
+                    created_at: 1_800_000_000,
+                    expires_at: None,
+                    revoked_at: None,
+                    last_used_at: None,
+                    version: 1,
+                };
+                store.create(&record).await.unwrap();
+                keys.push(new.key.into_exposed());
+            }
+        });
+        let mut settings = EngineSettings::new(peppers);
+        settings.cache.max_entries = n as u64 * 2;
+        let engine = Engine::new(settings, store.clone(), Clock::system());
+        let before = rss_kib();
+        rt.block_on(async {
+            for key in &keys {
+                let v = engine.verify(&Request { key, ip: None, scopes: &[], tenant: "", cost: 1 }).await.unwrap();
+                assert!(v.is_valid());
+            }
+        });
+        let cached = engine.cache().len();
+        let after = rss_kib();
+        println!(
+            "{:>10} {:>11} KiB {:>11} KiB {:>16.0}",
+            cached,
+            before,
+            after,
+            (after.saturating_sub(before) * 1024) as f64 / n as f64
+        );
+        drop(engine);
+        drop(store);
+    }
+}

@@ -65,6 +65,16 @@ fn benches(c: &mut Criterion) {
         b.to_async(&rt).iter(|| async { engine.verify(black_box(&hit_unlimited)).await.unwrap().is_valid() })
     });
 
+    let verdict = rt.block_on(engine.verify(&hit_unlimited)).unwrap();
+    c.bench_function("response_build_and_encode", |b| {
+        b.iter(|| {
+            let (resp, md) = keystile::service::verifier::to_response(black_box(&verdict), 1_800_000_000);
+            let mut buf = Vec::with_capacity(256);
+            prost::Message::encode(&resp, &mut buf).unwrap();
+            (buf.len(), md.len())
+        })
+    });
+
     let stranger = generate(&format, Env::Live).key.expose().to_string();
     let negative = Request { key: &stranger, ip: None, scopes: &[], tenant: "", cost: 1 };
     rt.block_on(engine.verify(&negative)).unwrap();

@@ -3,8 +3,9 @@
 //! Positive entries are fresh for `cache_ttl`, then kept up to `stale_window`
 //! longer so they can still answer while the store is down. Negative entries
 //! (no such key_id) are fresh for `negative_ttl` and never served stale.
-//! Freshness is judged by the injectable [`Clock`]; moka's own time-to-live
-//! only bounds memory.
+//! Freshness is judged by the injectable [`Clock`], on read; moka only
+//! bounds the number of entries (no moka time-to-live: it would cost every
+//! read a second clock check and every write an extra queue).
 //!
 //! Every key_id maps to one of [`STRIPES`] generation counters. An
 //! invalidation bumps the counter under its lock; a loader inserts only if
@@ -27,8 +28,6 @@ pub struct CachedKey {
     pub record: KeyRecord,
     /// The key's bucket, shared with the registry; `None` = unlimited.
     pub limiter: Option<Arc<KeyLimiter>>,
-    /// Granted scopes joined with `,`, for the `x-api-key-scopes` header.
-    pub scopes_header: String,
     /// The last unix second this key verified on this sidecar.
     pub last_touch: std::sync::atomic::AtomicI64,
 }
@@ -97,12 +96,8 @@ pub struct Generation(u64, u64);
 
 impl KeyCache {
     pub fn new(settings: CacheSettings, clock: Clock) -> KeyCache {
-        let longest = settings.ttl.saturating_add(settings.stale_window).max(settings.negative_ttl);
         KeyCache {
-            entries: moka::sync::Cache::builder()
-                .max_capacity(settings.max_entries)
-                .time_to_live(longest.max(Duration::from_millis(1)))
-                .build(),
+            entries: moka::sync::Cache::builder().max_capacity(settings.max_entries).build(),
             generations: (0..STRIPES).map(|_| Mutex::new(0)).collect(),
             epoch: AtomicU64::new(0),
             ttl_nanos: settings.ttl.as_nanos() as u64,

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
 
 use super::status;
@@ -77,7 +77,7 @@ pub fn to_response(verdict: &Verdict, now_unix: i64) -> (proto::VerifyResponse, 
     let mut metadata = MetadataMap::with_capacity(headers.len());
     for (name, value) in &headers {
         if let Ok(v) = MetadataValue::try_from(value.as_str()) {
-            metadata.insert(*name, v);
+            metadata.insert(MetadataKey::from_static(name), v);
         }
     }
     let mut resp = proto::VerifyResponse {

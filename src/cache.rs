@@ -95,9 +95,17 @@ pub struct KeyCache {
 pub struct Generation(u64, u64);
 
 impl KeyCache {
-    pub fn new(settings: CacheSettings, clock: Clock) -> KeyCache {
+    /// `evictions` counts entries pushed out by the size bound.
+    pub fn new(settings: CacheSettings, clock: Clock, evictions: metrics::Counter) -> KeyCache {
         KeyCache {
-            entries: moka::sync::Cache::builder().max_capacity(settings.max_entries).build(),
+            entries: moka::sync::Cache::builder()
+                .max_capacity(settings.max_entries)
+                .eviction_listener(move |_, _, cause| {
+                    if cause == moka::notification::RemovalCause::Size {
+                        evictions.increment(1);
+                    }
+                })
+                .build(),
             generations: (0..STRIPES).map(|_| Mutex::new(0)).collect(),
             epoch: AtomicU64::new(0),
             ttl_nanos: settings.ttl.as_nanos() as u64,
@@ -188,6 +196,7 @@ mod tests {
                 max_entries: 100,
             },
             clock.clone(),
+            metrics::Counter::noop(),
         )
     }
 

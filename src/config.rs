@@ -25,6 +25,13 @@ fn duration(s: &str) -> Result<Duration, String> {
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
+    /// TOML file of settings, keyed by flag name (`cache_ttl = "30s"`).
+    /// Flags and `KEYSTILE_*` variables take precedence over it.
+    #[arg(long, env = "KEYSTILE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address of the Prometheus `/metrics` endpoint (HTTP); unset = off.
+    #[arg(long, env = "KEYSTILE_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// gRPC address to listen on.
     #[arg(long, env = "KEYSTILE_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: String,
@@ -112,6 +119,7 @@ pub enum StoreChoice {
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
     pub store: StoreChoice,
     pub dev: bool,
     pub engine: EngineSettings,
@@ -131,6 +139,16 @@ impl ServeArgs {
             .parse::<SocketAddr>()
             .map_err(|_| errors.push(format!("--listen {:?} is not an address like 0.0.0.0:50051", self.listen)))
             .ok();
+        let metrics_listen = match &self.metrics_listen {
+            Some(m) if !m.trim().is_empty() => m
+                .parse::<SocketAddr>()
+                .map_err(|_| errors.push(format!("--metrics-listen {m:?} is not an address like 0.0.0.0:9090")))
+                .ok(),
+            _ => None,
+        };
+        if metrics_listen.is_some() && metrics_listen == listen {
+            errors.push("--metrics-listen must differ from --listen".into());
+        }
         let mut dur = |name: &str, v: &str| duration(v).map_err(|e| errors.push(format!("--{name} {v:?}: {e}"))).ok();
         let cache_ttl = dur("cache-ttl", &self.cache_ttl);
         let negative_ttl = dur("negative-ttl", &self.negative_ttl);
@@ -236,6 +254,7 @@ impl ServeArgs {
         };
         Ok(ServeConfig {
             listen,
+            metrics_listen,
             store,
             dev: self.dev,
             engine,
@@ -253,6 +272,71 @@ impl ServeArgs {
     }
 }
 
+/// Applies a TOML settings file as `KEYSTILE_*` environment variables for
+/// every setting not already set in the environment, so that precedence is
+/// flag > environment > file > default. Returns every problem in the file.
+///
+/// Must run before any thread is started (it changes the environment).
+pub fn apply_file(path: &std::path::Path) -> Result<(), Vec<String>> {
+    use clap::CommandFactory;
+    #[derive(clap::Parser)]
+    struct Probe {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| vec![format!("config file {}: {e}", path.display())])?;
+    let table: toml::Table = text.parse().map_err(|e| vec![format!("config file {}: {e}", path.display())])?;
+    let known: Vec<(String, String)> = Probe::command()
+        .get_arguments()
+        .filter_map(|a| Some((a.get_long()?.replace('-', "_"), a.get_env()?.to_str()?.to_string())))
+        .collect();
+    let mut errors = Vec::new();
+    let mut settings = Vec::new();
+    for (key, value) in &table {
+        let name = key.replace('-', "_");
+        let Some((_, env)) = known.iter().find(|(k, _)| *k == name) else {
+            errors.push(format!("config file {}: unknown setting {key:?}", path.display()));
+            continue;
+        };
+        if name == "config" || name == "pepper" {
+            errors.push(format!(
+                "config file {}: {key:?} cannot be set in a file (use --pepper-file for the pepper)",
+                path.display()
+            ));
+            continue;
+        }
+        let text = match value {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|v| match v {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            other => {
+                errors.push(format!("config file {}: {key:?} has an unsupported value {other}", path.display()));
+                continue;
+            }
+        };
+        settings.push((env.clone(), text));
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    for (env, value) in settings {
+        if std::env::var_os(&env).is_none() {
+            // SAFETY: called from main before the runtime or any other
+            // thread exists.
+            unsafe { std::env::set_var(env, value) };
+        }
+    }
+    Ok(())
+}
+
 /// Reads a pepper file; the error names the file, never its content.
 pub fn read_pepper(path: &PathBuf) -> Result<Pepper, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("pepper file {}: {e}", path.display()))?;
@@ -267,8 +351,9 @@ impl ServeConfig {
             StoreChoice::Redis { url, namespace } => format!("redis {} ns={namespace}", redact_url(url)),
         };
         format!(
-            "listen={} store={} pepper_id={} cache_ttl={:?} negative_ttl={:?} stale_window={:?} store_timeout={:?} default_rate_limit={} failed_attempts_per_minute={} admin={} max_concurrent_streams={}",
+            "listen={} metrics={} store={} pepper_id={} cache_ttl={:?} negative_ttl={:?} stale_window={:?} store_timeout={:?} default_rate_limit={} failed_attempts_per_minute={} admin={} max_concurrent_streams={}",
             self.listen,
+            self.metrics_listen.map_or("off".to_string(), |a| a.to_string()),
             store,
             self.engine.peppers.current().id(),
             self.engine.cache.ttl,

@@ -18,7 +18,7 @@
 //! - [`config`]: flags, environment, validation (all errors at once).
 //! - [`client`]: the `keystile keys …` CLI, a KeyAdmin client.
 //! - [`clock`]: injectable time for expiry, cache freshness and limiters.
-//! - [`telemetry`]: logging setup.
+//! - [`telemetry`]: logging setup; [`metrics`]: the Prometheus instruments.
 //! - [`loadgen`]: `keystile bench`, the gRPC load generator.
 
 pub mod admin;
@@ -29,6 +29,7 @@ pub mod config;
 pub mod key;
 pub mod limit;
 pub mod loadgen;
+pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod service;

@@ -46,6 +46,11 @@ enum ConfigCommand {
 }
 
 fn main() -> ExitCode {
+    if let Some(path) = config_file_arg()
+        && let Err(errors) = keystile::config::apply_file(&path)
+    {
+        return config_errors(&errors);
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => match args.validate() {
@@ -86,6 +91,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--config FILE` of `serve` or `config check`, or `KEYSTILE_CONFIG`.
+fn config_file_arg() -> Option<std::path::PathBuf> {
+    let args: Vec<String> = std::env::args().collect();
+    if !matches!(args.get(1).map(String::as_str), Some("serve" | "config")) {
+        return None;
+    }
+    for (i, a) in args.iter().enumerate() {
+        if a == "--config" {
+            return args.get(i + 1).map(Into::into);
+        }
+        if let Some(p) = a.strip_prefix("--config=") {
+            return Some(p.into());
+        }
+    }
+    std::env::var_os("KEYSTILE_CONFIG").map(Into::into)
+}
+
 fn config_errors(errors: &[String]) -> ExitCode {
     eprintln!(
         "keystile: invalid configuration ({} problem{}):",
@@ -117,6 +139,10 @@ fn serve(config: ServeConfig) -> ExitCode {
 
 async fn run(config: ServeConfig, workers: usize) -> Result<(), Box<dyn std::error::Error>> {
     tracing::info!(workers, config = %config.summary(), "starting keystile {}", env!("CARGO_PKG_VERSION"));
+    if let Some(addr) = config.metrics_listen {
+        keystile::metrics::install(addr)?;
+        tracing::info!(%addr, "serving metrics");
+    }
     let store: Arc<dyn KeyStore> = match &config.store {
         StoreChoice::Memory => Arc::new(MemoryStore::new()),
         StoreChoice::Redis { url, namespace } => Arc::new(RedisStore::open(url, namespace, Duration::from_secs(1))?),

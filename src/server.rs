@@ -137,6 +137,7 @@ async fn follow_feed(engine: Arc<Engine>, health: HealthReporter, stop: Cancella
     let stale_window = engine.settings().cache.stale_window;
     // Subscribed first, then asked: no transition can fall between.
     let mut down_since = (!engine.store().feed_is_live()).then(tokio::time::Instant::now);
+    engine.metrics().feed_connected.set(if down_since.is_none() { 1.0 } else { 0.0 });
     let mut ready = false;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
@@ -149,8 +150,15 @@ async fn follow_feed(engine: Arc<Engine>, health: HealthReporter, stop: Cancella
             Some(Ok(ev)) => {
                 engine.apply(&ev);
                 match ev {
-                    FeedEvent::Connected => down_since = None,
+                    FeedEvent::Connected => {
+                        if down_since.is_some() && ready {
+                            engine.metrics().feed_reconnects.increment(1);
+                        }
+                        engine.metrics().feed_connected.set(1.0);
+                        down_since = None;
+                    }
                     FeedEvent::Disconnected => {
+                        engine.metrics().feed_connected.set(0.0);
                         tracing::warn!("change feed lost; cached keys keep verifying for the stale window");
                         down_since = Some(tokio::time::Instant::now());
                     }
@@ -173,6 +181,7 @@ async fn follow_feed(engine: Arc<Engine>, health: HealthReporter, stop: Cancella
             };
         if want != ready {
             ready = want;
+            engine.metrics().ready.set(if ready { 1.0 } else { 0.0 });
             let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
             tracing::info!(ready, "readiness changed");
             for name in READINESS {

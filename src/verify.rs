@@ -15,6 +15,7 @@ use crate::cache::{CacheSettings, Cached, CachedKey, KeyCache, Lookup};
 use crate::clock::Clock;
 use crate::key::{KeyFormat, KeyId, Malformed, PepperSet};
 use crate::limit::{FailureShedder, LimiterRegistry, RateState};
+use crate::metrics::Metrics;
 use crate::store::{FeedEvent, KeyRecord, KeyStore, RateLimitPolicy, StoreError};
 
 /// The outcome of a verification, in SPEC §4's order of precedence.
@@ -159,6 +160,7 @@ pub struct Engine {
     limiters: LimiterRegistry,
     shedder: Option<FailureShedder>,
     inflight: DashMap<KeyId, Flight>,
+    metrics: Metrics,
     /// key_id → last second it verified, waiting to be written in a batch.
     usage: DashMap<KeyId, i64>,
     clock: Clock,
@@ -166,8 +168,10 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(settings: EngineSettings, store: Arc<dyn KeyStore>, clock: Clock) -> Engine {
+        let metrics = Metrics::new();
         Engine {
-            cache: KeyCache::new(settings.cache, clock.clone()),
+            cache: KeyCache::new(settings.cache, clock.clone(), metrics.cache_evictions.clone()),
+            metrics,
             limiters: LimiterRegistry::new(settings.default_rate_limit, clock.clone()),
             shedder: settings.failed_attempts_per_minute.map(|n| FailureShedder::new(n, clock.clone())),
             inflight: DashMap::new(),
@@ -194,9 +198,24 @@ impl Engine {
         &self.clock
     }
 
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Answers one request. Every denial is a [`Verdict`]; only a store
     /// that cannot answer is an error.
     pub async fn verify(&self, req: &Request<'_>) -> Result<Verdict, VerifyError> {
+        let started = std::time::Instant::now();
+        let outcome = self.decide(req).await;
+        self.metrics.verify_seconds.record(started.elapsed().as_secs_f64());
+        match &outcome {
+            Ok(v) => self.metrics.verdict(v.code),
+            Err(_) => self.metrics.verify_unavailable.increment(1),
+        }
+        outcome
+    }
+
+    async fn decide(&self, req: &Request<'_>) -> Result<Verdict, VerifyError> {
         let presented = match self.settings.format.parse(req.key) {
             Ok(p) => p,
             Err(why) => {
@@ -215,6 +234,7 @@ impl Engine {
                 window_seconds: 60,
                 retry_after_ms,
             };
+            self.metrics.shed.increment(1);
             return Ok(Verdict { rate: Some(rate), ..Verdict::bare(Code::TooManyFailedAttempts) });
         }
 
@@ -283,10 +303,14 @@ impl Engine {
     /// read, shared by every concurrent miss for the same key_id).
     async fn lookup(&self, id: KeyId) -> Result<Lookup, VerifyError> {
         let stale = match self.cache.get(id) {
-            Cached::Fresh(found) => return Ok(found),
+            Cached::Fresh(found) => {
+                self.metrics.cache_hits.increment(1);
+                return Ok(found);
+            }
             Cached::Stale(key) => Some(key),
             Cached::Missing => None,
         };
+        self.metrics.cache_misses.increment(1);
         let flight = self.inflight.entry(id).or_default().clone();
         let result = flight.get_or_init(|| self.load(id)).await.clone();
         self.inflight.remove_if(&id, |_, f| Arc::ptr_eq(f, &flight));
@@ -294,7 +318,10 @@ impl Engine {
             (Ok(found), _) => Ok(found),
             // The store cannot answer: a key seen within the stale window
             // keeps working. Nothing else does, and nothing is cached.
-            (Err(_), Some(key)) => Ok(Lookup::Present(key)),
+            (Err(_), Some(key)) => {
+                self.metrics.cache_stale_hits.increment(1);
+                Ok(Lookup::Present(key))
+            }
             (Err(e), None) => Err(e),
         }
     }
@@ -302,9 +329,14 @@ impl Engine {
     async fn load(&self, id: KeyId) -> Result<Lookup, VerifyError> {
         let seen = self.cache.generation(id);
         let budget = self.settings.store_timeout;
+        self.metrics.store_reads.increment(1);
         let record = match tokio::time::timeout(budget, self.store.get(id)).await {
-            Err(_) => return Err(VerifyError::StoreTimeout(budget)),
+            Err(_) => {
+                self.metrics.store_timeouts.increment(1);
+                return Err(VerifyError::StoreTimeout(budget));
+            }
             Ok(Err(e)) => {
+                self.metrics.store_errors.increment(1);
                 tracing::warn!(key_id = %id, error = %e, "store read failed");
                 return Err(VerifyError::StoreUnavailable);
             }
@@ -326,8 +358,12 @@ impl Engine {
     /// Applies a change announced by the store.
     pub fn apply(&self, event: &FeedEvent) {
         match event {
-            FeedEvent::Invalidate(id) => self.invalidate(*id),
+            FeedEvent::Invalidate(id) => {
+                self.metrics.feed_events_key.increment(1);
+                self.invalidate(*id);
+            }
             FeedEvent::InvalidateAll => {
+                self.metrics.feed_events_all.increment(1);
                 self.cache.invalidate_all();
                 self.inflight.clear();
             }
@@ -349,6 +385,7 @@ impl Engine {
         if batch.is_empty() {
             return Ok(0);
         }
+        self.metrics.last_used_writes.increment(1);
         self.store.touch_last_used(&batch).await?;
         for (id, at) in &batch {
             self.usage.remove_if(id, |_, v| v == at);

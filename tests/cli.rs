@@ -186,3 +186,124 @@ fn configuration_errors_are_all_reported_before_binding() {
     assert!(ok.status.success());
     assert!(String::from_utf8_lossy(&ok.stdout).contains("configuration ok"));
 }
+
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_without_key_material() {
+    let metrics_port = free_port();
+    let sidecar = Sidecar::start(&["--dev", "--metrics-listen", &format!("127.0.0.1:{metrics_port}")], &[]);
+    let created = sidecar.keys_json(&["create", "--name", "metered"]);
+    let key = created["key"].as_str().unwrap().to_string();
+    assert_eq!(verify_over_grpc(sidecar.port, &key).await, Code::Valid);
+    assert_eq!(verify_over_grpc(sidecar.port, "ks_live_nope").await, Code::Malformed);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let body = loop {
+        let body = scrape(metrics_port);
+        if body.contains("keystile_verify_verdicts_total{code=\"malformed\"}") {
+            break body;
+        }
+        assert!(std::time::Instant::now() < deadline, "no verdict metrics in:\n{body}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    for needle in [
+        "keystile_verify_verdicts_total{code=\"valid\"}",
+        "keystile_verify_duration_seconds_bucket",
+        "keystile_cache_lookups_total{result=\"miss\"}",
+        "keystile_store_requests_total{op=\"get\"}",
+        "keystile_build_info{version=",
+        "keystile_ready 1",
+    ] {
+        assert!(body.contains(needle), "{needle} missing from:\n{body}");
+    }
+    let id = created["record"]["key_id"].as_str().unwrap();
+    assert!(!body.contains(id) && !body.contains(&key[17..49]), "no key material in metrics");
+    sidecar.terminate();
+}
+
+#[test]
+fn a_toml_file_configures_serve_and_flags_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keystile.toml");
+    std::fs::write(
+        &file,
+        "dev = true\ncache_ttl = \"30s\"\naccept-envs = [\"live\"]\nfailed_attempts_per_minute = 5\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["config", "check", "--config"])
+        .arg(&file)
+        .arg("--cache-ttl")
+        .arg("45s")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(summary.contains("cache_ttl=45s"), "the flag wins: {summary}");
+    assert!(summary.contains("failed_attempts_per_minute=5"), "the file applies: {summary}");
+
+    std::fs::write(&file, "cache_tll = \"30s\"\npepper = \"00\"\n").unwrap();
+    let out = Command::new(BIN).args(["config", "check", "--config"]).arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cache_tll") && err.contains("\"pepper\" cannot be set"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_fails_no_accepted_call() {
+    let sidecar = Sidecar::start(&["--dev"], &[]);
+    let key = sidecar.keys_json(&["create", "--name", "under load"])["key"].as_str().unwrap().to_string();
+    let channel = channel(&sidecar).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let mut c = keystile::proto::verifier_client::VerifierClient::new(channel.clone());
+            let (key, stop) = (key.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (mut ok, mut refused) = (0u32, 0u32);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match c.verify(verify_req(&key)).await {
+                        Ok(r) => {
+                            assert_eq!(code(&r.into_inner()), Code::Valid);
+                            ok += 1;
+                        }
+                        // Refused at the connection level: the listener is
+                        // closed, the stream came after the final GOAWAY (not
+                        // processed), or the client wrote it into a
+                        // connection the drained server had closed. The
+                        // client sees a transport error, never an answer of
+                        // the server. That calls in flight at shutdown do
+                        // complete is `store_behaviour::shutdown_drains_calls_in_flight`.
+                        Err(e)
+                            if e.code() == tonic::Code::Unavailable
+                                || format!("{e:?}").contains("tonic::transport::Error") =>
+                        {
+                            refused += 1
+                        }
+                        Err(e) => panic!("an accepted call failed during shutdown: {e:?}"),
+                    }
+                    if refused > 0 {
+                        break;
+                    }
+                }
+                (ok, refused)
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (code, _) = tokio::task::spawn_blocking(move || sidecar.terminate()).await.unwrap();
+    assert_eq!(code, Some(0));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for w in workers {
+        total += w.await.unwrap().0;
+    }
+    assert!(total > 0, "the load ran");
+}

@@ -278,3 +278,43 @@ async fn last_used_is_written_in_batches_not_per_request() {
     assert!((1..=6).contains(&n), "300 requests caused {n} writes");
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_calls_in_flight() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let store = Arc::new(MemoryStore::new());
+    let mut settings = keystile::verify::EngineSettings::new(test_pepper());
+    settings.store_timeout = Duration::from_secs(5);
+    let options = keystile::server::ServerOptions { shutdown_grace: Duration::from_secs(5), ..Default::default() };
+    let s = TestServer::start_with(store.clone(), settings, options, keystile::clock::Clock::system()).await;
+    let mut admin = s.admin().await;
+    let mut keys = Vec::new();
+    for i in 0..20 {
+        keys.push(create(&mut admin, create_req(&format!("draining {i}"))).await.0);
+    }
+    // Every call is a cold miss that takes 400 ms in the store.
+    store.set_latency(Duration::from_millis(400));
+    let channel = s.channel().await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let calls: Vec<_> = keys
+        .into_iter()
+        .map(|key| {
+            let mut c = keystile::proto::verifier_client::VerifierClient::new(channel.clone());
+            tokio::spawn(async move { c.verify(verify_req(&key)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t0 = Instant::now();
+    let stopped = tokio::spawn(s.stop());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let status = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await;
+    if let Ok(status) = status {
+        assert_eq!(status.into_inner().status, ServingStatus::NotServing as i32, "readiness drops at once");
+    }
+    for c in calls {
+        let r = c.await.unwrap().expect("an accepted call completes during the drain").into_inner();
+        assert_eq!(code(&r), Code::Valid);
+    }
+    stopped.await.unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(5), "drained well within the grace");
+}

@@ -1,0 +1,127 @@
+//! Prometheus metrics (SPEC §8), through the `metrics` facade. Handles are
+//! registered once, when the engine is built, so the hot path only bumps
+//! atomics. Without an installed recorder (tests, the CLI) they do nothing.
+//!
+//! Names and labels follow STYLE.md: `keystile_` prefix, base units,
+//! `_total` for counters; no key material and no per-key label.
+
+use std::net::SocketAddr;
+
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+
+use crate::verify::Code;
+
+pub const VERIFY_SECONDS: &str = "keystile_verify_duration_seconds";
+const VERIFY_BUCKETS: &[f64] =
+    &[0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1];
+
+/// Serves `/metrics` on `addr` from a task of the current runtime.
+pub fn install(addr: SocketAddr) -> Result<(), String> {
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(Matcher::Full(VERIFY_SECONDS.into()), VERIFY_BUCKETS)
+        .map_err(|e| e.to_string())?
+        .install()
+        .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+    gauge!("keystile_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(())
+}
+
+/// Every code, in the order of [`Code`]'s variants.
+const CODES: [Code; 10] = [
+    Code::Valid,
+    Code::Malformed,
+    Code::TooManyFailedAttempts,
+    Code::NotFound,
+    Code::Revoked,
+    Code::Expired,
+    Code::TenantMismatch,
+    Code::IpNotAllowed,
+    Code::InsufficientScope,
+    Code::RateLimited,
+];
+
+fn code_label(code: Code) -> &'static str {
+    match code {
+        Code::Valid => "valid",
+        Code::Malformed => "malformed",
+        Code::TooManyFailedAttempts => "too_many_failed_attempts",
+        Code::NotFound => "not_found",
+        Code::Revoked => "revoked",
+        Code::Expired => "expired",
+        Code::TenantMismatch => "tenant_mismatch",
+        Code::IpNotAllowed => "ip_not_allowed",
+        Code::InsufficientScope => "insufficient_scope",
+        Code::RateLimited => "rate_limited",
+    }
+}
+
+/// The engine's instruments.
+#[derive(Clone)]
+pub struct Metrics {
+    verdicts: [Counter; 10],
+    pub verify_seconds: Histogram,
+    pub verify_unavailable: Counter,
+    pub cache_hits: Counter,
+    pub cache_stale_hits: Counter,
+    pub cache_misses: Counter,
+    pub cache_evictions: Counter,
+    pub store_reads: Counter,
+    pub store_timeouts: Counter,
+    pub store_errors: Counter,
+    pub last_used_writes: Counter,
+    pub feed_events_key: Counter,
+    pub feed_events_all: Counter,
+    pub feed_reconnects: Counter,
+    pub feed_connected: Gauge,
+    pub ready: Gauge,
+    pub shed: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        Metrics {
+            verdicts: CODES.map(|c| counter!("keystile_verify_verdicts_total", "code" => code_label(c))),
+            verify_seconds: histogram!(VERIFY_SECONDS),
+            verify_unavailable: counter!("keystile_verify_errors_total", "kind" => "store_unavailable"),
+            cache_hits: counter!("keystile_cache_lookups_total", "result" => "hit"),
+            cache_stale_hits: counter!("keystile_cache_lookups_total", "result" => "stale"),
+            cache_misses: counter!("keystile_cache_lookups_total", "result" => "miss"),
+            cache_evictions: counter!("keystile_cache_evictions_total"),
+            store_reads: counter!("keystile_store_requests_total", "op" => "get"),
+            store_timeouts: counter!("keystile_store_errors_total", "kind" => "timeout"),
+            store_errors: counter!("keystile_store_errors_total", "kind" => "unavailable"),
+            last_used_writes: counter!("keystile_store_requests_total", "op" => "touch_last_used"),
+            feed_events_key: counter!("keystile_revocation_events_total", "scope" => "key"),
+            feed_events_all: counter!("keystile_revocation_events_total", "scope" => "all"),
+            feed_reconnects: counter!("keystile_feed_reconnects_total"),
+            feed_connected: gauge!("keystile_feed_connected"),
+            ready: gauge!("keystile_ready"),
+            shed: counter!("keystile_shed_requests_total", "reason" => "failed_attempts"),
+        }
+    }
+
+    #[inline]
+    pub fn verdict(&self, code: Code) {
+        self.verdicts[code as usize].increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_indexed_by_discriminant() {
+        for (i, c) in CODES.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+    }
+}

@@ -121,7 +121,6 @@ fn config_errors(errors: &[String]) -> ExitCode {
 }
 
 fn serve(config: ServeConfig) -> ExitCode {
-    keystile::telemetry::init(config.log_format);
     let workers = config.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
@@ -132,12 +131,14 @@ fn serve(config: ServeConfig) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "keystile stopped");
+            eprintln!("keystile: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
 async fn run(config: ServeConfig, workers: usize) -> Result<(), Box<dyn std::error::Error>> {
+    let telemetry = keystile::telemetry::init(config.log_format)?;
     tracing::info!(workers, config = %config.summary(), "starting keystile {}", env!("CARGO_PKG_VERSION"));
     if let Some(addr) = config.metrics_listen {
         keystile::metrics::install(addr)?;
@@ -172,6 +173,7 @@ async fn run(config: ServeConfig, workers: usize) -> Result<(), Box<dyn std::err
     tracing::info!(addr = %listener.local_addr()?, "listening");
     server::serve(engine, config.server.clone(), listener, shutdown_signal()).await?;
     tracing::info!("stopped");
+    tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
     Ok(())
 }
 

@@ -42,7 +42,8 @@ const CODES: [Code; 10] = [
     Code::RateLimited,
 ];
 
-fn code_label(code: Code) -> &'static str {
+/// The label value of a verdict code.
+pub fn code_label(code: Code) -> &'static str {
     match code {
         Code::Valid => "valid",
         Code::Malformed => "malformed",

@@ -1,8 +1,26 @@
-//! Logging: `tracing` to stderr, plain or JSON, level from `RUST_LOG`
-//! (default `info`). stdout is kept for what a script reads (the dev admin
-//! key, `--json` output).
+//! Logs and traces.
+//!
+//! Logs: `tracing` to stderr, plain or JSON, level from `RUST_LOG` (default
+//! `info`). stdout is kept for what a script reads (the dev admin key,
+//! `--json` output).
+//!
+//! Traces: when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `…_TRACES_ENDPOINT`) is
+//! set, spans go to that OTLP/gRPC collector through tracing-opentelemetry.
+//! The standard `OTEL_*` variables apply (`OTEL_SERVICE_NAME`,
+//! `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG` for the sampling ratio,
+//! `OTEL_BSP_*` for batching, `OTEL_SDK_DISABLED`). A W3C `traceparent` in
+//! the request metadata is continued. Without an endpoint no span is made on
+//! the Verify path at all.
 
-use tracing_subscriber::EnvFilter;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use opentelemetry::propagation::Extractor;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -10,11 +28,109 @@ pub enum LogFormat {
     Json,
 }
 
-pub fn init(format: LogFormat) {
+static TRACES: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans are exported (so worth making on the hot path).
+#[inline]
+pub fn traces_enabled() -> bool {
+    TRACES.load(Ordering::Relaxed)
+}
+
+/// Keeps the trace pipeline alive; [`Telemetry::shutdown`] flushes it.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    pub fn shutdown(self) {
+        if let Some(p) = self.provider
+            && let Err(e) = p.shutdown()
+        {
+            tracing::warn!(error = %e, "could not flush traces");
+        }
+    }
+}
+
+fn otlp_configured() -> bool {
+    let set = |v: &str| std::env::var(v).is_ok_and(|s| !s.trim().is_empty());
+    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
+    !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+}
+
+/// Installs logging, and tracing export when configured. Call inside the
+/// tokio runtime (the OTLP exporter is a tonic client).
+pub fn init(format: LogFormat) -> Result<Telemetry, String> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Plain => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let fmt = match format {
+        LogFormat::Plain => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed(),
     };
+    let (otel, provider) = if otlp_configured() {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()
+            .map_err(|e| format!("OTLP exporter: {e}"))?;
+        let mut resource = opentelemetry_sdk::Resource::builder();
+        if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+            resource = resource.with_service_name("keystile");
+        }
+        let provider =
+            SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource.build()).build();
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        // Spans are exported whatever RUST_LOG says of logs.
+        let spans = tracing_subscriber::filter::Targets::new().with_target("keystile", tracing::Level::INFO);
+        let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("keystile")).with_filter(spans);
+        TRACES.store(true, Ordering::Relaxed);
+        (Some(layer), Some(provider))
+    } else {
+        (None, None)
+    };
+    // A second init (tests, the CLI) keeps the first subscriber.
+    let _ = tracing_subscriber::registry().with(fmt).with(otel).try_init();
+    Ok(Telemetry { provider })
+}
+
+/// Reads W3C trace context from gRPC request metadata.
+pub struct MetadataExtractor<'a>(pub &'a tonic::metadata::MetadataMap);
+
+impl Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// The span of one Verify, child of the caller's `traceparent` if any;
+/// `Span::none()` when traces are not exported.
+pub fn verify_span(metadata: &tonic::metadata::MetadataMap) -> tracing::Span {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if !traces_enabled() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        "Verify",
+        otel.name = "keystile.v1.Verifier/Verify",
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = "keystile.v1.Verifier",
+        rpc.method = "Verify",
+        keystile.code = tracing::field::Empty,
+    );
+    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)));
+    let _ = span.set_parent(parent);
+    span
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::status;
 use crate::proto;
@@ -114,9 +115,13 @@ pub fn to_response(verdict: &Verdict, now_unix: i64) -> (proto::VerifyResponse, 
 #[tonic::async_trait]
 impl proto::verifier_server::Verifier for VerifierService {
     async fn verify(&self, request: Request<proto::VerifyRequest>) -> Result<Response<proto::VerifyResponse>, Status> {
+        let span = crate::telemetry::verify_span(request.metadata());
         let msg = request.into_inner();
         let req = verify::Request::try_from(&msg)?;
-        let verdict = self.engine.verify(&req).await.map_err(|e| status::from_verify(&e))?;
+        let verdict = self.engine.verify(&req).instrument(span.clone()).await.map_err(|e| status::from_verify(&e))?;
+        if !span.is_none() {
+            span.record("keystile.code", crate::metrics::code_label(verdict.code));
+        }
         let (body, metadata) = to_response(&verdict, self.engine.clock().unix_seconds());
         let mut response = Response::new(body);
         *response.metadata_mut() = metadata;

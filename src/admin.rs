@@ -377,12 +377,23 @@ impl Admin {
         };
         let minted = self.mint(old.env, fields, now).await?;
         let end = now.saturating_add(grace as i64);
-        let previous = self
+        let previous = match self
             .mutate(id, |r, _| {
                 r.revoked_at = Some(r.revoked_at.map_or(end, |t| t.min(end)));
                 Ok(())
             })
-            .await?;
+            .await
+        {
+            Ok(previous) => previous,
+            Err(e) => {
+                // The new key was never handed out: do not leave it behind.
+                if let Err(cleanup) = self.engine.store().delete(minted.record.key_id).await {
+                    tracing::warn!(key_id = %minted.record.key_id, error = %cleanup, "could not remove the key of a failed rotation");
+                }
+                self.engine.invalidate(minted.record.key_id);
+                return Err(e);
+            }
+        };
         tracing::info!(key_id = %id, new_key_id = %minted.record.key_id, grace_seconds = grace, "key rotated");
         Ok((minted, previous))
     }

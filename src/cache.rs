@@ -1,7 +1,9 @@
 //! The in-process cache of key records (SPEC §5).
 //!
-//! Positive entries are fresh for `cache_ttl`, then kept up to `stale_window`
-//! longer so they can still answer while the store is down. Negative entries
+//! Positive entries are fresh for `cache_ttl`; after that they are stale:
+//! re-read from the store on the next use, and kept (until the size bound
+//! pushes them out) so that they can still answer while the store is down,
+//! for as long as the engine's stale window allows. Negative entries
 //! (no such key_id) are fresh for `negative_ttl` and never served stale.
 //! Freshness is judged by the injectable [`Clock`], on read; moka only
 //! bounds the number of entries (no moka time-to-live: it would cost every
@@ -54,7 +56,7 @@ struct Entry {
 /// Freshness of a cached entry.
 pub enum Cached {
     Fresh(Lookup),
-    /// Past its TTL but within the stale window: use only if the store fails.
+    /// Past its TTL: use only if the store fails (within the stale window).
     Stale(Arc<CachedKey>),
     Missing,
 }
@@ -86,7 +88,6 @@ pub struct KeyCache {
     settings: CacheSettings,
     ttl_nanos: u64,
     negative_nanos: u64,
-    stale_nanos: u64,
     clock: Clock,
 }
 
@@ -110,7 +111,6 @@ impl KeyCache {
             epoch: AtomicU64::new(0),
             ttl_nanos: settings.ttl.as_nanos() as u64,
             negative_nanos: settings.negative_ttl.as_nanos() as u64,
-            stale_nanos: settings.stale_window.as_nanos() as u64,
             settings,
             clock,
         }
@@ -133,7 +133,7 @@ impl KeyCache {
         let age = self.clock.mono_nanos().saturating_sub(entry.loaded_at);
         match entry.lookup {
             Lookup::Present(key) if age < self.ttl_nanos => Cached::Fresh(Lookup::Present(key)),
-            Lookup::Present(key) if age < self.ttl_nanos.saturating_add(self.stale_nanos) => Cached::Stale(key),
+            Lookup::Present(key) => Cached::Stale(key),
             Lookup::Absent if age < self.negative_nanos => Cached::Fresh(Lookup::Absent),
             _ => Cached::Missing,
         }
@@ -166,10 +166,14 @@ impl KeyCache {
         self.entries.invalidate(&id);
     }
 
-    /// Drops everything and fences off every load in flight.
+    /// Drops everything and fences off every load in flight. Holds every
+    /// stripe while it does, so that no insert can check the old epoch and
+    /// land after the drop.
     pub fn invalidate_all(&self) {
+        let guards: Vec<_> = self.generations.iter().map(|g| g.lock().unwrap_or_else(|e| e.into_inner())).collect();
         self.epoch.fetch_add(1, Ordering::SeqCst);
         self.entries.invalidate_all();
+        drop(guards);
     }
 
     /// Entries held (approximate; for metrics and tests).

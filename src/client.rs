@@ -23,7 +23,7 @@ pub struct KeysArgs {
     pub server: String,
     /// A key with the keystile:admin scope.
     #[arg(long, env = "KEYSTILE_ADMIN_KEY", hide_env_values = true, global = true)]
-    pub admin_key: Option<String>,
+    pub admin_key: Option<crate::config::SecretString>,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -140,14 +140,14 @@ pub struct UpdateArgs {
 
 #[derive(Debug, Args)]
 pub struct BootstrapArgs {
-    #[arg(long, env = "KEYSTILE_REDIS_URL")]
+    #[arg(long, env = "KEYSTILE_REDIS_URL", hide_env_values = true)]
     pub redis_url: String,
     #[arg(long, env = "KEYSTILE_REDIS_NAMESPACE", default_value = "keystile")]
     pub redis_namespace: String,
     #[arg(long, env = "KEYSTILE_PEPPER_FILE")]
     pub pepper_file: Option<PathBuf>,
     #[arg(long = "pepper", env = "KEYSTILE_PEPPER", hide_env_values = true)]
-    pub pepper: Option<String>,
+    pub pepper: Option<crate::config::SecretString>,
     /// Key prefix of the deployment.
     #[arg(long = "key-prefix", env = "KEYSTILE_KEY_PREFIXES", value_delimiter = ',', default_value = "ks")]
     pub key_prefixes: Vec<String>,
@@ -181,7 +181,7 @@ pub async fn run(args: KeysArgs) -> Result<(), CliError> {
     let Some(admin_key) = args.admin_key.clone() else {
         return Err(CliError::usage("set KEYSTILE_ADMIN_KEY (or --admin-key) to a key with the keystile:admin scope"));
     };
-    let bearer = MetadataValue::try_from(format!("Bearer {}", admin_key.trim()))
+    let bearer = MetadataValue::try_from(format!("Bearer {}", admin_key.expose().trim()))
         .map_err(|_| CliError::usage("the admin key contains characters that cannot be sent"))?;
     let channel = Channel::from_shared(args.server.clone())
         .map_err(|_| CliError::usage(format!("--server {:?} is not a URL like http://127.0.0.1:50051", args.server)))?
@@ -473,7 +473,7 @@ async fn bootstrap(b: &BootstrapArgs, json: bool) -> Result<(), CliError> {
     let pepper = match (&b.pepper_file, &b.pepper) {
         (Some(path), None) => crate::config::read_pepper(path).map_err(CliError::usage)?,
         (None, Some(hex)) => {
-            Pepper::parse(hex.as_bytes()).map_err(|e| CliError::usage(format!("KEYSTILE_PEPPER: {e}")))?
+            Pepper::parse(hex.expose().as_bytes()).map_err(|e| CliError::usage(format!("KEYSTILE_PEPPER: {e}")))?
         }
         _ => {
             return Err(CliError::usage(

@@ -16,6 +16,30 @@ use crate::store::RateLimitPolicy;
 use crate::telemetry::LogFormat;
 use crate::verify::EngineSettings;
 
+/// A secret given on the command line or in the environment (the pepper,
+/// an admin key). `Debug` redacts it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretString(String);
+
+impl SecretString {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for SecretString {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(SecretString(s.to_string()))
+    }
+}
+
+impl std::fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// Exit code for a configuration error (EX_USAGE).
 pub const EX_USAGE: i32 = 64;
 
@@ -37,7 +61,7 @@ pub struct ServeArgs {
     pub listen: String,
     /// Redis URL (redis://, rediss://, unix://). Without it the embedded
     /// in-memory store is used (one process, nothing persisted).
-    #[arg(long, env = "KEYSTILE_REDIS_URL")]
+    #[arg(long, env = "KEYSTILE_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
     /// Prefix of every Redis key keystile writes.
     #[arg(long, env = "KEYSTILE_REDIS_NAMESPACE", default_value = "keystile")]
@@ -51,7 +75,7 @@ pub struct ServeArgs {
     pub pepper_file: Option<PathBuf>,
     /// The pepper itself, 64 hex characters (prefer --pepper-file).
     #[arg(long = "pepper", env = "KEYSTILE_PEPPER", hide_env_values = true)]
-    pub pepper: Option<String>,
+    pub pepper: Option<SecretString>,
     /// Earlier peppers, still needed to verify keys created under them.
     #[arg(long, env = "KEYSTILE_PREVIOUS_PEPPER_FILES", value_delimiter = ',')]
     pub previous_pepper_file: Vec<PathBuf>,
@@ -109,10 +133,21 @@ pub struct ServeArgs {
 }
 
 /// Where keys live.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum StoreChoice {
     Memory,
     Redis { url: String, namespace: String },
+}
+
+impl std::fmt::Debug for StoreChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreChoice::Memory => f.write_str("Memory"),
+            StoreChoice::Redis { url, namespace } => {
+                f.debug_struct("Redis").field("url", &redact_url(url)).field("namespace", namespace).finish()
+            }
+        }
+    }
 }
 
 /// A validated configuration.
@@ -221,9 +256,10 @@ impl ServeArgs {
                 (None, false)
             }
             (Some(path), None) => (read_pepper(path).map_err(|e| errors.push(e)).ok(), false),
-            (None, Some(hex)) => {
-                (Pepper::parse(hex.as_bytes()).map_err(|e| errors.push(format!("KEYSTILE_PEPPER: {e}"))).ok(), false)
-            }
+            (None, Some(hex)) => (
+                Pepper::parse(hex.expose().as_bytes()).map_err(|e| errors.push(format!("KEYSTILE_PEPPER: {e}"))).ok(),
+                false,
+            ),
             (None, None) if self.dev => (Some(Pepper::random()), true),
             (None, None) => {
                 errors.push("a pepper is required: --pepper-file <file> or KEYSTILE_PEPPER (64 hex characters; generate one with `openssl rand -hex 32`), or --dev".into());
@@ -373,15 +409,38 @@ impl ServeConfig {
     }
 }
 
-/// `redis://user:secret@host` → `redis://user:***@host`.
+/// Hides the password of a Redis URL: `redis://user:secret@host` →
+/// `redis://user:***@host`, and `…?pass=secret` → `…?pass=***`.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let base = match (base.find("://"), base.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &url[scheme + 3..at];
-            let user = creds.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+            let creds = &base[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &base[..scheme + 3], &base[at..]),
+                // `redis://secret@host`: a lone userinfo is the password.
+                None => format!("{}***{}", &base[..scheme + 3], &base[at..]),
+            }
         }
-        _ => url.to_string(),
+        _ => base.to_string(),
+    };
+    match query {
+        None => base,
+        Some(q) => {
+            let params: Vec<String> = q
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("pass") || k.eq_ignore_ascii_case("password") => {
+                        format!("{k}=***")
+                    }
+                    _ => p.to_string(),
+                })
+                .collect();
+            format!("{base}?{}", params.join("&"))
+        }
     }
 }
 
@@ -439,5 +498,7 @@ mod tests {
     fn urls_are_redacted() {
         assert_eq!(redact_url("redis://app:hunter2@redis:6379/0"), "redis://app:***@redis:6379/0");
         assert_eq!(redact_url("redis://redis:6379"), "redis://redis:6379");
+        assert_eq!(redact_url("unix:///run/redis.sock?db=1&pass=hunter2"), "unix:///run/redis.sock?db=1&pass=***");
+        assert_eq!(redact_url("redis://hunter2@redis"), "redis://***@redis");
     }
 }

@@ -52,7 +52,7 @@ pub struct BenchArgs {
     pub server: Option<String>,
     /// Admin key of --server, to create the keys the scenarios use.
     #[arg(long, env = "KEYSTILE_ADMIN_KEY", hide_env_values = true)]
-    pub admin_key: Option<String>,
+    pub admin_key: Option<crate::config::SecretString>,
     /// Redis for the in-process server (default: memory store).
     #[arg(long)]
     pub redis_url: Option<String>,
@@ -169,7 +169,13 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, String> {
 
     let mut _local = LocalServer(None);
     let (url, admin_key) = match &args.server {
-        Some(url) => (url.clone(), args.admin_key.clone().ok_or("--server needs --admin-key (or KEYSTILE_ADMIN_KEY)")?),
+        Some(url) => (
+            url.clone(),
+            args.admin_key
+                .as_ref()
+                .map(|k| k.expose().to_string())
+                .ok_or("--server needs --admin-key (or KEYSTILE_ADMIN_KEY)")?,
+        ),
         None => {
             let (rt, url, key) = start_local(args.redis_url.as_deref(), args.server_workers).await?;
             _local.0 = Some(rt);

@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -79,8 +79,8 @@ impl Code {
     }
 }
 
-/// What one `Verify` asks.
-#[derive(Debug, Clone, Copy)]
+/// What one `Verify` asks. Its `Debug` leaves the key out.
+#[derive(Clone, Copy)]
 pub struct Request<'a> {
     /// The credential as presented, `Bearer ` and whitespace allowed.
     pub key: &'a str,
@@ -91,6 +91,18 @@ pub struct Request<'a> {
     pub tenant: &'a str,
     /// Rate-limit cells to take; at least 1.
     pub cost: u32,
+}
+
+impl std::fmt::Debug for Request<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("key", &"<redacted>")
+            .field("ip", &self.ip)
+            .field("scopes", &self.scopes)
+            .field("tenant", &self.tenant)
+            .field("cost", &self.cost)
+            .finish()
+    }
 }
 
 /// The answer: a code, the key when it was identified, the quota state.
@@ -153,6 +165,9 @@ impl EngineSettings {
 
 type Flight = Arc<OnceCell<Result<Lookup, VerifyError>>>;
 
+/// During a store outage, how often one Verify may try the store again.
+const PROBE_EVERY: Duration = Duration::from_millis(200);
+
 pub struct Engine {
     settings: EngineSettings,
     store: Arc<dyn KeyStore>,
@@ -160,6 +175,11 @@ pub struct Engine {
     limiters: LimiterRegistry,
     shedder: Option<FailureShedder>,
     inflight: DashMap<KeyId, Flight>,
+    /// Monotonic nanos of the first failed store read of an outage; 0 while
+    /// the store answers.
+    store_down_since: AtomicU64,
+    /// When the store was last tried during an outage.
+    last_probe: AtomicU64,
     metrics: Metrics,
     /// key_id → last second it verified, waiting to be written in a batch.
     usage: DashMap<KeyId, i64>,
@@ -175,6 +195,8 @@ impl Engine {
             limiters: LimiterRegistry::new(settings.default_rate_limit, clock.clone()),
             shedder: settings.failed_attempts_per_minute.map(|n| FailureShedder::new(n, clock.clone())),
             inflight: DashMap::new(),
+            store_down_since: AtomicU64::new(0),
+            last_probe: AtomicU64::new(0),
             usage: DashMap::new(),
             settings,
             store,
@@ -302,7 +324,9 @@ impl Engine {
     /// The record for `id` from the cache, or from the store on a miss (one
     /// read, shared by every concurrent miss for the same key_id).
     async fn lookup(&self, id: KeyId) -> Result<Lookup, VerifyError> {
+        let down_since = self.store_down_since.load(Ordering::Relaxed);
         let stale = match self.cache.get(id) {
+            Cached::Fresh(Lookup::Absent) if down_since != 0 => None,
             Cached::Fresh(found) => {
                 self.metrics.cache_hits.increment(1);
                 return Ok(found);
@@ -311,18 +335,55 @@ impl Engine {
             Cached::Missing => None,
         };
         self.metrics.cache_misses.increment(1);
-        let flight = self.inflight.entry(id).or_default().clone();
-        let result = flight.get_or_init(|| self.load(id)).await.clone();
-        self.inflight.remove_if(&id, |_, f| Arc::ptr_eq(f, &flight));
+        // While the store is known to be down, one call at a time probes it
+        // (at most every PROBE_EVERY); the rest answer at once instead of
+        // each waiting out the store budget.
+        let result = if down_since != 0 && !self.may_probe() {
+            Err(VerifyError::StoreUnavailable)
+        } else {
+            let flight = self.inflight.entry(id).or_default().clone();
+            let result = flight.get_or_init(|| self.load(id)).await.clone();
+            self.inflight.remove_if(&id, |_, f| Arc::ptr_eq(f, &flight));
+            result
+        };
         match (result, stale) {
             (Ok(found), _) => Ok(found),
-            // The store cannot answer: a key seen within the stale window
-            // keeps working. Nothing else does, and nothing is cached.
-            (Err(_), Some(key)) => {
-                self.metrics.cache_stale_hits.increment(1);
-                Ok(Lookup::Present(key))
+            // The store cannot answer: a cached key keeps working until the
+            // outage is older than the stale window. Nothing else does, and
+            // nothing is cached.
+            (Err(e), Some(key)) => {
+                let since = self.store_down_since.load(Ordering::Relaxed);
+                let outage = self.clock.mono_nanos().saturating_sub(since);
+                if since != 0 && outage < self.settings.cache.stale_window.as_nanos() as u64 {
+                    self.metrics.cache_stale_hits.increment(1);
+                    Ok(Lookup::Present(key))
+                } else {
+                    Err(e)
+                }
             }
             (Err(e), None) => Err(e),
+        }
+    }
+
+    fn may_probe(&self) -> bool {
+        let now = self.clock.mono_nanos();
+        let last = self.last_probe.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= PROBE_EVERY.as_nanos() as u64
+            && self.last_probe.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
+
+    /// Notes that the store failed; logs only the start of an outage.
+    fn store_failed(&self, error: &dyn std::fmt::Display) {
+        let now = self.clock.mono_nanos().max(1);
+        if self.store_down_since.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            self.last_probe.store(now, Ordering::Relaxed);
+            tracing::warn!(error = %error, stale_window = ?self.settings.cache.stale_window, "key store unavailable; cached keys keep verifying for the stale window");
+        }
+    }
+
+    fn store_answered(&self) {
+        if self.store_down_since.swap(0, Ordering::Relaxed) != 0 {
+            tracing::info!("key store reachable again");
         }
     }
 
@@ -333,14 +394,18 @@ impl Engine {
         let record = match tokio::time::timeout(budget, self.store.get(id)).await {
             Err(_) => {
                 self.metrics.store_timeouts.increment(1);
+                self.store_failed(&format_args!("no answer within {budget:?}"));
                 return Err(VerifyError::StoreTimeout(budget));
             }
             Ok(Err(e)) => {
                 self.metrics.store_errors.increment(1);
-                tracing::warn!(key_id = %id, error = %e, "store read failed");
+                self.store_failed(&e);
                 return Err(VerifyError::StoreUnavailable);
             }
-            Ok(Ok(record)) => record,
+            Ok(Ok(record)) => {
+                self.store_answered();
+                record
+            }
         };
         let found = match record {
             None => Lookup::Absent,

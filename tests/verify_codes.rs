@@ -238,18 +238,29 @@ async fn unavailable_when_the_memory_store_fails_and_nothing_is_negative_cached(
     let mut v = s.verifier().await;
     let (cached, _) = create(&mut admin, create_req("cached")).await;
     let (uncached, _) = create(&mut admin, create_req("uncached")).await;
+    let unknown = generate(&KeyFormat::default(), Env::Live);
     assert_eq!(code(&verify(&mut v, verify_req(&cached)).await), Code::Valid);
+    assert_eq!(code(&verify(&mut v, verify_req(unknown.key.expose())).await), Code::NotFound, "negative-cached");
+
     store.set_failing(true);
-    assert_eq!(code(&verify(&mut v, verify_req(&cached)).await), Code::Valid, "a cached key keeps working");
-    let err = v.verify(verify_req(&uncached)).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Unavailable);
-    // Past the TTL the entry is stale: served only within the stale window.
+    assert_eq!(code(&verify(&mut v, verify_req(&cached)).await), Code::Valid, "a fresh cached key needs no store");
+    // Past its TTL the entry needs the store; the store fails, the outage
+    // starts now, and the entry is served for the stale window (60 s).
     s.clock.advance(Duration::from_secs(61));
-    assert_eq!(code(&verify(&mut v, verify_req(&cached)).await), Code::Valid, "stale, but within the window");
-    s.clock.advance(Duration::from_secs(60));
+    assert_eq!(code(&verify(&mut v, verify_req(&cached)).await), Code::Valid, "stale, within the window");
+    let err = v.verify(verify_req(&uncached)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "uncached: UNAVAILABLE, never VALID");
+    s.clock.advance(Duration::from_secs(1));
+    let err = v.verify(verify_req(unknown.key.expose())).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "never a cached NOT_FOUND while the store is down");
+    s.clock.advance(Duration::from_secs(58));
+    assert_eq!(code(&verify(&mut v, verify_req(&cached)).await), Code::Valid, "59 s into the outage");
+    s.clock.advance(Duration::from_secs(2));
     let err = v.verify(verify_req(&cached)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "past the stale window");
+
     store.set_failing(false);
+    s.clock.advance(Duration::from_millis(200));
     assert_eq!(code(&verify(&mut v, verify_req(&uncached)).await), Code::Valid, "the failure was not cached");
     assert_eq!(code(&verify(&mut v, verify_req(&cached)).await), Code::Valid);
     s.stop().await;

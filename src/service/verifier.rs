@@ -15,6 +15,8 @@ use crate::verify::{self, Code, Engine, Verdict};
 const MAX_SCOPES: usize = 64;
 const MAX_SCOPE_LEN: usize = 128;
 const MAX_TENANT_LEN: usize = 128;
+/// Largest rate-limit `cost` of one request.
+pub const MAX_COST: u32 = 10_000;
 
 pub struct VerifierService {
     engine: Arc<Engine>,
@@ -44,6 +46,9 @@ impl<'a> TryFrom<&'a proto::VerifyRequest> for verify::Request<'a> {
         }
         if r.scopes.iter().any(|s| s.len() > MAX_SCOPE_LEN) {
             return Err(status::invalid(format!("a scope is longer than {MAX_SCOPE_LEN} bytes")));
+        }
+        if r.cost.is_some_and(|c| c > MAX_COST) {
+            return Err(status::invalid(format!("cost must be at most {MAX_COST}")));
         }
         if r.tenant.len() > MAX_TENANT_LEN {
             return Err(status::invalid(format!("tenant is longer than {MAX_TENANT_LEN} bytes")));

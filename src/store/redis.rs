@@ -421,10 +421,16 @@ async fn resync(
         return Ok(Replay::Everything);
     };
     let oldest: redis::streams::StreamRangeReply = conn.xrange_count(keys.events(), "-", "+", 1).await?;
-    if let Some(first) = oldest.ids.first()
-        && from != "0-0"
-        && stream_id_gt(&first.id, &from)
-    {
+    let newest: redis::streams::StreamRangeReply = conn.xrevrange_count(keys.events(), "+", "-", 1).await?;
+    let lost = match (oldest.ids.first(), newest.ids.first()) {
+        // Emptied (a Redis without persistence restarted, FLUSHALL): what
+        // happened meanwhile cannot be known.
+        (None, _) | (_, None) => from != "0-0",
+        // Trimmed past what we saw, or a stream that is behind us (a
+        // different Redis): either way the replay would miss events.
+        (Some(first), Some(last)) => from != "0-0" && (stream_id_gt(&first.id, &from) || stream_id_gt(&from, &last.id)),
+    };
+    if lost {
         // The entry we saw last has been trimmed: events may be lost.
         *last_seen = None;
         let newest: redis::streams::StreamRangeReply = conn.xrevrange_count(keys.events(), "+", "-", 1).await?;

@@ -141,7 +141,7 @@ pub struct UpdateArgs {
 #[derive(Debug, Args)]
 pub struct BootstrapArgs {
     #[arg(long, env = "KEYSTILE_REDIS_URL", hide_env_values = true)]
-    pub redis_url: String,
+    pub redis_url: crate::config::RedisUrl,
     #[arg(long, env = "KEYSTILE_REDIS_NAMESPACE", default_value = "keystile")]
     pub redis_namespace: String,
     #[arg(long, env = "KEYSTILE_PEPPER_FILE")]
@@ -482,7 +482,7 @@ async fn bootstrap(b: &BootstrapArgs, json: bool) -> Result<(), CliError> {
         }
     };
     let format = KeyFormat::new(b.key_prefixes.clone(), &Env::ALL).map_err(|e| CliError::usage(e.join("; ")))?;
-    let store = RedisStore::open(&b.redis_url, &b.redis_namespace, Duration::from_secs(5))
+    let store = RedisStore::open(b.redis_url.as_str(), &b.redis_namespace, Duration::from_secs(5))
         .map_err(|e| CliError::usage(e.to_string()))?;
     let settings = EngineSettings { format, ..EngineSettings::new(PepperSet::single(pepper)) };
     let engine = Arc::new(Engine::new(settings, Arc::new(store), crate::clock::Clock::system()));

@@ -40,6 +40,29 @@ impl std::fmt::Debug for SecretString {
     }
 }
 
+/// A Redis URL, which may carry a password. `Debug` shows it redacted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for RedisUrl {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(RedisUrl(s.to_string()))
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
 /// Exit code for a configuration error (EX_USAGE).
 pub const EX_USAGE: i32 = 64;
 
@@ -62,7 +85,7 @@ pub struct ServeArgs {
     /// Redis URL (redis://, rediss://, unix://). Without it the embedded
     /// in-memory store is used (one process, nothing persisted).
     #[arg(long, env = "KEYSTILE_REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
+    pub redis_url: Option<RedisUrl>,
     /// Prefix of every Redis key keystile writes.
     #[arg(long, env = "KEYSTILE_REDIS_NAMESPACE", default_value = "keystile")]
     pub redis_namespace: String,
@@ -237,15 +260,15 @@ impl ServeArgs {
         if self.redis_namespace.is_empty() || self.redis_namespace.contains(char::is_whitespace) {
             errors.push("--redis-namespace must be non-empty and without whitespace".into());
         }
-        let store = match &self.redis_url {
+        let store = match self.redis_url.as_ref().map(RedisUrl::as_str) {
             Some(url) if url.trim().is_empty() => StoreChoice::Memory,
             Some(url) => {
-                if redis::Client::open(url.as_str()).is_err() {
+                if redis::Client::open(url).is_err() {
                     errors.push(
                         "--redis-url is not a valid Redis URL (redis://host:port/db, rediss://…, unix://…)".into(),
                     );
                 }
-                StoreChoice::Redis { url: url.clone(), namespace: self.redis_namespace.clone() }
+                StoreChoice::Redis { url: url.to_string(), namespace: self.redis_namespace.clone() }
             }
             None => StoreChoice::Memory,
         };
@@ -492,6 +515,13 @@ mod tests {
         {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn debug_of_the_arguments_shows_no_secret() {
+        let a = args(&["--redis-url", "redis://app:hunter2@redis:6379", "--pepper", &"ab".repeat(32)]);
+        let shown = format!("{a:?} {:?}", a.validate().unwrap());
+        assert!(!shown.contains("hunter2") && !shown.contains(&"ab".repeat(32)), "{shown}");
     }
 
     #[test]

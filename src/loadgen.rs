@@ -55,7 +55,7 @@ pub struct BenchArgs {
     pub admin_key: Option<crate::config::SecretString>,
     /// Redis for the in-process server (default: memory store).
     #[arg(long)]
-    pub redis_url: Option<String>,
+    pub redis_url: Option<crate::config::RedisUrl>,
     /// Runtime threads of the in-process server.
     #[arg(long)]
     pub server_workers: Option<usize>,
@@ -177,7 +177,7 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, String> {
                 .ok_or("--server needs --admin-key (or KEYSTILE_ADMIN_KEY)")?,
         ),
         None => {
-            let (rt, url, key) = start_local(args.redis_url.as_deref(), args.server_workers).await?;
+            let (rt, url, key) = start_local(args.redis_url.as_ref().map(|u| u.as_str()), args.server_workers).await?;
             _local.0 = Some(rt);
             (url, key)
         }

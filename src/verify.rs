@@ -316,7 +316,8 @@ impl Engine {
     /// the batched `last_used_at` writes.
     #[inline]
     fn note_use(&self, key: &CachedKey, now: i64) {
-        if key.last_touch.swap(now, Ordering::Relaxed) != now {
+        // Read first: a hot key's cache line is not written on every call.
+        if key.last_touch.load(Ordering::Relaxed) != now && key.last_touch.swap(now, Ordering::Relaxed) != now {
             self.usage.insert(key.record.key_id, now);
         }
     }

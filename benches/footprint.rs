@@ -1,4 +1,5 @@
-//! Memory per cached key (SPEC §9: ≤ 1 KiB of RSS per cached key).
+//! Memory per cached key (README, "Performance": ≤ 1 KiB of RSS per cached
+//! key).
 //!
 //! Fills a memory store with N keys, then verifies each once so that it is
 //! cached, and reports the growth of RSS between the two (the store's own
@@ -6,11 +7,13 @@
 
 use std::sync::Arc;
 
+use keystile::app::App;
 use keystile::clock::Clock;
+use keystile::engine::EngineSettings;
 use keystile::key::{Env, KeyFormat, Pepper, PepperSet, generate};
 use keystile::store::memory::MemoryStore;
 use keystile::store::{KeyRecord, KeyStore};
-use keystile::verify::{Engine, EngineSettings, Request};
+use keystile::verdict::{Outcome, Request};
 
 fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -59,7 +62,8 @@ fn main() {
         });
         let mut settings = EngineSettings::new(peppers);
         settings.cache.max_entries = n as u64 * 2;
-        let engine = Engine::new(settings, store.clone(), Clock::system());
+        let app = App::build(settings, store.clone(), Clock::system());
+        let engine = app.engine.clone();
         let before = rss_kib();
         rt.block_on(async {
             // A scope the keys lack: each key is looked up and cached, and
@@ -67,10 +71,10 @@ fn main() {
             let scopes = ["not-granted".to_string()];
             for key in &keys {
                 let v = engine.verify(&Request { key, ip: None, scopes: &scopes, tenant: "", cost: 1 }).await.unwrap();
-                assert_eq!(v.code, keystile::verify::Code::InsufficientScope);
+                assert_eq!(v.outcome, Outcome::InsufficientScope);
             }
         });
-        let cached = engine.cache().len();
+        let cached = app.records.cache().len();
         let after = rss_kib();
         println!(
             "{:>10} {:>11} KiB {:>11} KiB {:>16.0}",
@@ -79,7 +83,7 @@ fn main() {
             after,
             (after.saturating_sub(before) * 1024) as f64 / n as f64
         );
-        drop(engine);
+        drop((engine, app));
         drop(store);
     }
 }

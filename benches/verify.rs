@@ -8,12 +8,14 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use keystile::admin::{Admin, KeySpec};
+use keystile::admin::KeySpec;
+use keystile::app::App;
 use keystile::clock::Clock;
+use keystile::engine::EngineSettings;
 use keystile::key::{Env, KeyFormat, Pepper, PepperSet, generate};
 use keystile::store::RateLimitPolicy;
 use keystile::store::memory::MemoryStore;
-use keystile::verify::{Engine, EngineSettings, Request};
+use keystile::verdict::Request;
 
 fn benches(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -28,8 +30,8 @@ fn benches(c: &mut Criterion) {
 
     let store = Arc::new(MemoryStore::new());
     let settings = EngineSettings::new(PepperSet::single(Pepper::parse(&[7u8; 32]).unwrap()));
-    let engine = Arc::new(Engine::new(settings, store, Clock::system()));
-    let admin = Admin::new(engine.clone());
+    let app = App::build(settings, store, Clock::system());
+    let (engine, admin) = (app.engine.clone(), app.admin.clone());
     let minted = rt.block_on(admin.create(KeySpec {
         name: "bench".into(),
         env: "live".into(),
@@ -79,13 +81,13 @@ fn benches(c: &mut Criterion) {
     let negative = Request { key: &stranger, ip: None, scopes: &[], tenant: "", cost: 1 };
     rt.block_on(engine.verify(&negative)).unwrap();
     c.bench_function("verify_negative_cache_hit", |b| {
-        b.to_async(&rt).iter(|| async { engine.verify(black_box(&negative)).await.unwrap().code })
+        b.to_async(&rt).iter(|| async { engine.verify(black_box(&negative)).await.unwrap().outcome })
     });
 
     let id = format.parse(&key).unwrap().key_id;
     c.bench_function("verify_miss_memory_store", |b| {
         b.to_async(&rt).iter(|| async {
-            engine.invalidate(id);
+            app.records.invalidate(id);
             engine.verify(black_box(&hit)).await.unwrap().is_valid()
         })
     });

@@ -1,6 +1,8 @@
-//! Key lifecycle (SPEC §7): create, read, list, update, revoke, rotate and
-//! delete, with the validation of every field. No gRPC types here;
-//! `service::admin` converts at the edge and maps [`AdminError`] to a status.
+//! Key lifecycle (README, "Admin API and CLI"): create, read, list,
+//! update, revoke, rotate and delete, with the validation of every field.
+//! Callers are authenticated before they get here (`auth`). No gRPC types
+//! here; `service::admin` converts at the edge and `service::status` maps
+//! [`AdminError`] to a status.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -8,12 +10,12 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use crate::key::{Env, FullKey, KeyId, generate};
-use crate::store::{KeyRecord, ListPage, ListQuery, RateLimitPolicy, StoreError};
-use crate::verify::{Code, Engine, Request};
-
-/// The scope that admits a key to KeyAdmin.
-pub const ADMIN_SCOPE: &str = "keystile:admin";
+pub use crate::auth::ADMIN_SCOPE;
+use crate::clock::Clock;
+use crate::engine::source::RecordSource;
+use crate::key::{Env, FullKey, KeyFormat, KeyId, PepperSet, generate};
+use crate::limit::{BucketId, Limiter, RateLimitPolicy};
+use crate::store::{KeyRecord, KeyStore, ListPage, ListQuery, StoreError};
 /// Default grace window of a rotation.
 pub const DEFAULT_GRACE_SECONDS: u64 = 3600;
 /// Longest grace window of a rotation (30 days).
@@ -35,12 +37,6 @@ pub enum AdminError {
     /// Every problem found, one sentence each.
     #[error("{}", .0.join("; "))]
     Invalid(Vec<String>),
-    #[error("missing or invalid admin key: {0}")]
-    Unauthenticated(&'static str),
-    #[error("{0}")]
-    PermissionDenied(&'static str),
-    #[error("the admin key's rate limit is exceeded")]
-    RateLimited,
     #[error("no key with key_id {0}")]
     NotFound(KeyId),
     #[error("{0}")]
@@ -119,49 +115,39 @@ pub struct Minted {
     pub record: KeyRecord,
 }
 
+/// What key lifecycle needs, and nothing more.
 pub struct Admin {
-    engine: Arc<Engine>,
+    store: Arc<dyn KeyStore>,
+    /// This sidecar's cache, told at once of its own changes (the change
+    /// feed tells the others).
+    records: Arc<RecordSource>,
+    limiter: Arc<dyn Limiter>,
+    format: KeyFormat,
+    peppers: PepperSet,
+    clock: Clock,
 }
 
 impl Admin {
-    pub fn new(engine: Arc<Engine>) -> Admin {
-        Admin { engine }
+    pub fn new(
+        store: Arc<dyn KeyStore>,
+        records: Arc<RecordSource>,
+        limiter: Arc<dyn Limiter>,
+        format: KeyFormat,
+        peppers: PepperSet,
+        clock: Clock,
+    ) -> Admin {
+        Admin { store, records, limiter, format, peppers, clock }
     }
 
     fn now(&self) -> i64 {
-        self.engine.clock().unix_seconds()
-    }
-
-    /// Checks that `bearer` is a valid key holding [`ADMIN_SCOPE`], through
-    /// the same engine as every Verify.
-    pub async fn authorize(&self, bearer: Option<&str>, ip: Option<IpAddr>) -> Result<(), AdminError> {
-        let Some(key) = bearer else {
-            return Err(AdminError::Unauthenticated("send `authorization: Bearer <admin key>`"));
-        };
-        let scopes = [ADMIN_SCOPE.to_string()];
-        let verdict = self
-            .engine
-            .verify(&Request { key, ip, scopes: &scopes, tenant: "", cost: 1 })
-            .await
-            .map_err(|_| AdminError::Unavailable)?;
-        match verdict.code {
-            Code::Valid => Ok(()),
-            Code::InsufficientScope => Err(AdminError::PermissionDenied("the key lacks the keystile:admin scope")),
-            Code::IpNotAllowed | Code::TenantMismatch => {
-                Err(AdminError::PermissionDenied("the admin key may not be used from this address"))
-            }
-            Code::RateLimited | Code::TooManyFailedAttempts => Err(AdminError::RateLimited),
-            Code::Malformed | Code::NotFound | Code::Revoked | Code::Expired => {
-                Err(AdminError::Unauthenticated("the key is not a valid admin key"))
-            }
-        }
+        self.clock.unix_seconds()
     }
 
     pub async fn create(&self, spec: KeySpec) -> Result<Minted, AdminError> {
         let now = self.now();
         let mut problems = Vec::new();
         let env = match spec.env.parse::<Env>() {
-            Ok(e) if self.engine.settings().format.accepts_env(e) => Some(e),
+            Ok(e) if self.format.accepts_env(e) => Some(e),
             Ok(e) => {
                 problems.push(format!("env {e} is not accepted by this deployment"));
                 None
@@ -204,12 +190,12 @@ impl Admin {
     }
 
     async fn mint(&self, env: Env, fields: RecordFields, now: i64) -> Result<Minted, AdminError> {
-        let format = &self.engine.settings().format;
+        let format = &self.format;
         // A key_id collision is astronomically unlikely (62^8); retry anyway.
         for _ in 0..3 {
             let new = generate(format, env);
             let presented = format.parse(new.key.expose()).expect("a generated key parses");
-            let secret_hash = self.engine.settings().peppers.seal(new.key_id, presented.secret());
+            let secret_hash = self.peppers.seal(new.key_id, presented.secret());
             let record = KeyRecord {
                 key_id: new.key_id,
                 prefix: format.primary_prefix().to_string(),
@@ -227,9 +213,9 @@ impl Admin {
                 last_used_at: None,
                 version: 1,
             };
-            match self.engine.store().create(&record).await {
+            match self.store.create(&record).await {
                 Ok(()) => {
-                    self.engine.invalidate(record.key_id);
+                    self.records.invalidate(record.key_id);
                     tracing::info!(key_id = %record.key_id, env = %env, "key created");
                     return Ok(Minted { key: new.key, record });
                 }
@@ -242,8 +228,8 @@ impl Admin {
 
     pub async fn get(&self, id: &str) -> Result<KeyRecord, AdminError> {
         let id = parse_id(id)?;
-        let mut record = self.engine.store().get(id).await?.ok_or(AdminError::NotFound(id))?;
-        record.last_used_at = self.engine.store().last_used(id).await?;
+        let mut record = self.store.get(id).await?.ok_or(AdminError::NotFound(id))?;
+        record.last_used_at = self.store.last_used(id).await?;
         Ok(record)
     }
 
@@ -272,7 +258,7 @@ impl Admin {
             after: (!page_token.is_empty()).then(|| page_token.to_string()),
             limit: if page_size == 0 { DEFAULT_PAGE_SIZE } else { page_size },
         };
-        Ok(self.engine.store().list(&query).await?)
+        Ok(self.store.list(&query).await?)
     }
 
     pub async fn update(&self, id: &str, patch: KeyPatch) -> Result<KeyRecord, AdminError> {
@@ -358,7 +344,7 @@ impl Admin {
                 "grace_seconds must be at most {MAX_GRACE_SECONDS} (30 days)"
             )]));
         }
-        let old = self.engine.store().get(id).await?.ok_or(AdminError::NotFound(id))?;
+        let old = self.store.get(id).await?.ok_or(AdminError::NotFound(id))?;
         let now = self.now();
         if old.is_revoked_at(now) {
             return Err(AdminError::FailedPrecondition(format!("key {id} is revoked and cannot be rotated")));
@@ -387,10 +373,10 @@ impl Admin {
             Ok(previous) => previous,
             Err(e) => {
                 // The new key was never handed out: do not leave it behind.
-                if let Err(cleanup) = self.engine.store().delete(minted.record.key_id).await {
+                if let Err(cleanup) = self.store.delete(minted.record.key_id).await {
                     tracing::warn!(key_id = %minted.record.key_id, error = %cleanup, "could not remove the key of a failed rotation");
                 }
-                self.engine.invalidate(minted.record.key_id);
+                self.records.invalidate(minted.record.key_id);
                 return Err(e);
             }
         };
@@ -401,9 +387,9 @@ impl Admin {
     /// Removes a key for good; afterwards it is `NOT_FOUND`, not `REVOKED`.
     pub async fn delete(&self, id: &str) -> Result<(), AdminError> {
         let id = parse_id(id)?;
-        let removed = self.engine.store().delete(id).await?;
-        self.engine.invalidate(id);
-        self.engine.forget_limiter(id);
+        let removed = self.store.delete(id).await?;
+        self.records.invalidate(id);
+        self.limiter.forget(&BucketId::Key(id));
         if !removed {
             return Err(AdminError::NotFound(id));
         }
@@ -419,14 +405,14 @@ impl Admin {
         change: impl Fn(&mut KeyRecord, i64) -> Result<(), AdminError>,
     ) -> Result<KeyRecord, AdminError> {
         for _ in 0..5 {
-            let mut record = self.engine.store().get(id).await?.ok_or(AdminError::NotFound(id))?;
+            let mut record = self.store.get(id).await?.ok_or(AdminError::NotFound(id))?;
             let expected = record.version;
             change(&mut record, self.now())?;
             record.version = expected + 1;
-            match self.engine.store().update(&record, expected).await {
+            match self.store.update(&record, expected).await {
                 Ok(()) => {
-                    self.engine.invalidate(id);
-                    record.last_used_at = self.engine.store().last_used(id).await.unwrap_or(None);
+                    self.records.invalidate(id);
+                    record.last_used_at = self.store.last_used(id).await.unwrap_or(None);
                     return Ok(record);
                 }
                 Err(StoreError::Conflict) => continue,

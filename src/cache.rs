@@ -1,4 +1,5 @@
-//! The in-process cache of key records (SPEC §5).
+//! The in-process cache of key records (README, "Storage, cache and
+//! revocation").
 //!
 //! Positive entries are fresh for `cache_ttl`; after that they are stale:
 //! re-read from the store on the next use, and kept (until the size bound
@@ -20,18 +21,22 @@ use std::time::Duration;
 
 use crate::clock::Clock;
 use crate::key::KeyId;
-use crate::limit::KeyLimiter;
 use crate::store::KeyRecord;
 
 const STRIPES: usize = 256;
 
-/// A record as the hot path needs it.
+/// A record as the hot path needs it. Holds no rate-limit state: buckets
+/// live in [`crate::limit`], so an eviction cannot reset a quota.
 pub struct CachedKey {
     pub record: KeyRecord,
-    /// The key's bucket, shared with the registry; `None` = unlimited.
-    pub limiter: Option<Arc<KeyLimiter>>,
     /// The last unix second this key verified on this sidecar.
     pub last_touch: std::sync::atomic::AtomicI64,
+}
+
+impl CachedKey {
+    pub fn new(record: KeyRecord) -> CachedKey {
+        CachedKey { record, last_touch: std::sync::atomic::AtomicI64::new(0) }
+    }
 }
 
 impl std::fmt::Debug for CachedKey {

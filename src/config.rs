@@ -1,6 +1,14 @@
 //! `keystile serve` configuration: flags with `KEYSTILE_*` environment
-//! fallbacks, validated into a [`ServeConfig`] before any port is bound.
-//! Every problem is reported at once.
+//! fallbacks and an optional TOML file, validated into a [`ServeConfig`]
+//! before any port is bound. Every problem is reported at once (README,
+//! "Configuration").
+//!
+//! Precedence is flag > environment > file > default. The file is read
+//! into the same typed arguments as the flags ([`file_args`]): each setting
+//! that neither a flag nor a variable gave becomes one more argument, and
+//! clap parses the whole again, so a setting has one parser and one
+//! meaning wherever it comes from. The process environment is never
+//! changed.
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -10,58 +18,14 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::cache::CacheSettings;
+use crate::engine::EngineSettings;
 use crate::key::{Env, KeyFormat, Pepper, PepperSet};
-use crate::server::ServerOptions;
-use crate::store::RateLimitPolicy;
+use crate::limit::RateLimitPolicy;
+use crate::secret::{RedisUrl, Secret};
+use crate::server::{FrontEnd, ServerOptions};
+use crate::store::StoreConfig;
+use crate::store::redis::connection::Topology;
 use crate::telemetry::LogFormat;
-use crate::verify::EngineSettings;
-
-/// A secret given on the command line or in the environment (the pepper,
-/// an admin key). `Debug` redacts it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SecretString(String);
-
-impl SecretString {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::str::FromStr for SecretString {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(SecretString(s.to_string()))
-    }
-}
-
-impl std::fmt::Debug for SecretString {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-/// A Redis URL, which may carry a password. `Debug` shows it redacted.
-#[derive(Clone, PartialEq, Eq)]
-pub struct RedisUrl(String);
-
-impl RedisUrl {
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::str::FromStr for RedisUrl {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(RedisUrl(s.to_string()))
-    }
-}
-
-impl std::fmt::Debug for RedisUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&redact_url(&self.0))
-    }
-}
 
 /// Exit code for a configuration error (EX_USAGE).
 pub const EX_USAGE: i32 = 64;
@@ -98,7 +62,7 @@ pub struct ServeArgs {
     pub pepper_file: Option<PathBuf>,
     /// The pepper itself, 64 hex characters (prefer --pepper-file).
     #[arg(long = "pepper", env = "KEYSTILE_PEPPER", hide_env_values = true)]
-    pub pepper: Option<SecretString>,
+    pub pepper: Option<Secret>,
     /// Earlier peppers, still needed to verify keys created under them.
     #[arg(long, env = "KEYSTILE_PREVIOUS_PEPPER_FILES", value_delimiter = ',')]
     pub previous_pepper_file: Vec<PathBuf>,
@@ -155,30 +119,12 @@ pub struct ServeArgs {
     pub log_format: LogFormat,
 }
 
-/// Where keys live.
-#[derive(Clone)]
-pub enum StoreChoice {
-    Memory,
-    Redis { url: String, namespace: String },
-}
-
-impl std::fmt::Debug for StoreChoice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StoreChoice::Memory => f.write_str("Memory"),
-            StoreChoice::Redis { url, namespace } => {
-                f.debug_struct("Redis").field("url", &redact_url(url)).field("namespace", namespace).finish()
-            }
-        }
-    }
-}
-
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
     pub metrics_listen: Option<SocketAddr>,
-    pub store: StoreChoice,
+    pub store: StoreConfig,
     pub dev: bool,
     pub engine: EngineSettings,
     pub server: ServerOptions,
@@ -260,17 +206,20 @@ impl ServeArgs {
         if self.redis_namespace.is_empty() || self.redis_namespace.contains(char::is_whitespace) {
             errors.push("--redis-namespace must be non-empty and without whitespace".into());
         }
-        let store = match self.redis_url.as_ref().map(RedisUrl::as_str) {
-            Some(url) if url.trim().is_empty() => StoreChoice::Memory,
+        let store = match &self.redis_url {
+            Some(url) if url.expose().trim().is_empty() => StoreConfig::Memory,
             Some(url) => {
-                if redis::Client::open(url).is_err() {
+                if redis::Client::open(url.expose()).is_err() {
                     errors.push(
                         "--redis-url is not a valid Redis URL (redis://host:port/db, rediss://…, unix://…)".into(),
                     );
                 }
-                StoreChoice::Redis { url: url.to_string(), namespace: self.redis_namespace.clone() }
+                StoreConfig::Redis {
+                    topology: Topology { url: url.clone(), timeout: Duration::from_secs(1) },
+                    namespace: self.redis_namespace.clone(),
+                }
             }
-            None => StoreChoice::Memory,
+            None => StoreConfig::Memory,
         };
 
         let (current, pepper_generated) = match (&self.pepper_file, &self.pepper) {
@@ -318,7 +267,11 @@ impl ServeArgs {
             dev: self.dev,
             engine,
             server: ServerOptions {
-                admin_enabled: !self.no_admin,
+                front_ends: if self.no_admin {
+                    vec![FrontEnd::Verifier]
+                } else {
+                    vec![FrontEnd::Verifier, FrontEnd::KeyAdmin]
+                },
                 max_concurrent_streams: self.max_concurrent_streams,
                 max_inflight_per_connection: self.max_inflight_per_connection,
                 shutdown_grace: shutdown_grace.unwrap_or_default(),
@@ -331,40 +284,50 @@ impl ServeArgs {
     }
 }
 
-/// Applies a TOML settings file as `KEYSTILE_*` environment variables for
-/// every setting not already set in the environment, so that precedence is
-/// flag > environment > file > default. Returns every problem in the file.
-///
-/// Must run before any thread is started (it changes the environment).
-pub fn apply_file(path: &std::path::Path) -> Result<(), Vec<String>> {
+/// The arguments a TOML settings file adds to the command line `matches`
+/// were parsed from: one `--flag=value` per setting that neither a flag nor
+/// an environment variable gave (so precedence is flag > environment > file
+/// > default). Returns every problem in the file.
+pub fn file_args(path: &std::path::Path, matches: &clap::ArgMatches) -> Result<Vec<String>, Vec<String>> {
     use clap::CommandFactory;
+    use clap::parser::ValueSource;
     #[derive(clap::Parser)]
     struct Probe {
         #[command(flatten)]
         serve: ServeArgs,
     }
-    let text = std::fs::read_to_string(path).map_err(|e| vec![format!("config file {}: {e}", path.display())])?;
-    let table: toml::Table = text.parse().map_err(|e| vec![format!("config file {}: {e}", path.display())])?;
-    let known: Vec<(String, String)> = Probe::command()
-        .get_arguments()
-        .filter_map(|a| Some((a.get_long()?.replace('-', "_"), a.get_env()?.to_str()?.to_string())))
-        .collect();
+    let file = || format!("config file {}", path.display());
+    let text = std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", file())])?;
+    let table: toml::Table = text.parse().map_err(|e| vec![format!("{}: {e}", file())])?;
+    let command = Probe::command();
     let mut errors = Vec::new();
-    let mut settings = Vec::new();
+    let mut args = Vec::new();
     for (key, value) in &table {
-        let name = key.replace('-', "_");
-        let Some((_, env)) = known.iter().find(|(k, _)| *k == name) else {
-            errors.push(format!("config file {}: unknown setting {key:?}", path.display()));
+        let id = key.replace('-', "_");
+        let Some(arg) = command.get_arguments().find(|a| a.get_id() == id.as_str() && a.get_long().is_some()) else {
+            errors.push(format!("{}: unknown setting {key:?}", file()));
             continue;
         };
-        if name == "config" || name == "pepper" {
-            errors.push(format!(
-                "config file {}: {key:?} cannot be set in a file (use --pepper-file for the pepper)",
-                path.display()
-            ));
+        if id == "config" || id == "pepper" {
+            errors.push(format!("{}: {key:?} cannot be set in a file (use pepper_file for the pepper)", file()));
             continue;
         }
+        if matches!(matches.value_source(&id), Some(ValueSource::CommandLine | ValueSource::EnvVariable)) {
+            continue;
+        }
+        let long = arg.get_long().expect("filtered on a long name");
+        let is_switch = matches!(arg.get_action(), clap::ArgAction::SetTrue);
         let text = match value {
+            toml::Value::Boolean(on) if is_switch => {
+                if *on {
+                    args.push(format!("--{long}"));
+                }
+                continue;
+            }
+            _ if is_switch => {
+                errors.push(format!("{}: {key:?} must be true or false", file()));
+                continue;
+            }
             toml::Value::String(s) => s.clone(),
             toml::Value::Integer(i) => i.to_string(),
             toml::Value::Boolean(b) => b.to_string(),
@@ -377,23 +340,13 @@ pub fn apply_file(path: &std::path::Path) -> Result<(), Vec<String>> {
                 .collect::<Vec<_>>()
                 .join(","),
             other => {
-                errors.push(format!("config file {}: {key:?} has an unsupported value {other}", path.display()));
+                errors.push(format!("{}: {key:?} has an unsupported value {other}", file()));
                 continue;
             }
         };
-        settings.push((env.clone(), text));
+        args.push(format!("--{long}={text}"));
     }
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    for (env, value) in settings {
-        if std::env::var_os(&env).is_none() {
-            // SAFETY: called from main before the runtime or any other
-            // thread exists.
-            unsafe { std::env::set_var(env, value) };
-        }
-    }
-    Ok(())
+    if errors.is_empty() { Ok(args) } else { Err(errors) }
 }
 
 /// Reads a pepper file; the error names the file, never its content.
@@ -405,10 +358,7 @@ pub fn read_pepper(path: &PathBuf) -> Result<Pepper, String> {
 impl ServeConfig {
     /// The effective configuration as log fields, secrets left out.
     pub fn summary(&self) -> String {
-        let store = match &self.store {
-            StoreChoice::Memory => "memory".to_string(),
-            StoreChoice::Redis { url, namespace } => format!("redis {} ns={namespace}", redact_url(url)),
-        };
+        let store = self.store.describe();
         format!(
             "listen={} metrics={} store={} pepper_id={} cache_ttl={:?} negative_ttl={:?} stale_window={:?} store_timeout={:?} default_rate_limit={} failed_attempts_per_minute={} admin={} max_concurrent_streams={}",
             self.listen,
@@ -426,44 +376,9 @@ impl ServeConfig {
                 p.effective_burst()
             )),
             self.engine.failed_attempts_per_minute.map_or(0, |n| n.get()),
-            self.server.admin_enabled,
+            self.server.front_ends.contains(&FrontEnd::KeyAdmin),
             self.server.max_concurrent_streams,
         )
-    }
-}
-
-/// Hides the password of a Redis URL: `redis://user:secret@host` →
-/// `redis://user:***@host`, and `…?pass=secret` → `…?pass=***`.
-pub fn redact_url(url: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let base = match (base.find("://"), base.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &base[scheme + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &base[..scheme + 3], &base[at..]),
-                // `redis://secret@host`: a lone userinfo is the password.
-                None => format!("{}***{}", &base[..scheme + 3], &base[at..]),
-            }
-        }
-        _ => base.to_string(),
-    };
-    match query {
-        None => base,
-        Some(q) => {
-            let params: Vec<String> = q
-                .split('&')
-                .map(|p| match p.split_once('=') {
-                    Some((k, _)) if k.eq_ignore_ascii_case("pass") || k.eq_ignore_ascii_case("password") => {
-                        format!("{k}=***")
-                    }
-                    _ => p.to_string(),
-                })
-                .collect();
-            format!("{base}?{}", params.join("&"))
-        }
     }
 }
 
@@ -487,7 +402,7 @@ mod tests {
     fn dev_needs_nothing_else() {
         let c = args(&["--dev"]).validate().unwrap();
         assert!(c.pepper_generated);
-        assert!(matches!(c.store, StoreChoice::Memory));
+        assert!(matches!(c.store, StoreConfig::Memory));
         assert!(!c.summary().contains("Pepper("));
     }
 
@@ -522,13 +437,5 @@ mod tests {
         let a = args(&["--redis-url", "redis://app:hunter2@redis:6379", "--pepper", &"ab".repeat(32)]);
         let shown = format!("{a:?} {:?}", a.validate().unwrap());
         assert!(!shown.contains("hunter2") && !shown.contains(&"ab".repeat(32)), "{shown}");
-    }
-
-    #[test]
-    fn urls_are_redacted() {
-        assert_eq!(redact_url("redis://app:hunter2@redis:6379/0"), "redis://app:***@redis:6379/0");
-        assert_eq!(redact_url("redis://redis:6379"), "redis://redis:6379");
-        assert_eq!(redact_url("unix:///run/redis.sock?db=1&pass=hunter2"), "unix:///run/redis.sock?db=1&pass=***");
-        assert_eq!(redact_url("redis://hunter2@redis"), "redis://***@redis");
     }
 }

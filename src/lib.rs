@@ -1,38 +1,58 @@
-//! keystile: an API-key verification sidecar.
+//! keystile: an API-key verification sidecar. One engine, many front ends:
+//! a Verify flows one way, parse → shed → record source → checks →
+//! limiters → verdict, and every front end converts at its edge.
+//! `docs/architecture.md` draws the flow and says how to add a front end,
+//! a limiter or a store backend.
 //!
 //! # Layout
 //!
-//! - [`key`]: the key format (parse, checksum, generation) and the pepper
-//!   that turns secrets into stored hashes.
-//! - [`store`]: where records live: one [`store::KeyStore`] trait, an
-//!   in-memory and a Redis implementation, and the change feed.
+//! - [`verdict`]: the vocabulary: [`verdict::Request`], [`verdict::Verdict`]
+//!   and its [`verdict::Outcome`] (wire error, HTTP status, message and
+//!   metric label in one place), the headers. A leaf: imports no engine.
+//! - [`engine`]: the decision pipeline (`engine/mod.rs`, only the checks, in
+//!   order), the record source (`engine/source.rs`: cache + store + single
+//!   flight + outage breaker + change feed) and the last-used batcher
+//!   (`engine/usage.rs`).
+//! - [`limit`]: the [`limit::Limiter`] trait; the local GCRA buckets
+//!   (`limit/gcra.rs`) owned by a registry keyed by bucket id
+//!   (`limit/local.rs`); failed-attempt shedding (`limit/shedder.rs`);
+//!   policies (`limit/policy.rs`).
+//! - [`auth`]: a presented credential authenticated for a purpose (admin),
+//!   failures counted by transport peer, apart from Verify's.
+//! - [`admin`]: key lifecycle and the validation of every field.
 //! - [`cache`]: the moka cache with positive, negative and stale entries and
 //!   the generation fence against fill-after-revoke.
-//! - [`limit`]: per-key quotas and per-IP failed-attempt shedding (governor).
-//! - [`verify`]: the engine: SPEC §4's checks in order. No gRPC types.
-//! - [`admin`]: key lifecycle (create, update, revoke, rotate, delete) and
-//!   its validation. No gRPC types.
-//! - [`service`]: the gRPC edges: conversions and the one error → `Status` map.
-//! - [`server`]: the listener, health, reflection, background tasks and
-//!   graceful shutdown.
-//! - [`config`]: flags, environment, validation (all errors at once).
-//! - [`client`]: the `keystile keys …` CLI, a KeyAdmin client.
-//! - [`clock`]: injectable time for expiry, cache freshness and limiters.
-//! - [`telemetry`]: logging setup; [`metrics`]: the Prometheus instruments.
-//! - [`loadgen`]: `keystile bench`, the gRPC load generator.
+//! - [`store`]: one [`store::KeyStore`] trait, the in-memory store
+//!   (`store/memory.rs`) and Redis (`store/redis/`: the store, named
+//!   scripts, the change-feed follower, the connection).
+//! - [`key`]: the key format (parse, checksum, generation) and the pepper.
+//! - [`app`]: [`app::App::build`], the one place the engine is wired.
+//! - [`service`]: the gRPC front ends: conversions, the one error → status
+//!   map, the size cap and the RPC span layer; [`proto`]: generated code.
+//! - [`server`]: the port composed from a list of front ends, health,
+//!   reflection, background tasks, graceful shutdown.
+//! - [`config`]: flags, environment and file, validated (all errors at
+//!   once); [`secret`]: the redacting types.
+//! - [`clock`]: injectable time; [`telemetry`]: logs and traces;
+//!   [`metrics`]: the Prometheus instruments.
+//!
+//! The `keystile keys` CLI and `keystile bench` load generator live in the
+//! binary's own tree (`src/cli/`).
 
 pub mod admin;
+pub mod app;
+pub mod auth;
 pub mod cache;
-pub mod client;
 pub mod clock;
 pub mod config;
+pub mod engine;
 pub mod key;
 pub mod limit;
-pub mod loadgen;
 pub mod metrics;
 pub mod proto;
+pub mod secret;
 pub mod server;
 pub mod service;
 pub mod store;
 pub mod telemetry;
-pub mod verify;
+pub mod verdict;

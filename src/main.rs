@@ -1,21 +1,19 @@
 //! The `keystile` binary: parses the command line and wires the pieces.
+//! Configuration is validated before any port is bound (README,
+//! "Configuration"); the engine is wired by [`keystile::app::App`].
 
+mod cli;
+
+use std::ffi::OsString;
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-use keystile::admin::{ADMIN_SCOPE, Admin, KeySpec};
-use keystile::client::{self, KeysArgs};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use keystile::app::App;
 use keystile::clock::Clock;
-use keystile::config::{EX_USAGE, ServeArgs, ServeConfig, StoreChoice};
-use keystile::key::Env;
+use keystile::config::{EX_USAGE, ServeArgs, ServeConfig};
 use keystile::server;
-use keystile::store::KeyStore;
-use keystile::store::memory::MemoryStore;
-use keystile::store::redis::RedisStore;
-use keystile::verify::Engine;
 
 #[derive(Parser)]
 #[command(name = "keystile", version, about = "API-key verification sidecar")]
@@ -29,9 +27,9 @@ enum Command {
     /// Run the sidecar.
     Serve(Box<ServeArgs>),
     /// Manage keys through KeyAdmin.
-    Keys(Box<KeysArgs>),
+    Keys(Box<cli::keys::KeysArgs>),
     /// Load a server and report throughput, latency percentiles and errors.
-    Bench(Box<keystile::loadgen::BenchArgs>),
+    Bench(Box<cli::bench::BenchArgs>),
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -46,12 +44,10 @@ enum ConfigCommand {
 }
 
 fn main() -> ExitCode {
-    if let Some(path) = config_file_arg()
-        && let Err(errors) = keystile::config::apply_file(&path)
-    {
-        return config_errors(&errors);
-    }
-    let cli = Cli::parse();
+    let cli = match parse() {
+        Ok(cli) => cli,
+        Err(errors) => return config_errors(&errors),
+    };
     match cli.command {
         Command::Serve(args) => match args.validate() {
             Ok(config) => serve(config),
@@ -66,7 +62,7 @@ fn main() -> ExitCode {
         },
         Command::Bench(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime");
-            match runtime.block_on(keystile::loadgen::run(*args)) {
+            match runtime.block_on(cli::bench::run(*args)) {
                 Ok(reports) if reports.iter().all(|r| r.errors == 0) => ExitCode::SUCCESS,
                 Ok(_) => {
                     eprintln!("error: some requests failed");
@@ -80,7 +76,7 @@ fn main() -> ExitCode {
         }
         Command::Keys(args) => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
-            match runtime.block_on(client::run(*args)) {
+            match runtime.block_on(cli::keys::run(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {}", e.message);
@@ -91,21 +87,31 @@ fn main() -> ExitCode {
     }
 }
 
-/// `--config FILE` of `serve` or `config check`, or `KEYSTILE_CONFIG`.
-fn config_file_arg() -> Option<std::path::PathBuf> {
-    let args: Vec<String> = std::env::args().collect();
-    if !matches!(args.get(1).map(String::as_str), Some("serve" | "config")) {
-        return None;
-    }
-    for (i, a) in args.iter().enumerate() {
-        if a == "--config" {
-            return args.get(i + 1).map(Into::into);
+/// Parses the command line; for `serve` and `config check` with a settings
+/// file, parses it again with the file's settings added beneath the flags
+/// and variables (see `keystile::config::file_args`).
+fn parse() -> Result<Cli, Vec<String>> {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let matches = Cli::command().get_matches_from(&argv);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let (args, sub) = match (&cli.command, matches.subcommand()) {
+        (Command::Serve(args), Some((_, sub))) => (args, sub),
+        (Command::Config { command: ConfigCommand::Check(args) }, Some((_, m))) => {
+            (args, m.subcommand().map(|(_, sub)| sub).expect("config has a subcommand"))
         }
-        if let Some(p) = a.strip_prefix("--config=") {
-            return Some(p.into());
-        }
+        _ => return Ok(cli),
+    };
+    let Some(path) = args.config.clone() else { return Ok(cli) };
+    let extra = keystile::config::file_args(&path, sub)?;
+    if extra.is_empty() {
+        return Ok(cli);
     }
-    std::env::var_os("KEYSTILE_CONFIG").map(Into::into)
+    let argv = argv.into_iter().chain(extra.into_iter().map(OsString::from));
+    Cli::try_parse_from(argv).map_err(|e| {
+        let text = e.to_string();
+        let first = text.lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
+        vec![format!("config file {}: {first}", path.display())]
+    })
 }
 
 fn config_errors(errors: &[String]) -> ExitCode {
@@ -144,25 +150,14 @@ async fn run(config: ServeConfig, workers: usize) -> Result<(), Box<dyn std::err
         keystile::metrics::install(addr)?;
         tracing::info!(%addr, "serving metrics");
     }
-    let store: Arc<dyn KeyStore> = match &config.store {
-        StoreChoice::Memory => Arc::new(MemoryStore::new()),
-        StoreChoice::Redis { url, namespace } => Arc::new(RedisStore::open(url, namespace, Duration::from_secs(1))?),
-    };
-    let engine = Arc::new(Engine::new(config.engine.clone(), store, Clock::system()));
+    let store = config.store.open()?;
+    let app = Arc::new(App::build(config.engine.clone(), store, Clock::system()));
     if config.dev {
         if config.pepper_generated {
             tracing::warn!("dev mode: the pepper is random, keys stop verifying when this process ends");
         }
-        let env = if config.engine.format.accepts_env(Env::Live) { Env::Live } else { Env::Test };
-        let minted = Admin::new(engine.clone())
-            .create(KeySpec {
-                name: "dev admin".into(),
-                env: env.to_string(),
-                scopes: vec![ADMIN_SCOPE.into()],
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| format!("could not mint the dev admin key: {e}"))?;
+        let minted =
+            app.mint_admin_key("dev admin").await.map_err(|e| format!("could not mint the dev admin key: {e}"))?;
         let mut out = std::io::stdout().lock();
         writeln!(out, "KEYSTILE_ADMIN_KEY={}", minted.key.expose())?;
         out.flush()?;
@@ -171,7 +166,7 @@ async fn run(config: ServeConfig, workers: usize) -> Result<(), Box<dyn std::err
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "listening");
-    server::serve(engine, config.server.clone(), listener, shutdown_signal()).await?;
+    server::serve(app, config.server.clone(), listener, shutdown_signal()).await?;
     tracing::info!("stopped");
     tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
     Ok(())

@@ -1,4 +1,4 @@
-//! Prometheus metrics (SPEC §8), through the `metrics` facade. Handles are
+//! Prometheus metrics (README, "Metrics, traces, logs"), through the `metrics` facade. Handles are
 //! registered once, when the engine is built, so the hot path only bumps
 //! atomics. Without an installed recorder (tests, the CLI) they do nothing.
 //!
@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
-use crate::verify::Code;
+use crate::verdict::Outcome;
 
 pub const VERIFY_SECONDS: &str = "keystile_verify_duration_seconds";
 const VERIFY_BUCKETS: &[f64] =
@@ -26,36 +26,6 @@ pub fn install(addr: SocketAddr) -> Result<(), String> {
         .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
     gauge!("keystile_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(())
-}
-
-/// Every code, in the order of [`Code`]'s variants.
-const CODES: [Code; 10] = [
-    Code::Valid,
-    Code::Malformed,
-    Code::TooManyFailedAttempts,
-    Code::NotFound,
-    Code::Revoked,
-    Code::Expired,
-    Code::TenantMismatch,
-    Code::IpNotAllowed,
-    Code::InsufficientScope,
-    Code::RateLimited,
-];
-
-/// The label value of a verdict code.
-pub fn code_label(code: Code) -> &'static str {
-    match code {
-        Code::Valid => "valid",
-        Code::Malformed => "malformed",
-        Code::TooManyFailedAttempts => "too_many_failed_attempts",
-        Code::NotFound => "not_found",
-        Code::Revoked => "revoked",
-        Code::Expired => "expired",
-        Code::TenantMismatch => "tenant_mismatch",
-        Code::IpNotAllowed => "ip_not_allowed",
-        Code::InsufficientScope => "insufficient_scope",
-        Code::RateLimited => "rate_limited",
-    }
 }
 
 /// The engine's instruments.
@@ -89,7 +59,7 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         Metrics {
-            verdicts: CODES.map(|c| counter!("keystile_verify_verdicts_total", "code" => code_label(c))),
+            verdicts: Outcome::ALL.map(|o| counter!("keystile_verify_verdicts_total", "code" => o.label())),
             verify_seconds: histogram!(VERIFY_SECONDS),
             verify_unavailable: counter!("keystile_verify_errors_total", "kind" => "store_unavailable"),
             cache_hits: counter!("keystile_cache_lookups_total", "result" => "hit"),
@@ -110,19 +80,7 @@ impl Metrics {
     }
 
     #[inline]
-    pub fn verdict(&self, code: Code) {
-        self.verdicts[code as usize].increment(1);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn codes_are_indexed_by_discriminant() {
-        for (i, c) in CODES.iter().enumerate() {
-            assert_eq!(*c as usize, i);
-        }
+    pub fn verdict(&self, outcome: Outcome) {
+        self.verdicts[outcome as usize].increment(1);
     }
 }

@@ -1,7 +1,11 @@
-//! The sidecar's gRPC port: Verifier, KeyAdmin, grpc.health.v1 and server
-//! reflection (v1 and v1alpha), plus the background tasks that keep the
-//! cache honest (change feed), the store informed (last-used batches) and
-//! memory bounded (purges). Shutdown is passed in as a future.
+//! The sidecar's gRPC port, composed from a list of front ends (README,
+//! "Health"; docs/architecture.md, "Adding a front end"): grpc.health.v1
+//! and server reflection (v1 and v1alpha) always, then every enabled
+//! [`FrontEnd`]. Every service is capped at
+//! [`service::MAX_REQUEST_BYTES`](crate::service::MAX_REQUEST_BYTES) and runs
+//! inside the same RPC span layer. Background tasks keep the cache honest
+//! (change feed), the store informed (last-used batches) and memory bounded
+//! (purges). Shutdown is passed in as a future.
 //!
 //! Health: the empty service name and `keystile.v1.Verifier` report
 //! readiness (SERVING once the store answers and the change feed is live,
@@ -16,25 +20,35 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
+use tonic::service::{Routes, RoutesBuilder};
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::admin::Admin;
+use crate::app::App;
 use crate::proto;
+use crate::service::MAX_REQUEST_BYTES;
 use crate::service::admin::AdminService;
 use crate::service::verifier::VerifierService;
 use crate::store::FeedEvent;
-use crate::verify::Engine;
 
 /// Service names reported by grpc.health.v1.
 pub const READINESS: [&str; 2] = ["", "keystile.v1.Verifier"];
 pub const LIVENESS: &str = "liveness";
 
+/// A set of gRPC services served on the shared port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrontEnd {
+    /// `keystile.v1.Verifier`.
+    Verifier,
+    /// `keystile.v1.KeyAdmin`.
+    KeyAdmin,
+}
+
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
-    /// Serve KeyAdmin on the same port.
-    pub admin_enabled: bool,
+    /// The front ends to serve, besides health and reflection.
+    pub front_ends: Vec<FrontEnd>,
     /// HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
     /// Calls in progress per connection beyond which new ones are shed
@@ -49,7 +63,7 @@ pub struct ServerOptions {
 impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
-            admin_enabled: true,
+            front_ends: vec![FrontEnd::Verifier, FrontEnd::KeyAdmin],
             max_concurrent_streams: 1024,
             max_inflight_per_connection: 1024,
             shutdown_grace: Duration::from_secs(10),
@@ -58,9 +72,51 @@ impl Default for ServerOptions {
     }
 }
 
+/// Health, reflection and every front end in `front_ends`, each capped at
+/// [`MAX_REQUEST_BYTES`].
+fn routes(
+    app: &App,
+    front_ends: &[FrontEnd],
+    health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) -> Routes {
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let mut routes = RoutesBuilder::default();
+    routes
+        .add_service(health.max_decoding_message_size(MAX_REQUEST_BYTES))
+        .add_service(
+            reflection()
+                .build_v1()
+                .expect("the embedded descriptors are valid")
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            reflection()
+                .build_v1alpha()
+                .expect("the embedded descriptors are valid")
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        );
+    for front_end in front_ends {
+        match front_end {
+            FrontEnd::Verifier => {
+                routes.add_service(VerifierService::new(app.engine.clone()).into_server());
+            }
+            FrontEnd::KeyAdmin => {
+                routes.add_service(
+                    AdminService::new(app.admin.clone(), app.auth.clone(), app.clock.clone()).into_server(),
+                );
+            }
+        }
+    }
+    routes.routes()
+}
+
 /// Serves on `listener` until `shutdown` completes, then drains.
 pub async fn serve(
-    engine: Arc<Engine>,
+    app: Arc<App>,
     options: ServerOptions,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -73,9 +129,9 @@ pub async fn serve(
 
     let stop = CancellationToken::new();
     let tasks = CancellationToken::new();
-    tokio::spawn(follow_feed(engine.clone(), health.clone(), stop.clone(), tasks.clone()));
-    tokio::spawn(flush_usage(engine.clone(), options.last_used_flush, tasks.clone()));
-    tokio::spawn(purge(engine.clone(), tasks.clone()));
+    tokio::spawn(follow_feed(app.clone(), health.clone(), stop.clone(), tasks.clone()));
+    tokio::spawn(flush_usage(app.clone(), options.last_used_flush, tasks.clone()));
+    tokio::spawn(purge(app.clone(), tasks.clone()));
     {
         let (stop, health) = (stop.clone(), health.clone());
         tokio::spawn(async move {
@@ -88,30 +144,16 @@ pub async fn serve(
         });
     }
 
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection().build_v1().expect("the embedded descriptors are valid");
-    let reflection_v1alpha = reflection().build_v1alpha().expect("the embedded descriptors are valid");
-
     // serve_with_incoming ignores the builder's tcp_nodelay: set it here.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let admin = options
-        .admin_enabled
-        .then(|| AdminService::new(Admin::new(engine.clone()), engine.clock().clone()).into_server());
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(options.max_concurrent_streams)
         .concurrency_limit_per_connection(options.max_inflight_per_connection)
         .load_shed(true)
         .layer(crate::service::limits::oversize_is_invalid_argument())
+        .layer(crate::service::span::RpcSpanLayer)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(VerifierService::new(engine.clone()).into_server())
-        .add_optional_service(admin);
+        .add_routes(routes(&app, &options.front_ends, health_service));
 
     let served = router.serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
     let grace = options.shutdown_grace;
@@ -123,7 +165,7 @@ pub async fn serve(
         }
     };
     tasks.cancel();
-    match engine.flush_usage().await {
+    match app.usage.flush().await {
         Ok(n) => tracing::info!(keys = n, "last-used timestamps flushed"),
         Err(e) => tracing::warn!(error = %e, "could not flush last-used timestamps"),
     }
@@ -132,12 +174,13 @@ pub async fn serve(
 
 /// Applies the store's change feed to the cache and turns its state into
 /// readiness.
-async fn follow_feed(engine: Arc<Engine>, health: HealthReporter, stop: CancellationToken, tasks: CancellationToken) {
-    let mut feed = engine.store().feed();
-    let stale_window = engine.settings().cache.stale_window;
+async fn follow_feed(app: Arc<App>, health: HealthReporter, stop: CancellationToken, tasks: CancellationToken) {
+    let mut feed = app.store.feed();
+    let stale_window = app.settings.cache.stale_window;
+    let metrics = &app.metrics;
     // Subscribed first, then asked: no transition can fall between.
-    let mut down_since = (!engine.store().feed_is_live()).then(tokio::time::Instant::now);
-    engine.metrics().feed_connected.set(if down_since.is_none() { 1.0 } else { 0.0 });
+    let mut down_since = (!app.store.feed_is_live()).then(tokio::time::Instant::now);
+    metrics.feed_connected.set(if down_since.is_none() { 1.0 } else { 0.0 });
     let mut ready = false;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
@@ -148,17 +191,17 @@ async fn follow_feed(engine: Arc<Engine>, health: HealthReporter, stop: Cancella
         };
         match event {
             Some(Ok(ev)) => {
-                engine.apply(&ev);
+                app.records.apply(&ev);
                 match ev {
                     FeedEvent::Connected => {
                         if down_since.is_some() && ready {
-                            engine.metrics().feed_reconnects.increment(1);
+                            metrics.feed_reconnects.increment(1);
                         }
-                        engine.metrics().feed_connected.set(1.0);
+                        metrics.feed_connected.set(1.0);
                         down_since = None;
                     }
                     FeedEvent::Disconnected => {
-                        engine.metrics().feed_connected.set(0.0);
+                        metrics.feed_connected.set(0.0);
                         tracing::warn!("change feed lost; cached keys keep verifying for the stale window");
                         down_since = Some(tokio::time::Instant::now());
                     }
@@ -167,7 +210,7 @@ async fn follow_feed(engine: Arc<Engine>, health: HealthReporter, stop: Cancella
             }
             Some(Err(RecvError::Lagged(n))) => {
                 tracing::warn!(missed = n, "change feed lagged; dropping the whole cache");
-                engine.apply(&FeedEvent::InvalidateAll);
+                app.records.apply(&FeedEvent::InvalidateAll);
             }
             Some(Err(RecvError::Closed)) => return,
             None => {}
@@ -181,7 +224,7 @@ async fn follow_feed(engine: Arc<Engine>, health: HealthReporter, stop: Cancella
             };
         if want != ready {
             ready = want;
-            engine.metrics().ready.set(if ready { 1.0 } else { 0.0 });
+            metrics.ready.set(if ready { 1.0 } else { 0.0 });
             let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
             tracing::info!(ready, "readiness changed");
             for name in READINESS {
@@ -191,14 +234,14 @@ async fn follow_feed(engine: Arc<Engine>, health: HealthReporter, stop: Cancella
     }
 }
 
-async fn flush_usage(engine: Arc<Engine>, every: Duration, tasks: CancellationToken) {
+async fn flush_usage(app: Arc<App>, every: Duration, tasks: CancellationToken) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
         tokio::select! {
             _ = tasks.cancelled() => return,
             _ = tick.tick() => {
-                if let Err(e) = engine.flush_usage().await {
+                if let Err(e) = app.usage.flush().await {
                     tracing::debug!(error = %e, "last-used flush failed; will retry");
                 }
             }
@@ -206,12 +249,15 @@ async fn flush_usage(engine: Arc<Engine>, every: Duration, tasks: CancellationTo
     }
 }
 
-async fn purge(engine: Arc<Engine>, tasks: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(10));
+/// How often idle addresses and whole buckets are forgotten.
+pub const PURGE_EVERY: Duration = Duration::from_secs(10);
+
+async fn purge(app: Arc<App>, tasks: CancellationToken) {
+    let mut tick = tokio::time::interval(PURGE_EVERY);
     loop {
         tokio::select! {
             _ = tasks.cancelled() => return,
-            _ = tick.tick() => engine.purge(),
+            _ = tick.tick() => app.purge(),
         }
     }
 }

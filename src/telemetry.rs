@@ -95,42 +95,40 @@ pub fn init(format: LogFormat) -> Result<Telemetry, String> {
     Ok(Telemetry { provider })
 }
 
-/// Reads W3C trace context from gRPC request metadata.
-pub struct MetadataExtractor<'a>(pub &'a tonic::metadata::MetadataMap);
+/// Reads W3C trace context from HTTP/2 request headers.
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
 
-impl Extractor for MetadataExtractor<'_> {
+impl Extractor for HeaderExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
         self.0.get(key).and_then(|v| v.to_str().ok())
     }
 
     fn keys(&self) -> Vec<&str> {
-        self.0
-            .keys()
-            .filter_map(|k| match k {
-                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
-                tonic::metadata::KeyRef::Binary(_) => None,
-            })
-            .collect()
+        self.0.keys().map(|k| k.as_str()).collect()
     }
 }
 
-/// The span of one Verify, child of the caller's `traceparent` if any;
-/// `Span::none()` when traces are not exported.
-pub fn verify_span(metadata: &tonic::metadata::MetadataMap) -> tracing::Span {
+/// The span of one RPC at `path` (`/package.Service/Method`), child of the
+/// caller's `traceparent` if any; `Span::none()` when traces are not
+/// exported. Handlers add their own fields (Verify records
+/// `keystile.code`) to `Span::current()`.
+pub fn rpc_span(path: &str, headers: &http::HeaderMap) -> tracing::Span {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
     if !traces_enabled() {
         return tracing::Span::none();
     }
+    let name = path.trim_start_matches('/');
+    let (service, method) = name.split_once('/').unwrap_or((name, ""));
     let span = tracing::info_span!(
-        "Verify",
-        otel.name = "keystile.v1.Verifier/Verify",
+        "rpc",
+        otel.name = name,
         otel.kind = "server",
         rpc.system = "grpc",
-        rpc.service = "keystile.v1.Verifier",
-        rpc.method = "Verify",
+        rpc.service = service,
+        rpc.method = method,
         keystile.code = tracing::field::Empty,
     );
-    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)));
+    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
     let _ = span.set_parent(parent);
     span
 }

@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use common::*;
 use keystile::clock::Clock;
+use keystile::engine::EngineSettings;
 use keystile::proto::{self, Code, KeyState};
 use keystile::server::ServerOptions;
 use keystile::store::KeyStore;
 use keystile::store::memory::MemoryStore;
 use keystile::store::redis::RedisStore;
-use keystile::verify::EngineSettings;
 
 const START: i64 = 1_800_000_000;
 
@@ -218,7 +218,7 @@ async fn lifecycle(s: &TestServer) {
         admin.get_key(req).await.unwrap().into_inner().record.unwrap().last_used_at
     };
     assert_eq!(last_used(&mut admin).await, 0, "not written per request");
-    let written = s.engine.flush_usage().await.unwrap();
+    let written = s.app.usage.flush().await.unwrap();
     assert!(written >= 1);
     assert_eq!(last_used(&mut admin).await, s.clock.unix_seconds());
 }

@@ -9,12 +9,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use keystile::admin::{Admin, KeySpec};
+use keystile::admin::KeySpec;
+use keystile::app::App;
 use keystile::clock::Clock;
+use keystile::engine::EngineSettings;
 use keystile::proto::{self, Code};
 use keystile::store::memory::MemoryStore;
 use keystile::store::redis::RedisStore;
-use keystile::verify::{Code as Verdict, Engine, EngineSettings, Request};
+use keystile::verdict::{Outcome as Verdict, Request};
 
 const PEPPER: &str = "2222222222222222222222222222222222222222222222222222222222222222";
 
@@ -150,8 +152,8 @@ async fn a_restarted_redis_is_resynced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lookup_that_began_before_a_revocation_never_refills_the_cache() {
     let store = Arc::new(MemoryStore::new());
-    let engine = Arc::new(Engine::new(EngineSettings::new(test_pepper()), store.clone(), Clock::system()));
-    let admin = Arc::new(Admin::new(engine.clone()));
+    let app = App::build(EngineSettings::new(test_pepper()), store.clone(), Clock::system());
+    let (engine, admin) = (app.engine.clone(), app.admin.clone());
     let (mut saw_valid, mut saw_revoked) = (0, 0);
     for i in 0..3000u32 {
         store.set_latency(Duration::from_millis(u64::from(i % 2)));
@@ -162,7 +164,7 @@ async fn a_lookup_that_began_before_a_revocation_never_refills_the_cache() {
         let lookup = tokio::spawn({
             let (engine, key) = (engine.clone(), key.clone());
             async move {
-                engine.verify(&Request { key: &key, ip: None, scopes: &[], tenant: "", cost: 1 }).await.unwrap().code
+                engine.verify(&Request { key: &key, ip: None, scopes: &[], tenant: "", cost: 1 }).await.unwrap().outcome
             }
         });
         let revoke = tokio::spawn({
@@ -181,7 +183,7 @@ async fn a_lookup_that_began_before_a_revocation_never_refills_the_cache() {
         }
         revoke.await.unwrap();
         let after = engine.verify(&Request { key: &key, ip: None, scopes: &[], tenant: "", cost: 1 }).await.unwrap();
-        assert_eq!(after.code, Verdict::Revoked, "iteration {i}: a stale lookup put the key back");
+        assert_eq!(after.outcome, Verdict::Revoked, "iteration {i}: a stale lookup put the key back");
     }
     println!("lookups that saw the key valid: {saw_valid}, revoked: {saw_revoked}");
     assert!(saw_valid > 0 && saw_revoked > 0, "both orders were exercised");
@@ -193,18 +195,18 @@ async fn a_lookup_that_began_before_a_revocation_never_refills_the_cache() {
 async fn no_refill_across_replicas_on_redis() {
     let redis = RedisServer::start();
     let open = || Arc::new(RedisStore::open(&redis.url(), "keystile", Duration::from_secs(1)).unwrap());
-    let a = Arc::new(Engine::new(EngineSettings::new(test_pepper()), open(), Clock::system()));
-    let b = Arc::new(Engine::new(EngineSettings::new(test_pepper()), open(), Clock::system()));
+    let a = App::build(EngineSettings::new(test_pepper()), open(), Clock::system());
+    let b_app = App::build(EngineSettings::new(test_pepper()), open(), Clock::system());
+    let b = b_app.engine.clone();
     let b_feed = tokio::spawn({
-        let b = b.clone();
+        let (records, mut feed) = (b_app.records.clone(), b_app.store.feed());
         async move {
-            let mut feed = b.store().feed();
             while let Ok(ev) = feed.recv().await {
-                b.apply(&ev);
+                records.apply(&ev);
             }
         }
     });
-    let admin = Arc::new(Admin::new(a.clone()));
+    let admin = a.admin.clone();
     for i in 0..300 {
         let minted =
             admin.create(KeySpec { name: "race".into(), env: "live".into(), ..Default::default() }).await.unwrap();
@@ -213,13 +215,16 @@ async fn no_refill_across_replicas_on_redis() {
         let req = |k: &str| Request { key: k, ip: None, scopes: &[], tenant: "", cost: 1 }.key.to_string();
         let lookup = tokio::spawn({
             let (b, key) = (b.clone(), req(&key));
-            async move { b.verify(&Request { key: &key, ip: None, scopes: &[], tenant: "", cost: 1 }).await.unwrap().code }
+            async move {
+                b.verify(&Request { key: &key, ip: None, scopes: &[], tenant: "", cost: 1 }).await.unwrap().outcome
+            }
         });
         admin.revoke(&id).await.unwrap();
         let _ = lookup.await.unwrap();
         let t0 = Instant::now();
         loop {
-            let code = b.verify(&Request { key: &key, ip: None, scopes: &[], tenant: "", cost: 1 }).await.unwrap().code;
+            let code =
+                b.verify(&Request { key: &key, ip: None, scopes: &[], tenant: "", cost: 1 }).await.unwrap().outcome;
             if code == Verdict::Revoked {
                 break;
             }
@@ -227,7 +232,8 @@ async fn no_refill_across_replicas_on_redis() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         for _ in 0..3 {
-            let code = b.verify(&Request { key: &key, ip: None, scopes: &[], tenant: "", cost: 1 }).await.unwrap().code;
+            let code =
+                b.verify(&Request { key: &key, ip: None, scopes: &[], tenant: "", cost: 1 }).await.unwrap().outcome;
             assert_eq!(code, Verdict::Revoked, "iteration {i}: refilled after the revocation was seen");
         }
     }

@@ -207,7 +207,7 @@ async fn health_of(s: &TestServer, service: &str) -> i32 {
 async fn readiness_drops_past_the_stale_window_and_liveness_stays() {
     use tonic_health::pb::health_check_response::ServingStatus;
     let mut redis = RedisServer::start();
-    let mut settings = keystile::verify::EngineSettings::new(test_pepper());
+    let mut settings = keystile::engine::EngineSettings::new(test_pepper());
     settings.cache.stale_window = Duration::from_secs(1);
     let store = Arc::new(RedisStore::open(&redis.url(), "keystile", Duration::from_millis(200)).unwrap());
     let s = TestServer::start_with(
@@ -242,7 +242,7 @@ async fn last_used_is_written_in_batches_not_per_request() {
     let store = Arc::new(RedisStore::open(&redis.url(), "keystile", Duration::from_secs(1)).unwrap());
     let s = TestServer::start_with(
         store,
-        keystile::verify::EngineSettings::new(test_pepper()),
+        keystile::engine::EngineSettings::new(test_pepper()),
         options,
         keystile::clock::Clock::system(),
     )
@@ -283,7 +283,7 @@ async fn last_used_is_written_in_batches_not_per_request() {
 async fn shutdown_drains_calls_in_flight() {
     use tonic_health::pb::health_check_response::ServingStatus;
     let store = Arc::new(MemoryStore::new());
-    let mut settings = keystile::verify::EngineSettings::new(test_pepper());
+    let mut settings = keystile::engine::EngineSettings::new(test_pepper());
     settings.store_timeout = Duration::from_secs(5);
     let options = keystile::server::ServerOptions { shutdown_grace: Duration::from_secs(5), ..Default::default() };
     let s = TestServer::start_with(store.clone(), settings, options, keystile::clock::Clock::system()).await;

@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use common::*;
 use keystile::clock::Clock;
+use keystile::engine::EngineSettings;
 use keystile::key::{Env, KeyFormat, assemble, generate};
 use keystile::proto::{self, Code};
 use keystile::server::ServerOptions;
 use keystile::store::KeyStore;
 use keystile::store::memory::MemoryStore;
 use keystile::store::redis::RedisStore;
-use keystile::verify::EngineSettings;
 
 const START: i64 = 1_800_000_000;
 

@@ -1,22 +1,27 @@
-//! `keystile.v1.KeyAdmin`: authorizes every call with the caller's admin
-//! key, converts at the edge and leaves the rest to [`crate::admin::Admin`].
+//! `keystile.v1.KeyAdmin`: authenticates every call with the caller's admin
+//! key ([`crate::auth`], by transport peer), converts at the edge and leaves
+//! the rest to [`crate::admin::Admin`].
+
+use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
 use super::status;
 use crate::admin::{self, Admin, KeyPatch, KeySpec, KeyState};
+use crate::auth::{Authenticator, Purpose};
 use crate::clock::Clock;
 use crate::proto;
 use crate::store::{KeyRecord, RateLimitPolicy};
 
 pub struct AdminService {
-    admin: Admin,
+    admin: Arc<Admin>,
+    auth: Arc<Authenticator>,
     clock: Clock,
 }
 
 impl AdminService {
-    pub fn new(admin: Admin, clock: Clock) -> AdminService {
-        AdminService { admin, clock }
+    pub fn new(admin: Arc<Admin>, auth: Arc<Authenticator>, clock: Clock) -> AdminService {
+        AdminService { admin, auth, clock }
     }
 
     pub fn into_server(self) -> proto::key_admin_server::KeyAdminServer<Self> {
@@ -26,7 +31,7 @@ impl AdminService {
     async fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
         let bearer = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
         let ip = request.remote_addr().map(|a| a.ip().to_canonical());
-        self.admin.authorize(bearer, ip).await.map_err(|e| status::from_admin(&e))
+        self.auth.authenticate(bearer, Purpose::Admin, ip).await.map(drop).map_err(|e| status::from_auth(&e))
     }
 
     fn record(&self, r: &KeyRecord) -> proto::KeyRecord {

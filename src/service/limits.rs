@@ -1,5 +1,5 @@
-//! Request-size limit as SPEC §4 words it: a message over 16 KiB is
-//! `INVALID_ARGUMENT`. tonic rejects an oversized message while decoding, as
+//! Request-size limit as the README words it: a message over 16 KiB is
+//! `INVALID_ARGUMENT`, on every service of the port. tonic rejects an oversized message while decoding, as
 //! `OUT_OF_RANGE`, before any handler runs; this layer renames that one
 //! answer. Handlers never answer `OUT_OF_RANGE` themselves.
 

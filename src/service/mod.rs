@@ -1,11 +1,14 @@
-//! The gRPC edges. Generated types stop here: requests are converted into
-//! domain types on the way in, verdicts and records on the way out, and
-//! [`status`] is the one place where errors become a `tonic::Status`.
+//! The gRPC front ends. Generated types stop here: requests are converted
+//! into domain types on the way in, verdicts and records on the way out,
+//! and [`status`] is the one place where errors become a `tonic::Status`.
+//! Every service is capped at [`MAX_REQUEST_BYTES`] ([`limits`]) and runs
+//! inside the same RPC span ([`span`]).
 
 pub mod admin;
 pub mod limits;
+pub mod span;
 pub mod status;
 pub mod verifier;
 
-/// Largest request message accepted (SPEC §4).
+/// Largest request message any service accepts (README, "Verdicts").
 pub const MAX_REQUEST_BYTES: usize = 16 * 1024;

@@ -3,19 +3,27 @@
 use tonic::{Code, Status};
 
 use crate::admin::AdminError;
-use crate::verify::VerifyError;
+use crate::auth::AuthError;
+use crate::verdict::VerifyError;
 
 /// `UNAVAILABLE`: the answer needs the store and the store did not answer.
 pub fn from_verify(e: &VerifyError) -> Status {
     Status::unavailable(e.to_string())
 }
 
+pub fn from_auth(e: &AuthError) -> Status {
+    let code = match e {
+        AuthError::Unauthenticated(_) => Code::Unauthenticated,
+        AuthError::PermissionDenied(_) => Code::PermissionDenied,
+        AuthError::RateLimited | AuthError::TooManyFailedAttempts(_) => Code::ResourceExhausted,
+        AuthError::Unavailable => Code::Unavailable,
+    };
+    Status::new(code, e.to_string())
+}
+
 pub fn from_admin(e: &AdminError) -> Status {
     let code = match e {
         AdminError::Invalid(_) => Code::InvalidArgument,
-        AdminError::Unauthenticated(_) => Code::Unauthenticated,
-        AdminError::PermissionDenied(_) => Code::PermissionDenied,
-        AdminError::RateLimited => Code::ResourceExhausted,
         AdminError::NotFound(_) => Code::NotFound,
         AdminError::FailedPrecondition(_) => Code::FailedPrecondition,
         AdminError::Conflict => Code::Aborted,

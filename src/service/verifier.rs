@@ -1,16 +1,17 @@
 //! `keystile.v1.Verifier`: converts the request, asks the engine, writes the
-//! verdict and its headers into the response and its metadata.
+//! verdict and its headers into the response and its metadata (README,
+//! "Verdicts" and "Headers").
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 use super::status;
+use crate::engine::Engine;
 use crate::proto;
-use crate::verify::{self, Code, Engine, Verdict};
+use crate::verdict::{self, Outcome, Verdict};
 
 const MAX_SCOPES: usize = 64;
 const MAX_SCOPE_LEN: usize = 128;
@@ -37,7 +38,7 @@ pub fn parse_ip(ip: &str) -> Option<IpAddr> {
     ip.trim().parse::<IpAddr>().ok().map(|a| a.to_canonical())
 }
 
-impl<'a> TryFrom<&'a proto::VerifyRequest> for verify::Request<'a> {
+impl<'a> TryFrom<&'a proto::VerifyRequest> for verdict::Request<'a> {
     type Error = Status;
 
     fn try_from(r: &'a proto::VerifyRequest) -> Result<Self, Status> {
@@ -53,7 +54,7 @@ impl<'a> TryFrom<&'a proto::VerifyRequest> for verify::Request<'a> {
         if r.tenant.len() > MAX_TENANT_LEN {
             return Err(status::invalid(format!("tenant is longer than {MAX_TENANT_LEN} bytes")));
         }
-        Ok(verify::Request {
+        Ok(verdict::Request {
             key: &r.key,
             ip: parse_ip(&r.ip),
             scopes: &r.scopes,
@@ -63,23 +64,23 @@ impl<'a> TryFrom<&'a proto::VerifyRequest> for verify::Request<'a> {
     }
 }
 
-fn wire_code(code: Code) -> proto::Code {
-    match code {
-        Code::Valid => proto::Code::Valid,
-        Code::Malformed => proto::Code::Malformed,
-        Code::NotFound => proto::Code::NotFound,
-        Code::Revoked => proto::Code::Revoked,
-        Code::Expired => proto::Code::Expired,
-        Code::TenantMismatch => proto::Code::TenantMismatch,
-        Code::IpNotAllowed => proto::Code::IpNotAllowed,
-        Code::InsufficientScope => proto::Code::InsufficientScope,
-        Code::TooManyFailedAttempts | Code::RateLimited => proto::Code::RateLimited,
+fn wire_code(outcome: Outcome) -> proto::Code {
+    match outcome {
+        Outcome::Valid => proto::Code::Valid,
+        Outcome::Malformed => proto::Code::Malformed,
+        Outcome::NotFound => proto::Code::NotFound,
+        Outcome::Revoked => proto::Code::Revoked,
+        Outcome::Expired => proto::Code::Expired,
+        Outcome::TenantMismatch => proto::Code::TenantMismatch,
+        Outcome::IpNotAllowed => proto::Code::IpNotAllowed,
+        Outcome::InsufficientScope => proto::Code::InsufficientScope,
+        Outcome::TooManyFailedAttempts | Outcome::RateLimited => proto::Code::RateLimited,
     }
 }
 
 /// The response message and the metadata carrying the same headers.
 pub fn to_response(verdict: &Verdict, now_unix: i64) -> (proto::VerifyResponse, MetadataMap) {
-    let headers = verify::headers(verdict, now_unix);
+    let headers = verdict::headers(verdict, now_unix);
     let mut metadata = MetadataMap::with_capacity(headers.len());
     for (name, value) in &headers {
         if let Ok(v) = MetadataValue::try_from(value.as_str()) {
@@ -88,10 +89,10 @@ pub fn to_response(verdict: &Verdict, now_unix: i64) -> (proto::VerifyResponse, 
     }
     let mut resp = proto::VerifyResponse {
         valid: verdict.is_valid(),
-        code: wire_code(verdict.code) as i32,
-        error: verdict.code.error().to_string(),
-        http_status: verdict.code.http_status() as u32,
-        message: verdict.code.message().to_string(),
+        code: wire_code(verdict.outcome) as i32,
+        error: verdict.outcome.error().to_string(),
+        http_status: verdict.outcome.http_status() as u32,
+        message: verdict.outcome.message().to_string(),
         headers: headers.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
         ..Default::default()
     };
@@ -120,12 +121,11 @@ pub fn to_response(verdict: &Verdict, now_unix: i64) -> (proto::VerifyResponse, 
 #[tonic::async_trait]
 impl proto::verifier_server::Verifier for VerifierService {
     async fn verify(&self, request: Request<proto::VerifyRequest>) -> Result<Response<proto::VerifyResponse>, Status> {
-        let span = crate::telemetry::verify_span(request.metadata());
         let msg = request.into_inner();
-        let req = verify::Request::try_from(&msg)?;
-        let verdict = self.engine.verify(&req).instrument(span.clone()).await.map_err(|e| status::from_verify(&e))?;
-        if !span.is_none() {
-            span.record("keystile.code", crate::metrics::code_label(verdict.code));
+        let req = verdict::Request::try_from(&msg)?;
+        let verdict = self.engine.verify(&req).await.map_err(|e| status::from_verify(&e))?;
+        if crate::telemetry::traces_enabled() {
+            tracing::Span::current().record("keystile.code", verdict.outcome.label());
         }
         let (body, metadata) = to_response(&verdict, self.engine.clock().unix_seconds());
         let mut response = Response::new(body);

@@ -1,4 +1,4 @@
-//! Where keys live (SPEC §3). One trait, [`KeyStore`]; the verify engine does
+//! Where keys live (README, "Storage, cache and revocation"). One trait, [`KeyStore`]; the verify engine does
 //! not know whether it talks to [`memory::MemoryStore`] (embedded, `serve
 //! --dev`, tests) or [`redis::RedisStore`] (production, shared by replicas).
 //!
@@ -9,12 +9,45 @@ pub mod memory;
 pub mod record;
 pub mod redis;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
-pub use record::{KeyRecord, RateLimitPolicy};
+pub use record::KeyRecord;
+
+pub use crate::limit::RateLimitPolicy;
 
 use crate::key::{Env, KeyId};
+
+/// Which store a sidecar uses, as configured.
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    /// The embedded store: one process, nothing persisted.
+    Memory,
+    Redis {
+        topology: redis::connection::Topology,
+        namespace: String,
+    },
+}
+
+impl StoreConfig {
+    /// Opens the store (inside a tokio runtime: Redis starts its feed task).
+    pub fn open(&self) -> Result<Arc<dyn KeyStore>, StoreError> {
+        Ok(match self {
+            StoreConfig::Memory => Arc::new(memory::MemoryStore::new()),
+            StoreConfig::Redis { topology, namespace } => Arc::new(redis::RedisStore::connect(topology, namespace)?),
+        })
+    }
+
+    /// A one-word description for logs; never a password.
+    pub fn describe(&self) -> String {
+        match self {
+            StoreConfig::Memory => "memory".to_string(),
+            StoreConfig::Redis { topology, namespace } => format!("redis {} ns={namespace}", topology.url),
+        }
+    }
+}
 
 /// Why the store could not answer. Never cached by the engine.
 #[derive(Debug, thiserror::Error)]

@@ -1,4 +1,4 @@
-//! The stored form of a key (SPEC §3). Holds a keyed hash of the secret,
+//! The stored form of a key (README, "Storage, cache and revocation"). Holds a keyed hash of the secret,
 //! never the secret; its `Debug` redacts even that.
 
 use std::collections::BTreeMap;
@@ -7,18 +7,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
 use crate::key::{Env, KeyId, SecretHash};
-
-/// A key's quota: `requests` per `window_seconds`, up to `burst` at once
-/// (0 = `requests`). With `per_tenant`, every key of the tenant with the
-/// same policy draws from one shared bucket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct RateLimitPolicy {
-    pub requests: u64,
-    pub window_seconds: u64,
-    pub burst: u64,
-    #[serde(default)]
-    pub per_tenant: bool,
-}
+use crate::limit::RateLimitPolicy;
 
 /// One key, as the store holds it. Times are unix seconds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

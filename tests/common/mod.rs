@@ -11,15 +11,15 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keystile::admin::{ADMIN_SCOPE, Admin, KeySpec};
+use keystile::app::App;
 use keystile::clock::Clock;
+use keystile::engine::EngineSettings;
 use keystile::key::{Pepper, PepperSet};
 use keystile::proto;
 use keystile::proto::key_admin_client::KeyAdminClient;
 use keystile::proto::verifier_client::VerifierClient;
 use keystile::server::{self, ServerOptions};
 use keystile::store::KeyStore;
-use keystile::verify::{Engine, EngineSettings};
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
@@ -125,7 +125,7 @@ pub fn test_pepper() -> PepperSet {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub admin_key: String,
-    pub engine: Arc<Engine>,
+    pub app: Arc<App>,
     pub clock: Clock,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -142,23 +142,15 @@ impl TestServer {
         options: ServerOptions,
         clock: Clock,
     ) -> TestServer {
-        let engine = Arc::new(Engine::new(settings, store, clock.clone()));
-        let admin = Admin::new(engine.clone())
-            .create(KeySpec {
-                name: "test admin".into(),
-                env: "live".into(),
-                scopes: vec![ADMIN_SCOPE.into()],
-                ..Default::default()
-            })
-            .await
-            .expect("the store takes the admin key");
+        let app = Arc::new(App::build(settings, store, clock.clone()));
+        let admin = app.mint_admin_key("test admin").await.expect("the store takes the admin key");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn({
-            let engine = engine.clone();
+            let app = app.clone();
             async move {
-                server::serve(engine, options, listener, async {
+                server::serve(app, options, listener, async {
                     let _ = rx.await;
                 })
                 .await
@@ -168,7 +160,7 @@ impl TestServer {
         let server = TestServer {
             addr,
             admin_key: admin.key.expose().to_string(),
-            engine,
+            app,
             clock,
             shutdown: Some(tx),
             task: Some(task),

@@ -12,9 +12,9 @@ use serde_json::{Value, json};
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
-use crate::proto;
-use crate::proto::key_admin_client::KeyAdminClient;
-use crate::store::RateLimitPolicy;
+use keystile::limit::RateLimitPolicy;
+use keystile::proto;
+use keystile::proto::key_admin_client::KeyAdminClient;
 
 #[derive(Debug, Args)]
 pub struct KeysArgs {
@@ -23,7 +23,7 @@ pub struct KeysArgs {
     pub server: String,
     /// A key with the keystile:admin scope.
     #[arg(long, env = "KEYSTILE_ADMIN_KEY", hide_env_values = true, global = true)]
-    pub admin_key: Option<crate::config::SecretString>,
+    pub admin_key: Option<keystile::secret::Secret>,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -141,13 +141,13 @@ pub struct UpdateArgs {
 #[derive(Debug, Args)]
 pub struct BootstrapArgs {
     #[arg(long, env = "KEYSTILE_REDIS_URL", hide_env_values = true)]
-    pub redis_url: crate::config::RedisUrl,
+    pub redis_url: keystile::secret::RedisUrl,
     #[arg(long, env = "KEYSTILE_REDIS_NAMESPACE", default_value = "keystile")]
     pub redis_namespace: String,
     #[arg(long, env = "KEYSTILE_PEPPER_FILE")]
     pub pepper_file: Option<PathBuf>,
     #[arg(long = "pepper", env = "KEYSTILE_PEPPER", hide_env_values = true)]
-    pub pepper: Option<crate::config::SecretString>,
+    pub pepper: Option<keystile::secret::Secret>,
     /// Key prefix of the deployment.
     #[arg(long = "key-prefix", env = "KEYSTILE_KEY_PREFIXES", value_delimiter = ',', default_value = "ks")]
     pub key_prefixes: Vec<String>,
@@ -164,7 +164,7 @@ pub struct CliError {
 
 impl CliError {
     fn usage(message: impl Into<String>) -> CliError {
-        CliError { message: message.into(), code: crate::config::EX_USAGE }
+        CliError { message: message.into(), code: keystile::config::EX_USAGE }
     }
 }
 
@@ -465,13 +465,14 @@ fn print_table(records: &[proto::KeyRecord]) {
 async fn bootstrap(b: &BootstrapArgs, json: bool) -> Result<(), CliError> {
     use std::sync::Arc;
 
-    use crate::admin::{ADMIN_SCOPE, Admin, KeySpec};
-    use crate::key::{Env, KeyFormat, Pepper, PepperSet};
-    use crate::store::redis::RedisStore;
-    use crate::verify::{Engine, EngineSettings};
+    use keystile::app::App;
+    use keystile::clock::Clock;
+    use keystile::engine::EngineSettings;
+    use keystile::key::{Env, KeyFormat, Pepper, PepperSet};
+    use keystile::store::redis::RedisStore;
 
     let pepper = match (&b.pepper_file, &b.pepper) {
-        (Some(path), None) => crate::config::read_pepper(path).map_err(CliError::usage)?,
+        (Some(path), None) => keystile::config::read_pepper(path).map_err(CliError::usage)?,
         (None, Some(hex)) => {
             Pepper::parse(hex.expose().as_bytes()).map_err(|e| CliError::usage(format!("KEYSTILE_PEPPER: {e}")))?
         }
@@ -482,20 +483,12 @@ async fn bootstrap(b: &BootstrapArgs, json: bool) -> Result<(), CliError> {
         }
     };
     let format = KeyFormat::new(b.key_prefixes.clone(), &Env::ALL).map_err(|e| CliError::usage(e.join("; ")))?;
-    let store = RedisStore::open(b.redis_url.as_str(), &b.redis_namespace, Duration::from_secs(5))
+    let store = RedisStore::open(b.redis_url.expose(), &b.redis_namespace, Duration::from_secs(5))
         .map_err(|e| CliError::usage(e.to_string()))?;
     let settings = EngineSettings { format, ..EngineSettings::new(PepperSet::single(pepper)) };
-    let engine = Arc::new(Engine::new(settings, Arc::new(store), crate::clock::Clock::system()));
-    let minted = Admin::new(engine)
-        .create(KeySpec {
-            name: b.name.clone(),
-            env: "live".into(),
-            scopes: vec![ADMIN_SCOPE.into()],
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| CliError { message: e.to_string(), code: 1 })?;
-    let record = crate::service::admin::to_proto(&minted.record, now());
+    let app = App::build(settings, Arc::new(store), Clock::system());
+    let minted = app.mint_admin_key(&b.name).await.map_err(|e| CliError { message: e.to_string(), code: 1 })?;
+    let record = keystile::service::admin::to_proto(&minted.record, now());
     if json {
         println!("{}", json!({ "key": minted.key.expose(), "record": record_json(&record) }));
     } else {

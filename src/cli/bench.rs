@@ -21,14 +21,14 @@ use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::admin::{ADMIN_SCOPE, Admin, KeySpec};
-use crate::clock::Clock;
-use crate::key::{Env, KeyFormat, Pepper, PepperSet, generate};
-use crate::proto;
-use crate::proto::key_admin_client::KeyAdminClient;
-use crate::server::{self, ServerOptions};
-use crate::store::KeyStore;
-use crate::verify::{Engine, EngineSettings};
+use keystile::app::App;
+use keystile::clock::Clock;
+use keystile::engine::EngineSettings;
+use keystile::key::{Env, KeyFormat, Pepper, PepperSet, generate};
+use keystile::proto;
+use keystile::proto::key_admin_client::KeyAdminClient;
+use keystile::server::{self, ServerOptions};
+use keystile::store::KeyStore;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Scenario {
@@ -52,10 +52,10 @@ pub struct BenchArgs {
     pub server: Option<String>,
     /// Admin key of --server, to create the keys the scenarios use.
     #[arg(long, env = "KEYSTILE_ADMIN_KEY", hide_env_values = true)]
-    pub admin_key: Option<crate::config::SecretString>,
+    pub admin_key: Option<keystile::secret::Secret>,
     /// Redis for the in-process server (default: memory store).
     #[arg(long)]
-    pub redis_url: Option<crate::config::RedisUrl>,
+    pub redis_url: Option<keystile::secret::RedisUrl>,
     /// Runtime threads of the in-process server.
     #[arg(long)]
     pub server_workers: Option<usize>,
@@ -177,7 +177,7 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, String> {
                 .ok_or("--server needs --admin-key (or KEYSTILE_ADMIN_KEY)")?,
         ),
         None => {
-            let (rt, url, key) = start_local(args.redis_url.as_ref().map(|u| u.as_str()), args.server_workers).await?;
+            let (rt, url, key) = start_local(args.redis_url.as_ref().map(|u| u.expose()), args.server_workers).await?;
             _local.0 = Some(rt);
             (url, key)
         }
@@ -284,25 +284,17 @@ async fn start_local(
         .spawn(async move {
             let store: Arc<dyn KeyStore> = match redis_url {
                 Some(u) => Arc::new(
-                    crate::store::redis::RedisStore::open(&u, "keystile-bench", Duration::from_secs(1))
+                    keystile::store::redis::RedisStore::open(&u, "keystile-bench", Duration::from_secs(1))
                         .map_err(|e| e.to_string())?,
                 ),
-                None => Arc::new(crate::store::memory::MemoryStore::new()),
+                None => Arc::new(keystile::store::memory::MemoryStore::new()),
             };
-            let engine =
-                Arc::new(Engine::new(EngineSettings::new(PepperSet::single(Pepper::random())), store, Clock::system()));
-            let minted = Admin::new(engine.clone())
-                .create(KeySpec {
-                    name: "bench admin".into(),
-                    env: "live".into(),
-                    scopes: vec![ADMIN_SCOPE.into()],
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| e.to_string())?;
+            let app =
+                Arc::new(App::build(EngineSettings::new(PepperSet::single(Pepper::random())), store, Clock::system()));
+            let minted = app.mint_admin_key("bench admin").await.map_err(|e| e.to_string())?;
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
             let addr = listener.local_addr().map_err(|e| e.to_string())?;
-            tokio::spawn(server::serve(engine, ServerOptions::default(), listener, std::future::pending()));
+            tokio::spawn(server::serve(app, ServerOptions::default(), listener, std::future::pending()));
             Ok::<_, String>((format!("http://{addr}"), minted.key.expose().to_string()))
         })
         .await

@@ -1,0 +1,109 @@
+//! Authenticating a presented credential for a purpose (README, "Admin API
+//! and CLI"): the credential is an API key, checked by the same engine as
+//! every Verify, and must hold the purpose's scope.
+//!
+//! Failed attempts are counted by the **transport peer address** in a
+//! shedder of this module's own, apart from Verify's shedding by the
+//! address a caller reports: a flood of bad Verify calls naming
+//! `127.0.0.1` cannot lock the operator at 127.0.0.1 out, nor the reverse.
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use crate::cache::CachedKey;
+use crate::clock::Clock;
+use crate::engine::Engine;
+use crate::limit::shedder::FailureShedder;
+use crate::verdict::{Outcome, Request};
+
+/// The scope that admits a key to KeyAdmin.
+pub const ADMIN_SCOPE: &str = "keystile:admin";
+
+/// What a credential is presented for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// KeyAdmin: the key must hold [`ADMIN_SCOPE`].
+    Admin,
+}
+
+impl Purpose {
+    /// The scope a key needs for this purpose.
+    pub fn scope(self) -> &'static str {
+        match self {
+            Purpose::Admin => ADMIN_SCOPE,
+        }
+    }
+}
+
+/// Who was authenticated: the key, as the engine found it.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub key: Arc<CachedKey>,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing or invalid admin key: {0}")]
+    Unauthenticated(&'static str),
+    #[error("{0}")]
+    PermissionDenied(&'static str),
+    #[error("the admin key's rate limit is exceeded")]
+    RateLimited,
+    #[error("too many failed attempts from this address; try again in {0} s")]
+    TooManyFailedAttempts(u64),
+    #[error("the key store is unavailable")]
+    Unavailable,
+}
+
+pub struct Authenticator {
+    engine: Arc<Engine>,
+    /// Failed attempts by transport peer address.
+    shedder: Option<FailureShedder>,
+}
+
+impl Authenticator {
+    /// `failed_attempts_per_minute` failures from one peer address before it
+    /// is shed; `None` never sheds.
+    pub fn new(engine: Arc<Engine>, failed_attempts_per_minute: Option<NonZeroU32>, clock: Clock) -> Authenticator {
+        Authenticator { engine, shedder: failed_attempts_per_minute.map(|n| FailureShedder::new(n, clock)) }
+    }
+
+    /// Checks that `credential` (the `authorization` value, `Bearer `
+    /// allowed) is a valid key holding `purpose`'s scope, presented from
+    /// `peer`. The key's own IP allowlist and rate limit apply.
+    pub async fn authenticate(
+        &self,
+        credential: Option<&str>,
+        purpose: Purpose,
+        peer: Option<IpAddr>,
+    ) -> Result<Principal, AuthError> {
+        let Some(key) = credential else {
+            return Err(AuthError::Unauthenticated("send `authorization: Bearer <admin key>`"));
+        };
+        let scopes = [purpose.scope().to_string()];
+        let request = Request { key, ip: peer, scopes: &scopes, tenant: "", cost: 1 };
+        let verdict = self.engine.decide(&request, self.shedder.as_ref()).await.map_err(|_| AuthError::Unavailable)?;
+        match verdict.outcome {
+            Outcome::Valid => Ok(Principal { key: verdict.key.expect("a valid verdict names its key") }),
+            Outcome::InsufficientScope => Err(AuthError::PermissionDenied("the key lacks the keystile:admin scope")),
+            Outcome::IpNotAllowed | Outcome::TenantMismatch => {
+                Err(AuthError::PermissionDenied("the admin key may not be used from this address"))
+            }
+            Outcome::RateLimited => Err(AuthError::RateLimited),
+            Outcome::TooManyFailedAttempts => Err(AuthError::TooManyFailedAttempts(
+                verdict.rate.map_or(60, |r| r.retry_after_ms.div_ceil(1000).max(1)),
+            )),
+            Outcome::Malformed | Outcome::NotFound | Outcome::Revoked | Outcome::Expired => {
+                Err(AuthError::Unauthenticated("the key is not a valid admin key"))
+            }
+        }
+    }
+
+    /// Periodic housekeeping: forget peers that stopped failing.
+    pub fn purge(&self) {
+        if let Some(s) = &self.shedder {
+            s.purge();
+        }
+    }
+}

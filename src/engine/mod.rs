@@ -1,0 +1,214 @@
+//! The decision pipeline: one Verify flows one way through it (README,
+//! "Verdicts"; docs/architecture.md draws it):
+//!
+//! parse → shed → record source → checks → limiters → verdict
+//!
+//! Only the checks, in order, live in this file. Where records come from is
+//! [`source::RecordSource`]; rate limits are behind [`crate::limit::Limiter`];
+//! last-used timestamps go to [`usage::UsageBatcher`]. Knows nothing of gRPC:
+//! front ends convert at their edge.
+
+pub mod source;
+pub mod usage;
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cache::{CacheSettings, Lookup};
+use crate::clock::Clock;
+use crate::key::{KeyFormat, PepperSet};
+use crate::limit::shedder::FailureShedder;
+use crate::limit::{BucketId, Limiter, RateLimitPolicy, RateState};
+use crate::metrics::Metrics;
+use crate::verdict::{Outcome, Request, Verdict, VerifyError};
+use source::RecordSource;
+use usage::UsageBatcher;
+
+/// Everything the engine is built from.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub format: KeyFormat,
+    pub peppers: PepperSet,
+    pub cache: CacheSettings,
+    /// Applies to keys without their own limit; `None` = unlimited.
+    pub default_rate_limit: Option<RateLimitPolicy>,
+    /// Failed attempts per minute per address before shedding; `None` =
+    /// never. Verify's caller-reported addresses and admin callers' peer
+    /// addresses are counted apart, each against this number.
+    pub failed_attempts_per_minute: Option<NonZeroU32>,
+    /// How long a Verify waits for the store.
+    pub store_timeout: Duration,
+}
+
+impl EngineSettings {
+    pub fn new(peppers: PepperSet) -> EngineSettings {
+        EngineSettings {
+            format: KeyFormat::default(),
+            peppers,
+            cache: CacheSettings::default(),
+            default_rate_limit: None,
+            failed_attempts_per_minute: NonZeroU32::new(20),
+            store_timeout: Duration::from_millis(50),
+        }
+    }
+}
+
+pub struct Engine {
+    format: KeyFormat,
+    peppers: PepperSet,
+    default_rate_limit: Option<RateLimitPolicy>,
+    /// Failed attempts by the address a Verify caller reports.
+    shedder: Option<FailureShedder>,
+    records: Arc<RecordSource>,
+    limiter: Arc<dyn Limiter>,
+    usage: Arc<UsageBatcher>,
+    metrics: Metrics,
+    clock: Clock,
+}
+
+impl Engine {
+    pub fn new(
+        settings: &EngineSettings,
+        records: Arc<RecordSource>,
+        limiter: Arc<dyn Limiter>,
+        usage: Arc<UsageBatcher>,
+        metrics: Metrics,
+        clock: Clock,
+    ) -> Engine {
+        Engine {
+            format: settings.format.clone(),
+            peppers: settings.peppers.clone(),
+            default_rate_limit: settings.default_rate_limit,
+            shedder: settings.failed_attempts_per_minute.map(|n| FailureShedder::new(n, clock.clone())),
+            records,
+            limiter,
+            usage,
+            metrics,
+            clock,
+        }
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// Answers one Verify. Every denial is a [`Verdict`]; only a store that
+    /// cannot answer is an error.
+    pub async fn verify(&self, req: &Request<'_>) -> Result<Verdict, VerifyError> {
+        let started = std::time::Instant::now();
+        let outcome = self.decide(req, self.shedder.as_ref()).await;
+        self.metrics.verify_seconds.record(started.elapsed().as_secs_f64());
+        match &outcome {
+            Ok(v) => self.metrics.verdict(v.outcome),
+            Err(_) => self.metrics.verify_unavailable.increment(1),
+        }
+        outcome
+    }
+
+    /// The pipeline, with failures counted by `shedder` against `req.ip`.
+    /// Verify passes its own; `auth` passes one keyed by transport peer.
+    pub(crate) async fn decide(
+        &self,
+        req: &Request<'_>,
+        shedder: Option<&FailureShedder>,
+    ) -> Result<Verdict, VerifyError> {
+        // 1. Parse: prefix, shape and checksum, before anything else.
+        let presented = match self.format.parse(req.key) {
+            Ok(p) => p,
+            Err(why) => {
+                count_failure(shedder, req.ip);
+                return Ok(Verdict { malformed: Some(why), ..Verdict::bare(Outcome::Malformed) });
+            }
+        };
+        // 2. Shed an address that failed too often.
+        if let (Some(ip), Some(shedder)) = (req.ip, shedder)
+            && let Some(retry_after_ms) = shedder.shed(ip)
+        {
+            let rate = RateState {
+                limit: shedder.per_minute(),
+                remaining: 0,
+                reset_seconds: retry_after_ms.div_ceil(1000),
+                window_seconds: 60,
+                retry_after_ms,
+            };
+            self.metrics.shed.increment(1);
+            return Ok(Verdict { rate: Some(rate), ..Verdict::bare(Outcome::TooManyFailedAttempts) });
+        }
+
+        // 3. The record, and the secret checked against it.
+        let key = match self.records.lookup(presented.key_id).await? {
+            Lookup::Present(key)
+                if key.record.env == presented.env
+                    && self.peppers.matches(&key.record.secret_hash, presented.key_id, presented.secret()) =>
+            {
+                key
+            }
+            _ => {
+                count_failure(shedder, req.ip);
+                return Ok(Verdict::bare(Outcome::NotFound));
+            }
+        };
+
+        // 4. The checks, in order of precedence.
+        let now = self.clock.unix_seconds();
+        let record = &key.record;
+        let outcome = if record.is_revoked_at(now) {
+            Outcome::Revoked
+        } else if record.is_expired_at(now) {
+            Outcome::Expired
+        } else if !req.tenant.is_empty() && req.tenant != record.tenant {
+            Outcome::TenantMismatch
+        } else if !record.ip_allowlist.is_empty()
+            && !req.ip.is_some_and(|ip| record.ip_allowlist.iter().any(|net| net.contains(&ip)))
+        {
+            Outcome::IpNotAllowed
+        } else if !req.scopes.iter().all(|s| record.scopes.iter().any(|g| g == s)) {
+            Outcome::InsufficientScope
+        } else {
+            Outcome::Valid
+        };
+        if outcome != Outcome::Valid {
+            return Ok(Verdict { outcome, key: Some(key), rate: None, malformed: None });
+        }
+
+        // 5. The limiters: a denied request above took no cells.
+        let mut rate = None;
+        if let Some(policy) = record.rate_limit.or(self.default_rate_limit) {
+            let bucket = BucketId::of_key(record.key_id, &record.tenant, &policy);
+            let decision = self
+                .limiter
+                .check(&bucket, &policy, req.cost.max(1))
+                .outcome()
+                .await
+                .map_err(|e| VerifyError::LimiterUnavailable(e.to_string()))?;
+            if !decision.allowed {
+                return Ok(Verdict {
+                    outcome: Outcome::RateLimited,
+                    key: Some(key),
+                    rate: Some(decision.state),
+                    malformed: None,
+                });
+            }
+            rate = Some(decision.state);
+        }
+
+        // 6. Valid.
+        self.usage.note(&key, now);
+        Ok(Verdict { outcome: Outcome::Valid, key: Some(key), rate, malformed: None })
+    }
+
+    /// Periodic housekeeping: forget addresses that stopped failing.
+    pub fn purge(&self) {
+        if let Some(s) = &self.shedder {
+            s.purge();
+        }
+    }
+}
+
+fn count_failure(shedder: Option<&FailureShedder>, ip: Option<IpAddr>) {
+    if let (Some(ip), Some(shedder)) = (ip, shedder) {
+        shedder.record_failure(ip);
+    }
+}

@@ -1,0 +1,184 @@
+//! Where the engine gets a key's record: the cache first, then the store,
+//! with one store read shared by every concurrent miss for a key_id (single
+//! flight) and an outage breaker that answers at once while the store is
+//! known to be down (README, "Storage, cache and revocation").
+//!
+//! The change feed lands here too ([`RecordSource::apply`]): an invalidated
+//! key is dropped from the cache and from the reads in flight, so a lookup
+//! that starts afterwards reads the store afresh.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::sync::OnceCell;
+
+use crate::cache::{CacheSettings, Cached, CachedKey, KeyCache, Lookup};
+use crate::clock::Clock;
+use crate::key::KeyId;
+use crate::metrics::Metrics;
+use crate::store::{FeedEvent, KeyStore};
+use crate::verdict::VerifyError;
+
+type Flight = Arc<OnceCell<Result<Lookup, VerifyError>>>;
+
+/// During a store outage, how often one lookup may try the store again.
+const PROBE_EVERY: Duration = Duration::from_millis(200);
+
+pub struct RecordSource {
+    store: Arc<dyn KeyStore>,
+    cache: KeyCache,
+    inflight: DashMap<KeyId, Flight>,
+    /// How long a lookup waits for the store.
+    timeout: Duration,
+    /// Monotonic nanos of the first failed store read of an outage; 0 while
+    /// the store answers.
+    store_down_since: AtomicU64,
+    /// When the store was last tried during an outage.
+    last_probe: AtomicU64,
+    metrics: Metrics,
+    clock: Clock,
+}
+
+impl RecordSource {
+    pub fn new(
+        store: Arc<dyn KeyStore>,
+        cache: CacheSettings,
+        timeout: Duration,
+        metrics: Metrics,
+        clock: Clock,
+    ) -> RecordSource {
+        RecordSource {
+            cache: KeyCache::new(cache, clock.clone(), metrics.cache_evictions.clone()),
+            store,
+            inflight: DashMap::new(),
+            timeout,
+            store_down_since: AtomicU64::new(0),
+            last_probe: AtomicU64::new(0),
+            metrics,
+            clock,
+        }
+    }
+
+    pub fn cache(&self) -> &KeyCache {
+        &self.cache
+    }
+
+    /// The record for `id` from the cache, or from the store on a miss (one
+    /// read, shared by every concurrent miss for the same key_id).
+    pub async fn lookup(&self, id: KeyId) -> Result<Lookup, VerifyError> {
+        let down_since = self.store_down_since.load(Ordering::Relaxed);
+        let stale = match self.cache.get(id) {
+            Cached::Fresh(Lookup::Absent) if down_since != 0 => None,
+            Cached::Fresh(found) => {
+                self.metrics.cache_hits.increment(1);
+                return Ok(found);
+            }
+            Cached::Stale(key) => Some(key),
+            Cached::Missing => None,
+        };
+        self.metrics.cache_misses.increment(1);
+        // While the store is known to be down, one call at a time probes it
+        // (at most every PROBE_EVERY); the rest answer at once instead of
+        // each waiting out the store budget.
+        let result = if down_since != 0 && !self.may_probe() {
+            Err(VerifyError::StoreUnavailable)
+        } else {
+            let flight = self.inflight.entry(id).or_default().clone();
+            let result = flight.get_or_init(|| self.load(id)).await.clone();
+            self.inflight.remove_if(&id, |_, f| Arc::ptr_eq(f, &flight));
+            result
+        };
+        match (result, stale) {
+            (Ok(found), _) => Ok(found),
+            // The store cannot answer: a cached key keeps working until the
+            // outage is older than the stale window. Nothing else does, and
+            // nothing is cached.
+            (Err(e), Some(key)) => {
+                let since = self.store_down_since.load(Ordering::Relaxed);
+                let outage = self.clock.mono_nanos().saturating_sub(since);
+                if since != 0 && outage < self.cache.settings().stale_window.as_nanos() as u64 {
+                    self.metrics.cache_stale_hits.increment(1);
+                    Ok(Lookup::Present(key))
+                } else {
+                    Err(e)
+                }
+            }
+            (Err(e), None) => Err(e),
+        }
+    }
+
+    fn may_probe(&self) -> bool {
+        let now = self.clock.mono_nanos();
+        let last = self.last_probe.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= PROBE_EVERY.as_nanos() as u64
+            && self.last_probe.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
+
+    /// Notes that the store failed; logs only the start of an outage.
+    fn store_failed(&self, error: &dyn std::fmt::Display) {
+        let now = self.clock.mono_nanos().max(1);
+        if self.store_down_since.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            self.last_probe.store(now, Ordering::Relaxed);
+            tracing::warn!(error = %error, stale_window = ?self.cache.settings().stale_window, "key store unavailable; cached keys keep verifying for the stale window");
+        }
+    }
+
+    fn store_answered(&self) {
+        if self.store_down_since.swap(0, Ordering::Relaxed) != 0 {
+            tracing::info!("key store reachable again");
+        }
+    }
+
+    async fn load(&self, id: KeyId) -> Result<Lookup, VerifyError> {
+        let seen = self.cache.generation(id);
+        let budget = self.timeout;
+        self.metrics.store_reads.increment(1);
+        let record = match tokio::time::timeout(budget, self.store.get(id)).await {
+            Err(_) => {
+                self.metrics.store_timeouts.increment(1);
+                self.store_failed(&format_args!("no answer within {budget:?}"));
+                return Err(VerifyError::StoreTimeout(budget));
+            }
+            Ok(Err(e)) => {
+                self.metrics.store_errors.increment(1);
+                self.store_failed(&e);
+                return Err(VerifyError::StoreUnavailable);
+            }
+            Ok(Ok(record)) => {
+                self.store_answered();
+                record
+            }
+        };
+        let found = match record {
+            None => Lookup::Absent,
+            Some(record) => Lookup::Present(Arc::new(CachedKey::new(record))),
+        };
+        self.cache.insert_if_current(id, seen, found.clone());
+        Ok(found)
+    }
+
+    /// Applies a change announced by the store.
+    pub fn apply(&self, event: &FeedEvent) {
+        match event {
+            FeedEvent::Invalidate(id) => {
+                self.metrics.feed_events_key.increment(1);
+                self.invalidate(*id);
+            }
+            FeedEvent::InvalidateAll => {
+                self.metrics.feed_events_all.increment(1);
+                self.cache.invalidate_all();
+                self.inflight.clear();
+            }
+            FeedEvent::Connected | FeedEvent::Disconnected => {}
+        }
+    }
+
+    /// Drops `id` from the cache and from the loads in flight, so that a
+    /// lookup starting now reads the store afresh.
+    pub fn invalidate(&self, id: KeyId) {
+        self.cache.invalidate(id);
+        self.inflight.remove(&id);
+    }
+}

@@ -1,0 +1,189 @@
+//! The change-feed follower: keeps a pub/sub subscription alive for as
+//! long as the store lives and turns it into [`FeedEvent`]s. On every
+//! reconnect it replays the stream from the last event it saw, or asks for
+//! the whole cache to be dropped when it cannot tell what it missed (README,
+//! "Storage, cache and revocation").
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use tokio::sync::broadcast;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::Keys;
+use crate::key::KeyId;
+use crate::store::FeedEvent;
+
+/// How often the subscriber pings to find out that its connection is dead.
+const PING_EVERY: Duration = Duration::from_secs(1);
+
+/// Follows the feed until `cancel`.
+pub(super) async fn follow(
+    client: redis::Client,
+    keys: Keys,
+    feed: broadcast::Sender<FeedEvent>,
+    live: Arc<AtomicBool>,
+    cancel: CancellationToken,
+) {
+    let mut last_seen: Option<String> = None;
+    let mut backoff = Duration::from_millis(50);
+    let mut was_connected = false;
+    loop {
+        let session = subscribe_once(&client, &keys, &feed, &live, &mut last_seen, &mut was_connected);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            result = session => {
+                if was_connected {
+                    live.store(false, Ordering::SeqCst);
+                    let _ = feed.send(FeedEvent::Disconnected);
+                    backoff = Duration::from_millis(50);
+                }
+                was_connected = false;
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "revocation feed connection lost");
+                }
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+async fn subscribe_once(
+    client: &redis::Client,
+    keys: &Keys,
+    feed: &broadcast::Sender<FeedEvent>,
+    live: &AtomicBool,
+    last_seen: &mut Option<String>,
+    was_connected: &mut bool,
+) -> redis::RedisResult<()> {
+    let connect = async {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(keys.events()).await?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        // Subscribed first, then look at the stream: nothing can fall between.
+        let replay = resync(&mut conn, keys, last_seen).await?;
+        Ok::<_, redis::RedisError>((pubsub, replay))
+    };
+    let (pubsub, replay) = tokio::time::timeout(Duration::from_secs(2), connect).await.map_err(|_| {
+        redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting the feed timed out"))
+    })??;
+    match replay {
+        Replay::Events(ids) => {
+            for id in ids {
+                let _ = feed.send(FeedEvent::Invalidate(id));
+            }
+        }
+        Replay::Everything => {
+            let _ = feed.send(FeedEvent::InvalidateAll);
+        }
+    }
+    *was_connected = true;
+    live.store(true, Ordering::SeqCst);
+    let _ = feed.send(FeedEvent::Connected);
+    tracing::info!("revocation feed connected");
+
+    let (mut sink, mut stream) = pubsub.split();
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            msg = stream.next() => {
+                let Some(msg) = msg else { return Ok(()) };
+                let payload: String = msg.get_payload().unwrap_or_default();
+                if let Some((sid, id)) = payload.split_once(' ') {
+                    *last_seen = Some(sid.to_string());
+                    match id.parse::<KeyId>() {
+                        Ok(id) => { let _ = feed.send(FeedEvent::Invalidate(id)); }
+                        Err(_) => { let _ = feed.send(FeedEvent::InvalidateAll); }
+                    }
+                }
+            }
+            _ = ping.tick() => {
+                tokio::time::timeout(PING_EVERY, sink.ping::<redis::Value>())
+                    .await
+                    .map_err(|_| redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "feed ping timed out")))??;
+            }
+        }
+    }
+}
+
+enum Replay {
+    Events(Vec<KeyId>),
+    Everything,
+}
+
+/// What to drop after (re)subscribing. With no event seen yet, the newest
+/// stream id becomes the starting point and everything cached is dropped
+/// (the cache may hold entries from before a disconnect).
+async fn resync(
+    conn: &mut redis::aio::MultiplexedConnection,
+    keys: &Keys,
+    last_seen: &mut Option<String>,
+) -> redis::RedisResult<Replay> {
+    const REPLAY_MAX: usize = 10_000;
+    let Some(from) = last_seen.clone() else {
+        let newest: redis::streams::StreamRangeReply = conn.xrevrange_count(keys.events(), "+", "-", 1).await?;
+        *last_seen = Some(newest.ids.first().map_or_else(|| "0-0".to_string(), |e| e.id.clone()));
+        return Ok(Replay::Everything);
+    };
+    let oldest: redis::streams::StreamRangeReply = conn.xrange_count(keys.events(), "-", "+", 1).await?;
+    let newest: redis::streams::StreamRangeReply = conn.xrevrange_count(keys.events(), "+", "-", 1).await?;
+    let lost = match (oldest.ids.first(), newest.ids.first()) {
+        // Emptied (a Redis without persistence restarted, FLUSHALL): what
+        // happened meanwhile cannot be known.
+        (None, _) | (_, None) => from != "0-0",
+        // Trimmed past what we saw, or a stream that is behind us (a
+        // different Redis): either way the replay would miss events.
+        (Some(first), Some(last)) => from != "0-0" && (stream_id_gt(&first.id, &from) || stream_id_gt(&from, &last.id)),
+    };
+    if lost {
+        // The entry we saw last has been trimmed: events may be lost.
+        *last_seen = None;
+        let newest: redis::streams::StreamRangeReply = conn.xrevrange_count(keys.events(), "+", "-", 1).await?;
+        *last_seen = Some(newest.ids.first().map_or_else(|| "0-0".to_string(), |e| e.id.clone()));
+        return Ok(Replay::Everything);
+    }
+    let missed: redis::streams::StreamRangeReply =
+        conn.xrange_count(keys.events(), format!("({from}"), "+", REPLAY_MAX).await?;
+    if missed.ids.len() == REPLAY_MAX {
+        *last_seen = None;
+        return Ok(Replay::Everything);
+    }
+    let mut ids = Vec::with_capacity(missed.ids.len());
+    for entry in &missed.ids {
+        *last_seen = Some(entry.id.clone());
+        match entry.get::<String>("key_id").and_then(|s| s.parse::<KeyId>().ok()) {
+            Some(id) => ids.push(id),
+            None => return Ok(Replay::Everything),
+        }
+    }
+    Ok(Replay::Events(ids))
+}
+
+/// Compares two stream ids `ms-seq` numerically.
+fn stream_id_gt(a: &str, b: &str) -> bool {
+    fn parts(s: &str) -> (u64, u64) {
+        let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
+        (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+    }
+    parts(a) > parts(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stream_id_gt;
+
+    #[test]
+    fn stream_ids_compare_numerically() {
+        assert!(stream_id_gt("10-0", "9-5"));
+        assert!(stream_id_gt("9-10", "9-9"));
+        assert!(!stream_id_gt("9-9", "9-9"));
+    }
+}

@@ -1,0 +1,273 @@
+//! The production store: Redis, shared by every replica.
+//!
+//! Layout under a namespace (default `keystile`):
+//! - `<ns>:key:<key_id>` — hash `{r: record JSON, v: version, t: list token}`
+//! - `<ns>:index` — sorted set of list tokens (creation time, key_id), read
+//!   with ZRANGEBYLEX for stable paging
+//! - `<ns>:last_used` — hash key_id → unix seconds, written in batches
+//! - `<ns>:events` — stream of changes (trimmed to about [`STREAM_MAXLEN`]),
+//!   and a pub/sub channel of the same name
+//!
+//! Each mutation is one Lua script: the record, the index, the stream entry
+//! and the publish happen together, so no reader can see the new state
+//! without its event being on the stream.
+
+pub mod connection;
+mod feed;
+mod scripts;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::AsyncCommands;
+use tokio::sync::broadcast;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use super::{FEED_CAPACITY, FeedEvent, KeyRecord, KeyStore, ListPage, ListQuery, StoreError, page_token};
+use crate::key::KeyId;
+use crate::secret::RedisUrl;
+use connection::{Connection, Topology};
+use scripts::Scripts;
+
+/// Approximate length the event stream is trimmed to.
+pub const STREAM_MAXLEN: usize = 100_000;
+/// Longest a listing scans the index for one page when filters skip records.
+const LIST_SCAN_LIMIT: usize = 10_000;
+
+/// The names of everything the store writes under its namespace.
+#[derive(Clone)]
+struct Keys {
+    ns: String,
+}
+
+impl Keys {
+    fn record(&self, id: KeyId) -> String {
+        format!("{}:key:{}", self.ns, id)
+    }
+    fn record_prefix(&self) -> String {
+        format!("{}:key:", self.ns)
+    }
+    fn index(&self) -> String {
+        format!("{}:index", self.ns)
+    }
+    fn last_used(&self) -> String {
+        format!("{}:last_used", self.ns)
+    }
+    fn events(&self) -> String {
+        format!("{}:events", self.ns)
+    }
+}
+
+pub struct RedisStore {
+    conn: Connection,
+    keys: Keys,
+    feed: broadcast::Sender<FeedEvent>,
+    scripts: Scripts,
+    live: Arc<AtomicBool>,
+    _subscriber: DropGuard,
+}
+
+fn unavailable(e: redis::RedisError) -> StoreError {
+    if e.is_timeout() { StoreError::Timeout } else { StoreError::Unavailable(e.to_string()) }
+}
+
+fn decode(json: &str) -> Result<KeyRecord, StoreError> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn encode(record: &KeyRecord) -> Result<String, StoreError> {
+    serde_json::to_string(record).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+impl RedisStore {
+    /// Opens a store on `url` (`redis://`, `rediss://`, `unix://`). Connects
+    /// lazily: a sidecar starts even when Redis is not up yet, and reports
+    /// NOT_SERVING until it is. `timeout` bounds every command.
+    pub fn open(url: &str, namespace: &str, timeout: Duration) -> Result<RedisStore, StoreError> {
+        RedisStore::connect(&Topology { url: RedisUrl::new(url), timeout }, namespace)
+    }
+
+    /// Opens a store on `topology`.
+    pub fn connect(topology: &Topology, namespace: &str) -> Result<RedisStore, StoreError> {
+        let opened = connection::open(topology)
+            .map_err(|e| StoreError::Unavailable(format!("cannot open Redis at {}: {e}", topology.url)))?;
+        let keys = Keys { ns: namespace.to_string() };
+        let (feed, _) = broadcast::channel(FEED_CAPACITY);
+        let cancel = CancellationToken::new();
+        let live = Arc::new(AtomicBool::new(false));
+        tokio::spawn(feed::follow(opened.client, keys.clone(), feed.clone(), live.clone(), cancel.clone()));
+        Ok(RedisStore {
+            conn: opened.conn,
+            keys,
+            feed,
+            scripts: Scripts::new(),
+            live,
+            _subscriber: cancel.drop_guard(),
+        })
+    }
+}
+
+#[async_trait]
+impl KeyStore for RedisStore {
+    async fn get(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        let mut conn = self.conn.clone();
+        let key = self.keys.record(id);
+        let json: Option<String> = match conn.hget(&key, "r").await {
+            // A read is safe to repeat. The first command after Redis came
+            // back finds the old connection dead; the manager has already
+            // started a new one.
+            Err(e) if e.is_connection_dropped() || e.is_io_error() => {
+                conn.hget(&key, "r").await.map_err(unavailable)?
+            }
+            other => other.map_err(unavailable)?,
+        };
+        json.as_deref().map(decode).transpose()
+    }
+
+    async fn create(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let sid: Option<String> = self
+            .scripts
+            .create
+            .key(self.keys.record(record.key_id))
+            .key(self.keys.index())
+            .key(self.keys.events())
+            .arg(encode(record)?)
+            .arg(record.version)
+            .arg(page_token(record))
+            .arg(record.key_id.as_str())
+            .arg(STREAM_MAXLEN)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        sid.map(|_| ()).ok_or(StoreError::AlreadyExists)
+    }
+
+    async fn update(&self, record: &KeyRecord, expected_version: u64) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let outcome: i64 = self
+            .scripts
+            .update
+            .key(self.keys.record(record.key_id))
+            .key(self.keys.events())
+            .arg(encode(record)?)
+            .arg(record.version)
+            .arg(expected_version)
+            .arg(record.key_id.as_str())
+            .arg(STREAM_MAXLEN)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        match outcome {
+            1 => Ok(()),
+            -1 => Err(StoreError::NotFound),
+            _ => Err(StoreError::Conflict),
+        }
+    }
+
+    async fn delete(&self, id: KeyId) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let removed: i64 = self
+            .scripts
+            .delete
+            .key(self.keys.record(id))
+            .key(self.keys.index())
+            .key(self.keys.last_used())
+            .key(self.keys.events())
+            .arg(id.as_str())
+            .arg(STREAM_MAXLEN)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(removed == 1)
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut after = query.after.clone();
+        let mut records = Vec::new();
+        let mut scanned = 0;
+        let batch = query.limit.clamp(1, 1000);
+        loop {
+            let min = after.as_ref().map_or("-".to_string(), |a| format!("({a}"));
+            let tokens: Vec<String> = redis::cmd("ZRANGEBYLEX")
+                .arg(self.keys.index())
+                .arg(&min)
+                .arg("+")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(batch)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            let exhausted = tokens.len() < batch;
+            let ids: Vec<&str> = tokens.iter().filter_map(|t| t.split_once(':').map(|(_, id)| id)).collect();
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.hget(format!("{}{id}", self.keys.record_prefix()), "r");
+            }
+            let jsons: Vec<Option<String>> =
+                if ids.is_empty() { Vec::new() } else { pipe.query_async(&mut conn).await.map_err(unavailable)? };
+            for (token, json) in tokens.iter().zip(jsons) {
+                scanned += 1;
+                after = Some(token.clone());
+                let Some(json) = json else { continue };
+                let record = decode(&json)?;
+                if query.tenant.as_ref().is_some_and(|t| &record.tenant != t)
+                    || query.env.is_some_and(|e| record.env != e)
+                {
+                    continue;
+                }
+                records.push(record);
+                if records.len() == query.limit {
+                    break;
+                }
+            }
+            if records.len() == query.limit || exhausted || scanned >= LIST_SCAN_LIMIT {
+                let next = if exhausted && records.len() < query.limit { None } else { after };
+                if !records.is_empty() {
+                    let ids: Vec<&str> = records.iter().map(|r| r.key_id.as_str()).collect();
+                    let used: Vec<Option<i64>> = redis::cmd("HMGET")
+                        .arg(self.keys.last_used())
+                        .arg(&ids)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(unavailable)?;
+                    for (r, u) in records.iter_mut().zip(used) {
+                        r.last_used_at = u;
+                    }
+                }
+                return Ok(ListPage { records, next });
+            }
+        }
+    }
+
+    async fn last_used(&self, id: KeyId) -> Result<Option<i64>, StoreError> {
+        let mut conn = self.conn.clone();
+        conn.hget(self.keys.last_used(), id.as_str()).await.map_err(unavailable)
+    }
+
+    async fn touch_last_used(&self, batch: &[(KeyId, i64)]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let mut inv = self.scripts.touch.key(self.keys.record_prefix());
+        inv.key(self.keys.last_used());
+        for (id, at) in batch {
+            inv.arg(id.as_str()).arg(*at);
+        }
+        let _: i64 = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn feed(&self) -> broadcast::Receiver<FeedEvent> {
+        self.feed.subscribe()
+    }
+
+    fn feed_is_live(&self) -> bool {
+        self.live.load(Ordering::SeqCst)
+    }
+}

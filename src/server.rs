@@ -152,6 +152,7 @@ pub async fn serve(
         .load_shed(true)
         .layer(crate::service::limits::oversize_is_invalid_argument())
         .layer(crate::service::span::RpcSpanLayer)
+        .layer(crate::service::limits::StreamCapLayer)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_routes(routes(&app, &options.front_ends, health_service));
 

@@ -257,3 +257,51 @@ async fn redis_holds_no_plaintext_key() {
     assert!(!everything.contains(secret), "the secret must never be stored");
     s.stop().await;
 }
+
+/// Verify's failed-attempt shedding counts the address a caller reports;
+/// admin authentication counts the transport peer, in a bucket of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_failures_and_admin_failures_do_not_share_a_bucket() {
+    let loopback = |key: &str| proto::VerifyRequest { key: key.into(), ip: "127.0.0.1".into(), ..Default::default() };
+
+    // 25 bad Verify calls naming 127.0.0.1: that address is shed for
+    // Verify, and the operator at 127.0.0.1 still administers.
+    let s = server(Arc::new(MemoryStore::new())).await;
+    let mut admin = s.admin().await;
+    let mut v = s.verifier().await;
+    let (good, _) = create(&mut admin, create_req("good")).await;
+    for _ in 0..25 {
+        let r = verify(&mut v, loopback("ks_live_forged")).await;
+        assert!(matches!(code(&r), Code::Malformed | Code::RateLimited));
+    }
+    let shed = verify(&mut v, loopback(&good)).await;
+    assert_eq!(code(&shed), Code::RateLimited, "Verify sheds the reported address");
+    assert_eq!(shed.error, "too_many_failed_attempts");
+    admin.list_keys(proto::ListKeysRequest::default()).await.expect("KeyAdmin from 127.0.0.1 is not shed");
+    s.stop().await;
+
+    // 25 bad admin keys from 127.0.0.1: admin calls from that peer are
+    // shed with their own message, and Verify for 127.0.0.1 is untouched.
+    let s = server(Arc::new(MemoryStore::new())).await;
+    let mut admin = s.admin().await;
+    let (good, _) = create(&mut admin, create_req("good")).await;
+    // Well-formed keys that do not exist (a malformed one is refused before
+    // the shedder is asked, and costs nothing to refuse).
+    let forged = keystile::key::generate(&keystile::key::KeyFormat::default(), keystile::key::Env::Live);
+    let mut intruder = admin_client(s.channel().await, forged.key.expose());
+    let mut last = None;
+    for _ in 0..25 {
+        last = Some(intruder.list_keys(proto::ListKeysRequest::default()).await.unwrap_err());
+    }
+    let last = last.unwrap();
+    assert_eq!(last.code(), tonic::Code::ResourceExhausted, "{last:?}");
+    assert!(last.message().contains("too many failed attempts from this address"), "{}", last.message());
+    let err = admin.list_keys(proto::ListKeysRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "the peer is shed, whatever key it sends");
+    let mut v = s.verifier().await;
+    assert_eq!(code(&verify(&mut v, loopback(&good)).await), Code::Valid, "Verify for 127.0.0.1 is not shed");
+    // The peer's block ends as its failures refill.
+    s.clock.advance(Duration::from_secs(61));
+    admin.list_keys(proto::ListKeysRequest::default()).await.expect("unblocked after a minute");
+    s.stop().await;
+}

@@ -307,3 +307,61 @@ async fn sigterm_under_load_fails_no_accepted_call() {
     }
     assert!(total > 0, "the load ran");
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Every service on the port has a request-size cap, health and reflection
+/// included: a 1 MiB message is refused with INVALID_ARGUMENT as soon as
+/// its length prefix is read, so a hundred of them do not grow the heap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_health_and_reflection_messages_are_refused_without_growing_memory() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+
+    let sidecar = Sidecar::start(&["--dev"], &[]);
+    let ch = channel(&sidecar).await;
+    let huge = "x".repeat(1 << 20);
+
+    let mut health = HealthClient::new(ch.clone());
+    let err = health.check(HealthCheckRequest { service: huge.clone() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("16 KiB"), "{}", err.message());
+
+    let mut reflection = ServerReflectionClient::new(ch.clone());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(huge.clone())),
+    };
+    let refused = match reflection.server_reflection_info(tokio_stream::iter([request])).await {
+        Err(status) => status,
+        Ok(resp) => resp.into_inner().next().await.expect("an answer").unwrap_err(),
+    };
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+
+    // A normal call still works, then a hundred 1 MiB calls at once.
+    assert!(health.check(HealthCheckRequest { service: String::new() }).await.is_ok());
+    let before = rss_kib(sidecar.child.id());
+    let calls: Vec<_> = (0..100)
+        .map(|_| {
+            let (mut h, huge) = (HealthClient::new(ch.clone()), huge.clone());
+            tokio::spawn(async move { h.check(HealthCheckRequest { service: huge }).await })
+        })
+        .collect();
+    for c in calls {
+        assert_eq!(c.await.unwrap().unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
+    let after = rss_kib(sidecar.child.id());
+    println!("RSS before {before} KiB, after a hundred 1 MiB requests {after} KiB");
+    assert!(after < before + 32 * 1024, "RSS grew from {before} KiB to {after} KiB");
+    sidecar.terminate();
+}

@@ -303,3 +303,53 @@ async fn resource_exhausted_when_the_server_sheds_load() {
     assert_eq!(code(&first.await.unwrap().unwrap().into_inner()), Code::Valid, "the call in progress completes");
     s.stop().await;
 }
+
+/// Rate-limit state lives in the limiter, not in the cache entry: a key
+/// whose quota is spent, pushed out of a small cache by a flood of forged
+/// keys, is still limited after the purge interval has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_quota_survives_eviction_by_forged_keys() {
+    let mut settings = EngineSettings::new(test_pepper());
+    settings.cache.max_entries = 300;
+    let s =
+        TestServer::start_with(Arc::new(MemoryStore::new()), settings, ServerOptions::default(), Clock::manual(START))
+            .await;
+    let mut admin = s.admin().await;
+    let mut v = s.verifier().await;
+    let hourly = proto::RateLimit { requests: 5, window_seconds: 3600, burst: 0, per_tenant: false };
+    let (key, rec) =
+        create(&mut admin, proto::CreateKeyRequest { rate_limit: Some(hourly), ..create_req("five an hour") }).await;
+    for _ in 0..5 {
+        assert_eq!(code(&verify(&mut v, verify_req(&key)).await), Code::Valid);
+    }
+    assert_eq!(code(&verify(&mut v, verify_req(&key)).await), Code::RateLimited);
+
+    // Forged keys: well-formed, random key_ids, no IP (never shed). Each is
+    // a store read and a negative entry; together they push the key out.
+    let format = KeyFormat::default();
+    let id: keystile::key::KeyId = rec.key_id.parse().unwrap();
+    let cached = |s: &TestServer| !matches!(s.app.records.cache().get(id), keystile::cache::Cached::Missing);
+    let mut forged = 0;
+    while cached(&s) {
+        assert!(forged < 50_000, "the key was never evicted");
+        let batch: Vec<String> = (0..500).map(|_| generate(&format, Env::Live).key.expose().to_string()).collect();
+        for _ in 0..2 {
+            for k in &batch {
+                let r = keystile::verdict::Request { key: k, ip: None, scopes: &[], tenant: "", cost: 1 };
+                assert_eq!(s.app.engine.verify(&r).await.unwrap().outcome, keystile::verdict::Outcome::NotFound);
+            }
+        }
+        forged += batch.len();
+        s.app.records.cache().len(); // runs moka's pending evictions
+    }
+    assert!(s.app.records.cache().len() <= 300, "the cache stays within its bound");
+
+    // The purge interval passes on the injected clock (a refill of one cell
+    // takes 12 minutes, so the bucket is not whole), and the purge runs.
+    s.clock.advance(keystile::server::PURGE_EVERY + Duration::from_secs(1));
+    s.app.purge();
+    let r = verify(&mut v, verify_req(&key)).await;
+    assert_eq!(code(&r), Code::RateLimited, "evicted after {forged} forged keys, the quota is still spent");
+    assert_eq!(r.rate_limit.unwrap().remaining, 0);
+    s.stop().await;
+}

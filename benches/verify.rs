@@ -1,4 +1,4 @@
-//! In-process costs of the hot path (SPEC §9): parsing, malformed
+//! In-process costs of the hot path (README, "Performance"): parsing, malformed
 //! rejection, a cache-hit verify with every check, a negative-cache hit and
 //! a miss against the memory store.
 //!

@@ -12,6 +12,7 @@ use ipnet::IpNet;
 
 pub use crate::auth::ADMIN_SCOPE;
 use crate::clock::Clock;
+use crate::engine::EngineSettings;
 use crate::engine::source::RecordSource;
 use crate::key::{Env, FullKey, KeyFormat, KeyId, PepperSet, generate};
 use crate::limit::{BucketId, Limiter, RateLimitPolicy};
@@ -121,6 +122,7 @@ pub struct Admin {
     /// This sidecar's cache, told at once of its own changes (the change
     /// feed tells the others).
     records: Arc<RecordSource>,
+    /// Told when a key is deleted, so that its bucket goes with it.
     limiter: Arc<dyn Limiter>,
     format: KeyFormat,
     peppers: PepperSet,
@@ -128,14 +130,15 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// Mints keys in the engine's key format, sealed with its current pepper.
     pub fn new(
         store: Arc<dyn KeyStore>,
         records: Arc<RecordSource>,
         limiter: Arc<dyn Limiter>,
-        format: KeyFormat,
-        peppers: PepperSet,
+        engine: &EngineSettings,
         clock: Clock,
     ) -> Admin {
+        let (format, peppers) = (engine.format.clone(), engine.peppers.clone());
         Admin { store, records, limiter, format, peppers, clock }
     }
 

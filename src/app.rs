@@ -56,14 +56,7 @@ impl App {
             clock.clone(),
         ));
         let auth = Arc::new(Authenticator::new(engine.clone(), settings.failed_attempts_per_minute, clock.clone()));
-        let admin = Arc::new(Admin::new(
-            store.clone(),
-            records.clone(),
-            limiter.clone(),
-            settings.format.clone(),
-            settings.peppers.clone(),
-            clock.clone(),
-        ));
+        let admin = Arc::new(Admin::new(store.clone(), records.clone(), limiter.clone(), &settings, clock.clone()));
         App { settings, clock, metrics, store, records, limiter, usage, engine, auth, admin }
     }
 

@@ -8,35 +8,10 @@ tonic::include_proto!("keystile.v1");
 /// The encoded descriptors, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("keystile_descriptor");
 
-// The full key is a secret: these three Debug impls leave it out.
-
-impl std::fmt::Debug for VerifyRequest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VerifyRequest")
-            .field("key", &"<redacted>")
-            .field("ip", &self.ip)
-            .field("scopes", &self.scopes)
-            .field("tenant", &self.tenant)
-            .field("cost", &self.cost)
-            .finish()
-    }
-}
-
-impl std::fmt::Debug for CreateKeyResponse {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CreateKeyResponse").field("key", &"<redacted>").field("record", &self.record).finish()
-    }
-}
-
-impl std::fmt::Debug for RotateKeyResponse {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RotateKeyResponse")
-            .field("key", &"<redacted>")
-            .field("record", &self.record)
-            .field("previous", &self.previous)
-            .finish()
-    }
-}
+// The full key is a secret: these Debug impls leave it out.
+crate::secret::debug_without_key!(VerifyRequest, "VerifyRequest", [ip, scopes, tenant, cost]);
+crate::secret::debug_without_key!(CreateKeyResponse, "CreateKeyResponse", [record]);
+crate::secret::debug_without_key!(RotateKeyResponse, "RotateKeyResponse", [record, previous]);
 
 #[cfg(test)]
 mod tests {

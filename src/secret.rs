@@ -6,6 +6,23 @@
 /// What a redacted value shows.
 pub const REDACTED: &str = "<redacted>";
 
+/// Implements `Debug` for a struct whose `key` field holds a full API key:
+/// the key shows as [`REDACTED`], the listed fields as they are. The one
+/// way request and response types (domain and generated) hide a key.
+macro_rules! debug_without_key {
+    ($ty:ty, $name:literal, [$($field:ident),*]) => {
+        impl std::fmt::Debug for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct($name)
+                    .field("key", &$crate::secret::REDACTED)
+                    $(.field(stringify!($field), &self.$field))*
+                    .finish()
+            }
+        }
+    };
+}
+pub(crate) use debug_without_key;
+
 /// A secret given on the command line, in the environment or in a file.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);

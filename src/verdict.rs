@@ -121,17 +121,7 @@ pub struct Request<'a> {
     pub cost: u32,
 }
 
-impl std::fmt::Debug for Request<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Request")
-            .field("key", &crate::secret::REDACTED)
-            .field("ip", &self.ip)
-            .field("scopes", &self.scopes)
-            .field("tenant", &self.tenant)
-            .field("cost", &self.cost)
-            .finish()
-    }
-}
+crate::secret::debug_without_key!(Request<'_>, "Request", [ip, scopes, tenant, cost]);
 
 /// The answer: an outcome, the key when it was identified, the quota state.
 #[derive(Debug, Clone)]

@@ -1,4 +1,5 @@
-//! Revocation that reaches every replica (SPEC §5): across three real
+//! Revocation that reaches every replica (README, "Storage, cache and
+//! revocation"): across three real
 //! `keystile serve` processes on one Redis, after the subscriber is cut off,
 //! and never undone by a lookup that started before it.
 

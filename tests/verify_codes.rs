@@ -1,4 +1,4 @@
-//! Every code of SPEC §4, produced by the real server through a real
+//! Every verdict of the README's "Verdicts" table, produced by the real server through a real
 //! socket, once on the in-memory store and once on a real Redis.
 
 mod common;
@@ -27,7 +27,7 @@ fn with_ip(key: &str, ip: &str) -> proto::VerifyRequest {
     proto::VerifyRequest { key: key.into(), ip: ip.into(), ..Default::default() }
 }
 
-/// One key for each check, then every verdict in SPEC order.
+/// One key for each check, then every verdict in order of precedence.
 async fn every_code(s: &TestServer) {
     let mut admin = s.admin().await;
     let mut v = s.verifier().await;

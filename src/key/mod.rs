@@ -1,4 +1,4 @@
-//! The key format of SPEC §2: `<prefix>_<env>_<key_id>_<secret><checksum>`.
+//! The key format (README, "Key format"): `<prefix>_<env>_<key_id>_<secret><checksum>`.
 //!
 //! - [`format`] parses a presented credential without allocating,
 //! - [`checksum`] is the CRC32-in-base62 tail that lets anyone (including

@@ -84,8 +84,7 @@ where
             return StreamCapFuture { inner: self.inner.call(request), tripped: None };
         }
         let tripped = Arc::new(AtomicBool::new(false));
-        let request = request
-            .map(|body| Body::new(ScanBody { inner: body, scan: FrameScan::default(), tripped: tripped.clone() }));
+        let request = request.map(|body| WatchedBody::request(body, tripped.clone()));
         StreamCapFuture { inner: self.inner.call(request), tripped: Some(tripped) }
     }
 }
@@ -110,7 +109,7 @@ where
         let response = ready!(this.inner.poll(cx));
         Poll::Ready(response.map(|r| match this.tripped.take() {
             None => r,
-            Some(tripped) => r.map(|body| Body::new(MarkBody { inner: body, tripped })),
+            Some(tripped) => r.map(|body| WatchedBody::answer(body, tripped)),
         }))
     }
 }
@@ -151,70 +150,60 @@ impl FrameScan {
     }
 }
 
-struct ScanBody {
+/// A body on a streaming path: on the request side it scans the length
+/// prefixes (`scan` is set); on the answer side it rewrites an OK end of
+/// stream into `INVALID_ARGUMENT` when the request carried a message over
+/// the cap.
+struct WatchedBody {
     inner: Body,
-    scan: FrameScan,
+    scan: Option<FrameScan>,
     tripped: Arc<AtomicBool>,
 }
 
-impl http_body::Body for ScanBody {
-    type Data = bytes::Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = &mut *self;
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        if let Some(Ok(f)) = &frame
-            && let Some(data) = f.data_ref()
-            && !this.tripped.load(Ordering::Relaxed)
-            && this.scan.too_large(data)
-        {
-            this.tripped.store(true, Ordering::Relaxed);
-        }
-        Poll::Ready(frame)
+impl WatchedBody {
+    fn request(inner: Body, tripped: Arc<AtomicBool>) -> Body {
+        Body::new(WatchedBody { inner, scan: Some(FrameScan::default()), tripped })
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+    fn answer(inner: Body, tripped: Arc<AtomicBool>) -> Body {
+        Body::new(WatchedBody { inner, scan: None, tripped })
     }
 
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Rewrites an OK end of stream into `INVALID_ARGUMENT` when the request
-/// carried a message over the cap.
-struct MarkBody {
-    inner: Body,
-    tripped: Arc<AtomicBool>,
-}
-
-impl http_body::Body for MarkBody {
-    type Data = bytes::Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = &mut *self;
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        Poll::Ready(frame.map(|f| {
-            f.map(|f| match f.into_trailers() {
+    fn watch(&mut self, frame: Frame<bytes::Bytes>) -> Frame<bytes::Bytes> {
+        let tripped = self.tripped.load(Ordering::Relaxed);
+        match &mut self.scan {
+            Some(scan) => {
+                if !tripped && frame.data_ref().is_some_and(|data| scan.too_large(data)) {
+                    self.tripped.store(true, Ordering::Relaxed);
+                }
+                frame
+            }
+            None if tripped => match frame.into_trailers() {
                 Ok(mut trailers) => {
-                    if this.tripped.load(Ordering::Relaxed) && trailers.get("grpc-status").is_some_and(|v| v == "0") {
+                    if trailers.get("grpc-status").is_some_and(|v| v == "0") {
                         trailers.insert("grpc-status", INVALID_ARGUMENT);
                         trailers.insert("grpc-message", TOO_LARGE);
                     }
                     Frame::trailers(trailers)
                 }
                 Err(frame) => frame,
-            })
-        }))
+            },
+            None => frame,
+        }
+    }
+}
+
+impl http_body::Body for WatchedBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        Poll::Ready(frame.map(|f| f.map(|f| this.watch(f))))
     }
 
     fn is_end_stream(&self) -> bool {

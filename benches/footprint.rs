@@ -1,5 +1,4 @@
-//! Memory per cached key (README, "Performance": ≤ 1 KiB of RSS per cached
-//! key).
+//! Memory per cached key (README, "Performance").
 //!
 //! Fills a memory store with N keys, then verifies each once so that it is
 //! cached, and reports the growth of RSS between the two (the store's own

@@ -52,8 +52,9 @@ pub enum AuthError {
     RateLimited,
     #[error("too many failed attempts from this address; try again in {0} s")]
     TooManyFailedAttempts(u64),
-    #[error("the key store is unavailable")]
-    Unavailable,
+    /// The store (or a shared limiter) did not answer; the text says which.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 pub struct Authenticator {
@@ -83,7 +84,11 @@ impl Authenticator {
         };
         let scopes = [purpose.scope().to_string()];
         let request = Request { key, ip: peer, scopes: &scopes, tenant: "", cost: 1 };
-        let verdict = self.engine.decide(&request, self.shedder.as_ref()).await.map_err(|_| AuthError::Unavailable)?;
+        let verdict = self
+            .engine
+            .verify_with(&request, self.shedder.as_ref())
+            .await
+            .map_err(|e| AuthError::Unavailable(e.to_string()))?;
         match verdict.outcome {
             Outcome::Valid => Ok(Principal { key: verdict.key.expect("a valid verdict names its key") }),
             Outcome::InsufficientScope => Err(AuthError::PermissionDenied("the key lacks the keystile:admin scope")),

@@ -303,16 +303,18 @@ pub fn file_args(path: &std::path::Path, matches: &clap::ArgMatches) -> Result<V
     let mut errors = Vec::new();
     let mut args = Vec::new();
     for (key, value) in &table {
-        let id = key.replace('-', "_");
-        let Some(arg) = command.get_arguments().find(|a| a.get_id() == id.as_str() && a.get_long().is_some()) else {
+        let name = key.replace('-', "_");
+        let Some(arg) = command.get_arguments().find(|a| a.get_long().is_some_and(|l| l.replace('-', "_") == name))
+        else {
             errors.push(format!("{}: unknown setting {key:?}", file()));
             continue;
         };
+        let id = arg.get_id().as_str();
         if id == "config" || id == "pepper" {
             errors.push(format!("{}: {key:?} cannot be set in a file (use pepper_file for the pepper)", file()));
             continue;
         }
-        if matches!(matches.value_source(&id), Some(ValueSource::CommandLine | ValueSource::EnvVariable)) {
+        if matches!(matches.value_source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable)) {
             continue;
         }
         let long = arg.get_long().expect("filtered on a long name");

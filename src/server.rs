@@ -32,8 +32,11 @@ use crate::service::admin::AdminService;
 use crate::service::verifier::VerifierService;
 use crate::store::FeedEvent;
 
-/// Service names reported by grpc.health.v1.
-pub const READINESS: [&str; 2] = ["", "keystile.v1.Verifier"];
+/// Service names reported by grpc.health.v1 as readiness: the empty name
+/// always, and each front end's own service name.
+fn readiness(front_ends: &[FrontEnd]) -> Vec<&'static str> {
+    std::iter::once("").chain(front_ends.iter().filter_map(|f| f.health_name())).collect()
+}
 pub const LIVENESS: &str = "liveness";
 
 /// A set of gRPC services served on the shared port.
@@ -43,6 +46,16 @@ pub enum FrontEnd {
     Verifier,
     /// `keystile.v1.KeyAdmin`.
     KeyAdmin,
+}
+
+impl FrontEnd {
+    /// The name its readiness is reported under, if any.
+    fn health_name(self) -> Option<&'static str> {
+        match self {
+            FrontEnd::Verifier => Some("keystile.v1.Verifier"),
+            FrontEnd::KeyAdmin => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -122,21 +135,22 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    for name in READINESS {
+    let readiness = readiness(&options.front_ends);
+    for &name in &readiness {
         health.set_service_status(name, ServingStatus::NotServing).await;
     }
     health.set_service_status(LIVENESS, ServingStatus::Serving).await;
 
     let stop = CancellationToken::new();
     let tasks = CancellationToken::new();
-    tokio::spawn(follow_feed(app.clone(), health.clone(), stop.clone(), tasks.clone()));
+    tokio::spawn(follow_feed(app.clone(), health.clone(), readiness.clone(), stop.clone(), tasks.clone()));
     tokio::spawn(flush_usage(app.clone(), options.last_used_flush, tasks.clone()));
     tokio::spawn(purge(app.clone(), tasks.clone()));
     {
-        let (stop, health) = (stop.clone(), health.clone());
+        let (stop, health, readiness) = (stop.clone(), health.clone(), readiness.clone());
         tokio::spawn(async move {
             shutdown.await;
-            for name in READINESS {
+            for &name in &readiness {
                 health.set_service_status(name, ServingStatus::NotServing).await;
             }
             tracing::info!("shutting down: readiness is NOT_SERVING, draining in-flight calls");
@@ -175,7 +189,13 @@ pub async fn serve(
 
 /// Applies the store's change feed to the cache and turns its state into
 /// readiness.
-async fn follow_feed(app: Arc<App>, health: HealthReporter, stop: CancellationToken, tasks: CancellationToken) {
+async fn follow_feed(
+    app: Arc<App>,
+    health: HealthReporter,
+    readiness: Vec<&'static str>,
+    stop: CancellationToken,
+    tasks: CancellationToken,
+) {
     let mut feed = app.store.feed();
     let stale_window = app.settings.cache.stale_window;
     let metrics = &app.metrics;
@@ -228,7 +248,7 @@ async fn follow_feed(app: Arc<App>, health: HealthReporter, stop: CancellationTo
             metrics.ready.set(if ready { 1.0 } else { 0.0 });
             let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
             tracing::info!(ready, "readiness changed");
-            for name in READINESS {
+            for &name in &readiness {
                 health.set_service_status(name, status).await;
             }
         }

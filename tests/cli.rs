@@ -234,7 +234,7 @@ fn a_toml_file_configures_serve_and_flags_win() {
     let file = dir.path().join("keystile.toml");
     std::fs::write(
         &file,
-        "dev = true\ncache_ttl = \"30s\"\naccept-envs = [\"live\"]\nfailed_attempts_per_minute = 5\n",
+        "dev = true\ncache_ttl = \"30s\"\naccept-envs = [\"live\"]\nfailed_attempts_per_minute = 5\nkey_prefix = [\"ks\", \"old\"]\n",
     )
     .unwrap();
     let out = Command::new(BIN)

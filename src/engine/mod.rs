@@ -97,23 +97,29 @@ impl Engine {
     /// Answers one Verify. Every denial is a [`Verdict`]; only a store that
     /// cannot answer is an error.
     pub async fn verify(&self, req: &Request<'_>) -> Result<Verdict, VerifyError> {
+        self.verify_with(req, self.shedder.as_ref()).await
+    }
+
+    /// The pipeline with failures counted by `shedder` against `req.ip`,
+    /// and the verdict counted in the metrics. Verify passes its own
+    /// shedder; `auth` passes one keyed by transport peer.
+    pub(crate) async fn verify_with(
+        &self,
+        req: &Request<'_>,
+        shedder: Option<&FailureShedder>,
+    ) -> Result<Verdict, VerifyError> {
         let started = std::time::Instant::now();
-        let outcome = self.decide(req, self.shedder.as_ref()).await;
+        let outcome = self.decide(req, shedder).await;
         self.metrics.verify_seconds.record(started.elapsed().as_secs_f64());
         match &outcome {
             Ok(v) => self.metrics.verdict(v.outcome),
+            Err(VerifyError::LimiterUnavailable(_)) => self.metrics.limiter_unavailable.increment(1),
             Err(_) => self.metrics.verify_unavailable.increment(1),
         }
         outcome
     }
 
-    /// The pipeline, with failures counted by `shedder` against `req.ip`.
-    /// Verify passes its own; `auth` passes one keyed by transport peer.
-    pub(crate) async fn decide(
-        &self,
-        req: &Request<'_>,
-        shedder: Option<&FailureShedder>,
-    ) -> Result<Verdict, VerifyError> {
+    async fn decide(&self, req: &Request<'_>, shedder: Option<&FailureShedder>) -> Result<Verdict, VerifyError> {
         // 1. Parse: prefix, shape and checksum, before anything else.
         let presented = match self.format.parse(req.key) {
             Ok(p) => p,

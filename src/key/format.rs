@@ -135,7 +135,7 @@ impl<'a> PresentedKey<'a> {
 
 impl fmt::Debug for PresentedKey<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PresentedKey({}_{}_{}_<redacted>)", self.prefix, self.env, self.key_id)
+        write!(f, "PresentedKey({}_{}_{}_{})", self.prefix, self.env, self.key_id, crate::secret::REDACTED)
     }
 }
 

@@ -22,7 +22,7 @@ impl FullKey {
 
 impl fmt::Debug for FullKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("FullKey(<redacted>)")
+        write!(f, "FullKey({})", crate::secret::REDACTED)
     }
 }
 

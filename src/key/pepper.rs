@@ -67,7 +67,7 @@ impl Pepper {
 
 impl fmt::Debug for Pepper {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Pepper(id={}, <redacted>)", self.id)
+        write!(f, "Pepper(id={}, {})", self.id, crate::secret::REDACTED)
     }
 }
 
@@ -137,7 +137,7 @@ impl SecretHash {
 
 impl fmt::Debug for SecretHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SecretHash(pepper={}, <redacted>)", self.pepper_id)
+        write!(f, "SecretHash(pepper={}, {})", self.pepper_id, crate::secret::REDACTED)
     }
 }
 

@@ -2,7 +2,6 @@
 //! cells or nothing, and reports the quota state the headers are made of.
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use governor::RateLimiter;
 use governor::clock::Clock as _;
@@ -20,9 +19,6 @@ pub struct GcraBucket {
     limiter: Direct,
     clock: Clock,
     period_nanos: u64,
-    /// Monotonic nanos from which the bucket is whole again (so may be
-    /// dropped: a whole bucket is the same as a new one).
-    full_at: AtomicU64,
 }
 
 impl GcraBucket {
@@ -30,7 +26,6 @@ impl GcraBucket {
         let quota = policy.quota();
         let period_nanos = quota.replenish_interval().as_nanos() as u64;
         GcraBucket {
-            full_at: AtomicU64::new(0),
             policy,
             limiter: RateLimiter::direct_with_clock(quota, clock.clone())
                 .with_middleware::<StateInformationMiddleware>(),
@@ -59,9 +54,7 @@ impl GcraBucket {
             Ok(Ok(snapshot)) => {
                 state.remaining = (snapshot.remaining_burst_capacity() as u64).min(state.limit);
                 let missing = burst.saturating_sub(state.remaining);
-                let refill = missing * self.period_nanos;
-                state.reset_seconds = ceil_seconds(refill);
-                self.full_at.fetch_max(self.clock.mono_nanos().saturating_add(refill), Ordering::Relaxed);
+                state.reset_seconds = ceil_seconds(missing * self.period_nanos);
                 (true, state)
             }
             Ok(Err(not_until)) => {
@@ -89,9 +82,13 @@ impl GcraBucket {
 }
 
 impl GcraBucket {
-    /// Whether every cell is back at `now` (monotonic nanos).
-    pub fn is_full_at(&self, now: u64) -> bool {
-        now >= self.full_at.load(Ordering::Relaxed)
+    /// Whether every cell is back, found by taking the whole burst: a
+    /// denied take takes nothing, and a whole bucket that was emptied this
+    /// way is about to be dropped. For housekeeping only, when no request
+    /// can reach the bucket any more.
+    pub fn drain_if_full(&self) -> bool {
+        let burst = NonZeroU32::new(self.policy.effective_burst().clamp(1, u32::MAX as u64) as u32).expect(">= 1");
+        matches!(self.limiter.check_n(burst), Ok(Ok(_)))
     }
 }
 
@@ -160,13 +157,15 @@ mod tests {
     #[test]
     fn a_bucket_knows_when_it_is_whole_again() {
         let clock = Clock::manual(0);
+        let fresh = GcraBucket::new(policy(10, 10, 0), clock.clone());
+        assert!(fresh.drain_if_full(), "a new bucket is whole");
         let l = GcraBucket::new(policy(10, 10, 0), clock.clone());
-        assert!(l.is_full_at(clock.mono_nanos()), "a new bucket is whole");
         l.check(3);
-        assert!(!l.is_full_at(clock.mono_nanos()));
-        clock.advance(Duration::from_millis(2_999));
-        assert!(!l.is_full_at(clock.mono_nanos()));
+        assert!(!l.drain_if_full());
+        assert_eq!(l.check(1).1.remaining, 6, "a failed test takes nothing");
+        clock.advance(Duration::from_millis(3_999));
+        assert!(!l.drain_if_full());
         clock.advance(Duration::from_millis(1));
-        assert!(l.is_full_at(clock.mono_nanos()), "three cells at one a second");
+        assert!(l.drain_if_full(), "four cells at one a second");
     }
 }

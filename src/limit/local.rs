@@ -10,41 +10,47 @@ use std::sync::Arc;
 use dashmap::DashMap;
 
 use super::gcra::GcraBucket;
-use super::{BucketId, Decision, LimitCheck, Limiter, RateLimitPolicy};
+use super::{BucketId, Decision, LimitCheck, Limiter, RateLimitPolicy, RateState};
 use crate::clock::Clock;
 
+/// Buckets exist only for keys that verified (forged key_ids never get
+/// one), so a fast hasher is safe here and keeps the lookup cheap on the hot
+/// path.
+type Hasher = foldhash::fast::RandomState;
+
 pub struct LocalLimiter {
-    buckets: DashMap<BucketId, Arc<GcraBucket>>,
+    buckets: DashMap<BucketId, Arc<GcraBucket>, Hasher>,
     clock: Clock,
 }
 
 impl LocalLimiter {
     pub fn new(clock: Clock) -> LocalLimiter {
-        LocalLimiter { buckets: DashMap::new(), clock }
+        LocalLimiter { buckets: DashMap::with_hasher(Hasher::default()), clock }
     }
 
-    /// The bucket for `id` under `policy`; a changed policy gets a new,
-    /// whole bucket. A cache refresh or an unrelated update (a new name)
-    /// keeps the bucket.
-    fn bucket(&self, id: &BucketId, policy: &RateLimitPolicy) -> Arc<GcraBucket> {
+    /// Takes `cost` cells from the bucket for `id` under `policy`; a changed
+    /// policy gets a new, whole bucket. A cache refresh or an unrelated
+    /// update (a new name) keeps the bucket. The check runs under the map's
+    /// shard lock, so a purge cannot drop a bucket between lookup and take.
+    fn take(&self, id: &BucketId, policy: &RateLimitPolicy, cost: u32) -> (bool, RateState) {
         if let Some(b) = self.buckets.get(id)
             && b.policy() == *policy
         {
-            return b.clone();
+            return b.check(cost);
         }
         let mut slot =
             self.buckets.entry(id.clone()).or_insert_with(|| Arc::new(GcraBucket::new(*policy, self.clock.clone())));
         if slot.policy() != *policy {
             *slot = Arc::new(GcraBucket::new(*policy, self.clock.clone()));
         }
-        slot.clone()
+        slot.check(cost)
     }
 }
 
 impl Limiter for LocalLimiter {
     #[inline]
     fn check(&self, bucket: &BucketId, policy: &RateLimitPolicy, cost: u32) -> LimitCheck<'_> {
-        let (allowed, state) = self.bucket(bucket, policy).check(cost);
+        let (allowed, state) = self.take(bucket, policy, cost);
         LimitCheck::Ready(Ok(Decision { allowed, state }))
     }
 
@@ -53,11 +59,9 @@ impl Limiter for LocalLimiter {
     }
 
     fn purge(&self) {
-        let now = self.clock.mono_nanos();
-        // A bucket that a check holds right now is kept: the cells it takes
-        // must not be lost to a fresh bucket.
-        self.buckets.retain(|_, b| Arc::strong_count(b) > 1 || !b.is_full_at(now));
-        self.buckets.shrink_to_fit();
+        // Under the shard's write lock no check can reach the bucket, so a
+        // whole bucket emptied by the test is dropped before anyone sees it.
+        self.buckets.retain(|_, b| !b.drain_if_full());
     }
 
     fn len(&self) -> usize {

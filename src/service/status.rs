@@ -16,7 +16,7 @@ pub fn from_auth(e: &AuthError) -> Status {
         AuthError::Unauthenticated(_) => Code::Unauthenticated,
         AuthError::PermissionDenied(_) => Code::PermissionDenied,
         AuthError::RateLimited | AuthError::TooManyFailedAttempts(_) => Code::ResourceExhausted,
-        AuthError::Unavailable => Code::Unavailable,
+        AuthError::Unavailable(_) => Code::Unavailable,
     };
     Status::new(code, e.to_string())
 }

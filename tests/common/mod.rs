@@ -308,7 +308,19 @@ impl Sidecar {
         Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
         let status = self.child.wait().unwrap();
         let mut rest = String::new();
-        self.child.stdout.take().unwrap().read_to_string(&mut rest).unwrap();
+        if let Some(mut out) = self.child.stdout.take() {
+            out.read_to_string(&mut rest).unwrap();
+        }
         (status.code(), rest)
+    }
+}
+
+/// A test that fails half-way leaves no server behind.
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }

@@ -1,7 +1,9 @@
-//! The one connection type the Redis store talks through. Today a single
-//! node behind redis-rs's `ConnectionManager` (reconnects on its own); a
-//! topology that needs another client (Sentinel, Cluster) is a new variant
-//! here, and the store, the scripts and the feed do not change.
+//! How the Redis store reaches Redis, in one place: [`Connection`] for
+//! commands and scripts, [`FeedLink`] for the change feed's pub/sub and
+//! stream reads. Today a single node behind redis-rs's `ConnectionManager`
+//! (reconnects on its own); a topology that needs another client
+//! (Sentinel, Cluster) is a new variant of both, and the store, the
+//! scripts and the feed's logic do not change.
 
 use std::time::Duration;
 
@@ -25,11 +27,32 @@ pub enum Connection {
     Single(ConnectionManager),
 }
 
-/// What [`open`] hands the store: commands go through `conn`, the change
-/// feed opens its own pub/sub connections through `client`.
+/// What [`open`] hands the store.
 pub struct Opened {
     pub conn: Connection,
-    pub client: redis::Client,
+    pub feed: FeedLink,
+}
+
+/// The change feed's own connections, opened afresh on every (re)connect.
+#[derive(Clone)]
+pub enum FeedLink {
+    Single(redis::Client),
+}
+
+impl FeedLink {
+    /// A pub/sub connection.
+    pub async fn pubsub(&self) -> redis::RedisResult<redis::aio::PubSub> {
+        match self {
+            FeedLink::Single(client) => client.get_async_pubsub().await,
+        }
+    }
+
+    /// A connection for reading the event stream.
+    pub async fn commands(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        match self {
+            FeedLink::Single(client) => client.get_multiplexed_async_connection().await,
+        }
+    }
 }
 
 /// Connects lazily: a sidecar starts even when Redis is not up yet, and
@@ -42,7 +65,7 @@ pub fn open(topology: &Topology) -> redis::RedisResult<Opened> {
         .set_number_of_retries(1)
         .set_max_delay(Duration::from_millis(500));
     let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
-    Ok(Opened { conn: Connection::Single(conn), client })
+    Ok(Opened { conn: Connection::Single(conn), feed: FeedLink::Single(client) })
 }
 
 impl ConnectionLike for Connection {

@@ -14,6 +14,7 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::Keys;
+use super::connection::FeedLink;
 use crate::key::KeyId;
 use crate::store::FeedEvent;
 
@@ -22,7 +23,7 @@ const PING_EVERY: Duration = Duration::from_secs(1);
 
 /// Follows the feed until `cancel`.
 pub(super) async fn follow(
-    client: redis::Client,
+    link: FeedLink,
     keys: Keys,
     feed: broadcast::Sender<FeedEvent>,
     live: Arc<AtomicBool>,
@@ -32,7 +33,7 @@ pub(super) async fn follow(
     let mut backoff = Duration::from_millis(50);
     let mut was_connected = false;
     loop {
-        let session = subscribe_once(&client, &keys, &feed, &live, &mut last_seen, &mut was_connected);
+        let session = subscribe_once(&link, &keys, &feed, &live, &mut last_seen, &mut was_connected);
         tokio::select! {
             _ = cancel.cancelled() => return,
             result = session => {
@@ -56,7 +57,7 @@ pub(super) async fn follow(
 }
 
 async fn subscribe_once(
-    client: &redis::Client,
+    link: &FeedLink,
     keys: &Keys,
     feed: &broadcast::Sender<FeedEvent>,
     live: &AtomicBool,
@@ -64,9 +65,9 @@ async fn subscribe_once(
     was_connected: &mut bool,
 ) -> redis::RedisResult<()> {
     let connect = async {
-        let mut pubsub = client.get_async_pubsub().await?;
+        let mut pubsub = link.pubsub().await?;
         pubsub.subscribe(keys.events()).await?;
-        let mut conn = client.get_multiplexed_async_connection().await?;
+        let mut conn = link.commands().await?;
         // Subscribed first, then look at the stream: nothing can fall between.
         let replay = resync(&mut conn, keys, last_seen).await?;
         Ok::<_, redis::RedisError>((pubsub, replay))

@@ -97,7 +97,7 @@ impl RedisStore {
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
         let cancel = CancellationToken::new();
         let live = Arc::new(AtomicBool::new(false));
-        tokio::spawn(feed::follow(opened.client, keys.clone(), feed.clone(), live.clone(), cancel.clone()));
+        tokio::spawn(feed::follow(opened.feed, keys.clone(), feed.clone(), live.clone(), cancel.clone()));
         Ok(RedisStore {
             conn: opened.conn,
             keys,

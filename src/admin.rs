@@ -87,6 +87,18 @@ pub struct KeyPatch {
     pub expires_at: Option<Option<i64>>,
 }
 
+impl KeyPatch {
+    /// Whether it names no field at all.
+    pub fn is_empty(&self) -> bool {
+        self.name.is_none()
+            && self.scopes.is_none()
+            && self.ip_allowlist.is_none()
+            && self.rate_limit.is_none()
+            && self.metadata.is_none()
+            && self.expires_at.is_none()
+    }
+}
+
 /// Where a key stands at a given instant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyState {
@@ -264,8 +276,13 @@ impl Admin {
         Ok(self.store.list(&query).await?)
     }
 
+    /// Applies `patch`. A patch that names no field changes nothing (and
+    /// bumps no version): the key is returned as it is.
     pub async fn update(&self, id: &str, patch: KeyPatch) -> Result<KeyRecord, AdminError> {
         let id = parse_id(id)?;
+        if patch.is_empty() {
+            return self.get(id.as_str()).await;
+        }
         let mut problems = Vec::new();
         let name = patch.name.as_deref().map(|n| check_name(n, &mut problems));
         let scopes = patch.scopes.as_deref().map(|s| check_scopes(s, &mut problems));
@@ -312,6 +329,7 @@ impl Admin {
             Ok(())
         })
         .await
+        .inspect(|r| tracing::info!(key_id = %r.key_id, version = r.version, "key updated"))
     }
 
     /// Revokes at once. Revoking a revoked key changes nothing.

@@ -22,7 +22,7 @@ use crate::engine::EngineSettings;
 use crate::key::{Env, KeyFormat, Pepper, PepperSet};
 use crate::limit::RateLimitPolicy;
 use crate::secret::{RedisUrl, Secret};
-use crate::server::{FrontEnd, ServerOptions};
+use crate::server::{FrontEnd, ServerOptions, ServerTls};
 use crate::store::StoreConfig;
 use crate::store::redis::connection::Topology;
 use crate::telemetry::LogFormat;
@@ -43,9 +43,19 @@ pub struct ServeArgs {
     /// Address of the Prometheus `/metrics` endpoint (HTTP); unset = off.
     #[arg(long, env = "KEYSTILE_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
-    /// gRPC address to listen on.
-    #[arg(long, env = "KEYSTILE_LISTEN", default_value = "0.0.0.0:50051")]
-    pub listen: String,
+    /// gRPC address to listen on [default: 0.0.0.0:50051, or
+    /// 127.0.0.1:50051 with --dev].
+    #[arg(long, env = "KEYSTILE_LISTEN")]
+    pub listen: Option<String>,
+    /// PEM certificate chain for TLS on the gRPC port (with --tls-key).
+    #[arg(long, env = "KEYSTILE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS on the gRPC port (with --tls-cert).
+    #[arg(long, env = "KEYSTILE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle: require client certificates signed by it (mutual TLS).
+    #[arg(long, env = "KEYSTILE_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Redis URL (redis://, rediss://, unix://). Without it the embedded
     /// in-memory store is used (one process, nothing persisted).
     #[arg(long, env = "KEYSTILE_REDIS_URL", hide_env_values = true)]
@@ -82,8 +92,8 @@ pub struct ServeArgs {
     #[arg(long, env = "KEYSTILE_STALE_WINDOW", default_value = "60s")]
     pub stale_window: String,
     /// Most keys held in the cache.
-    #[arg(long, env = "KEYSTILE_CACHE_MAX_ENTRIES", default_value_t = 1_000_000)]
-    pub cache_max_entries: u64,
+    #[arg(long, env = "KEYSTILE_CACHE_MAX_ENTRIES", default_value = "1000000")]
+    pub cache_max_entries: String,
     /// How long a Verify waits for the store before answering UNAVAILABLE.
     #[arg(long, env = "KEYSTILE_STORE_TIMEOUT", default_value = "50ms")]
     pub store_timeout: String,
@@ -93,18 +103,18 @@ pub struct ServeArgs {
     pub default_rate_limit: Option<String>,
     /// Failed attempts (malformed or unknown keys) per minute per client IP
     /// before that IP is shed; 0 turns shedding off.
-    #[arg(long, env = "KEYSTILE_FAILED_ATTEMPTS_PER_MINUTE", default_value_t = 20)]
-    pub failed_attempts_per_minute: u32,
+    #[arg(long, env = "KEYSTILE_FAILED_ATTEMPTS_PER_MINUTE", default_value = "20")]
+    pub failed_attempts_per_minute: String,
     /// Do not serve KeyAdmin on this sidecar.
     #[arg(long, env = "KEYSTILE_NO_ADMIN")]
     pub no_admin: bool,
     /// HTTP/2 streams per connection.
-    #[arg(long, env = "KEYSTILE_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
-    pub max_concurrent_streams: u32,
+    #[arg(long, env = "KEYSTILE_MAX_CONCURRENT_STREAMS", default_value = "1024")]
+    pub max_concurrent_streams: String,
     /// Calls in progress per connection beyond which new ones get
     /// RESOURCE_EXHAUSTED.
-    #[arg(long, env = "KEYSTILE_MAX_INFLIGHT_PER_CONNECTION", default_value_t = 1024)]
-    pub max_inflight_per_connection: usize,
+    #[arg(long, env = "KEYSTILE_MAX_INFLIGHT_PER_CONNECTION", default_value = "1024")]
+    pub max_inflight_per_connection: String,
     /// How long in-flight calls may take to finish on SIGTERM.
     #[arg(long, env = "KEYSTILE_SHUTDOWN_GRACE", default_value = "10s")]
     pub shutdown_grace: String,
@@ -113,10 +123,30 @@ pub struct ServeArgs {
     pub last_used_flush: String,
     /// Runtime worker threads (default: the CPUs available to the process).
     #[arg(long, env = "KEYSTILE_WORKERS")]
-    pub workers: Option<usize>,
-    /// Log format.
-    #[arg(long, env = "KEYSTILE_LOG_FORMAT", value_enum, default_value = "plain")]
-    pub log_format: LogFormat,
+    pub workers: Option<String>,
+    /// Log format: plain or json.
+    #[arg(long, env = "KEYSTILE_LOG_FORMAT", default_value = "plain")]
+    pub log_format: String,
+}
+
+/// Parses a number setting, or says what is wrong with it.
+fn number<T: std::str::FromStr>(flag: &str, value: &str, errors: &mut Vec<String>) -> Option<T> {
+    value.trim().parse::<T>().map_err(|_| errors.push(format!("--{flag} {value:?} must be a whole number"))).ok()
+}
+
+/// Reads a PEM file that must hold `what`.
+fn read_pem(flag: &str, path: &std::path::Path, what: &str, errors: &mut Vec<String>) -> Option<Vec<u8>> {
+    match std::fs::read(path) {
+        Ok(bytes) if String::from_utf8_lossy(&bytes).contains(&format!("-----BEGIN {what}")) => Some(bytes),
+        Ok(_) => {
+            errors.push(format!("--{flag} {}: not a PEM file with a {what}", path.display()));
+            None
+        }
+        Err(e) => {
+            errors.push(format!("--{flag} {}: {e}", path.display()));
+            None
+        }
+    }
 }
 
 /// A validated configuration.
@@ -138,11 +168,68 @@ impl ServeArgs {
     /// Validates everything, reading the pepper files; returns every problem.
     pub fn validate(&self) -> Result<ServeConfig, Vec<String>> {
         let mut errors = Vec::new();
-        let listen = self
-            .listen
+        // A dev server is for this machine only unless told otherwise.
+        let default_listen = if self.dev { "127.0.0.1:50051" } else { "0.0.0.0:50051" };
+        let listen_text = self.listen.as_deref().unwrap_or(default_listen);
+        let listen = listen_text
             .parse::<SocketAddr>()
-            .map_err(|_| errors.push(format!("--listen {:?} is not an address like 0.0.0.0:50051", self.listen)))
+            .map_err(|_| errors.push(format!("--listen {listen_text:?} is not an address like 0.0.0.0:50051")))
             .ok();
+        if self.dev && self.no_admin {
+            errors
+                .push("--dev mints an admin key for KeyAdmin, which --no-admin turns off: drop one of the two".into());
+        }
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                let cert = read_pem("tls-cert", cert, "CERTIFICATE", &mut errors);
+                let key = read_pem("tls-key", key, "", &mut errors)
+                    .filter(|k| String::from_utf8_lossy(k).contains("PRIVATE KEY"))
+                    .or_else(|| {
+                        errors.push(format!("--tls-key {}: not a PEM private key", key.display()));
+                        None
+                    });
+                let client_ca = self
+                    .tls_client_ca
+                    .as_deref()
+                    .and_then(|p| read_pem("tls-client-ca", p, "CERTIFICATE", &mut errors));
+                match (cert, key) {
+                    (Some(cert), Some(key)) => Some(ServerTls {
+                        cert,
+                        key: Secret::new(String::from_utf8_lossy(&key).into_owned()),
+                        client_ca,
+                    }),
+                    _ => None,
+                }
+            }
+            (None, None) => {
+                if self.tls_client_ca.is_some() {
+                    errors.push("--tls-client-ca needs --tls-cert and --tls-key".into());
+                }
+                None
+            }
+            _ => {
+                errors.push("--tls-cert and --tls-key go together".into());
+                None
+            }
+        };
+        let cache_max_entries = number::<u64>("cache-max-entries", &self.cache_max_entries, &mut errors);
+        let failed_attempts_per_minute =
+            number::<u32>("failed-attempts-per-minute", &self.failed_attempts_per_minute, &mut errors);
+        let max_concurrent_streams = number::<u32>("max-concurrent-streams", &self.max_concurrent_streams, &mut errors);
+        let max_inflight_per_connection =
+            number::<usize>("max-inflight-per-connection", &self.max_inflight_per_connection, &mut errors);
+        let workers = match &self.workers {
+            Some(w) => number::<usize>("workers", w, &mut errors).map(Some),
+            None => Some(None),
+        };
+        let log_format = match self.log_format.trim() {
+            "plain" => Some(LogFormat::Plain),
+            "json" => Some(LogFormat::Json),
+            other => {
+                errors.push(format!("--log-format {other:?} must be plain or json"));
+                None
+            }
+        };
         let metrics_listen = match &self.metrics_listen {
             Some(m) if !m.trim().is_empty() => m
                 .parse::<SocketAddr>()
@@ -191,16 +278,18 @@ impl ServeArgs {
             Some(s) if s.trim().is_empty() || s == "none" => None,
             Some(s) => s.parse::<RateLimitPolicy>().map_err(|e| errors.push(format!("--default-rate-limit: {e}"))).ok(),
         };
-        if self.cache_max_entries == 0 {
+        if cache_max_entries == Some(0) {
             errors.push("--cache-max-entries must be more than 0".into());
         }
-        if self.max_concurrent_streams == 0 {
+        if max_concurrent_streams == Some(0) {
             errors.push("--max-concurrent-streams must be more than 0".into());
         }
-        if self.max_inflight_per_connection == 0 {
+        if max_inflight_per_connection == Some(0) {
             errors.push("--max-inflight-per-connection must be more than 0".into());
         }
-        if self.workers == Some(0) || self.workers.is_some_and(|w| w > 1024) {
+        if let Some(Some(w)) = workers
+            && (w == 0 || w > 1024)
+        {
             errors.push("--workers must be between 1 and 1024".into());
         }
         if self.redis_namespace.is_empty() || self.redis_namespace.contains(char::is_whitespace) {
@@ -244,7 +333,28 @@ impl ServeArgs {
         if !errors.is_empty() {
             return Err(errors);
         }
-        let (Some(listen), Some(format), Some(current)) = (listen, format, current) else {
+        let (
+            Some(listen),
+            Some(format),
+            Some(current),
+            Some(cache_max_entries),
+            Some(failed_attempts_per_minute),
+            Some(max_concurrent_streams),
+            Some(max_inflight_per_connection),
+            Some(workers),
+            Some(log_format),
+        ) = (
+            listen,
+            format,
+            current,
+            cache_max_entries,
+            failed_attempts_per_minute,
+            max_concurrent_streams,
+            max_inflight_per_connection,
+            workers,
+            log_format,
+        )
+        else {
             return Err(vec!["invalid configuration".into()]);
         };
         let engine = EngineSettings {
@@ -254,10 +364,10 @@ impl ServeArgs {
                 ttl: cache_ttl.unwrap_or_default(),
                 negative_ttl: negative_ttl.unwrap_or_default(),
                 stale_window: stale_window.unwrap_or_default(),
-                max_entries: self.cache_max_entries,
+                max_entries: cache_max_entries,
             },
             default_rate_limit,
-            failed_attempts_per_minute: NonZeroU32::new(self.failed_attempts_per_minute),
+            failed_attempts_per_minute: NonZeroU32::new(failed_attempts_per_minute),
             store_timeout: store_timeout.unwrap_or_default(),
         };
         Ok(ServeConfig {
@@ -272,13 +382,14 @@ impl ServeArgs {
                 } else {
                     vec![FrontEnd::Verifier, FrontEnd::KeyAdmin]
                 },
-                max_concurrent_streams: self.max_concurrent_streams,
-                max_inflight_per_connection: self.max_inflight_per_connection,
+                max_concurrent_streams,
+                max_inflight_per_connection,
+                tls,
                 shutdown_grace: shutdown_grace.unwrap_or_default(),
                 last_used_flush: last_used_flush.unwrap_or_default(),
             },
-            workers: self.workers,
-            log_format: self.log_format,
+            workers,
+            log_format,
             pepper_generated,
         })
     }
@@ -362,8 +473,13 @@ impl ServeConfig {
     pub fn summary(&self) -> String {
         let store = self.store.describe();
         format!(
-            "listen={} metrics={} store={} pepper_id={} cache_ttl={:?} negative_ttl={:?} stale_window={:?} store_timeout={:?} default_rate_limit={} failed_attempts_per_minute={} admin={} max_concurrent_streams={}",
+            "listen={} tls={} metrics={} store={} pepper_id={} cache_ttl={:?} negative_ttl={:?} stale_window={:?} store_timeout={:?} default_rate_limit={} failed_attempts_per_minute={} admin={} max_concurrent_streams={}",
             self.listen,
+            match &self.server.tls {
+                None => "off",
+                Some(t) if t.client_ca.is_some() => "mutual",
+                Some(_) => "on",
+            },
             self.metrics_listen.map_or("off".to_string(), |a| a.to_string()),
             store,
             self.engine.peppers.current().id(),

@@ -28,6 +28,14 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Manage keys through KeyAdmin.
     Keys(Box<cli::keys::KeysArgs>),
+    /// Ask a server whether a key may do something; prints the verdict and
+    /// its headers (exit 0 whatever the verdict).
+    Verify(Box<cli::verify::VerifyArgs>),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Load a server and report throughput, latency percentiles and errors.
     Bench(Box<cli::bench::BenchArgs>),
     /// Configuration tools.
@@ -46,7 +54,7 @@ enum ConfigCommand {
 fn main() -> ExitCode {
     let cli = match parse() {
         Ok(cli) => cli,
-        Err(errors) => return config_errors(&errors),
+        Err(exit) => return exit,
     };
     match cli.command {
         Command::Serve(args) => match args.validate() {
@@ -74,26 +82,35 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Keys(args) => {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
-            match runtime.block_on(cli::keys::run(*args)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {}", e.message);
-                    ExitCode::from(e.code as u8)
-                }
-            }
+        Command::Keys(args) => client(cli::keys::run(*args)),
+        Command::Verify(args) => client(cli::verify::run(*args)),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "keystile", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// Runs a client command and turns its failure into its exit code.
+fn client(command: impl std::future::Future<Output = Result<(), cli::CliError>>) -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
+    match runtime.block_on(command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            ExitCode::from(e.code as u8)
         }
     }
 }
 
 /// Parses the command line; for `serve` and `config check` with a settings
 /// file, parses it again with the file's settings added beneath the flags
-/// and variables (see `keystile::config::file_args`).
-fn parse() -> Result<Cli, Vec<String>> {
+/// and variables (see `keystile::config::file_args`). Help and version
+/// exit 0; every other parse error exits 64 (README, "Exit codes").
+fn parse() -> Result<Cli, ExitCode> {
     let argv: Vec<OsString> = std::env::args_os().collect();
-    let matches = Cli::command().get_matches_from(&argv);
-    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let matches = Cli::command().try_get_matches_from(&argv).map_err(clap_exit)?;
+    let cli = Cli::from_arg_matches(&matches).map_err(clap_exit)?;
     let (args, sub) = match (&cli.command, matches.subcommand()) {
         (Command::Serve(args), Some((_, sub))) => (args, sub),
         (Command::Config { command: ConfigCommand::Check(args) }, Some((_, m))) => {
@@ -102,7 +119,7 @@ fn parse() -> Result<Cli, Vec<String>> {
         _ => return Ok(cli),
     };
     let Some(path) = args.config.clone() else { return Ok(cli) };
-    let extra = keystile::config::file_args(&path, sub)?;
+    let extra = keystile::config::file_args(&path, sub).map_err(|errors| config_errors(&errors))?;
     if extra.is_empty() {
         return Ok(cli);
     }
@@ -110,8 +127,19 @@ fn parse() -> Result<Cli, Vec<String>> {
     Cli::try_parse_from(argv).map_err(|e| {
         let text = e.to_string();
         let first = text.lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
-        vec![format!("config file {}: {first}", path.display())]
+        config_errors(&[format!("config file {}: {first}", path.display())])
     })
+}
+
+/// Prints clap's message; help and version are not errors.
+fn clap_exit(e: clap::Error) -> ExitCode {
+    let _ = e.print();
+    match e.kind() {
+        clap::error::ErrorKind::DisplayHelp
+        | clap::error::ErrorKind::DisplayVersion
+        | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => ExitCode::SUCCESS,
+        _ => ExitCode::from(EX_USAGE as u8),
+    }
 }
 
 fn config_errors(errors: &[String]) -> ExitCode {
@@ -136,7 +164,7 @@ fn serve(config: ServeConfig) -> ExitCode {
     match runtime.block_on(run(config, workers)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "keystile stopped");
+            // Once, on stderr, whatever the log format.
             eprintln!("keystile: {e}");
             ExitCode::FAILURE
         }
@@ -152,6 +180,11 @@ async fn run(config: ServeConfig, workers: usize) -> Result<(), Box<dyn std::err
     }
     let store = config.store.open()?;
     let app = Arc::new(App::build(config.engine.clone(), store, Clock::system()));
+    // Bound first: a port that is taken fails before any key is minted.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, tls = config.server.tls.is_some(), "listening");
     if config.dev {
         if config.pepper_generated {
             tracing::warn!("dev mode: the pepper is random, keys stop verifying when this process ends");
@@ -162,10 +195,6 @@ async fn run(config: ServeConfig, workers: usize) -> Result<(), Box<dyn std::err
         writeln!(out, "KEYSTILE_ADMIN_KEY={}", minted.key.expose())?;
         out.flush()?;
     }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    tracing::info!(addr = %listener.local_addr()?, "listening");
     server::serve(app, config.server.clone(), listener, shutdown_signal()).await?;
     tracing::info!("stopped");
     tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;

@@ -49,12 +49,35 @@ pub enum FrontEnd {
 }
 
 impl FrontEnd {
+    /// Its gRPC service name.
+    fn service_name(self) -> &'static str {
+        match self {
+            FrontEnd::Verifier => "keystile.v1.Verifier",
+            FrontEnd::KeyAdmin => "keystile.v1.KeyAdmin",
+        }
+    }
+
     /// The name its readiness is reported under, if any.
     fn health_name(self) -> Option<&'static str> {
         match self {
             FrontEnd::Verifier => Some("keystile.v1.Verifier"),
             FrontEnd::KeyAdmin => None,
         }
+    }
+}
+
+/// TLS on the gRPC port: PEM certificate chain and key, and for mutual TLS
+/// the CA that client certificates must chain to.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub cert: Vec<u8>,
+    pub key: crate::secret::Secret,
+    pub client_ca: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls").field("key", &self.key).field("mutual", &self.client_ca.is_some()).finish()
     }
 }
 
@@ -71,6 +94,8 @@ pub struct ServerOptions {
     pub shutdown_grace: Duration,
     /// How often pending last-used timestamps are written.
     pub last_used_flush: Duration,
+    /// TLS; `None` = plaintext.
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for ServerOptions {
@@ -81,6 +106,7 @@ impl Default for ServerOptions {
             max_inflight_per_connection: 1024,
             shutdown_grace: Duration::from_secs(10),
             last_used_flush: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -92,10 +118,18 @@ fn routes(
     front_ends: &[FrontEnd],
     health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
 ) -> Routes {
+    // Reflection lists what this port serves, and nothing it does not.
     let reflection = || {
-        tonic_reflection::server::Builder::configure()
+        let mut builder = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection");
+        for front_end in front_ends {
+            builder = builder.with_service_name(front_end.service_name());
+        }
+        builder
     };
     let mut routes = RoutesBuilder::default();
     routes
@@ -160,7 +194,16 @@ pub async fn serve(
 
     // serve_with_incoming ignores the builder's tcp_nodelay: set it here.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &options.tls {
+        let identity = tonic::transport::Identity::from_pem(&tls.cert, tls.key.expose());
+        let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &tls.client_ca {
+            config = config.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(config)?;
+    }
+    let router = builder
         .max_concurrent_streams(options.max_concurrent_streams)
         .concurrency_limit_per_connection(options.max_inflight_per_connection)
         .load_shed(true)

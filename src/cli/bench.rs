@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
 use serde_json::json;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
@@ -50,6 +50,9 @@ pub struct BenchArgs {
     /// in this process.
     #[arg(long)]
     pub server: Option<String>,
+    /// PEM file of the CA that signed an https:// --server's certificate.
+    #[arg(long)]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Admin key of --server, to create the keys the scenarios use.
     #[arg(long, env = "KEYSTILE_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<keystile::secret::Secret>,
@@ -182,15 +185,12 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, String> {
             (url, key)
         }
     };
+    // A load generator is pointed at servers on purpose: no plaintext
+    // refusal here, TLS when the URL says https.
+    let target = super::ServerArgs { server: url.clone(), ca_file: args.ca_file.clone(), insecure: true };
     let mut channels = Vec::with_capacity(connections);
     for _ in 0..connections {
-        let ch = Endpoint::from_shared(url.clone())
-            .map_err(|e| e.to_string())?
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .map_err(|e| format!("cannot reach {url}: {e}"))?;
-        channels.push(ch);
+        channels.push(target.connect(false).await.map_err(|e| e.message)?);
     }
 
     let needs_miss = args.scenario.contains(&Scenario::Miss);

@@ -1,6 +1,7 @@
 //! `keystile keys …`: the operator's CLI, a KeyAdmin client. A table for
-//! people, `--json` for scripts. The full key is printed only by `create`
-//! and `rotate`, and only once.
+//! people, `--output json|yaml` (or `--json`) for scripts. The full key is
+//! printed only by `create` and `rotate`, and only once. Every command that
+//! names a key takes its bare id, its display prefix or the full key.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal, Write};
@@ -8,25 +9,31 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand};
-use serde_json::{Value, json};
+use serde_json::json;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
 
+use super::output::{self, Format, print_record, print_table, record_json, state_name, when};
+use super::{CliError, ServerArgs, exit};
 use keystile::limit::RateLimitPolicy;
 use keystile::proto;
 use keystile::proto::key_admin_client::KeyAdminClient;
 
 #[derive(Debug, Args)]
 pub struct KeysArgs {
-    /// KeyAdmin endpoint.
-    #[arg(long, env = "KEYSTILE_SERVER", default_value = "http://127.0.0.1:50051", global = true)]
-    pub server: String,
-    /// A key with the keystile:admin scope.
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// A key with the keystile:admin scope (`Bearer ` allowed).
     #[arg(long, env = "KEYSTILE_ADMIN_KEY", hide_env_values = true, global = true)]
     pub admin_key: Option<keystile::secret::Secret>,
-    /// Print JSON instead of a table.
+    /// How to print: a table for people, json or yaml for scripts.
+    #[arg(long, short = 'o', value_enum, default_value = "table", global = true)]
+    pub output: Format,
+    /// Print JSON (the same as --output json).
     #[arg(long, global = true)]
     pub json: bool,
+    /// Print only the new key (create, rotate).
+    #[arg(long, short = 'q', global = true)]
+    pub quiet: bool,
     #[command(subcommand)]
     pub command: KeysCommand,
 }
@@ -37,22 +44,30 @@ pub enum KeysCommand {
     Create(CreateArgs),
     /// List keys, oldest first.
     List(ListArgs),
-    /// Show one key.
-    Get { key_id: String },
+    /// Show every field of one key.
+    Get {
+        /// The key: its id, its display prefix or the full key.
+        key: String,
+    },
     /// Change a key's name, scopes, IP allowlist, rate limit, metadata or expiry.
     Update(UpdateArgs),
     /// Revoke a key at once, on every sidecar.
-    Revoke { key_id: String },
+    Revoke {
+        /// The key: its id, its display prefix or the full key.
+        key: String,
+    },
     /// Mint a new key with the same attributes; the old one keeps working for the grace period.
     Rotate {
-        key_id: String,
+        /// The key: its id, its display prefix or the full key.
+        key: String,
         /// How long the old key keeps working (e.g. 1h, 30m, 0s).
         #[arg(long, default_value = "1h")]
         grace: String,
     },
     /// Delete a key for good.
     Delete {
-        key_id: String,
+        /// The key: its id, its display prefix or the full key.
+        key: String,
         /// Do not ask for confirmation.
         #[arg(long, short = 'y')]
         yes: bool,
@@ -63,18 +78,20 @@ pub enum KeysCommand {
 
 #[derive(Debug, Args)]
 pub struct CreateArgs {
+    /// What the key is for, shown in listings (e.g. "billing service").
     #[arg(long)]
     pub name: String,
     /// live or test.
     #[arg(long, default_value = "live")]
     pub env: String,
-    #[arg(long, default_value = "")]
-    pub tenant: String,
+    /// The tenant the key belongs to (none when unset).
+    #[arg(long)]
+    pub tenant: Option<String>,
     /// A granted scope; repeat or separate with commas.
-    #[arg(long = "scope", value_delimiter = ',')]
+    #[arg(long = "scope", visible_alias = "scopes", value_delimiter = ',')]
     pub scopes: Vec<String>,
     /// A CIDR or address the key may be used from; repeat or separate with commas.
-    #[arg(long = "allow-ip", value_delimiter = ',')]
+    #[arg(long = "allow-ip", visible_alias = "allow-ips", value_delimiter = ',')]
     pub ip_allowlist: Vec<String>,
     /// requests/window[:burst][@tenant], e.g. 100/60s, 100/1m:20, or
     /// 1000/60s@tenant to share one bucket with the tenant's other keys.
@@ -93,16 +110,24 @@ pub struct CreateArgs {
 
 #[derive(Debug, Args)]
 pub struct ListArgs {
-    #[arg(long, default_value = "")]
-    pub tenant: String,
-    #[arg(long, default_value = "")]
-    pub env: String,
+    /// Only this tenant's keys.
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Only live or only test keys.
+    #[arg(long)]
+    pub env: Option<String>,
+    /// Only keys in this state.
+    #[arg(long, value_parser = ["active", "rotating", "expired", "revoked"])]
+    pub state: Option<String>,
+    /// Only keys whose name contains this (case-insensitive).
+    #[arg(long)]
+    pub name: Option<String>,
     /// Keys per page (at most 1000).
     #[arg(long, default_value_t = 100)]
     pub page_size: u32,
     /// Continue after a page (the token printed with the previous page).
-    #[arg(long, default_value = "")]
-    pub page_token: String,
+    #[arg(long)]
+    pub page_token: Option<String>,
     /// Fetch every page.
     #[arg(long)]
     pub all: bool,
@@ -110,15 +135,17 @@ pub struct ListArgs {
 
 #[derive(Debug, Args)]
 pub struct UpdateArgs {
-    pub key_id: String,
+    /// The key: its id, its display prefix or the full key.
+    pub key: String,
+    /// A new name.
     #[arg(long)]
     pub name: Option<String>,
-    /// Replace the scopes (comma-separated; empty string for none).
-    #[arg(long)]
-    pub scopes: Option<String>,
-    /// Replace the IP allowlist (comma-separated; empty string for none).
-    #[arg(long)]
-    pub allow_ips: Option<String>,
+    /// Replace the scopes (repeat or separate with commas; "" for none).
+    #[arg(long = "scope", visible_alias = "scopes", value_delimiter = ',', num_args = 1)]
+    pub scopes: Option<Vec<String>>,
+    /// Replace the IP allowlist (repeat or separate with commas; "" for none).
+    #[arg(long = "allow-ip", visible_alias = "allow-ips", value_delimiter = ',', num_args = 1)]
+    pub ip_allowlist: Option<Vec<String>>,
     /// requests/window[:burst][@tenant]
     #[arg(long, conflicts_with = "clear_rate_limit")]
     pub rate_limit: Option<String>,
@@ -131,93 +158,109 @@ pub struct UpdateArgs {
     /// Remove all metadata.
     #[arg(long, conflicts_with = "metadata")]
     pub clear_metadata: bool,
-    /// Unix seconds or RFC 3339.
-    #[arg(long, conflicts_with = "never_expires")]
+    /// Expiry as unix seconds or RFC 3339.
+    #[arg(long, conflicts_with_all = ["never_expires", "expires_in"])]
     pub expires_at: Option<String>,
+    /// Expiry from now, e.g. 90d.
+    #[arg(long, conflicts_with = "never_expires")]
+    pub expires_in: Option<String>,
+    /// Remove the expiry.
     #[arg(long)]
     pub never_expires: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct BootstrapArgs {
+    /// The deployment's Redis.
     #[arg(long, env = "KEYSTILE_REDIS_URL", hide_env_values = true)]
     pub redis_url: keystile::secret::RedisUrl,
     #[arg(long, env = "KEYSTILE_REDIS_NAMESPACE", default_value = "keystile")]
     pub redis_namespace: String,
+    /// File holding the deployment's pepper.
     #[arg(long, env = "KEYSTILE_PEPPER_FILE")]
     pub pepper_file: Option<PathBuf>,
+    /// The deployment's pepper itself (prefer --pepper-file).
     #[arg(long = "pepper", env = "KEYSTILE_PEPPER", hide_env_values = true)]
     pub pepper: Option<keystile::secret::Secret>,
     /// Key prefix of the deployment.
     #[arg(long = "key-prefix", env = "KEYSTILE_KEY_PREFIXES", value_delimiter = ',', default_value = "ks")]
     pub key_prefixes: Vec<String>,
+    /// The admin key's name.
     #[arg(long, default_value = "bootstrap admin")]
     pub name: String,
 }
 
-/// A CLI failure: a message for stderr and an exit code.
-#[derive(Debug)]
-pub struct CliError {
-    pub message: String,
-    pub code: i32,
-}
-
-impl CliError {
-    fn usage(message: impl Into<String>) -> CliError {
-        CliError { message: message.into(), code: keystile::config::EX_USAGE }
+/// The key_id in any of the forms a user holds: the bare id, the display
+/// prefix (`ks_live_<id>`) or the full key (`ks_live_<id>_<secret>`).
+pub fn key_id_of(s: &str) -> Result<String, CliError> {
+    let s = s.trim();
+    let s = s.strip_prefix("Bearer ").unwrap_or(s).trim();
+    let parts: Vec<&str> = s.split('_').collect();
+    let id = match parts.as_slice() {
+        [id] => *id,
+        [_prefix, _env, id, ..] => *id,
+        _ => "",
+    };
+    if id.len() == 8 && id.bytes().all(|c| c.is_ascii_alphanumeric()) {
+        Ok(id.to_string())
+    } else {
+        Err(CliError::usage(format!(
+            "{:?} is not a key id (8 letters or digits), a display prefix (ks_live_<id>) or a key",
+            if parts.len() > 3 { "<the key given>" } else { s }
+        )))
     }
 }
 
-impl From<tonic::Status> for CliError {
-    fn from(s: tonic::Status) -> Self {
-        CliError { message: format!("{:?}: {}", s.code(), s.message()), code: 1 }
+/// The admin key as given, `Bearer ` and surrounding blanks allowed; an
+/// empty value counts as none.
+fn admin_bearer(key: Option<&keystile::secret::Secret>) -> Result<MetadataValue<tonic::metadata::Ascii>, CliError> {
+    let key = key.map(|k| k.expose().trim()).unwrap_or_default();
+    let key = key.strip_prefix("Bearer ").or_else(|| key.strip_prefix("bearer ")).unwrap_or(key).trim();
+    if key.is_empty() {
+        return Err(CliError::usage("set KEYSTILE_ADMIN_KEY (or --admin-key) to a key with the keystile:admin scope"));
     }
+    MetadataValue::try_from(format!("Bearer {key}"))
+        .map_err(|_| CliError::usage("the admin key contains characters that cannot be sent"))
 }
 
 pub async fn run(args: KeysArgs) -> Result<(), CliError> {
+    let format = if args.json { Format::Json } else { args.output };
     if let KeysCommand::Bootstrap(b) = &args.command {
-        return bootstrap(b, args.json).await;
+        return bootstrap(b, format).await;
     }
-    let Some(admin_key) = args.admin_key.clone() else {
-        return Err(CliError::usage("set KEYSTILE_ADMIN_KEY (or --admin-key) to a key with the keystile:admin scope"));
-    };
-    let bearer = MetadataValue::try_from(format!("Bearer {}", admin_key.expose().trim()))
-        .map_err(|_| CliError::usage("the admin key contains characters that cannot be sent"))?;
-    let channel = Channel::from_shared(args.server.clone())
-        .map_err(|_| CliError::usage(format!("--server {:?} is not a URL like http://127.0.0.1:50051", args.server)))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30))
-        .connect()
-        .await
-        .map_err(|e| CliError { message: format!("cannot reach {}: {e}", args.server), code: 69 })?;
+    // Everything that can be checked here is, before a connection is made.
+    let bearer = admin_bearer(args.admin_key.as_ref())?;
+    let prepared = prepare(args.command)?;
+    let channel = args.server.connect(true).await?;
     let mut client = KeyAdminClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
         req.metadata_mut().insert("authorization", bearer.clone());
         Ok(req)
     });
-    let json = args.json;
-    match args.command {
-        KeysCommand::Create(c) => {
-            let req = create_request(c)?;
+    let quiet = args.quiet;
+    match prepared {
+        Prepared::Create(req) => {
             let resp = client.create_key(req).await?.into_inner();
             let record = resp.record.unwrap_or_default();
-            if json {
-                println!("{}", json!({ "key": resp.key, "record": record_json(&record) }));
+            if quiet {
+                println!("{}", resp.key);
+            } else if format != Format::Table {
+                output::document(format, &json!({ "key": resp.key, "record": record_json(&record) }));
             } else {
                 eprintln!("Store this key now: it is shown only once.");
                 println!("{}", resp.key);
                 print_table(&[record]);
             }
         }
-        KeysCommand::List(l) => {
-            let mut token = l.page_token.clone();
+        Prepared::List(l) => {
+            let mut token = l.page_token.clone().unwrap_or_default();
             let mut all = Vec::new();
             loop {
                 let resp = client
                     .list_keys(proto::ListKeysRequest {
                         page_size: l.page_size,
                         page_token: token.clone(),
-                        tenant: l.tenant.clone(),
-                        env: l.env.clone(),
+                        tenant: l.tenant.clone().unwrap_or_default(),
+                        env: l.env.clone().unwrap_or_default(),
                     })
                     .await?
                     .into_inner();
@@ -227,10 +270,15 @@ pub async fn run(args: KeysArgs) -> Result<(), CliError> {
                     break;
                 }
             }
-            if json {
-                println!(
-                    "{}",
-                    json!({ "records": all.iter().map(record_json).collect::<Vec<_>>(), "next_page_token": token })
+            let name = l.name.as_deref().map(str::to_lowercase);
+            all.retain(|r| {
+                l.state.as_deref().is_none_or(|s| state_name(r.state) == s)
+                    && name.as_deref().is_none_or(|n| r.name.to_lowercase().contains(n))
+            });
+            if format != Format::Table {
+                output::document(
+                    format,
+                    &json!({ "records": all.iter().map(record_json).collect::<Vec<_>>(), "next_page_token": token }),
                 );
             } else {
                 print_table(&all);
@@ -239,33 +287,32 @@ pub async fn run(args: KeysArgs) -> Result<(), CliError> {
                 }
             }
         }
-        KeysCommand::Get { key_id } => {
+        Prepared::Get(key_id) => {
             let r = client.get_key(proto::GetKeyRequest { key_id }).await?.into_inner().record.unwrap_or_default();
-            show(json, &r);
+            show(format, &r);
         }
-        KeysCommand::Update(u) => {
-            let req = update_request(u)?;
+        Prepared::Update(req) => {
             let r = client.update_key(req).await?.into_inner().record.unwrap_or_default();
-            show(json, &r);
+            show(format, &r);
         }
-        KeysCommand::Revoke { key_id } => {
+        Prepared::Revoke(key_id) => {
             let r =
                 client.revoke_key(proto::RevokeKeyRequest { key_id }).await?.into_inner().record.unwrap_or_default();
-            show(json, &r);
+            show(format, &r);
         }
-        KeysCommand::Rotate { key_id, grace } => {
-            let grace =
-                humantime::parse_duration(&grace).map_err(|e| CliError::usage(format!("--grace {grace:?}: {e}")))?;
+        Prepared::Rotate(key_id, grace) => {
             let resp = client
                 .rotate_key(proto::RotateKeyRequest { key_id, grace_seconds: Some(grace.as_secs()) })
                 .await?
                 .into_inner();
             let record = resp.record.unwrap_or_default();
             let previous = resp.previous.unwrap_or_default();
-            if json {
-                println!(
-                    "{}",
-                    json!({ "key": resp.key, "record": record_json(&record), "previous": record_json(&previous) })
+            if quiet {
+                println!("{}", resp.key);
+            } else if format != Format::Table {
+                output::document(
+                    format,
+                    &json!({ "key": resp.key, "record": record_json(&record), "previous": record_json(&previous) }),
                 );
             } else {
                 eprintln!(
@@ -276,55 +323,89 @@ pub async fn run(args: KeysArgs) -> Result<(), CliError> {
                 print_table(&[record, previous]);
             }
         }
-        KeysCommand::Delete { key_id, yes } => {
-            if !yes && !confirm(&key_id)? {
-                return Err(CliError { message: "not deleted".into(), code: 1 });
-            }
+        Prepared::Delete(key_id) => {
             client.delete_key(proto::DeleteKeyRequest { key_id: key_id.clone() }).await?;
-            if json {
-                println!("{}", json!({ "deleted": key_id }));
+            if format != Format::Table {
+                output::document(format, &json!({ "deleted": key_id }));
             } else {
                 eprintln!("deleted {key_id}");
             }
         }
-        KeysCommand::Bootstrap(_) => unreachable!("handled above"),
     }
     Ok(())
+}
+
+/// A command checked and converted, ready to send.
+enum Prepared {
+    Create(proto::CreateKeyRequest),
+    List(ListArgs),
+    Get(String),
+    Update(proto::UpdateKeyRequest),
+    Revoke(String),
+    Rotate(String, Duration),
+    Delete(String),
+}
+
+fn prepare(command: KeysCommand) -> Result<Prepared, CliError> {
+    Ok(match command {
+        KeysCommand::Create(c) => Prepared::Create(create_request(c)?),
+        KeysCommand::List(l) => Prepared::List(l),
+        KeysCommand::Get { key } => Prepared::Get(key_id_of(&key)?),
+        KeysCommand::Update(u) => Prepared::Update(update_request(u)?),
+        KeysCommand::Revoke { key } => Prepared::Revoke(key_id_of(&key)?),
+        KeysCommand::Rotate { key, grace } => {
+            let grace =
+                humantime::parse_duration(&grace).map_err(|e| CliError::usage(format!("--grace {grace:?}: {e}")))?;
+            Prepared::Rotate(key_id_of(&key)?, grace)
+        }
+        KeysCommand::Delete { key, yes } => {
+            let key_id = key_id_of(&key)?;
+            if !yes && !confirm(&key_id)? {
+                return Err(CliError { message: "not deleted".into(), code: exit::OTHER });
+            }
+            Prepared::Delete(key_id)
+        }
+        KeysCommand::Bootstrap(_) => unreachable!("handled before"),
+    })
 }
 
 fn confirm(key_id: &str) -> Result<bool, CliError> {
     if !std::io::stdin().is_terminal() {
         return Err(CliError::usage("deleting is irreversible: pass --yes to delete without a prompt"));
     }
-    eprint!("Delete key {key_id} for good? It cannot be undone. Type the key_id to confirm: ");
+    eprint!("Delete key {key_id} for good? It cannot be undone. Type the key id to confirm: ");
     let _ = std::io::stderr().flush();
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line).map_err(|e| CliError::usage(e.to_string()))?;
     Ok(line.trim() == key_id)
 }
 
-fn parse_time(s: &str) -> Result<i64, CliError> {
+fn parse_time(flag: &str, s: &str) -> Result<i64, CliError> {
     if let Ok(n) = s.parse::<i64>() {
         return Ok(n);
     }
     humantime::parse_rfc3339_weak(s)
         .map(|t| t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0))
-        .map_err(|_| CliError::usage(format!("{s:?} is neither unix seconds nor an RFC 3339 time")))
+        .map_err(|_| CliError::usage(format!("{flag} {s:?} is neither unix seconds nor an RFC 3339 time")))
+}
+
+fn parse_in(flag: &str, s: &str) -> Result<i64, CliError> {
+    let d = humantime::parse_duration(s).map_err(|e| CliError::usage(format!("{flag} {s:?}: {e} (e.g. 90d, 12h)")))?;
+    Ok(now() + d.as_secs() as i64)
 }
 
 fn parse_meta(pairs: &[String]) -> Result<BTreeMap<String, String>, CliError> {
     pairs
         .iter()
-        .map(|p| {
-            p.split_once('=')
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .ok_or_else(|| CliError::usage(format!("--meta {p:?} must be key=value")))
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => Err(CliError::usage(format!("--meta {p:?} must be key=value with a non-empty key"))),
         })
         .collect()
 }
 
 fn rate(s: &str) -> Result<proto::RateLimit, CliError> {
-    let p: RateLimitPolicy = s.parse().map_err(CliError::usage)?;
+    let p: RateLimitPolicy = s.parse().map_err(|e| CliError::usage(format!("--rate-limit: {e}")))?;
     Ok(proto::RateLimit {
         requests: p.requests,
         window_seconds: p.window_seconds,
@@ -335,27 +416,24 @@ fn rate(s: &str) -> Result<proto::RateLimit, CliError> {
 
 fn create_request(c: CreateArgs) -> Result<proto::CreateKeyRequest, CliError> {
     let expires_at = match (&c.expires_at, &c.expires_in) {
-        (Some(at), _) => parse_time(at)?,
-        (None, Some(d)) => {
-            let d = humantime::parse_duration(d).map_err(|e| CliError::usage(format!("--expires-in {d:?}: {e}")))?;
-            now() + d.as_secs() as i64
-        }
+        (Some(at), _) => parse_time("--expires-at", at)?,
+        (None, Some(d)) => parse_in("--expires-in", d)?,
         (None, None) => 0,
     };
     Ok(proto::CreateKeyRequest {
         name: c.name,
         env: c.env,
-        tenant: c.tenant,
-        scopes: c.scopes,
-        ip_allowlist: c.ip_allowlist,
+        tenant: c.tenant.unwrap_or_default(),
+        scopes: nonempty(c.scopes),
+        ip_allowlist: nonempty(c.ip_allowlist),
         rate_limit: c.rate_limit.as_deref().map(rate).transpose()?,
         metadata: parse_meta(&c.metadata)?.into_iter().collect(),
         expires_at,
     })
 }
 
-fn list(s: &str) -> Vec<String> {
-    s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+fn nonempty(v: Vec<String>) -> Vec<String> {
+    v.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
 }
 
 fn update_request(u: UpdateArgs) -> Result<proto::UpdateKeyRequest, CliError> {
@@ -366,103 +444,67 @@ fn update_request(u: UpdateArgs) -> Result<proto::UpdateKeyRequest, CliError> {
     } else {
         Some(proto::MetadataMap { entries: parse_meta(&u.metadata)?.into_iter().collect() })
     };
-    Ok(proto::UpdateKeyRequest {
-        key_id: u.key_id,
+    let expires_at = if u.never_expires {
+        Some(0)
+    } else if let Some(at) = &u.expires_at {
+        Some(parse_time("--expires-at", at)?)
+    } else {
+        u.expires_in.as_deref().map(|d| parse_in("--expires-in", d)).transpose()?
+    };
+    let req = proto::UpdateKeyRequest {
+        key_id: key_id_of(&u.key)?,
         name: u.name,
-        scopes: u.scopes.map(|s| proto::StringList { values: list(&s) }),
-        ip_allowlist: u.allow_ips.map(|s| proto::StringList { values: list(&s) }),
+        scopes: u.scopes.map(|s| proto::StringList { values: nonempty(s) }),
+        ip_allowlist: u.ip_allowlist.map(|s| proto::StringList { values: nonempty(s) }),
         rate_limit: u.rate_limit.as_deref().map(rate).transpose()?,
         clear_rate_limit: u.clear_rate_limit,
         metadata,
-        expires_at: if u.never_expires { Some(0) } else { u.expires_at.as_deref().map(parse_time).transpose()? },
-    })
+        expires_at,
+    };
+    let changes_nothing = req.name.is_none()
+        && req.scopes.is_none()
+        && req.ip_allowlist.is_none()
+        && req.rate_limit.is_none()
+        && !req.clear_rate_limit
+        && req.metadata.is_none()
+        && req.expires_at.is_none();
+    if changes_nothing {
+        return Err(CliError::usage(
+            "nothing to change: give at least one of --name, --scope, --allow-ip, --rate-limit, --clear-rate-limit, \
+             --meta, --clear-metadata, --expires-at, --expires-in, --never-expires",
+        ));
+    }
+    Ok(req)
 }
 
 fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
-fn when(t: i64) -> String {
-    if t <= 0 {
-        return "-".into();
-    }
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(t as u64)).to_string()
-}
-
-fn state_name(s: i32) -> &'static str {
-    match proto::KeyState::try_from(s).unwrap_or(proto::KeyState::Unspecified) {
-        proto::KeyState::Active => "active",
-        proto::KeyState::Rotating => "rotating",
-        proto::KeyState::Expired => "expired",
-        proto::KeyState::Revoked => "revoked",
-        proto::KeyState::Unspecified => "unknown",
+fn show(format: Format, r: &proto::KeyRecord) {
+    match format {
+        Format::Table => print_record(r),
+        other => output::document(other, &record_json(r)),
     }
 }
 
-/// A record as scripts see it: times as unix seconds (0 = never/unset).
-pub fn record_json(r: &proto::KeyRecord) -> Value {
-    json!({
-        "key_id": r.key_id,
-        "display_prefix": r.display_prefix,
-        "name": r.name,
-        "env": r.env,
-        "tenant": r.tenant,
-        "scopes": r.scopes,
-        "ip_allowlist": r.ip_allowlist,
-        "rate_limit": r.rate_limit.as_ref().map(|l| json!({"requests": l.requests, "window_seconds": l.window_seconds, "burst": l.burst, "per_tenant": l.per_tenant})),
-        "metadata": r.metadata.iter().collect::<BTreeMap<_, _>>(),
-        "created_at": r.created_at,
-        "expires_at": r.expires_at,
-        "revoked_at": r.revoked_at,
-        "last_used_at": r.last_used_at,
-        "version": r.version,
-        "state": state_name(r.state),
-    })
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn show(json: bool, r: &proto::KeyRecord) {
-    if json {
-        println!("{}", record_json(r));
-    } else {
-        print_table(std::slice::from_ref(r));
+    #[test]
+    fn a_key_is_named_in_three_forms() {
+        assert_eq!(key_id_of("7Hq2mZp0").unwrap(), "7Hq2mZp0");
+        assert_eq!(key_id_of("ks_live_7Hq2mZp0").unwrap(), "7Hq2mZp0");
+        assert_eq!(key_id_of("ks_live_7Hq2mZp0_Vb3kR9sT1uXw4yZa6cDe8fGh0jKm2nPq3xQ0Lw").unwrap(), "7Hq2mZp0");
+        assert_eq!(key_id_of("Bearer ks_test_7Hq2mZp0_x").unwrap(), "7Hq2mZp0");
+        let err = key_id_of("ks_live_7Hq2m_Vb3kR9sT1uXw4yZa6cDe8fGh0jKm2nPq3xQ0Lw").unwrap_err();
+        assert!(!err.message.contains("Vb3kR9sT"), "no secret in the error: {}", err.message);
+        assert!(key_id_of("short").is_err());
     }
 }
 
-fn print_table(records: &[proto::KeyRecord]) {
-    let header = ["NAME", "KEY", "ENV", "TENANT", "SCOPES", "CREATED", "LAST USED", "EXPIRES", "STATE"];
-    let rows: Vec<[String; 9]> = records
-        .iter()
-        .map(|r| {
-            [
-                r.name.clone(),
-                r.display_prefix.clone(),
-                r.env.clone(),
-                if r.tenant.is_empty() { "-".into() } else { r.tenant.clone() },
-                if r.scopes.is_empty() { "-".into() } else { r.scopes.join(",") },
-                when(r.created_at),
-                if r.last_used_at == 0 { "never".into() } else { when(r.last_used_at) },
-                if r.expires_at == 0 { "never".into() } else { when(r.expires_at) },
-                state_name(r.state).into(),
-            ]
-        })
-        .collect();
-    let mut widths = header.map(|h| h.chars().count());
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let out: Vec<String> = cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", out.join("  ").trim_end());
-    };
-    line(header.to_vec());
-    for row in &rows {
-        line(row.iter().map(String::as_str).collect());
-    }
-}
-
-async fn bootstrap(b: &BootstrapArgs, json: bool) -> Result<(), CliError> {
+async fn bootstrap(b: &BootstrapArgs, format: Format) -> Result<(), CliError> {
     use std::sync::Arc;
 
     use keystile::app::App;
@@ -482,15 +524,18 @@ async fn bootstrap(b: &BootstrapArgs, json: bool) -> Result<(), CliError> {
             ));
         }
     };
-    let format = KeyFormat::new(b.key_prefixes.clone(), &Env::ALL).map_err(|e| CliError::usage(e.join("; ")))?;
+    let key_format = KeyFormat::new(b.key_prefixes.clone(), &Env::ALL).map_err(|e| CliError::usage(e.join("; ")))?;
     let store = RedisStore::open(b.redis_url.expose(), &b.redis_namespace, Duration::from_secs(5))
-        .map_err(|e| CliError::usage(e.to_string()))?;
-    let settings = EngineSettings { format, ..EngineSettings::new(PepperSet::single(pepper)) };
+        .map_err(|e| CliError::usage(format!("--redis-url {}: {e}", b.redis_url)))?;
+    let settings = EngineSettings { format: key_format, ..EngineSettings::new(PepperSet::single(pepper)) };
     let app = App::build(settings, Arc::new(store), Clock::system());
-    let minted = app.mint_admin_key(&b.name).await.map_err(|e| CliError { message: e.to_string(), code: 1 })?;
+    let minted = app.mint_admin_key(&b.name).await.map_err(|e| CliError {
+        message: format!("cannot write the admin key to Redis at {}: {e}", b.redis_url),
+        code: exit::UNAVAILABLE,
+    })?;
     let record = keystile::service::admin::to_proto(&minted.record, now());
-    if json {
-        println!("{}", json!({ "key": minted.key.expose(), "record": record_json(&record) }));
+    if format != Format::Table {
+        output::document(format, &json!({ "key": minted.key.expose(), "record": record_json(&record) }));
     } else {
         eprintln!("Store this admin key now: it is shown only once.");
         println!("KEYSTILE_ADMIN_KEY={}", minted.key.expose());

@@ -1,7 +1,170 @@
-//! The binary's own commands, beside `serve`: `keys` (a KeyAdmin client)
-//! and `bench` (the gRPC load generator). They use the library as any
-//! client would; the library holds the engine, its stores, limiters and
-//! front ends.
+//! The binary's own commands, beside `serve`: `keys` (a KeyAdmin client),
+//! `verify` (try a key), `bench` (the gRPC load generator) and
+//! `completions`. They use the library as any client would; the library
+//! holds the engine, its stores, limiters and front ends.
+//!
+//! Every command exits with one code per kind of outcome (README, "Exit
+//! codes"): see [`exit`].
 
 pub mod bench;
 pub mod keys;
+pub mod output;
+pub mod verify;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+/// Exit codes (the BSD sysexits names).
+pub mod exit {
+    /// Usage or configuration error: every problem is listed.
+    pub const USAGE: i32 = 64;
+    /// The server refused the input as invalid (or the thing named does
+    /// not exist).
+    pub const DATA: i32 = 65;
+    /// The server, or the store, could not be reached or did not answer.
+    pub const UNAVAILABLE: i32 = 69;
+    /// The credential was refused.
+    pub const NO_PERMISSION: i32 = 77;
+    /// Anything else.
+    pub const OTHER: i32 = 1;
+}
+
+/// A failed command: a message for stderr and its exit code.
+#[derive(Debug)]
+pub struct CliError {
+    pub message: String,
+    pub code: i32,
+}
+
+impl CliError {
+    pub fn usage(message: impl Into<String>) -> CliError {
+        CliError { message: message.into(), code: exit::USAGE }
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> CliError {
+        CliError { message: message.into(), code: exit::UNAVAILABLE }
+    }
+}
+
+/// The exit code of a status the server answered with.
+pub fn status_code(code: tonic::Code) -> i32 {
+    use tonic::Code;
+    match code {
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange | Code::NotFound | Code::AlreadyExists => {
+            exit::DATA
+        }
+        Code::Unauthenticated | Code::PermissionDenied => exit::NO_PERMISSION,
+        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => exit::UNAVAILABLE,
+        _ => exit::OTHER,
+    }
+}
+
+impl From<tonic::Status> for CliError {
+    fn from(s: tonic::Status) -> Self {
+        let mut message = format!("{:?}: {}", s.code(), s.message());
+        if let Some(source) = std::error::Error::source(&s) {
+            message = format!("{message}: {}", chain(source));
+        }
+        CliError { message, code: status_code(s.code()) }
+    }
+}
+
+/// An error and its causes, `outer: inner: innermost`, repeats left out.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
+}
+
+/// How a command reaches a keystile server.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// The server: http://host:port, https://host:port, or host:port
+    /// (plaintext).
+    #[arg(long, env = "KEYSTILE_SERVER", default_value = "http://127.0.0.1:50051", global = true)]
+    pub server: String,
+    /// PEM file of the CA that signed an https:// server's certificate
+    /// (default: the system's roots).
+    #[arg(long, env = "KEYSTILE_CA_FILE", global = true)]
+    pub ca_file: Option<PathBuf>,
+    /// Allow sending the admin key over plaintext to a server that is not
+    /// on this machine.
+    #[arg(long, global = true)]
+    pub insecure: bool,
+}
+
+impl ServerArgs {
+    /// The server URL with its scheme (`host:port` means `http://`).
+    pub fn url(&self) -> String {
+        let s = self.server.trim();
+        if s.contains("://") { s.to_string() } else { format!("http://{s}") }
+    }
+
+    /// Connects; over TLS for `https://`. With `sends_secret`, refuses a
+    /// plaintext server that is not on loopback unless `--insecure`.
+    pub async fn connect(&self, sends_secret: bool) -> Result<Channel, CliError> {
+        let url = self.url();
+        let endpoint = Endpoint::from_shared(url.clone()).map_err(|_| {
+            CliError::usage(format!("--server {:?} is not a URL like http://127.0.0.1:50051", self.server))
+        })?;
+        let uri = endpoint.uri().clone();
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(CliError::usage(format!("--server {:?}: the scheme must be http or https", self.server))),
+        };
+        if !tls && self.ca_file.is_some() {
+            return Err(CliError::usage("--ca-file is for https:// servers; this one is http://"));
+        }
+        if !tls && sends_secret && !self.insecure && !is_loopback(uri.host().unwrap_or_default()) {
+            return Err(CliError::usage(format!(
+                "refusing to send the admin key in plaintext to {url}: use https:// (with --ca-file if needed), \
+                 or --insecure if the network is trusted"
+            )));
+        }
+        let mut endpoint =
+            endpoint.connect_timeout(Duration::from_secs(5)).timeout(Duration::from_secs(30)).tcp_nodelay(true);
+        if tls {
+            let mut config = ClientTlsConfig::new().with_native_roots();
+            if let Some(path) = &self.ca_file {
+                let pem =
+                    std::fs::read(path).map_err(|e| CliError::usage(format!("--ca-file {}: {e}", path.display())))?;
+                config = config.ca_certificate(Certificate::from_pem(pem));
+            }
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|e| CliError::usage(format!("TLS settings for {url}: {}", chain(&e))))?;
+        }
+        endpoint.connect().await.map_err(|e| CliError::unavailable(format!("cannot reach {url}: {}", chain(&e))))
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bare_address_is_plaintext_http() {
+        let args = |s: &str| ServerArgs { server: s.into(), ca_file: None, insecure: false };
+        assert_eq!(args("127.0.0.1:50051").url(), "http://127.0.0.1:50051");
+        assert_eq!(args("https://keystile:443").url(), "https://keystile:443");
+        assert!(is_loopback("localhost") && is_loopback("[::1]") && is_loopback("127.0.0.2"));
+        assert!(!is_loopback("192.0.2.1") && !is_loopback("keystile"));
+    }
+}

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::status;
 use crate::admin::{self, Admin, KeyPatch, KeySpec, KeyState};
@@ -28,10 +29,14 @@ impl AdminService {
         proto::key_admin_server::KeyAdminServer::new(self).max_decoding_message_size(super::MAX_REQUEST_BYTES)
     }
 
-    async fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+    /// Authenticates the caller; the span names the acting admin key, so
+    /// that every log line of the call says who did it.
+    async fn authorize<T>(&self, request: &Request<T>) -> Result<tracing::Span, Status> {
         let bearer = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
         let ip = request.remote_addr().map(|a| a.ip().to_canonical());
-        self.auth.authenticate(bearer, Purpose::Admin, ip).await.map(drop).map_err(|e| status::from_auth(&e))
+        let principal = self.auth.authenticate(bearer, Purpose::Admin, ip).await.map_err(|e| status::from_auth(&e))?;
+        let peer = ip.map(|ip| ip.to_string()).unwrap_or_default();
+        Ok(tracing::info_span!("admin", actor = %principal.key.record.key_id, peer = %peer))
     }
 
     fn record(&self, r: &KeyRecord) -> proto::KeyRecord {
@@ -124,16 +129,17 @@ impl proto::key_admin_server::KeyAdmin for AdminService {
         &self,
         request: Request<proto::CreateKeyRequest>,
     ) -> Result<Response<proto::CreateKeyResponse>, Status> {
-        self.authorize(&request).await?;
+        let actor = self.authorize(&request).await?;
         let spec = KeySpec::try_from(request.into_inner())?;
-        let minted = self.admin.create(spec).await.map_err(|e| status::from_admin(&e))?;
+        let minted = self.admin.create(spec).instrument(actor).await.map_err(|e| status::from_admin(&e))?;
         let record = Some(self.record(&minted.record));
         Ok(Response::new(proto::CreateKeyResponse { key: minted.key.into_exposed(), record }))
     }
 
     async fn get_key(&self, request: Request<proto::GetKeyRequest>) -> Result<Response<proto::GetKeyResponse>, Status> {
-        self.authorize(&request).await?;
-        let r = self.admin.get(&request.get_ref().key_id).await.map_err(|e| status::from_admin(&e))?;
+        let actor = self.authorize(&request).await?;
+        let r =
+            self.admin.get(&request.get_ref().key_id).instrument(actor).await.map_err(|e| status::from_admin(&e))?;
         Ok(Response::new(proto::GetKeyResponse { record: Some(self.record(&r)) }))
     }
 
@@ -141,11 +147,12 @@ impl proto::key_admin_server::KeyAdmin for AdminService {
         &self,
         request: Request<proto::ListKeysRequest>,
     ) -> Result<Response<proto::ListKeysResponse>, Status> {
-        self.authorize(&request).await?;
+        let actor = self.authorize(&request).await?;
         let q = request.get_ref();
         let page = self
             .admin
             .list(&q.tenant, &q.env, q.page_size as usize, &q.page_token)
+            .instrument(actor)
             .await
             .map_err(|e| status::from_admin(&e))?;
         Ok(Response::new(proto::ListKeysResponse {
@@ -158,11 +165,11 @@ impl proto::key_admin_server::KeyAdmin for AdminService {
         &self,
         request: Request<proto::UpdateKeyRequest>,
     ) -> Result<Response<proto::UpdateKeyResponse>, Status> {
-        self.authorize(&request).await?;
+        let actor = self.authorize(&request).await?;
         let msg = request.into_inner();
         let id = msg.key_id.clone();
         let patch = KeyPatch::try_from(msg)?;
-        let r = self.admin.update(&id, patch).await.map_err(|e| status::from_admin(&e))?;
+        let r = self.admin.update(&id, patch).instrument(actor).await.map_err(|e| status::from_admin(&e))?;
         Ok(Response::new(proto::UpdateKeyResponse { record: Some(self.record(&r)) }))
     }
 
@@ -170,8 +177,9 @@ impl proto::key_admin_server::KeyAdmin for AdminService {
         &self,
         request: Request<proto::RevokeKeyRequest>,
     ) -> Result<Response<proto::RevokeKeyResponse>, Status> {
-        self.authorize(&request).await?;
-        let r = self.admin.revoke(&request.get_ref().key_id).await.map_err(|e| status::from_admin(&e))?;
+        let actor = self.authorize(&request).await?;
+        let r =
+            self.admin.revoke(&request.get_ref().key_id).instrument(actor).await.map_err(|e| status::from_admin(&e))?;
         Ok(Response::new(proto::RevokeKeyResponse { record: Some(self.record(&r)) }))
     }
 
@@ -179,10 +187,14 @@ impl proto::key_admin_server::KeyAdmin for AdminService {
         &self,
         request: Request<proto::RotateKeyRequest>,
     ) -> Result<Response<proto::RotateKeyResponse>, Status> {
-        self.authorize(&request).await?;
+        let actor = self.authorize(&request).await?;
         let q = request.get_ref();
-        let (minted, previous) =
-            self.admin.rotate(&q.key_id, q.grace_seconds).await.map_err(|e| status::from_admin(&e))?;
+        let (minted, previous) = self
+            .admin
+            .rotate(&q.key_id, q.grace_seconds)
+            .instrument(actor)
+            .await
+            .map_err(|e| status::from_admin(&e))?;
         Ok(Response::new(proto::RotateKeyResponse {
             record: Some(self.record(&minted.record)),
             key: minted.key.into_exposed(),
@@ -194,8 +206,8 @@ impl proto::key_admin_server::KeyAdmin for AdminService {
         &self,
         request: Request<proto::DeleteKeyRequest>,
     ) -> Result<Response<proto::DeleteKeyResponse>, Status> {
-        self.authorize(&request).await?;
-        self.admin.delete(&request.get_ref().key_id).await.map_err(|e| status::from_admin(&e))?;
+        let actor = self.authorize(&request).await?;
+        self.admin.delete(&request.get_ref().key_id).instrument(actor).await.map_err(|e| status::from_admin(&e))?;
         Ok(Response::new(proto::DeleteKeyResponse {}))
     }
 }

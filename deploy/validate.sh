@@ -48,34 +48,24 @@ elif command -v kubernetes-validate >/dev/null 2>&1; then
 fi
 
 if [ -z "$PY" ]; then
-  externally_managed="$(python3 - <<'EOF'
-import os, sys, sysconfig
-marker = os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")
-print("yes" if sys.prefix == sys.base_prefix and os.path.exists(marker) else "no")
-EOF
-)"
-  if [ "$externally_managed" = "no" ]; then
-    echo "installing $KUBERNETES_VALIDATE_SPEC with pip"
-    python3 -m pip install --quiet --disable-pip-version-check "$KUBERNETES_VALIDATE_SPEC"
-    PY="python3"
-  else
-    venv="${XDG_CACHE_HOME:-$HOME/.cache}/keystile-validate"
-    if ! imports_kv "$venv/bin/python" 2>/dev/null; then
-      echo "installing $KUBERNETES_VALIDATE_SPEC into $venv (the system Python is externally managed)"
+  # A virtual environment of our own: nothing is installed into the
+  # machine's Python.
+  venv="${XDG_CACHE_HOME:-$HOME/.cache}/keystile-validate"
+  if ! imports_kv "$venv/bin/python" 2>/dev/null; then
+    echo "installing $KUBERNETES_VALIDATE_SPEC into $venv"
+    rm -rf "$venv"
+    if python3 -m venv "$venv" >/dev/null 2>&1; then
+      "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$KUBERNETES_VALIDATE_SPEC"
+    else
+      # No ensurepip (python3-venv not installed): a bare venv, filled by
+      # the system pip.
       rm -rf "$venv"
-      if python3 -m venv "$venv" >/dev/null 2>&1; then
-        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$KUBERNETES_VALIDATE_SPEC"
-      else
-        # No ensurepip (python3-venv not installed): a bare venv, filled by
-        # the system pip.
-        rm -rf "$venv"
-        python3 -m venv --without-pip "$venv"
-        python3 -m pip --python "$venv/bin/python" install --quiet --disable-pip-version-check \
-          "$KUBERNETES_VALIDATE_SPEC"
-      fi
+      python3 -m venv --without-pip "$venv"
+      python3 -m pip --python "$venv/bin/python" install --quiet --disable-pip-version-check \
+        "$KUBERNETES_VALIDATE_SPEC"
     fi
-    PY="$venv/bin/python"
   fi
+  PY="$venv/bin/python"
   imports_kv "$PY" || die "kubernetes-validate was installed but $PY cannot import it"
 fi
 

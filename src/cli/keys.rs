@@ -488,22 +488,6 @@ fn show(format: Format, r: &proto::KeyRecord) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_key_is_named_in_three_forms() {
-        assert_eq!(key_id_of("7Hq2mZp0").unwrap(), "7Hq2mZp0");
-        assert_eq!(key_id_of("ks_live_7Hq2mZp0").unwrap(), "7Hq2mZp0");
-        assert_eq!(key_id_of("ks_live_7Hq2mZp0_Vb3kR9sT1uXw4yZa6cDe8fGh0jKm2nPq3xQ0Lw").unwrap(), "7Hq2mZp0");
-        assert_eq!(key_id_of("Bearer ks_test_7Hq2mZp0_x").unwrap(), "7Hq2mZp0");
-        let err = key_id_of("ks_live_7Hq2m_Vb3kR9sT1uXw4yZa6cDe8fGh0jKm2nPq3xQ0Lw").unwrap_err();
-        assert!(!err.message.contains("Vb3kR9sT"), "no secret in the error: {}", err.message);
-        assert!(key_id_of("short").is_err());
-    }
-}
-
 async fn bootstrap(b: &BootstrapArgs, format: Format) -> Result<(), CliError> {
     use std::sync::Arc;
 
@@ -541,4 +525,20 @@ async fn bootstrap(b: &BootstrapArgs, format: Format) -> Result<(), CliError> {
         println!("KEYSTILE_ADMIN_KEY={}", minted.key.expose());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_is_named_in_three_forms() {
+        assert_eq!(key_id_of("7Hq2mZp0").unwrap(), "7Hq2mZp0");
+        assert_eq!(key_id_of("ks_live_7Hq2mZp0").unwrap(), "7Hq2mZp0");
+        assert_eq!(key_id_of("ks_live_7Hq2mZp0_Vb3kR9sT1uXw4yZa6cDe8fGh0jKm2nPq3xQ0Lw").unwrap(), "7Hq2mZp0");
+        assert_eq!(key_id_of("Bearer ks_test_7Hq2mZp0_x").unwrap(), "7Hq2mZp0");
+        let err = key_id_of("ks_live_7Hq2m_Vb3kR9sT1uXw4yZa6cDe8fGh0jKm2nPq3xQ0Lw").unwrap_err();
+        assert!(!err.message.contains("Vb3kR9sT"), "no secret in the error: {}", err.message);
+        assert!(key_id_of("short").is_err());
+    }
 }

@@ -12,10 +12,10 @@
 #   * a canary: a copy of deployment.yaml with a misspelled field must fail, so
 #     that a validator that checks nothing cannot pass.
 #
-# Needs python3 with pip. kubernetes-validate is installed from PyPI when
-# missing: with pip into the current environment, or, where the system Python
-# is externally managed (Debian 12+), into a virtual environment under
-# ${XDG_CACHE_HOME:-~/.cache}/keystile-validate.
+# Needs python3. Unless kubernetes-validate is already installed, it is
+# installed from PyPI into a virtual environment of this script's own under
+# ${XDG_CACHE_HOME:-~/.cache}/keystile-validate, never into the machine's
+# Python.
 #
 # Environment:
 #   KUBERNETES_VALIDATE_SPEC  pip requirement to install (default below)

@@ -44,8 +44,9 @@ pub enum AdminError {
     FailedPrecondition(String),
     #[error("the key was changed by someone else at the same time; retry")]
     Conflict,
-    #[error("the key store is unavailable")]
-    Unavailable,
+    /// The store did not answer; the text is its error (never a secret).
+    #[error("the key store is unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl From<StoreError> for AdminError {
@@ -54,7 +55,7 @@ impl From<StoreError> for AdminError {
             StoreError::Conflict => AdminError::Conflict,
             other => {
                 tracing::warn!(error = %other, "store call failed");
-                AdminError::Unavailable
+                AdminError::Unavailable(other.to_string())
             }
         }
     }
@@ -238,7 +239,7 @@ impl Admin {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(AdminError::Unavailable)
+        Err(AdminError::Unavailable("no free key_id after three tries".into()))
     }
 
     pub async fn get(&self, id: &str) -> Result<KeyRecord, AdminError> {

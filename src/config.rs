@@ -56,7 +56,7 @@ pub struct ServeArgs {
     /// PEM CA bundle: require client certificates signed by it (mutual TLS).
     #[arg(long, env = "KEYSTILE_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
-    /// Redis URL (redis://, rediss://, unix://). Without it the embedded
+    /// Redis URL (redis://, unix://). Without it the embedded
     /// in-memory store is used (one process, nothing persisted).
     #[arg(long, env = "KEYSTILE_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<RedisUrl>,
@@ -129,6 +129,21 @@ pub struct ServeArgs {
     pub log_format: String,
 }
 
+/// An error and its causes, `outer: inner`, repeats left out. Errors of
+/// TLS libraries name files and formats, never key material.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
+}
+
 /// Parses a number setting, or says what is wrong with it.
 fn number<T: std::str::FromStr>(flag: &str, value: &str, errors: &mut Vec<String>) -> Option<T> {
     value.trim().parse::<T>().map_err(|_| errors.push(format!("--{flag} {value:?} must be a whole number"))).ok()
@@ -182,22 +197,30 @@ impl ServeArgs {
         let tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => {
                 let cert = read_pem("tls-cert", cert, "CERTIFICATE", &mut errors);
-                let key = read_pem("tls-key", key, "", &mut errors)
-                    .filter(|k| String::from_utf8_lossy(k).contains("PRIVATE KEY"))
-                    .or_else(|| {
+                let key = read_pem("tls-key", key, "", &mut errors).and_then(|k| {
+                    if String::from_utf8_lossy(&k).contains("PRIVATE KEY") {
+                        Some(k)
+                    } else {
                         errors.push(format!("--tls-key {}: not a PEM private key", key.display()));
                         None
-                    });
+                    }
+                });
                 let client_ca = self
                     .tls_client_ca
                     .as_deref()
                     .and_then(|p| read_pem("tls-client-ca", p, "CERTIFICATE", &mut errors));
                 match (cert, key) {
-                    (Some(cert), Some(key)) => Some(ServerTls {
-                        cert,
-                        key: Secret::new(String::from_utf8_lossy(&key).into_owned()),
-                        client_ca,
-                    }),
+                    (Some(cert), Some(key)) => {
+                        let tls =
+                            ServerTls { cert, key: Secret::new(String::from_utf8_lossy(&key).into_owned()), client_ca };
+                        match tls.check() {
+                            Ok(_) => Some(tls),
+                            Err(e) => {
+                                errors.push(format!("--tls-cert/--tls-key: {}", error_chain(&e)));
+                                None
+                            }
+                        }
+                    }
                     _ => None,
                 }
             }
@@ -299,9 +322,7 @@ impl ServeArgs {
             Some(url) if url.expose().trim().is_empty() => StoreConfig::Memory,
             Some(url) => {
                 if redis::Client::open(url.expose()).is_err() {
-                    errors.push(
-                        "--redis-url is not a valid Redis URL (redis://host:port/db, rediss://…, unix://…)".into(),
-                    );
+                    errors.push("--redis-url is not a valid Redis URL (redis://host:port/db or unix:///path)".into());
                 }
                 StoreConfig::Redis {
                     topology: Topology { url: url.clone(), timeout: Duration::from_secs(1) },

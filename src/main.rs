@@ -33,6 +33,7 @@ enum Command {
     Verify(Box<cli::verify::VerifyArgs>),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
+        /// The shell to complete for.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
@@ -52,16 +53,22 @@ enum ConfigCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = match parse() {
-        Ok(cli) => cli,
+    let (cli, file_errors) = match parse() {
+        Ok(parsed) => parsed,
         Err(exit) => return exit,
     };
+    // The file's problems and the flags' are reported together.
+    let validate = |args: &ServeArgs| match (args.validate(), file_errors.is_empty()) {
+        (Ok(config), true) => Ok(config),
+        (Ok(_), false) => Err(file_errors.clone()),
+        (Err(errors), _) => Err(file_errors.iter().cloned().chain(errors).collect::<Vec<_>>()),
+    };
     match cli.command {
-        Command::Serve(args) => match args.validate() {
+        Command::Serve(ref args) => match validate(args) {
             Ok(config) => serve(config),
             Err(errors) => config_errors(&errors),
         },
-        Command::Config { command: ConfigCommand::Check(args) } => match args.validate() {
+        Command::Config { command: ConfigCommand::Check(ref args) } => match validate(args) {
             Ok(config) => {
                 println!("configuration ok: {}", config.summary());
                 ExitCode::SUCCESS
@@ -107,7 +114,9 @@ fn client(command: impl std::future::Future<Output = Result<(), cli::CliError>>)
 /// file, parses it again with the file's settings added beneath the flags
 /// and variables (see `keystile::config::file_args`). Help and version
 /// exit 0; every other parse error exits 64 (README, "Exit codes").
-fn parse() -> Result<Cli, ExitCode> {
+/// The problems of the settings file come back beside the parsed command,
+/// so that they are reported together with those of the flags.
+fn parse() -> Result<(Cli, Vec<String>), ExitCode> {
     let argv: Vec<OsString> = std::env::args_os().collect();
     let matches = Cli::command().try_get_matches_from(&argv).map_err(clap_exit)?;
     let cli = Cli::from_arg_matches(&matches).map_err(clap_exit)?;
@@ -116,28 +125,32 @@ fn parse() -> Result<Cli, ExitCode> {
         (Command::Config { command: ConfigCommand::Check(args) }, Some((_, m))) => {
             (args, m.subcommand().map(|(_, sub)| sub).expect("config has a subcommand"))
         }
-        _ => return Ok(cli),
+        _ => return Ok((cli, Vec::new())),
     };
-    let Some(path) = args.config.clone() else { return Ok(cli) };
-    let extra = keystile::config::file_args(&path, sub).map_err(|errors| config_errors(&errors))?;
+    let Some(path) = args.config.clone() else { return Ok((cli, Vec::new())) };
+    let extra = match keystile::config::file_args(&path, sub) {
+        Ok(extra) => extra,
+        Err(errors) => return Ok((cli, errors)),
+    };
     if extra.is_empty() {
-        return Ok(cli);
+        return Ok((cli, Vec::new()));
     }
     let argv = argv.into_iter().chain(extra.into_iter().map(OsString::from));
-    Cli::try_parse_from(argv).map_err(|e| {
-        let text = e.to_string();
-        let first = text.lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
-        config_errors(&[format!("config file {}: {first}", path.display())])
-    })
+    match Cli::try_parse_from(argv) {
+        Ok(with_file) => Ok((with_file, Vec::new())),
+        Err(e) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
+            Ok((cli, vec![format!("config file {}: {first}", path.display())]))
+        }
+    }
 }
 
 /// Prints clap's message; help and version are not errors.
 fn clap_exit(e: clap::Error) -> ExitCode {
     let _ = e.print();
     match e.kind() {
-        clap::error::ErrorKind::DisplayHelp
-        | clap::error::ErrorKind::DisplayVersion
-        | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => ExitCode::SUCCESS,
+        clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => ExitCode::SUCCESS,
         _ => ExitCode::from(EX_USAGE as u8),
     }
 }
@@ -164,8 +177,8 @@ fn serve(config: ServeConfig) -> ExitCode {
     match runtime.block_on(run(config, workers)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // Once, on stderr, whatever the log format.
-            eprintln!("keystile: {e}");
+            // Once, on stderr, whatever the log format, with its causes.
+            eprintln!("keystile: {}", cli::chain(&*e));
             ExitCode::FAILURE
         }
     }

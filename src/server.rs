@@ -75,6 +75,20 @@ pub struct ServerTls {
     pub client_ca: Option<Vec<u8>>,
 }
 
+impl ServerTls {
+    /// The rustls settings, parsed and checked (a bad certificate or key
+    /// fails here, so configuration checks can call it before binding).
+    pub fn check(&self) -> Result<tonic::transport::ServerTlsConfig, tonic::transport::Error> {
+        let identity = tonic::transport::Identity::from_pem(&self.cert, self.key.expose());
+        let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &self.client_ca {
+            config = config.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        tonic::transport::Server::builder().tls_config(config.clone())?;
+        Ok(config)
+    }
+}
+
 impl std::fmt::Debug for ServerTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerTls").field("key", &self.key).field("mutual", &self.client_ca.is_some()).finish()
@@ -196,12 +210,7 @@ pub async fn serve(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &options.tls {
-        let identity = tonic::transport::Identity::from_pem(&tls.cert, tls.key.expose());
-        let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
-        if let Some(ca) = &tls.client_ca {
-            config = config.client_ca_root(tonic::transport::Certificate::from_pem(ca));
-        }
-        builder = builder.tls_config(config)?;
+        builder = builder.tls_config(tls.check()?)?;
     }
     let router = builder
         .max_concurrent_streams(options.max_concurrent_streams)

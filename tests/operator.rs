@@ -48,7 +48,15 @@ fn configuration_and_usage_errors_exit_64_with_every_problem() {
     assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
     assert!(stderr(&o).contains("\"two\"") && stderr(&o).contains("\"xml\""), "{}", stderr(&o));
 
-    for args in [&["serve", "--no-such-flag"][..], &["keys", "frobnicate"], &["serve", "--dev", "--no-admin"]] {
+    // The file's problems and the flags' come together.
+    std::fs::write(&file, "dev = true\ncache_tll = \"30s\"\n").unwrap();
+    let o = run(&["config", "check", "--config", file.to_str().unwrap(), "--workers", "0"], &[]);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(stderr(&o).contains("cache_tll") && stderr(&o).contains("--workers"), "{}", stderr(&o));
+
+    for args in
+        [&["serve", "--no-such-flag"][..], &["keys", "frobnicate"], &["serve", "--dev", "--no-admin"], &["keys"]]
+    {
         let o = run(args, &[]);
         assert_eq!(o.status.code(), Some(64), "{args:?}: {}", stderr(&o));
     }
@@ -120,10 +128,20 @@ async fn client_errors_follow_the_exit_code_contract() {
         &[("KEYSTILE_ADMIN_KEY", &format!("Bearer {key}"))],
     );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // keys bootstrap against a Redis that is not there: the URL (without its
+    // password) and the cause.
+    let pepper = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(pepper.path(), "ab".repeat(32)).unwrap();
+    let dead = format!("redis://:hunter2@127.0.0.1:{}", free_port());
+    let o = run(&["keys", "bootstrap", "--redis-url", &dead, "--pepper-file", pepper.path().to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(69), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("127.0.0.1") && err.to_lowercase().contains("refused"), "{err}");
+    assert!(!err.contains("hunter2"), "no password: {err}");
     // No admin key in plaintext to another machine.
     let o = run(&["keys", "--server", "http://192.0.2.1:50051", "list"], &[("KEYSTILE_ADMIN_KEY", key)]);
     assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
-    assert!(stderr(&o).contains("refusing to send the admin key in plaintext"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("refusing to send a key in plaintext"), "{}", stderr(&o));
     assert!(!stderr(&o).contains(&key[17..]), "no secret in the message");
 }
 
@@ -195,29 +213,36 @@ async fn verify_from_the_cli_and_completions() {
     }
 }
 
-/// A CA and a server certificate for 127.0.0.1, written as PEM files.
-fn certificates(dir: &std::path::Path) -> (String, String, String) {
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as
+/// PEM files: (ca, server cert, server key, client cert, client key).
+fn certificates(dir: &std::path::Path) -> (String, String, String, String, String) {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
     let server_key = KeyPair::generate().unwrap();
-    let server = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
-        .unwrap()
-        .signed_by(&server_key, &ca)
-        .unwrap();
+    let server_names = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+    let server = CertificateParams::new(server_names).unwrap().signed_by(&server_key, &ca).unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let client = CertificateParams::new(vec!["operator".into()]).unwrap().signed_by(&client_key, &ca).unwrap();
     let write = |name: &str, pem: String| {
         let path = dir.join(name);
         std::fs::write(&path, pem).unwrap();
         path.to_str().unwrap().to_string()
     };
-    (write("ca.pem", ca.pem()), write("server.pem", server.pem()), write("server.key", server_key.serialize_pem()))
+    (
+        write("ca.pem", ca.pem()),
+        write("server.pem", server.pem()),
+        write("server.key", server_key.serialize_pem()),
+        write("client.pem", client.pem()),
+        write("client.key", client_key.serialize_pem()),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_on_the_port_and_in_the_cli() {
     let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key_file) = certificates(dir.path());
+    let (ca, cert, key_file, _, _) = certificates(dir.path());
     let s = Sidecar::start(&["--dev", "--tls-cert", &cert, "--tls-key", &key_file], &[]);
     let https = format!("https://127.0.0.1:{}", s.port);
     let admin = s.admin_key.as_str();
@@ -251,4 +276,60 @@ async fn tls_on_the_port_and_in_the_cli() {
     let o = run(&["config", "check", "--dev", "--tls-cert", &key_file, "--tls-key", &cert, "--workers", "0"], &[]);
     assert_eq!(o.status.code(), Some(64));
     assert!(stderr(&o).contains("--tls-cert") && stderr(&o).contains("--tls-key") && stderr(&o).contains("--workers"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_wants_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key_file, client_cert, client_key) = certificates(dir.path());
+    let s = Sidecar::start(&["--dev", "--tls-cert", &cert, "--tls-key", &key_file, "--tls-client-ca", &ca], &[]);
+    let https = format!("https://127.0.0.1:{}", s.port);
+    let admin = s.admin_key.as_str();
+    let o = run(&["keys", "--server", &https, "--ca-file", &ca, "list"], &[("KEYSTILE_ADMIN_KEY", admin)]);
+    assert_ne!(o.status.code(), Some(0), "no client certificate, no call");
+    let o = run(
+        &[
+            "keys",
+            "--server",
+            &https,
+            "--ca-file",
+            &ca,
+            "--client-cert",
+            &client_cert,
+            "--client-key",
+            &client_key,
+            "list",
+        ],
+        &[("KEYSTILE_ADMIN_KEY", admin)],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_admin_keyadmin_is_neither_served_nor_advertised() {
+    use tokio_stream::StreamExt;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let pepper = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(pepper.path(), "ab".repeat(32)).unwrap();
+    let s = Sidecar::start(&["--no-admin", "--pepper-file", pepper.path().to_str().unwrap()], &[]);
+    let channel = tonic::transport::Channel::from_shared(s.server()).unwrap().connect().await.unwrap();
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+    let Some(Ok(answer)) = answers.next().await else { panic!("no answer") };
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else { panic!("{answer:?}") };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&"keystile.v1.Verifier".to_string()), "{names:?}");
+    assert!(!names.iter().any(|n| n.contains("KeyAdmin")), "{names:?}");
+
+    let o = run(&["keys", "--server", &s.server(), "list"], &[("KEYSTILE_ADMIN_KEY", "ks_live_abcdEFGH_x")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("does not serve this API"), "{}", stderr(&o));
 }

@@ -53,6 +53,10 @@ pub struct BenchArgs {
     /// PEM file of the CA that signed an https:// --server's certificate.
     #[arg(long)]
     pub ca_file: Option<std::path::PathBuf>,
+    /// Allow sending the admin key over plaintext to a --server that is not
+    /// on this machine.
+    #[arg(long)]
+    pub insecure: bool,
     /// Admin key of --server, to create the keys the scenarios use.
     #[arg(long, env = "KEYSTILE_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<keystile::secret::Secret>,
@@ -185,12 +189,18 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, String> {
             (url, key)
         }
     };
-    // A load generator is pointed at servers on purpose: no plaintext
-    // refusal here, TLS when the URL says https.
-    let target = super::ServerArgs { server: url.clone(), ca_file: args.ca_file.clone(), insecure: true };
+    // TLS when the URL says https; the admin key goes in plaintext only to
+    // loopback unless --insecure.
+    let target = super::ServerArgs {
+        server: url.clone(),
+        ca_file: args.ca_file.clone(),
+        client_cert: None,
+        client_key: None,
+        insecure: args.insecure,
+    };
     let mut channels = Vec::with_capacity(connections);
     for _ in 0..connections {
-        channels.push(target.connect(false).await.map_err(|e| e.message)?);
+        channels.push(target.connect(true).await.map_err(|e| e.message)?);
     }
 
     let needs_miss = args.scenario.contains(&Scenario::Miss);

@@ -116,10 +116,10 @@ pub struct ListArgs {
     /// Only live or only test keys.
     #[arg(long)]
     pub env: Option<String>,
-    /// Only keys in this state.
+    /// Only keys in this state (reads every page).
     #[arg(long, value_parser = ["active", "rotating", "expired", "revoked"])]
     pub state: Option<String>,
-    /// Only keys whose name contains this (case-insensitive).
+    /// Only keys whose name contains this, case-insensitive (reads every page).
     #[arg(long)]
     pub name: Option<String>,
     /// Keys per page (at most 1000).
@@ -174,6 +174,7 @@ pub struct BootstrapArgs {
     /// The deployment's Redis.
     #[arg(long, env = "KEYSTILE_REDIS_URL", hide_env_values = true)]
     pub redis_url: keystile::secret::RedisUrl,
+    /// Prefix of every Redis key the deployment writes.
     #[arg(long, env = "KEYSTILE_REDIS_NAMESPACE", default_value = "keystile")]
     pub redis_namespace: String,
     /// File holding the deployment's pepper.
@@ -204,10 +205,10 @@ pub fn key_id_of(s: &str) -> Result<String, CliError> {
     if id.len() == 8 && id.bytes().all(|c| c.is_ascii_alphanumeric()) {
         Ok(id.to_string())
     } else {
-        Err(CliError::usage(format!(
-            "{:?} is not a key id (8 letters or digits), a display prefix (ks_live_<id>) or a key",
-            if parts.len() > 3 { "<the key given>" } else { s }
-        )))
+        // Never echoed: what was given may be a key or a secret.
+        Err(CliError::usage(
+            "the KEY given is not a key id (8 letters or digits), a display prefix (ks_live_<id>) or a full key",
+        ))
     }
 }
 
@@ -226,7 +227,7 @@ fn admin_bearer(key: Option<&keystile::secret::Secret>) -> Result<MetadataValue<
 pub async fn run(args: KeysArgs) -> Result<(), CliError> {
     let format = if args.json { Format::Json } else { args.output };
     if let KeysCommand::Bootstrap(b) = &args.command {
-        return bootstrap(b, format).await;
+        return bootstrap(b, format, args.quiet).await;
     }
     // Everything that can be checked here is, before a connection is made.
     let bearer = admin_bearer(args.admin_key.as_ref())?;
@@ -266,7 +267,9 @@ pub async fn run(args: KeysArgs) -> Result<(), CliError> {
                     .into_inner();
                 all.extend(resp.records);
                 token = resp.next_page_token;
-                if !l.all || token.is_empty() {
+                // A filter applies to every key, not to one page of them.
+                let every_page = l.all || l.state.is_some() || l.name.is_some();
+                if !every_page || token.is_empty() {
                     break;
                 }
             }
@@ -488,7 +491,7 @@ fn show(format: Format, r: &proto::KeyRecord) {
     }
 }
 
-async fn bootstrap(b: &BootstrapArgs, format: Format) -> Result<(), CliError> {
+async fn bootstrap(b: &BootstrapArgs, format: Format, quiet: bool) -> Result<(), CliError> {
     use std::sync::Arc;
 
     use keystile::app::App;
@@ -518,7 +521,9 @@ async fn bootstrap(b: &BootstrapArgs, format: Format) -> Result<(), CliError> {
         code: exit::UNAVAILABLE,
     })?;
     let record = keystile::service::admin::to_proto(&minted.record, now());
-    if format != Format::Table {
+    if quiet {
+        println!("{}", minted.key.expose());
+    } else if format != Format::Table {
         output::document(format, &json!({ "key": minted.key.expose(), "record": record_json(&record) }));
     } else {
         eprintln!("Store this admin key now: it is shown only once.");

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Exit codes (the BSD sysexits names).
 pub mod exit {
@@ -65,6 +65,12 @@ pub fn status_code(code: tonic::Code) -> i32 {
 
 impl From<tonic::Status> for CliError {
     fn from(s: tonic::Status) -> Self {
+        if s.code() == tonic::Code::Unimplemented {
+            return CliError {
+                message: "the server does not serve this API (is KeyAdmin turned off with --no-admin there?)".into(),
+                code: exit::OTHER,
+            };
+        }
         let mut message = format!("{:?}: {}", s.code(), s.message());
         if let Some(source) = std::error::Error::source(&s) {
             message = format!("{message}: {}", chain(source));
@@ -73,19 +79,7 @@ impl From<tonic::Status> for CliError {
     }
 }
 
-/// An error and its causes, `outer: inner: innermost`, repeats left out.
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut next = Some(e);
-    while let Some(e) = next {
-        let text = e.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        next = e.source();
-    }
-    parts.join(": ")
-}
+pub use keystile::config::error_chain as chain;
 
 /// How a command reaches a keystile server.
 #[derive(Debug, Clone, Args)]
@@ -98,8 +92,14 @@ pub struct ServerArgs {
     /// (default: the system's roots).
     #[arg(long, env = "KEYSTILE_CA_FILE", global = true)]
     pub ca_file: Option<PathBuf>,
-    /// Allow sending the admin key over plaintext to a server that is not
-    /// on this machine.
+    /// PEM client certificate, for a server that requires mutual TLS.
+    #[arg(long, env = "KEYSTILE_CLIENT_CERT", global = true, requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM key of --client-cert.
+    #[arg(long, env = "KEYSTILE_CLIENT_KEY", global = true, requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+    /// Allow sending a key over plaintext to a server that is not on this
+    /// machine.
     #[arg(long, global = true)]
     pub insecure: bool,
 }
@@ -124,12 +124,12 @@ impl ServerArgs {
             Some("http") => false,
             _ => return Err(CliError::usage(format!("--server {:?}: the scheme must be http or https", self.server))),
         };
-        if !tls && self.ca_file.is_some() {
-            return Err(CliError::usage("--ca-file is for https:// servers; this one is http://"));
+        if !tls && (self.ca_file.is_some() || self.client_cert.is_some()) {
+            return Err(CliError::usage("--ca-file and --client-cert are for https:// servers; this one is http://"));
         }
         if !tls && sends_secret && !self.insecure && !is_loopback(uri.host().unwrap_or_default()) {
             return Err(CliError::usage(format!(
-                "refusing to send the admin key in plaintext to {url}: use https:// (with --ca-file if needed), \
+                "refusing to send a key in plaintext to {url}: use https:// (with --ca-file if needed), \
                  or --insecure if the network is trusted"
             )));
         }
@@ -137,10 +137,14 @@ impl ServerArgs {
             endpoint.connect_timeout(Duration::from_secs(5)).timeout(Duration::from_secs(30)).tcp_nodelay(true);
         if tls {
             let mut config = ClientTlsConfig::new().with_native_roots();
+            let read = |flag: &str, path: &PathBuf| {
+                std::fs::read(path).map_err(|e| CliError::usage(format!("--{flag} {}: {e}", path.display())))
+            };
             if let Some(path) = &self.ca_file {
-                let pem =
-                    std::fs::read(path).map_err(|e| CliError::usage(format!("--ca-file {}: {e}", path.display())))?;
-                config = config.ca_certificate(Certificate::from_pem(pem));
+                config = config.ca_certificate(Certificate::from_pem(read("ca-file", path)?));
+            }
+            if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
+                config = config.identity(Identity::from_pem(read("client-cert", cert)?, read("client-key", key)?));
             }
             endpoint = endpoint
                 .tls_config(config)
@@ -161,7 +165,13 @@ mod tests {
 
     #[test]
     fn a_bare_address_is_plaintext_http() {
-        let args = |s: &str| ServerArgs { server: s.into(), ca_file: None, insecure: false };
+        let args = |s: &str| ServerArgs {
+            server: s.into(),
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            insecure: false,
+        };
         assert_eq!(args("127.0.0.1:50051").url(), "http://127.0.0.1:50051");
         assert_eq!(args("https://keystile:443").url(), "https://keystile:443");
         assert!(is_loopback("localhost") && is_loopback("[::1]") && is_loopback("127.0.0.2"));

@@ -12,7 +12,9 @@ use keystile::proto::verifier_client::VerifierClient;
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// The key to try (`Bearer ` allowed).
+    /// The key to try (`Bearer ` allowed); `-` reads it from stdin, and
+    /// without it KEYSTILE_KEY is used (neither shows in the process list).
+    #[arg(env = "KEYSTILE_KEY", hide_env_values = true)]
     pub key: keystile::secret::Secret,
     /// The end client's address the request would come from.
     #[arg(long)]
@@ -40,9 +42,18 @@ pub async fn run(args: VerifyArgs) -> Result<(), CliError> {
     let format = if args.json { Format::Json } else { args.output };
     // The key goes in the request body; the usual refusal of plaintext to
     // a remote server applies to it as to an admin key.
+    let key = if args.key.expose() == "-" {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .map_err(|e| CliError::usage(format!("reading the key from stdin: {e}")))?;
+        line.trim().to_string()
+    } else {
+        args.key.expose().to_string()
+    };
     let channel = args.server.connect(true).await?;
     let request = proto::VerifyRequest {
-        key: args.key.expose().to_string(),
+        key,
         ip: args.ip.unwrap_or_default(),
         scopes: args.scopes.into_iter().filter(|s| !s.trim().is_empty()).collect(),
         tenant: args.tenant.unwrap_or_default(),

@@ -27,7 +27,7 @@ pub fn from_admin(e: &AdminError) -> Status {
         AdminError::NotFound(_) => Code::NotFound,
         AdminError::FailedPrecondition(_) => Code::FailedPrecondition,
         AdminError::Conflict => Code::Aborted,
-        AdminError::Unavailable => Code::Unavailable,
+        AdminError::Unavailable(_) => Code::Unavailable,
     };
     Status::new(code, e.to_string())
 }

@@ -45,7 +45,7 @@ pub enum AdminError {
     #[error("the key was changed by someone else at the same time; retry")]
     Conflict,
     /// The store did not answer; the text is its error (never a secret).
-    #[error("the key store is unavailable: {0}")]
+    #[error("{0}")]
     Unavailable(String),
 }
 

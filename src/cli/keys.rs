@@ -23,16 +23,16 @@ pub struct KeysArgs {
     #[command(flatten)]
     pub server: ServerArgs,
     /// A key with the keystile:admin scope (`Bearer ` allowed).
-    #[arg(long, env = "KEYSTILE_ADMIN_KEY", hide_env_values = true, global = true)]
+    #[arg(long, env = "KEYSTILE_ADMIN_KEY", hide_env_values = true, global = true, help_heading = "Connection")]
     pub admin_key: Option<keystile::secret::Secret>,
     /// How to print: a table for people, json or yaml for scripts.
-    #[arg(long, short = 'o', value_enum, default_value = "table", global = true)]
+    #[arg(long, short = 'o', value_enum, default_value = "table", global = true, help_heading = "Output")]
     pub output: Format,
     /// Print JSON (the same as --output json).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Output")]
     pub json: bool,
-    /// Print only the new key (create, rotate).
-    #[arg(long, short = 'q', global = true)]
+    /// Print only the new key (create, rotate, bootstrap).
+    #[arg(long, short = 'q', global = true, help_heading = "Output")]
     pub quiet: bool,
     #[command(subcommand)]
     pub command: KeysCommand,

@@ -86,21 +86,27 @@ pub use keystile::config::error_chain as chain;
 pub struct ServerArgs {
     /// The server: http://host:port, https://host:port, or host:port
     /// (plaintext).
-    #[arg(long, env = "KEYSTILE_SERVER", default_value = "http://127.0.0.1:50051", global = true)]
+    #[arg(
+        long,
+        env = "KEYSTILE_SERVER",
+        default_value = "http://127.0.0.1:50051",
+        global = true,
+        help_heading = "Connection"
+    )]
     pub server: String,
     /// PEM file of the CA that signed an https:// server's certificate
     /// (default: the system's roots).
-    #[arg(long, env = "KEYSTILE_CA_FILE", global = true)]
+    #[arg(long, env = "KEYSTILE_CA_FILE", global = true, help_heading = "Connection")]
     pub ca_file: Option<PathBuf>,
     /// PEM client certificate, for a server that requires mutual TLS.
-    #[arg(long, env = "KEYSTILE_CLIENT_CERT", global = true, requires = "client_key")]
+    #[arg(long, env = "KEYSTILE_CLIENT_CERT", global = true, requires = "client_key", help_heading = "Connection")]
     pub client_cert: Option<PathBuf>,
     /// PEM key of --client-cert.
-    #[arg(long, env = "KEYSTILE_CLIENT_KEY", global = true, requires = "client_cert")]
+    #[arg(long, env = "KEYSTILE_CLIENT_KEY", global = true, requires = "client_cert", help_heading = "Connection")]
     pub client_key: Option<PathBuf>,
     /// Allow sending a key over plaintext to a server that is not on this
     /// machine.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Connection")]
     pub insecure: bool,
 }
 

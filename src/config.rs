@@ -56,13 +56,8 @@ pub struct ServeArgs {
     /// PEM CA bundle: require client certificates signed by it (mutual TLS).
     #[arg(long, env = "KEYSTILE_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
-    /// Redis URL (redis://, unix://). Without it the embedded
-    /// in-memory store is used (one process, nothing persisted).
-    #[arg(long, env = "KEYSTILE_REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<RedisUrl>,
-    /// Prefix of every Redis key keystile writes.
-    #[arg(long, env = "KEYSTILE_REDIS_NAMESPACE", default_value = "keystile")]
-    pub redis_namespace: String,
+    #[command(flatten)]
+    pub redis: RedisArgs,
     /// Development mode: mint an admin key and print it on stdout as
     /// `KEYSTILE_ADMIN_KEY=<key>`; generate a pepper if none is given.
     #[arg(long, env = "KEYSTILE_DEV")]
@@ -160,6 +155,140 @@ fn read_pem(flag: &str, path: &std::path::Path, what: &str, errors: &mut Vec<Str
         Err(e) => {
             errors.push(format!("--{flag} {}: {e}", path.display()));
             None
+        }
+    }
+}
+
+/// Where Redis is: one URL, or a Sentinel set, with TLS settings for
+/// either (README, "Storage, cache and revocation"). Shared by `serve` and
+/// `keys bootstrap`.
+#[derive(Debug, Clone, Args)]
+pub struct RedisArgs {
+    /// Redis URL: redis://[user:password@]host:port[/db], rediss:// for TLS,
+    /// unix:///path. Without it (or a Sentinel set) the embedded in-memory
+    /// store is used (one process, nothing persisted).
+    #[arg(long, env = "KEYSTILE_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<RedisUrl>,
+    /// Sentinels to ask for the primary, host:port,… (with
+    /// --redis-sentinel-master).
+    #[arg(long, env = "KEYSTILE_REDIS_SENTINEL", value_delimiter = ',')]
+    pub redis_sentinel: Vec<String>,
+    /// The name the sentinels monitor the primary under.
+    #[arg(long, env = "KEYSTILE_REDIS_SENTINEL_MASTER")]
+    pub redis_sentinel_master: Option<String>,
+    /// Password of the sentinels themselves.
+    #[arg(long, env = "KEYSTILE_REDIS_SENTINEL_PASSWORD", hide_env_values = true)]
+    pub redis_sentinel_password: Option<Secret>,
+    /// Password of the data nodes behind the sentinels (with --redis-url,
+    /// put it in the URL).
+    #[arg(long, env = "KEYSTILE_REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<Secret>,
+    /// Speak TLS to the sentinels and the data nodes behind them (with
+    /// --redis-url, use rediss://).
+    #[arg(long, env = "KEYSTILE_REDIS_TLS")]
+    pub redis_tls: bool,
+    /// PEM CA bundle that Redis's certificate must chain to (default: the
+    /// system's roots).
+    #[arg(long, env = "KEYSTILE_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+    /// PEM client certificate, for a Redis that requires one.
+    #[arg(long, env = "KEYSTILE_REDIS_CLIENT_CERT")]
+    pub redis_client_cert: Option<PathBuf>,
+    /// PEM key of --redis-client-cert.
+    #[arg(long, env = "KEYSTILE_REDIS_CLIENT_KEY")]
+    pub redis_client_key: Option<PathBuf>,
+    /// Accept any certificate and host name from Redis. For self-signed test
+    /// setups only: it gives up what TLS protects.
+    #[arg(long, env = "KEYSTILE_REDIS_TLS_INSECURE")]
+    pub redis_tls_insecure: bool,
+    /// Prefix of every Redis key keystile writes.
+    #[arg(long, env = "KEYSTILE_REDIS_NAMESPACE", default_value = "keystile")]
+    pub redis_namespace: String,
+}
+
+impl RedisArgs {
+    /// The store these settings name (the memory store when none), every
+    /// problem pushed onto `errors`. `timeout` bounds connecting and
+    /// every command.
+    pub fn store(&self, timeout: Duration, errors: &mut Vec<String>) -> StoreConfig {
+        use crate::store::redis::connection::{Nodes, RedisTls};
+        if self.redis_namespace.is_empty() || self.redis_namespace.contains(char::is_whitespace) {
+            errors.push("--redis-namespace must be non-empty and without whitespace".into());
+        }
+        let url = self.redis_url.as_ref().filter(|u| !u.expose().trim().is_empty());
+        let nodes = match (url, self.redis_sentinel.is_empty(), &self.redis_sentinel_master) {
+            (None, true, None) => return StoreConfig::Memory,
+            (Some(url), true, None) => {
+                if let Err(e) = redis::Client::open(url.expose()) {
+                    errors.push(format!(
+                        "--redis-url {url} is not a Redis URL (redis://host:port/db, rediss://…, unix:///path): {}",
+                        e.detail().unwrap_or("")
+                    ));
+                }
+                if self.redis_tls {
+                    errors.push("--redis-tls is for Sentinel; with --redis-url, write rediss://".into());
+                }
+                Nodes::Single(url.clone())
+            }
+            (None, false, Some(master)) => {
+                for s in &self.redis_sentinel {
+                    if s.trim().rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+                        errors.push(format!("--redis-sentinel {s:?} must be host:port"));
+                    }
+                }
+                if master.trim().is_empty() {
+                    errors.push("--redis-sentinel-master must name the monitored primary".into());
+                }
+                Nodes::Sentinel {
+                    sentinels: self.redis_sentinel.iter().map(|s| s.trim().to_string()).collect(),
+                    master: master.trim().to_string(),
+                    sentinel_password: self.redis_sentinel_password.clone(),
+                    password: self.redis_password.clone(),
+                }
+            }
+            (Some(_), false, _) | (Some(_), _, Some(_)) => {
+                errors.push("give either --redis-url or --redis-sentinel, not both".into());
+                return StoreConfig::Memory;
+            }
+            (None, false, None) => {
+                errors.push("--redis-sentinel needs --redis-sentinel-master".into());
+                return StoreConfig::Memory;
+            }
+            (None, true, Some(_)) => {
+                errors.push("--redis-sentinel-master needs --redis-sentinel host:port,…".into());
+                return StoreConfig::Memory;
+            }
+        };
+        let read = |flag: &str, path: &PathBuf, errors: &mut Vec<String>| {
+            std::fs::read(path).map_err(|e| errors.push(format!("--{flag} {}: {e}", path.display()))).ok()
+        };
+        let ca = self.redis_ca_file.as_ref().and_then(|p| read("redis-ca-file", p, errors));
+        let client = match (&self.redis_client_cert, &self.redis_client_key) {
+            (Some(c), Some(k)) => match (read("redis-client-cert", c, errors), read("redis-client-key", k, errors)) {
+                (Some(c), Some(k)) => Some((c, Secret::new(String::from_utf8_lossy(&k).into_owned()))),
+                _ => None,
+            },
+            (None, None) => None,
+            _ => {
+                errors.push("--redis-client-cert and --redis-client-key go together".into());
+                None
+            }
+        };
+        let wants_tls = match &nodes {
+            Nodes::Single(url) => url.expose().starts_with("rediss://"),
+            Nodes::Sentinel { .. } => self.redis_tls,
+        };
+        let tls_settings = ca.is_some() || client.is_some() || self.redis_tls_insecure;
+        if tls_settings && !wants_tls {
+            errors.push(
+                "--redis-ca-file, --redis-client-cert and --redis-tls-insecure need TLS: rediss:// or --redis-tls"
+                    .into(),
+            );
+        }
+        let tls = wants_tls.then_some(RedisTls { ca, client, insecure: self.redis_tls_insecure });
+        StoreConfig::Redis {
+            topology: Box::new(Topology { nodes, tls, timeout }),
+            namespace: self.redis_namespace.clone(),
         }
     }
 }
@@ -315,22 +444,7 @@ impl ServeArgs {
         {
             errors.push("--workers must be between 1 and 1024".into());
         }
-        if self.redis_namespace.is_empty() || self.redis_namespace.contains(char::is_whitespace) {
-            errors.push("--redis-namespace must be non-empty and without whitespace".into());
-        }
-        let store = match &self.redis_url {
-            Some(url) if url.expose().trim().is_empty() => StoreConfig::Memory,
-            Some(url) => {
-                if redis::Client::open(url.expose()).is_err() {
-                    errors.push("--redis-url is not a valid Redis URL (redis://host:port/db or unix:///path)".into());
-                }
-                StoreConfig::Redis {
-                    topology: Topology { url: url.clone(), timeout: Duration::from_secs(1) },
-                    namespace: self.redis_namespace.clone(),
-                }
-            }
-            None => StoreConfig::Memory,
-        };
+        let store = self.redis.store(Duration::from_secs(1), &mut errors);
 
         let (current, pepper_generated) = match (&self.pepper_file, &self.pepper) {
             (Some(_), Some(_)) => {

@@ -213,32 +213,6 @@ async fn verify_from_the_cli_and_completions() {
     }
 }
 
-/// A CA, a server certificate for 127.0.0.1 and a client certificate, as
-/// PEM files: (ca, server cert, server key, client cert, client key).
-fn certificates(dir: &std::path::Path) -> (String, String, String, String, String) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
-    let server_key = KeyPair::generate().unwrap();
-    let server_names = vec!["127.0.0.1".to_string(), "localhost".to_string()];
-    let server = CertificateParams::new(server_names).unwrap().signed_by(&server_key, &ca).unwrap();
-    let client_key = KeyPair::generate().unwrap();
-    let client = CertificateParams::new(vec!["operator".into()]).unwrap().signed_by(&client_key, &ca).unwrap();
-    let write = |name: &str, pem: String| {
-        let path = dir.join(name);
-        std::fs::write(&path, pem).unwrap();
-        path.to_str().unwrap().to_string()
-    };
-    (
-        write("ca.pem", ca.pem()),
-        write("server.pem", server.pem()),
-        write("server.key", server_key.serialize_pem()),
-        write("client.pem", client.pem()),
-        write("client.key", client_key.serialize_pem()),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_on_the_port_and_in_the_cli() {
     let dir = tempfile::tempdir().unwrap();

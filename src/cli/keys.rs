@@ -171,12 +171,9 @@ pub struct UpdateArgs {
 
 #[derive(Debug, Args)]
 pub struct BootstrapArgs {
-    /// The deployment's Redis.
-    #[arg(long, env = "KEYSTILE_REDIS_URL", hide_env_values = true)]
-    pub redis_url: keystile::secret::RedisUrl,
-    /// Prefix of every Redis key the deployment writes.
-    #[arg(long, env = "KEYSTILE_REDIS_NAMESPACE", default_value = "keystile")]
-    pub redis_namespace: String,
+    /// The deployment's Redis: the same settings as `serve`.
+    #[command(flatten)]
+    pub redis: keystile::config::RedisArgs,
     /// File holding the deployment's pepper.
     #[arg(long, env = "KEYSTILE_PEPPER_FILE")]
     pub pepper_file: Option<PathBuf>,
@@ -492,13 +489,11 @@ fn show(format: Format, r: &proto::KeyRecord) {
 }
 
 async fn bootstrap(b: &BootstrapArgs, format: Format, quiet: bool) -> Result<(), CliError> {
-    use std::sync::Arc;
-
     use keystile::app::App;
     use keystile::clock::Clock;
     use keystile::engine::EngineSettings;
     use keystile::key::{Env, KeyFormat, Pepper, PepperSet};
-    use keystile::store::redis::RedisStore;
+    use keystile::store::StoreConfig;
 
     let pepper = match (&b.pepper_file, &b.pepper) {
         (Some(path), None) => keystile::config::read_pepper(path).map_err(CliError::usage)?,
@@ -512,14 +507,39 @@ async fn bootstrap(b: &BootstrapArgs, format: Format, quiet: bool) -> Result<(),
         }
     };
     let key_format = KeyFormat::new(b.key_prefixes.clone(), &Env::ALL).map_err(|e| CliError::usage(e.join("; ")))?;
-    let store = RedisStore::open(b.redis_url.expose(), &b.redis_namespace, Duration::from_secs(5))
-        .map_err(|e| CliError::usage(format!("--redis-url {}: {e}", b.redis_url)))?;
-    let settings = EngineSettings { format: key_format, ..EngineSettings::new(PepperSet::single(pepper)) };
-    let app = App::build(settings, Arc::new(store), Clock::system());
-    let minted = app.mint_admin_key(&b.name).await.map_err(|e| CliError {
-        message: format!("cannot write the admin key to Redis at {}: {e}", b.redis_url),
+    let mut problems = Vec::new();
+    let store = b.redis.store(Duration::from_secs(5), &mut problems);
+    let where_ = match &store {
+        StoreConfig::Redis { topology, .. } if problems.is_empty() => topology.describe(),
+        StoreConfig::Memory if problems.is_empty() => {
+            return Err(CliError::usage(
+                "bootstrap writes to the deployment's Redis: give --redis-url or --redis-sentinel",
+            ));
+        }
+        _ => return Err(CliError::usage(problems.join("; "))),
+    };
+    let store = store.open().map_err(|e| CliError::usage(format!("Redis at {where_}: {e}")))?;
+    let unavailable = |e: &dyn std::fmt::Display| CliError {
+        message: format!("cannot write the admin key to Redis at {where_}: {e}"),
         code: exit::UNAVAILABLE,
-    })?;
+    };
+    // Keys hashed under another pepper would never verify beside this one.
+    let existing = store
+        .list(&keystile::store::ListQuery { limit: 1, ..Default::default() })
+        .await
+        .map_err(|e| unavailable(&e))?;
+    if let Some(other) = existing.records.first().map(|r| &r.secret_hash.pepper_id)
+        && other != pepper.id()
+    {
+        return Err(CliError::usage(format!(
+            "the keys in this Redis were hashed with pepper {other}, and the pepper given is {}: \
+             give the deployment's pepper",
+            pepper.id()
+        )));
+    }
+    let settings = EngineSettings { format: key_format, ..EngineSettings::new(PepperSet::single(pepper)) };
+    let app = App::build(settings, store, Clock::system());
+    let minted = app.mint_admin_key(&b.name).await.map_err(|e| unavailable(&e))?;
     let record = keystile::service::admin::to_proto(&minted.record, now());
     if quiet {
         println!("{}", minted.key.expose());

@@ -26,7 +26,7 @@ pub enum StoreConfig {
     /// The embedded store: one process, nothing persisted.
     Memory,
     Redis {
-        topology: redis::connection::Topology,
+        topology: Box<redis::connection::Topology>,
         namespace: String,
     },
 }
@@ -44,7 +44,7 @@ impl StoreConfig {
     pub fn describe(&self) -> String {
         match self {
             StoreConfig::Memory => "memory".to_string(),
-            StoreConfig::Redis { topology, namespace } => format!("redis {} ns={namespace}", topology.url),
+            StoreConfig::Redis { topology, namespace } => format!("redis {} ns={namespace}", topology.describe()),
         }
     }
 }

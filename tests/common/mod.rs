@@ -34,12 +34,45 @@ pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Arguments beyond the harness's own (TLS, replication).
+    extra: Vec<String>,
+    /// A sentinel's configuration file, when this is a sentinel.
+    sentinel: Option<String>,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        Self::start_with(&[])
+    }
+
+    /// A data node with more arguments, e.g. `--tls-port` or `--replicaof`.
+    /// The harness still talks to it in plaintext on `port`.
+    pub fn start_with(extra: &[String]) -> RedisServer {
         let dir = tempfile::tempdir().unwrap();
-        let mut server = RedisServer { port: free_port(), dir, child: None };
+        let mut server = RedisServer { port: free_port(), dir, child: None, extra: extra.to_vec(), sentinel: None };
+        server.launch();
+        server
+    }
+
+    /// A sentinel watching `master` at `host:port` under `name`, with a
+    /// quorum of `quorum` and a one-second down-after.
+    pub fn start_sentinel(name: &str, master_port: u16, quorum: u32) -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = format!(
+            "port {port}\nbind 127.0.0.1\nprotected-mode no\nsentinel resolve-hostnames no\n\
+             sentinel monitor {name} 127.0.0.1 {master_port} {quorum}\n\
+             sentinel down-after-milliseconds {name} 1000\nsentinel failover-timeout {name} 5000\n"
+        );
+        let path = dir.path().join("sentinel.conf");
+        std::fs::write(&path, conf).unwrap();
+        let mut server = RedisServer {
+            port,
+            dir,
+            child: None,
+            extra: Vec::new(),
+            sentinel: Some(path.to_str().unwrap().to_string()),
+        };
         server.launch();
         server
     }
@@ -50,11 +83,21 @@ impl RedisServer {
 
     fn launch(&mut self) {
         let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-        let child = Command::new(&bin)
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .args(["--dbfilename", "dump.rdb", "--protected-mode", "no"])
+        let mut command = Command::new(&bin);
+        match &self.sentinel {
+            Some(conf) => {
+                command.args([conf.as_str(), "--sentinel"]);
+            }
+            None => {
+                command
+                    .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                    .arg("--dir")
+                    .arg(self.dir.path())
+                    .args(["--dbfilename", "dump.rdb", "--protected-mode", "no"])
+                    .args(&self.extra);
+            }
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -284,6 +327,24 @@ impl Sidecar {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// Waits until health says SERVING (the store answers, the feed is live).
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(channel) = Channel::from_shared(self.server()).unwrap().connect().await {
+                let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+                let status = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await;
+                if status.is_ok_and(|s| {
+                    s.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+                }) {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "the sidecar never became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn keys(&self, args: &[&str]) -> Output {
         Command::new(BIN)
             .arg("keys")
@@ -323,4 +384,37 @@ impl Drop for Sidecar {
             let _ = self.child.wait();
         }
     }
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as
+/// PEM files: (ca, server cert, server key, client cert, client key).
+pub fn certificates(dir: &std::path::Path) -> (String, String, String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    // Distinct subjects: OpenSSL (Redis) takes a certificate whose subject
+    // is its issuer's for self-signed.
+    let named = |names: Vec<String>, cn: &str| {
+        let mut p = CertificateParams::new(names).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p
+    };
+    let mut ca = named(Vec::new(), "keystile test CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let server_names = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+    let server = named(server_names, "127.0.0.1").signed_by(&server_key, &ca).unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let client = named(vec!["operator".into()], "operator").signed_by(&client_key, &ca).unwrap();
+    let write = |name: &str, pem: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    (
+        write("ca.pem", ca.pem()),
+        write("server.pem", server.pem()),
+        write("server.key", server_key.serialize_pem()),
+        write("client.pem", client.pem()),
+        write("client.key", client_key.serialize_pem()),
+    )
 }

@@ -1,30 +1,112 @@
 //! How the Redis store reaches Redis, in one place: [`Connection`] for
 //! commands and scripts, [`FeedLink`] for the change feed's pub/sub and
-//! stream reads. Today a single node behind redis-rs's `ConnectionManager`
-//! (reconnects on its own); a topology that needs another client
-//! (Sentinel, Cluster) is a new variant of both, and the store, the
-//! scripts and the feed's logic do not change.
+//! stream reads (README, "Storage, cache and revocation").
+//!
+//! - **Single**: one endpoint behind redis-rs's `ConnectionManager`, which
+//!   reconnects on its own; `rediss://` for TLS with the system roots or a
+//!   CA file, and an optional client certificate.
+//! - **Sentinel**: the sentinels are asked for the primary; its connection
+//!   is dropped and the primary asked for again when it refuses a write
+//!   (`READONLY`: it was demoted by a failover) or cannot be reached. The
+//!   feed resolves the primary on every reconnect, so after a failover it
+//!   replays from the new primary's stream, or drops the cache when that
+//!   stream is behind (asynchronous replication can lose its newest
+//!   entries).
+//!
+//! Adding a topology is a variant of both types; the store, the scripts and
+//! the feed's logic do not change.
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::{Cmd, Pipeline, RedisFuture, Value};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{Cmd, ConnectionAddr, Pipeline, RedisError, RedisFuture, TlsCertificates, TlsMode, Value};
 
-use crate::secret::RedisUrl;
+use crate::secret::{RedisUrl, Secret};
 
 /// Where the store's Redis is and how to reach it.
 #[derive(Debug, Clone)]
 pub struct Topology {
-    /// `redis://`, `rediss://` or `unix://`.
-    pub url: RedisUrl,
+    pub nodes: Nodes,
+    /// TLS settings; `None` = plaintext.
+    pub tls: Option<RedisTls>,
     /// Bounds connecting and every command.
     pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum Nodes {
+    /// `redis://`, `rediss://` or `unix://`.
+    Single(RedisUrl),
+    Sentinel {
+        /// `host:port` of each sentinel.
+        sentinels: Vec<String>,
+        /// The name the sentinels monitor the primary under.
+        master: String,
+        sentinel_password: Option<Secret>,
+        /// Password of the data nodes.
+        password: Option<Secret>,
+    },
+}
+
+/// TLS to Redis: the CA to trust (default: the system's roots), a client
+/// certificate and key, and the test-only opt-out of verification.
+#[derive(Clone)]
+pub struct RedisTls {
+    pub ca: Option<Vec<u8>>,
+    pub client: Option<(Vec<u8>, Secret)>,
+    pub insecure: bool,
+}
+
+impl std::fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTls")
+            .field("ca", &self.ca.is_some())
+            .field("client_certificate", &self.client.is_some())
+            .field("insecure", &self.insecure)
+            .finish()
+    }
+}
+
+impl RedisTls {
+    fn certificates(&self) -> TlsCertificates {
+        TlsCertificates {
+            client_tls: self.client.as_ref().map(|(cert, key)| redis::ClientTlsConfig {
+                client_cert: cert.clone(),
+                client_key: key.expose().as_bytes().to_vec(),
+            }),
+            root_cert: self.ca.clone(),
+        }
+    }
+}
+
+impl Topology {
+    /// For logs and errors: where Redis is, never a password.
+    pub fn describe(&self) -> String {
+        let tls = if self.tls.is_some() { " (tls)" } else { "" };
+        match &self.nodes {
+            Nodes::Single(url) => format!("{url}{tls}"),
+            Nodes::Sentinel { sentinels, master, .. } => {
+                format!("primary {master:?} of sentinels {}{tls}", sentinels.join(","))
+            }
+        }
+    }
+
+    fn manager_config(&self) -> ConnectionManagerConfig {
+        ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500))
+    }
 }
 
 /// A cloneable, multiplexed connection for commands and scripts.
 #[derive(Clone)]
 pub enum Connection {
     Single(ConnectionManager),
+    Sentinel(Arc<SentinelLink>),
 }
 
 /// What [`open`] hands the store.
@@ -36,7 +118,8 @@ pub struct Opened {
 /// The change feed's own connections, opened afresh on every (re)connect.
 #[derive(Clone)]
 pub enum FeedLink {
-    Single(redis::Client),
+    Single(Box<redis::Client>),
+    Sentinel(Arc<SentinelLink>),
 }
 
 impl FeedLink {
@@ -44,6 +127,7 @@ impl FeedLink {
     pub async fn pubsub(&self) -> redis::RedisResult<redis::aio::PubSub> {
         match self {
             FeedLink::Single(client) => client.get_async_pubsub().await,
+            FeedLink::Sentinel(link) => link.primary_client().await?.get_async_pubsub().await,
         }
     }
 
@@ -51,27 +135,125 @@ impl FeedLink {
     pub async fn commands(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
         match self {
             FeedLink::Single(client) => client.get_multiplexed_async_connection().await,
+            FeedLink::Sentinel(link) => link.primary_client().await?.get_multiplexed_async_connection().await,
         }
     }
 }
 
 /// Connects lazily: a sidecar starts even when Redis is not up yet, and
-/// reports NOT_SERVING until it is.
+/// reports NOT_SERVING (and why, in its log) until it is.
 pub fn open(topology: &Topology) -> redis::RedisResult<Opened> {
-    let client = redis::Client::open(topology.url.expose())?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(topology.timeout))
-        .set_response_timeout(Some(topology.timeout))
-        .set_number_of_retries(1)
-        .set_max_delay(Duration::from_millis(500));
-    let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
-    Ok(Opened { conn: Connection::Single(conn), feed: FeedLink::Single(client) })
+    match &topology.nodes {
+        Nodes::Single(url) => {
+            let client = match &topology.tls {
+                None => redis::Client::open(url.expose())?,
+                Some(tls) => {
+                    // redis-rs's switch for "verify nothing" is the URL's
+                    // `#insecure` fragment.
+                    let url =
+                        if tls.insecure { format!("{}#insecure", url.expose()) } else { url.expose().to_string() };
+                    redis::Client::build_with_tls(url, tls.certificates())?
+                }
+            };
+            let conn = ConnectionManager::new_lazy_with_config(client.clone(), topology.manager_config())?;
+            Ok(Opened { conn: Connection::Single(conn), feed: FeedLink::Single(Box::new(client)) })
+        }
+        Nodes::Sentinel { sentinels, master, sentinel_password, password } => {
+            let tls_mode = topology.tls.as_ref().map(|t| if t.insecure { TlsMode::Insecure } else { TlsMode::Secure });
+            let addrs = sentinels.iter().map(|s| {
+                let (host, port) = s.rsplit_once(':').unwrap_or((s, "26379"));
+                let (host, port) = (host.to_string(), port.parse().unwrap_or(26379));
+                match &topology.tls {
+                    None => ConnectionAddr::Tcp(host, port),
+                    Some(t) => ConnectionAddr::TcpTls { host, port, insecure: t.insecure, tls_params: None },
+                }
+            });
+            let mut builder = SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)?;
+            if let Some(p) = sentinel_password {
+                builder = builder.set_client_to_sentinel_password(p.expose());
+            }
+            if let Some(p) = password {
+                builder = builder.set_client_to_redis_password(p.expose());
+            }
+            if let (Some(mode), Some(tls)) = (tls_mode, &topology.tls) {
+                builder = builder
+                    .set_client_to_redis_tls_mode(mode)
+                    .set_client_to_redis_certificates(tls.certificates())
+                    .set_client_to_sentinel_tls_mode(mode)
+                    .set_client_to_sentinel_certificates(tls.certificates());
+            }
+            let link = Arc::new(SentinelLink {
+                sentinel: tokio::sync::Mutex::new(builder.build()?),
+                current: RwLock::new(None),
+                config: topology.manager_config(),
+                timeout: topology.timeout,
+            });
+            Ok(Opened { conn: Connection::Sentinel(link.clone()), feed: FeedLink::Sentinel(link) })
+        }
+    }
+}
+
+/// The primary as the sentinels name it, and a connection to it that is
+/// dropped when it stops being the primary.
+pub struct SentinelLink {
+    sentinel: tokio::sync::Mutex<SentinelClient>,
+    current: RwLock<Option<ConnectionManager>>,
+    config: ConnectionManagerConfig,
+    timeout: Duration,
+}
+
+impl SentinelLink {
+    /// A client for the primary the sentinels name now.
+    async fn primary_client(&self) -> redis::RedisResult<redis::Client> {
+        let ask = async { self.sentinel.lock().await.async_get_client().await };
+        tokio::time::timeout(self.timeout * 4, ask).await.map_err(|_| {
+            RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "no sentinel named the primary in time"))
+        })?
+    }
+
+    async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
+        if let Some(c) = self.current.read().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Ok(c);
+        }
+        let client = self.primary_client().await?;
+        let conn = ConnectionManager::new_lazy_with_config(client, self.config.clone())?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+        Ok(conn)
+    }
+
+    fn forget_primary(&self) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// The answer says this node is not the primary any more, or could not be
+/// reached: ask the sentinels again.
+fn primary_lost(e: &RedisError) -> bool {
+    e.code() == Some("READONLY") || e.is_connection_refusal() || e.is_connection_dropped() || e.is_io_error()
+}
+
+/// Whether the command certainly did not run (so it may be sent again).
+fn not_applied(e: &RedisError) -> bool {
+    e.code() == Some("READONLY") || e.is_connection_refusal()
 }
 
 impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Sentinel(link) => Box::pin(async move {
+                let mut conn = link.connection().await?;
+                match conn.req_packed_command(cmd).await {
+                    Err(e) if primary_lost(&e) => {
+                        link.forget_primary();
+                        if !not_applied(&e) {
+                            return Err(e);
+                        }
+                        link.connection().await?.req_packed_command(cmd).await
+                    }
+                    other => other,
+                }
+            }),
         }
     }
 
@@ -83,12 +265,26 @@ impl ConnectionLike for Connection {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Sentinel(link) => Box::pin(async move {
+                let mut conn = link.connection().await?;
+                match conn.req_packed_commands(pipeline, offset, count).await {
+                    Err(e) if primary_lost(&e) => {
+                        link.forget_primary();
+                        if !not_applied(&e) {
+                            return Err(e);
+                        }
+                        link.connection().await?.req_packed_commands(pipeline, offset, count).await
+                    }
+                    other => other,
+                }
+            }),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Connection::Single(c) => c.get_db(),
+            Connection::Sentinel(_) => 0,
         }
     }
 }

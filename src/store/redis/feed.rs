@@ -22,8 +22,10 @@ use crate::store::FeedEvent;
 const PING_EVERY: Duration = Duration::from_secs(1);
 
 /// Follows the feed until `cancel`.
+/// `redis` describes where Redis is, for the log (never a password).
 pub(super) async fn follow(
     link: FeedLink,
+    redis: String,
     keys: Keys,
     feed: broadcast::Sender<FeedEvent>,
     live: Arc<AtomicBool>,
@@ -32,6 +34,9 @@ pub(super) async fn follow(
     let mut last_seen: Option<String> = None;
     let mut backoff = Duration::from_millis(50);
     let mut was_connected = false;
+    // Failed attempts in a row: the first few are logged, then one in 30
+    // (about every half minute at the longest backoff).
+    let mut failures = 0u64;
     loop {
         let session = subscribe_once(&link, &keys, &feed, &live, &mut last_seen, &mut was_connected);
         tokio::select! {
@@ -42,9 +47,21 @@ pub(super) async fn follow(
                     let _ = feed.send(FeedEvent::Disconnected);
                     backoff = Duration::from_millis(50);
                 }
+                if was_connected {
+                    failures = 0;
+                }
                 was_connected = false;
                 if let Err(e) = result {
-                    tracing::debug!(error = %e, "revocation feed connection lost");
+                    failures += 1;
+                    if failures <= 5 || failures.is_multiple_of(30) {
+                        tracing::warn!(
+                            redis = %redis,
+                            error = %e,
+                            attempts = failures,
+                            retry_in = ?backoff,
+                            "redis unreachable; readiness stays NOT_SERVING until the change feed connects"
+                        );
+                    }
                 }
             }
         }

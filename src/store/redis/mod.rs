@@ -28,7 +28,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use super::{FEED_CAPACITY, FeedEvent, KeyRecord, KeyStore, ListPage, ListQuery, StoreError, page_token};
 use crate::key::KeyId;
 use crate::secret::RedisUrl;
-use connection::{Connection, Topology};
+use connection::{Connection, Nodes, Topology};
 use scripts::Scripts;
 
 /// Approximate length the event stream is trimmed to.
@@ -86,18 +86,33 @@ impl RedisStore {
     /// lazily: a sidecar starts even when Redis is not up yet, and reports
     /// NOT_SERVING until it is. `timeout` bounds every command.
     pub fn open(url: &str, namespace: &str, timeout: Duration) -> Result<RedisStore, StoreError> {
-        RedisStore::connect(&Topology { url: RedisUrl::new(url), timeout }, namespace)
+        RedisStore::connect(&Topology { nodes: Nodes::Single(RedisUrl::new(url)), tls: None, timeout }, namespace)
     }
 
     /// Opens a store on `topology`.
     pub fn connect(topology: &Topology, namespace: &str) -> Result<RedisStore, StoreError> {
         let opened = connection::open(topology)
-            .map_err(|e| StoreError::Unavailable(format!("cannot open Redis at {}: {e}", topology.url)))?;
+            .map_err(|e| StoreError::Unavailable(format!("cannot open Redis at {}: {e}", topology.describe())))?;
         let keys = Keys { ns: namespace.to_string() };
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
         let cancel = CancellationToken::new();
         let live = Arc::new(AtomicBool::new(false));
-        tokio::spawn(feed::follow(opened.feed, keys.clone(), feed.clone(), live.clone(), cancel.clone()));
+        tokio::spawn(feed::follow(
+            opened.feed,
+            topology.describe(),
+            keys.clone(),
+            feed.clone(),
+            live.clone(),
+            cancel.clone(),
+        ));
+        // Connect (and, over TLS, shake hands) now rather than on the first
+        // Verify, whose store budget is tens of milliseconds.
+        tokio::spawn({
+            let mut conn = opened.conn.clone();
+            async move {
+                let _: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
+            }
+        });
         Ok(RedisStore {
             conn: opened.conn,
             keys,

@@ -1,0 +1,238 @@
+//! The Redis topologies beyond one plaintext node, against real servers
+//! started here: TLS (with and without client certificates) and Sentinel
+//! with a failover in the middle of verification. Each test drives real
+//! `keystile serve` processes through the CLI and gRPC.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use keystile::proto::Code;
+
+fn pepper_file(dir: &std::path::Path) -> String {
+    let path = dir.join("pepper");
+    std::fs::write(&path, "cd".repeat(32)).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+fn cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .args(args)
+        .env_remove("KEYSTILE_ADMIN_KEY")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// `keys bootstrap` against `redis` (the topology flags), returning the admin key.
+fn bootstrap(redis: &[&str], pepper: &str) -> String {
+    let mut args = vec!["keys", "bootstrap", "--pepper-file", pepper, "--quiet"];
+    args.extend_from_slice(redis);
+    let out = cli(&args);
+    assert!(out.status.success(), "bootstrap: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn sidecar(redis: &[&str], pepper: &str, admin_key: &str) -> Sidecar {
+    // A generous store budget: a TLS handshake in a debug build on a busy
+    // machine can take longer than the default 50 ms.
+    let mut args = vec!["--pepper-file", pepper, "--store-timeout", "2s"];
+    args.extend_from_slice(redis);
+    let mut s = Sidecar::start(&args, &[]);
+    s.admin_key = admin_key.to_string();
+    s
+}
+
+/// The verdict, or `None` when the call failed (e.g. UNAVAILABLE).
+async fn code_on(s: &Sidecar, key: &str) -> Option<Code> {
+    let channel = tonic::transport::Channel::from_shared(s.server()).unwrap().connect().await.ok()?;
+    let mut v = keystile::proto::verifier_client::VerifierClient::new(channel);
+    v.verify(verify_req(key)).await.ok().map(|r| code(&r.into_inner()))
+}
+
+async fn wait_for(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let t0 = Instant::now();
+    while !check().await {
+        assert!(t0.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_redis_with_a_ca_file_and_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key, client_cert, client_key) = certificates(dir.path());
+    let tls_port = free_port();
+    let tls = |auth: &str| {
+        [
+            "--tls-port",
+            &tls_port.to_string(),
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            auth,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let redis = RedisServer::start_with(&tls("no"));
+    let pepper = pepper_file(dir.path());
+    let url = format!("rediss://127.0.0.1:{tls_port}");
+    let flags = ["--redis-url", url.as_str(), "--redis-ca-file", ca.as_str()];
+    let admin = bootstrap(&flags, &pepper);
+    let s = sidecar(&flags, &pepper, &admin);
+    s.wait_ready().await;
+    let key = s.keys_json(&["create", "--name", "over tls"])["key"].as_str().unwrap().to_string();
+    assert_eq!(code_on(&s, &key).await, Some(Code::Valid));
+    s.keys_json(&["revoke", &key]);
+    wait_for("revoked over TLS", Duration::from_secs(2), async || code_on(&s, &key).await == Some(Code::Revoked)).await;
+    assert!(redis.command_calls().contains_key("evalsha"), "the mutations went to this Redis");
+
+    // A CA that did not sign Redis's certificate: refused, with the cause.
+    let other = tempfile::tempdir().unwrap();
+    let (other_ca, ..) = certificates(other.path());
+    let out = cli(&["keys", "bootstrap", "--pepper-file", &pepper, "--redis-url", &url, "--redis-ca-file", &other_ca]);
+    assert_eq!(out.status.code(), Some(69), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(err.contains("certificate") || err.contains("issuer"), "the cause: {err}");
+    drop((s, redis));
+
+    // A Redis that wants client certificates.
+    let redis = RedisServer::start_with(&tls("yes"));
+    let out = cli(&["keys", "bootstrap", "--pepper-file", &pepper, "--redis-url", &url, "--redis-ca-file", &ca]);
+    assert_eq!(out.status.code(), Some(69), "no client certificate: {}", String::from_utf8_lossy(&out.stderr));
+    let mutual = [
+        "--redis-url",
+        url.as_str(),
+        "--redis-ca-file",
+        ca.as_str(),
+        "--redis-client-cert",
+        client_cert.as_str(),
+        "--redis-client-key",
+        client_key.as_str(),
+    ];
+    let admin = bootstrap(&mutual, &pepper);
+    let s = sidecar(&mutual, &pepper, &admin);
+    s.wait_ready().await;
+    let key = s.keys_json(&["create", "--name", "mutual"])["key"].as_str().unwrap().to_string();
+    assert_eq!(code_on(&s, &key).await, Some(Code::Valid));
+    drop(redis);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_keeps_every_verdict_right() {
+    let dir = tempfile::tempdir().unwrap();
+    let primary = RedisServer::start();
+    let replica = RedisServer::start_with(&["--replicaof".into(), "127.0.0.1".into(), primary.port.to_string()]);
+    let sentinels: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_sentinel("main", primary.port, 2)).collect();
+    let list = sentinels.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect::<Vec<_>>().join(",");
+    // The sentinels must know the replica before they can fail over to it.
+    let known = async || {
+        sentinels.iter().all(|s| {
+            let replicas: Vec<redis::Value> =
+                redis::cmd("SENTINEL").arg("REPLICAS").arg("main").query(&mut s.conn()).unwrap_or_default();
+            !replicas.is_empty()
+        })
+    };
+    wait_for("sentinels see the replica", Duration::from_secs(20), known).await;
+
+    let pepper = pepper_file(dir.path());
+    let flags = ["--redis-sentinel", list.as_str(), "--redis-sentinel-master", "main"];
+    let admin = bootstrap(&flags, &pepper);
+    let sidecars: Vec<Sidecar> = (0..3).map(|_| sidecar(&flags, &pepper, &admin)).collect();
+    for s in &sidecars {
+        s.wait_ready().await;
+    }
+    let before = sidecars[0].keys_json(&["create", "--name", "before"])["key"].as_str().unwrap().to_string();
+    let revoked = sidecars[0].keys_json(&["create", "--name", "revoked before"])["key"].as_str().unwrap().to_string();
+    sidecars[0].keys_json(&["revoke", &revoked]);
+    for s in &sidecars {
+        wait_for("revoked everywhere", Duration::from_secs(2), async || {
+            code_on(s, &revoked).await == Some(Code::Revoked)
+        })
+        .await;
+    }
+
+    // Verify without pause on every sidecar while the primary changes: a
+    // revoked key is never VALID, a valid one is VALID or UNAVAILABLE.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchers: Vec<_> = sidecars
+        .iter()
+        .map(|s| {
+            let (server, before, revoked, stop) = (s.server(), before.clone(), revoked.clone(), stop.clone());
+            tokio::spawn(async move {
+                let channel = tonic::transport::Channel::from_shared(server).unwrap().connect().await.unwrap();
+                let mut v = keystile::proto::verifier_client::VerifierClient::new(channel);
+                let mut checked = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(r) = v.verify(verify_req(&revoked)).await {
+                        assert_ne!(code(&r.into_inner()), Code::Valid, "a revoked key was VALID during the failover");
+                    }
+                    if let Ok(r) = v.verify(verify_req(&before)).await {
+                        assert_eq!(code(&r.into_inner()), Code::Valid);
+                    }
+                    checked += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                checked
+            })
+        })
+        .collect();
+
+    let _: redis::Value = redis::cmd("SENTINEL").arg("FAILOVER").arg("main").query(&mut sentinels[0].conn()).unwrap();
+    let promoted = async || {
+        let addr: Vec<String> = redis::cmd("SENTINEL")
+            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg("main")
+            .query(&mut sentinels[1].conn())
+            .unwrap_or_default();
+        addr.get(1).is_some_and(|p| p == &replica.port.to_string())
+    };
+    wait_for("the replica is promoted", Duration::from_secs(30), promoted).await;
+    let role = async || {
+        let info: String = redis::cmd("INFO").arg("replication").query(&mut replica.conn()).unwrap_or_default();
+        info.contains("role:master")
+    };
+    wait_for("the new primary takes writes", Duration::from_secs(30), role).await;
+
+    // Writes go to the new primary (the first one may meet the demoted one
+    // and is retried there); a key revoked now is refused everywhere.
+    let mut after = None;
+    let t0 = Instant::now();
+    while after.is_none() {
+        let out = sidecars[1].keys(&["create", "--name", "after", "--json"]);
+        if out.status.success() {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            after = Some(v["key"].as_str().unwrap().to_string());
+        } else {
+            assert!(t0.elapsed() < Duration::from_secs(15), "{}", String::from_utf8_lossy(&out.stderr));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let after = after.unwrap();
+    for s in &sidecars {
+        wait_for("old and new keys verify", Duration::from_secs(5), async || {
+            code_on(s, &before).await == Some(Code::Valid) && code_on(s, &after).await == Some(Code::Valid)
+        })
+        .await;
+    }
+    let t0 = Instant::now();
+    sidecars[2].keys_json(&["revoke", &after]);
+    for s in &sidecars {
+        wait_for("revoked after the failover", Duration::from_secs(2), async || {
+            code_on(s, &after).await == Some(Code::Revoked)
+        })
+        .await;
+    }
+    println!("after the failover, revoked on three sidecars in {:?}", t0.elapsed());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in watchers {
+        let checked = w.await.unwrap();
+        assert!(checked > 10, "the watcher ran ({checked} rounds)");
+    }
+}

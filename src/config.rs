@@ -176,15 +176,19 @@ pub struct RedisArgs {
     /// The name the sentinels monitor the primary under.
     #[arg(long, env = "KEYSTILE_REDIS_SENTINEL_MASTER")]
     pub redis_sentinel_master: Option<String>,
+    /// Redis Cluster: some of its nodes, host:port,… (the rest are
+    /// discovered).
+    #[arg(long, env = "KEYSTILE_REDIS_CLUSTER", value_delimiter = ',')]
+    pub redis_cluster: Vec<String>,
     /// Password of the sentinels themselves.
     #[arg(long, env = "KEYSTILE_REDIS_SENTINEL_PASSWORD", hide_env_values = true)]
     pub redis_sentinel_password: Option<Secret>,
-    /// Password of the data nodes behind the sentinels (with --redis-url,
-    /// put it in the URL).
+    /// Password of the data nodes (Sentinel, Cluster; with --redis-url, put
+    /// it in the URL).
     #[arg(long, env = "KEYSTILE_REDIS_PASSWORD", hide_env_values = true)]
     pub redis_password: Option<Secret>,
-    /// Speak TLS to the sentinels and the data nodes behind them (with
-    /// --redis-url, use rediss://).
+    /// Speak TLS to the sentinels and data nodes, or to the cluster's nodes
+    /// (with --redis-url, use rediss://).
     #[arg(long, env = "KEYSTILE_REDIS_TLS")]
     pub redis_tls: bool,
     /// PEM CA bundle that Redis's certificate must chain to (default: the
@@ -211,11 +215,29 @@ impl RedisArgs {
     /// problem pushed onto `errors`. `timeout` bounds connecting and
     /// every command.
     pub fn store(&self, timeout: Duration, errors: &mut Vec<String>) -> StoreConfig {
-        use crate::store::redis::connection::{Nodes, RedisTls};
+        use crate::store::redis::connection::Nodes;
         if self.redis_namespace.is_empty() || self.redis_namespace.contains(char::is_whitespace) {
             errors.push("--redis-namespace must be non-empty and without whitespace".into());
         }
         let url = self.redis_url.as_ref().filter(|u| !u.expose().trim().is_empty());
+        let host_port = |flag: &str, list: &[String], errors: &mut Vec<String>| {
+            for s in list {
+                if s.trim().rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+                    errors.push(format!("--{flag} {s:?} must be host:port"));
+                }
+            }
+            list.iter().map(|s| s.trim().to_string()).collect::<Vec<_>>()
+        };
+        if !self.redis_cluster.is_empty() {
+            if url.is_some() || !self.redis_sentinel.is_empty() {
+                errors.push("give one of --redis-url, --redis-sentinel and --redis-cluster".into());
+            }
+            let nodes = Nodes::Cluster {
+                seeds: host_port("redis-cluster", &self.redis_cluster, errors),
+                password: self.redis_password.clone(),
+            };
+            return self.with_tls(nodes, self.redis_tls, timeout, errors);
+        }
         let nodes = match (url, self.redis_sentinel.is_empty(), &self.redis_sentinel_master) {
             (None, true, None) => return StoreConfig::Memory,
             (Some(url), true, None) => {
@@ -231,16 +253,11 @@ impl RedisArgs {
                 Nodes::Single(url.clone())
             }
             (None, false, Some(master)) => {
-                for s in &self.redis_sentinel {
-                    if s.trim().rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
-                        errors.push(format!("--redis-sentinel {s:?} must be host:port"));
-                    }
-                }
                 if master.trim().is_empty() {
                     errors.push("--redis-sentinel-master must name the monitored primary".into());
                 }
                 Nodes::Sentinel {
-                    sentinels: self.redis_sentinel.iter().map(|s| s.trim().to_string()).collect(),
+                    sentinels: host_port("redis-sentinel", &self.redis_sentinel, errors),
                     master: master.trim().to_string(),
                     sentinel_password: self.redis_sentinel_password.clone(),
                     password: self.redis_password.clone(),
@@ -259,6 +276,22 @@ impl RedisArgs {
                 return StoreConfig::Memory;
             }
         };
+        let wants_tls = match &nodes {
+            Nodes::Single(url) => url.expose().starts_with("rediss://"),
+            _ => self.redis_tls,
+        };
+        self.with_tls(nodes, wants_tls, timeout, errors)
+    }
+
+    /// The store on `nodes`, with the TLS settings when `wants_tls`.
+    fn with_tls(
+        &self,
+        nodes: crate::store::redis::connection::Nodes,
+        wants_tls: bool,
+        timeout: Duration,
+        errors: &mut Vec<String>,
+    ) -> StoreConfig {
+        use crate::store::redis::connection::RedisTls;
         let read = |flag: &str, path: &PathBuf, errors: &mut Vec<String>| {
             std::fs::read(path).map_err(|e| errors.push(format!("--{flag} {}: {e}", path.display()))).ok()
         };
@@ -273,10 +306,6 @@ impl RedisArgs {
                 errors.push("--redis-client-cert and --redis-client-key go together".into());
                 None
             }
-        };
-        let wants_tls = match &nodes {
-            Nodes::Single(url) => url.expose().starts_with("rediss://"),
-            Nodes::Sentinel { .. } => self.redis_tls,
         };
         let tls_settings = ca.is_some() || client.is_some() || self.redis_tls_insecure;
         if tls_settings && !wants_tls {

@@ -13,6 +13,11 @@
 //!   stream is behind (asynchronous replication can lose its newest
 //!   entries).
 //!
+//! - **Cluster**: redis-rs's cluster connection follows MOVED/ASK and
+//!   failovers; the store spreads records over [`CLUSTER_PARTITIONS`]
+//!   hash-tagged partitions. The feed subscribes on any one node: a classic
+//!   PUBLISH reaches every node of a cluster.
+//!
 //! Adding a topology is a variant of both types; the store, the scripts and
 //! the feed's logic do not change.
 
@@ -22,6 +27,11 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{Cmd, ConnectionAddr, Pipeline, RedisError, RedisFuture, TlsCertificates, TlsMode, Value};
+
+/// Partitions of the key space on Redis Cluster: enough hash slots that
+/// records spread over every shard of a usual cluster, few enough that a
+/// feed resync (three reads per partition) stays cheap.
+pub const CLUSTER_PARTITIONS: u16 = 16;
 
 use crate::secret::{RedisUrl, Secret};
 
@@ -46,6 +56,11 @@ pub enum Nodes {
         master: String,
         sentinel_password: Option<Secret>,
         /// Password of the data nodes.
+        password: Option<Secret>,
+    },
+    Cluster {
+        /// `host:port` of some of the nodes; the rest are discovered.
+        seeds: Vec<String>,
         password: Option<Secret>,
     },
 }
@@ -90,6 +105,15 @@ impl Topology {
             Nodes::Sentinel { sentinels, master, .. } => {
                 format!("primary {master:?} of sentinels {}{tls}", sentinels.join(","))
             }
+            Nodes::Cluster { seeds, .. } => format!("cluster of {}{tls}", seeds.join(",")),
+        }
+    }
+
+    /// How many partitions the store's keys are spread over.
+    pub fn partitions(&self) -> u16 {
+        match self.nodes {
+            Nodes::Cluster { .. } => CLUSTER_PARTITIONS,
+            _ => 1,
         }
     }
 
@@ -107,6 +131,9 @@ impl Topology {
 pub enum Connection {
     Single(ConnectionManager),
     Sentinel(Arc<SentinelLink>),
+    Cluster(redis::cluster_async::ClusterConnection),
+    /// One plain connection (the feed's stream reads on a single node).
+    Direct(redis::aio::MultiplexedConnection),
 }
 
 /// What [`open`] hands the store.
@@ -120,6 +147,7 @@ pub struct Opened {
 pub enum FeedLink {
     Single(Box<redis::Client>),
     Sentinel(Arc<SentinelLink>),
+    Cluster { nodes: Vec<redis::Client>, commands: redis::cluster_async::ClusterConnection },
 }
 
 impl FeedLink {
@@ -128,14 +156,28 @@ impl FeedLink {
         match self {
             FeedLink::Single(client) => client.get_async_pubsub().await,
             FeedLink::Sentinel(link) => link.primary_client().await?.get_async_pubsub().await,
+            FeedLink::Cluster { nodes, .. } => {
+                // Any node will do; the first that answers.
+                let mut last = None;
+                for node in nodes {
+                    match node.get_async_pubsub().await {
+                        Ok(p) => return Ok(p),
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.unwrap_or_else(|| RedisError::from(std::io::Error::other("no cluster node given"))))
+            }
         }
     }
 
-    /// A connection for reading the event stream.
-    pub async fn commands(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    /// A connection for reading the event streams.
+    pub async fn commands(&self) -> redis::RedisResult<Connection> {
         match self {
-            FeedLink::Single(client) => client.get_multiplexed_async_connection().await,
-            FeedLink::Sentinel(link) => link.primary_client().await?.get_multiplexed_async_connection().await,
+            FeedLink::Single(client) => Ok(Connection::Direct(client.get_multiplexed_async_connection().await?)),
+            FeedLink::Sentinel(link) => {
+                Ok(Connection::Direct(link.primary_client().await?.get_multiplexed_async_connection().await?))
+            }
+            FeedLink::Cluster { commands, .. } => Ok(Connection::Cluster(commands.clone())),
         }
     }
 }
@@ -190,6 +232,41 @@ pub fn open(topology: &Topology) -> redis::RedisResult<Opened> {
             });
             Ok(Opened { conn: Connection::Sentinel(link.clone()), feed: FeedLink::Sentinel(link) })
         }
+        Nodes::Cluster { seeds, password } => {
+            let scheme = if topology.tls.is_some() { "rediss" } else { "redis" };
+            let urls: Vec<String> = seeds.iter().map(|s| format!("{scheme}://{s}")).collect();
+            let mut builder = redis::cluster::ClusterClientBuilder::new(urls.clone())
+                .connection_timeout(topology.timeout)
+                .response_timeout(topology.timeout);
+            if let Some(p) = password {
+                builder = builder.password(p.expose());
+            }
+            if let Some(tls) = &topology.tls {
+                builder = builder
+                    .tls(if tls.insecure { TlsMode::Insecure } else { TlsMode::Secure })
+                    .certs(tls.certificates());
+            }
+            let client = builder.build()?;
+            let config = redis::cluster::ClusterConfig::new()
+                .set_connection_timeout(topology.timeout)
+                .set_response_timeout(topology.timeout);
+            let conn = client.get_pending_async_connection_with_config(config);
+            let nodes = urls
+                .iter()
+                .map(|url| {
+                    let mut info = redis::IntoConnectionInfo::into_connection_info(url.as_str())?;
+                    if let Some(p) = password {
+                        let settings = info.redis_settings().clone().set_password(p.expose());
+                        info = info.set_redis_settings(settings);
+                    }
+                    match &topology.tls {
+                        None => redis::Client::open(info),
+                        Some(tls) => redis::Client::build_with_tls(info, tls.certificates()),
+                    }
+                })
+                .collect::<redis::RedisResult<Vec<_>>>()?;
+            Ok(Opened { conn: Connection::Cluster(conn.clone()), feed: FeedLink::Cluster { nodes, commands: conn } })
+        }
     }
 }
 
@@ -241,6 +318,8 @@ impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+            Connection::Direct(c) => c.req_packed_command(cmd),
             Connection::Sentinel(link) => Box::pin(async move {
                 let mut conn = link.connection().await?;
                 match conn.req_packed_command(cmd).await {
@@ -265,6 +344,8 @@ impl ConnectionLike for Connection {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Direct(c) => c.req_packed_commands(pipeline, offset, count),
             Connection::Sentinel(link) => Box::pin(async move {
                 let mut conn = link.connection().await?;
                 match conn.req_packed_commands(pipeline, offset, count).await {
@@ -284,6 +365,8 @@ impl ConnectionLike for Connection {
     fn get_db(&self) -> i64 {
         match self {
             Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+            Connection::Direct(c) => c.get_db(),
             Connection::Sentinel(_) => 0,
         }
     }

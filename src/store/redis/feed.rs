@@ -13,8 +13,8 @@ use tokio::sync::broadcast;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::Keys;
-use super::connection::FeedLink;
+use super::Layout;
+use super::connection::{Connection, FeedLink};
 use crate::key::KeyId;
 use crate::store::FeedEvent;
 
@@ -26,12 +26,13 @@ const PING_EVERY: Duration = Duration::from_secs(1);
 pub(super) async fn follow(
     link: FeedLink,
     redis: String,
-    keys: Keys,
+    keys: Layout,
     feed: broadcast::Sender<FeedEvent>,
     live: Arc<AtomicBool>,
     cancel: CancellationToken,
 ) {
-    let mut last_seen: Option<String> = None;
+    // The last stream entry seen, per partition.
+    let mut last_seen: Vec<Option<String>> = keys.partitions().map(|_| None).collect();
     let mut backoff = Duration::from_millis(50);
     let mut was_connected = false;
     // Failed attempts in a row: the first few are logged, then one in 30
@@ -75,15 +76,15 @@ pub(super) async fn follow(
 
 async fn subscribe_once(
     link: &FeedLink,
-    keys: &Keys,
+    keys: &Layout,
     feed: &broadcast::Sender<FeedEvent>,
     live: &AtomicBool,
-    last_seen: &mut Option<String>,
+    last_seen: &mut [Option<String>],
     was_connected: &mut bool,
 ) -> redis::RedisResult<()> {
     let connect = async {
         let mut pubsub = link.pubsub().await?;
-        pubsub.subscribe(keys.events()).await?;
+        pubsub.subscribe(keys.channel()).await?;
         let mut conn = link.commands().await?;
         // Subscribed first, then look at the stream: nothing can fall between.
         let replay = resync(&mut conn, keys, last_seen).await?;
@@ -116,9 +117,11 @@ async fn subscribe_once(
                 let Some(msg) = msg else { return Ok(()) };
                 let payload: String = msg.get_payload().unwrap_or_default();
                 if let Some((sid, id)) = payload.split_once(' ') {
-                    *last_seen = Some(sid.to_string());
                     match id.parse::<KeyId>() {
-                        Ok(id) => { let _ = feed.send(FeedEvent::Invalidate(id)); }
+                        Ok(id) => {
+                            last_seen[keys.partition_of(id) as usize] = Some(sid.to_string());
+                            let _ = feed.send(FeedEvent::Invalidate(id));
+                        }
                         Err(_) => { let _ = feed.send(FeedEvent::InvalidateAll); }
                     }
                 }
@@ -137,39 +140,51 @@ enum Replay {
     Everything,
 }
 
-/// What to drop after (re)subscribing. With no event seen yet, the newest
-/// stream id becomes the starting point and everything cached is dropped
-/// (the cache may hold entries from before a disconnect).
-async fn resync(
-    conn: &mut redis::aio::MultiplexedConnection,
-    keys: &Keys,
+/// What to drop after (re)subscribing, over every partition's stream:
+/// their missed events, or everything when any partition cannot tell.
+async fn resync(conn: &mut Connection, keys: &Layout, last_seen: &mut [Option<String>]) -> redis::RedisResult<Replay> {
+    let mut ids = Vec::new();
+    let mut everything = false;
+    for p in keys.partitions() {
+        match resync_stream(conn, &keys.events(p), &mut last_seen[p as usize]).await? {
+            Replay::Events(some) => ids.extend(some),
+            Replay::Everything => everything = true,
+        }
+    }
+    Ok(if everything { Replay::Everything } else { Replay::Events(ids) })
+}
+
+/// One stream. With no event seen yet, the newest stream id becomes the
+/// starting point and everything cached is dropped (the cache may hold
+/// entries from before a disconnect).
+async fn resync_stream(
+    conn: &mut Connection,
+    stream: &str,
     last_seen: &mut Option<String>,
 ) -> redis::RedisResult<Replay> {
     const REPLAY_MAX: usize = 10_000;
     let Some(from) = last_seen.clone() else {
-        let newest: redis::streams::StreamRangeReply = conn.xrevrange_count(keys.events(), "+", "-", 1).await?;
+        let newest: redis::streams::StreamRangeReply = conn.xrevrange_count(stream, "+", "-", 1).await?;
         *last_seen = Some(newest.ids.first().map_or_else(|| "0-0".to_string(), |e| e.id.clone()));
         return Ok(Replay::Everything);
     };
-    let oldest: redis::streams::StreamRangeReply = conn.xrange_count(keys.events(), "-", "+", 1).await?;
-    let newest: redis::streams::StreamRangeReply = conn.xrevrange_count(keys.events(), "+", "-", 1).await?;
+    let oldest: redis::streams::StreamRangeReply = conn.xrange_count(stream, "-", "+", 1).await?;
+    let newest: redis::streams::StreamRangeReply = conn.xrevrange_count(stream, "+", "-", 1).await?;
     let lost = match (oldest.ids.first(), newest.ids.first()) {
         // Emptied (a Redis without persistence restarted, FLUSHALL): what
         // happened meanwhile cannot be known.
         (None, _) | (_, None) => from != "0-0",
         // Trimmed past what we saw, or a stream that is behind us (a
-        // different Redis): either way the replay would miss events.
+        // failover lost its newest entries, or a different Redis): either
+        // way the replay would miss events.
         (Some(first), Some(last)) => from != "0-0" && (stream_id_gt(&first.id, &from) || stream_id_gt(&from, &last.id)),
     };
     if lost {
-        // The entry we saw last has been trimmed: events may be lost.
-        *last_seen = None;
-        let newest: redis::streams::StreamRangeReply = conn.xrevrange_count(keys.events(), "+", "-", 1).await?;
         *last_seen = Some(newest.ids.first().map_or_else(|| "0-0".to_string(), |e| e.id.clone()));
         return Ok(Replay::Everything);
     }
     let missed: redis::streams::StreamRangeReply =
-        conn.xrange_count(keys.events(), format!("({from}"), "+", REPLAY_MAX).await?;
+        conn.xrange_count(stream, format!("({from}"), "+", REPLAY_MAX).await?;
     if missed.ids.len() == REPLAY_MAX {
         *last_seen = None;
         return Ok(Replay::Everything);

@@ -36,33 +36,58 @@ pub const STREAM_MAXLEN: usize = 100_000;
 /// Longest a listing scans the index for one page when filters skip records.
 const LIST_SCAN_LIMIT: usize = 10_000;
 
-/// The names of everything the store writes under its namespace.
+/// The names of everything the store writes under its namespace, in
+/// partitions. A partition's record hashes, index, last-used hash and event
+/// stream share one hash slot on Redis Cluster (a `{ns:NN}` hash tag), so
+/// each mutation script touches one slot, while the records of different
+/// partitions spread over the shards. A single node or a Sentinel set has
+/// one partition named as before partitions existed (`ns:key:<id>`,
+/// `ns:index`, `ns:events`), so existing data and older sidecars keep
+/// working. The pub/sub channel (`ns:events`) is one for all partitions.
 #[derive(Clone)]
-struct Keys {
+pub(crate) struct Layout {
     ns: String,
+    partitions: u16,
 }
 
-impl Keys {
+impl Layout {
+    fn new(ns: &str, partitions: u16) -> Layout {
+        Layout { ns: ns.to_string(), partitions: partitions.max(1) }
+    }
+
+    fn partitions(&self) -> std::ops::Range<u16> {
+        0..self.partitions
+    }
+
+    /// The partition of a key_id: stable across sidecars and versions.
+    fn partition_of(&self, id: KeyId) -> u16 {
+        if self.partitions == 1 { 0 } else { (crc32fast::hash(id.as_bytes()) % self.partitions as u32) as u16 }
+    }
+
+    fn base(&self, p: u16) -> String {
+        if self.partitions == 1 { self.ns.clone() } else { format!("{{{}:{p:02}}}", self.ns) }
+    }
+
     fn record(&self, id: KeyId) -> String {
-        format!("{}:key:{}", self.ns, id)
+        format!("{}:key:{}", self.base(self.partition_of(id)), id)
     }
-    fn record_prefix(&self) -> String {
-        format!("{}:key:", self.ns)
+    fn index(&self, p: u16) -> String {
+        format!("{}:index", self.base(p))
     }
-    fn index(&self) -> String {
-        format!("{}:index", self.ns)
+    fn last_used(&self, p: u16) -> String {
+        format!("{}:last_used", self.base(p))
     }
-    fn last_used(&self) -> String {
-        format!("{}:last_used", self.ns)
+    fn events(&self, p: u16) -> String {
+        format!("{}:events", self.base(p))
     }
-    fn events(&self) -> String {
+    fn channel(&self) -> String {
         format!("{}:events", self.ns)
     }
 }
 
 pub struct RedisStore {
     conn: Connection,
-    keys: Keys,
+    keys: Layout,
     feed: broadcast::Sender<FeedEvent>,
     scripts: Scripts,
     live: Arc<AtomicBool>,
@@ -93,7 +118,7 @@ impl RedisStore {
     pub fn connect(topology: &Topology, namespace: &str) -> Result<RedisStore, StoreError> {
         let opened = connection::open(topology)
             .map_err(|e| StoreError::Unavailable(format!("cannot open Redis at {}: {e}", topology.describe())))?;
-        let keys = Keys { ns: namespace.to_string() };
+        let keys = Layout::new(namespace, topology.partitions());
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
         let cancel = CancellationToken::new();
         let live = Arc::new(AtomicBool::new(false));
@@ -143,17 +168,19 @@ impl KeyStore for RedisStore {
 
     async fn create(&self, record: &KeyRecord) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
+        let p = self.keys.partition_of(record.key_id);
         let sid: Option<String> = self
             .scripts
             .create
             .key(self.keys.record(record.key_id))
-            .key(self.keys.index())
-            .key(self.keys.events())
+            .key(self.keys.index(p))
+            .key(self.keys.events(p))
             .arg(encode(record)?)
             .arg(record.version)
             .arg(page_token(record))
             .arg(record.key_id.as_str())
             .arg(STREAM_MAXLEN)
+            .arg(self.keys.channel())
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
@@ -162,16 +189,18 @@ impl KeyStore for RedisStore {
 
     async fn update(&self, record: &KeyRecord, expected_version: u64) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
+        let p = self.keys.partition_of(record.key_id);
         let outcome: i64 = self
             .scripts
             .update
             .key(self.keys.record(record.key_id))
-            .key(self.keys.events())
+            .key(self.keys.events(p))
             .arg(encode(record)?)
             .arg(record.version)
             .arg(expected_version)
             .arg(record.key_id.as_str())
             .arg(STREAM_MAXLEN)
+            .arg(self.keys.channel())
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
@@ -184,21 +213,25 @@ impl KeyStore for RedisStore {
 
     async fn delete(&self, id: KeyId) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
+        let p = self.keys.partition_of(id);
         let removed: i64 = self
             .scripts
             .delete
             .key(self.keys.record(id))
-            .key(self.keys.index())
-            .key(self.keys.last_used())
-            .key(self.keys.events())
+            .key(self.keys.index(p))
+            .key(self.keys.last_used(p))
+            .key(self.keys.events(p))
             .arg(id.as_str())
             .arg(STREAM_MAXLEN)
+            .arg(self.keys.channel())
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
         Ok(removed == 1)
     }
 
+    /// Merges the partitions' indexes in token order (creation time, then
+    /// key_id), so a page is the same whatever the partitioning.
     async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
         let mut conn = self.conn.clone();
         let mut after = query.after.clone();
@@ -207,24 +240,47 @@ impl KeyStore for RedisStore {
         let batch = query.limit.clamp(1, 1000);
         loop {
             let min = after.as_ref().map_or("-".to_string(), |a| format!("({a}"));
-            let tokens: Vec<String> = redis::cmd("ZRANGEBYLEX")
-                .arg(self.keys.index())
-                .arg(&min)
-                .arg("+")
-                .arg("LIMIT")
-                .arg(0)
-                .arg(batch)
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            let exhausted = tokens.len() < batch;
-            let ids: Vec<&str> = tokens.iter().filter_map(|t| t.split_once(':').map(|(_, id)| id)).collect();
-            let mut pipe = redis::pipe();
-            for id in &ids {
-                pipe.hget(format!("{}{id}", self.keys.record_prefix()), "r");
+            let mut tokens: Vec<String> = Vec::new();
+            let mut exhausted = true;
+            for p in self.keys.partitions() {
+                let some: Vec<String> = redis::cmd("ZRANGEBYLEX")
+                    .arg(self.keys.index(p))
+                    .arg(&min)
+                    .arg("+")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(batch)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+                exhausted &= some.len() < batch;
+                tokens.extend(some);
             }
-            let jsons: Vec<Option<String>> =
-                if ids.is_empty() { Vec::new() } else { pipe.query_async(&mut conn).await.map_err(unavailable)? };
+            tokens.sort();
+            // Beyond the first `batch` tokens of the merge, a partition may
+            // hold earlier ones not fetched yet: keep only those.
+            tokens.truncate(batch);
+            if tokens.len() == batch {
+                exhausted = false;
+            }
+            let ids: Vec<KeyId> =
+                tokens.iter().filter_map(|t| t.split_once(':').and_then(|(_, id)| id.parse().ok())).collect();
+            // One pipeline per partition (its keys share a slot).
+            let mut jsons: Vec<Option<String>> = vec![None; ids.len()];
+            for p in self.keys.partitions() {
+                let at: Vec<usize> = (0..ids.len()).filter(|&i| self.keys.partition_of(ids[i]) == p).collect();
+                if at.is_empty() {
+                    continue;
+                }
+                let mut pipe = redis::pipe();
+                for &i in &at {
+                    pipe.hget(self.keys.record(ids[i]), "r");
+                }
+                let got: Vec<Option<String>> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+                for (i, json) in at.into_iter().zip(got) {
+                    jsons[i] = json;
+                }
+            }
             for (token, json) in tokens.iter().zip(jsons) {
                 scanned += 1;
                 after = Some(token.clone());
@@ -242,16 +298,21 @@ impl KeyStore for RedisStore {
             }
             if records.len() == query.limit || exhausted || scanned >= LIST_SCAN_LIMIT {
                 let next = if exhausted && records.len() < query.limit { None } else { after };
-                if !records.is_empty() {
-                    let ids: Vec<&str> = records.iter().map(|r| r.key_id.as_str()).collect();
+                for p in self.keys.partitions() {
+                    let at: Vec<usize> =
+                        (0..records.len()).filter(|&i| self.keys.partition_of(records[i].key_id) == p).collect();
+                    if at.is_empty() {
+                        continue;
+                    }
+                    let ids: Vec<&str> = at.iter().map(|&i| records[i].key_id.as_str()).collect();
                     let used: Vec<Option<i64>> = redis::cmd("HMGET")
-                        .arg(self.keys.last_used())
+                        .arg(self.keys.last_used(p))
                         .arg(&ids)
                         .query_async(&mut conn)
                         .await
                         .map_err(unavailable)?;
-                    for (r, u) in records.iter_mut().zip(used) {
-                        r.last_used_at = u;
+                    for (i, u) in at.into_iter().zip(used) {
+                        records[i].last_used_at = u;
                     }
                 }
                 return Ok(ListPage { records, next });
@@ -261,20 +322,24 @@ impl KeyStore for RedisStore {
 
     async fn last_used(&self, id: KeyId) -> Result<Option<i64>, StoreError> {
         let mut conn = self.conn.clone();
-        conn.hget(self.keys.last_used(), id.as_str()).await.map_err(unavailable)
+        let p = self.keys.partition_of(id);
+        conn.hget(self.keys.last_used(p), id.as_str()).await.map_err(unavailable)
     }
 
     async fn touch_last_used(&self, batch: &[(KeyId, i64)]) -> Result<(), StoreError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
         let mut conn = self.conn.clone();
-        let mut inv = self.scripts.touch.key(self.keys.record_prefix());
-        inv.key(self.keys.last_used());
-        for (id, at) in batch {
-            inv.arg(id.as_str()).arg(*at);
+        // One script per partition: all its keys in one slot.
+        for p in self.keys.partitions() {
+            let mine: Vec<&(KeyId, i64)> = batch.iter().filter(|(id, _)| self.keys.partition_of(*id) == p).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let mut inv = self.scripts.touch.key(self.keys.last_used(p));
+            for (id, at) in &mine {
+                inv.key(self.keys.record(*id)).arg(id.as_str()).arg(*at);
+            }
+            let _: i64 = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
         }
-        let _: i64 = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
         Ok(())
     }
 

@@ -236,3 +236,170 @@ async fn sentinel_failover_keeps_every_verdict_right() {
         assert!(checked > 10, "the watcher ran ({checked} rounds)");
     }
 }
+
+/// Six nodes, three primaries with a replica each, made a cluster by
+/// `redis-cli --cluster create`.
+fn cluster() -> Vec<RedisServer> {
+    let nodes: Vec<RedisServer> = (0..6)
+        .map(|_| {
+            RedisServer::start_with(
+                &["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"]
+                    .map(String::from),
+            )
+        })
+        .collect();
+    let mut create = std::process::Command::new("redis-cli");
+    create.arg("--cluster").arg("create");
+    for n in &nodes {
+        create.arg(format!("127.0.0.1:{}", n.port));
+    }
+    let out = create.args(["--cluster-replicas", "1", "--cluster-yes"]).output().expect("redis-cli");
+    assert!(out.status.success(), "cluster create: {}", String::from_utf8_lossy(&out.stdout));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for n in &nodes {
+        loop {
+            let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut n.conn()).unwrap_or_default();
+            if info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:6") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the cluster never came up: {info}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    nodes
+}
+
+fn is_primary(n: &RedisServer) -> bool {
+    let info: String = redis::cmd("INFO").arg("replication").query(&mut n.conn()).unwrap_or_default();
+    info.contains("role:master")
+}
+
+fn calls(n: &RedisServer, command: &str) -> u64 {
+    n.command_calls().get(command).copied().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_spreads_keys_revokes_everywhere_and_survives_a_failover() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = tokio::task::spawn_blocking(cluster).await.unwrap();
+    let seeds = nodes.iter().take(3).map(|n| format!("127.0.0.1:{}", n.port)).collect::<Vec<_>>().join(",");
+    let pepper = pepper_file(dir.path());
+    let flags = ["--redis-cluster", seeds.as_str()];
+    let admin = bootstrap(&flags, &pepper);
+    let sidecars: Vec<Sidecar> = (0..3).map(|_| sidecar(&flags, &pepper, &admin)).collect();
+    for s in &sidecars {
+        s.wait_ready().await;
+    }
+
+    // 1,000 keys spread over every primary.
+    let channel = tonic::transport::Channel::from_shared(sidecars[0].server()).unwrap().connect().await.unwrap();
+    let mut keys_admin = admin_client(channel, &admin);
+    let mut keys = Vec::new();
+    for i in 0..1000 {
+        keys.push(create(&mut keys_admin, create_req(&format!("spread {i}"))).await.0);
+    }
+    let primaries: Vec<&RedisServer> = nodes.iter().filter(|n| is_primary(n)).collect();
+    assert_eq!(primaries.len(), 3);
+    for p in &primaries {
+        let size: u64 = redis::cmd("DBSIZE").query(&mut p.conn()).unwrap();
+        println!("primary :{} holds {size} keys", p.port);
+        assert!(size > 100, "records spread over every shard: :{} holds {size}", p.port);
+    }
+    let page = keys_admin
+        .list_keys(keystile::proto::ListKeysRequest { page_size: 1000, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.records.len(), 1000, "a listing merges the partitions");
+    assert!(page.records.windows(2).all(|w| (w[0].created_at, &w[0].key_id) <= (w[1].created_at, &w[1].key_id)));
+
+    // A malformed-key flood reaches no node.
+    let reads_before: Vec<u64> = nodes.iter().map(|n| calls(n, "hget")).collect();
+    let mut v = keystile::proto::verifier_client::VerifierClient::new(
+        tonic::transport::Channel::from_shared(sidecars[1].server()).unwrap().connect().await.unwrap(),
+    );
+    for i in 0..500 {
+        let r = v.verify(verify_req(&format!("ks_live_forged{i}_xx"))).await.unwrap().into_inner();
+        assert_eq!(code(&r), Code::Malformed);
+    }
+    let reads_after: Vec<u64> = nodes.iter().map(|n| calls(n, "hget")).collect();
+    assert_eq!(reads_before, reads_after, "no store read for a malformed key, on any node");
+
+    // Revocation through one sidecar, refused by all three: 20 runs.
+    let mut took = Vec::new();
+    for key in keys.iter().take(20) {
+        for s in &sidecars {
+            assert_eq!(code_on(s, key).await, Some(Code::Valid));
+        }
+        let id = keystile::key::KeyFormat::default().parse(key).unwrap().key_id.to_string();
+        let t0 = Instant::now();
+        keys_admin.revoke_key(keystile::proto::RevokeKeyRequest { key_id: id }).await.unwrap();
+        for s in &sidecars {
+            wait_for("revoked on every sidecar", Duration::from_secs(1), async || {
+                code_on(s, key).await == Some(Code::Revoked)
+            })
+            .await;
+        }
+        took.push(t0.elapsed());
+    }
+    took.sort();
+    println!("cluster revocation over 3 sidecars, 20 runs: p50 {:?}, max {:?}", took[10], took[19]);
+
+    // A replica takes over its primary while every sidecar verifies.
+    let revoked = keys[0].clone();
+    let valid = keys[999].clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchers: Vec<_> = sidecars
+        .iter()
+        .map(|s| {
+            let (server, valid, revoked, stop) = (s.server(), valid.clone(), revoked.clone(), stop.clone());
+            tokio::spawn(async move {
+                let channel = tonic::transport::Channel::from_shared(server).unwrap().connect().await.unwrap();
+                let mut v = keystile::proto::verifier_client::VerifierClient::new(channel);
+                let mut rounds = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(r) = v.verify(verify_req(&revoked)).await {
+                        assert_ne!(code(&r.into_inner()), Code::Valid, "a revoked key was VALID during the failover");
+                    }
+                    if let Ok(r) = v.verify(verify_req(&valid)).await {
+                        assert_eq!(code(&r.into_inner()), Code::Valid);
+                    }
+                    rounds += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                rounds
+            })
+        })
+        .collect();
+    let replica = nodes.iter().find(|n| !is_primary(n)).unwrap();
+    let _: String = redis::cmd("CLUSTER").arg("FAILOVER").query(&mut replica.conn()).unwrap();
+    wait_for("the replica took over", Duration::from_secs(30), async || is_primary(replica)).await;
+    let mut fresh = None;
+    let t0 = Instant::now();
+    while fresh.is_none() {
+        match keys_admin.create_key(create_req("after the failover")).await {
+            Ok(r) => fresh = Some(r.into_inner().key),
+            Err(e) => {
+                assert!(t0.elapsed() < Duration::from_secs(15), "{e:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let fresh = fresh.unwrap();
+    let id = keystile::key::KeyFormat::default().parse(&fresh).unwrap().key_id.to_string();
+    for s in &sidecars {
+        wait_for("the new key verifies", Duration::from_secs(5), async || code_on(s, &fresh).await == Some(Code::Valid))
+            .await;
+    }
+    keys_admin.revoke_key(keystile::proto::RevokeKeyRequest { key_id: id }).await.unwrap();
+    for s in &sidecars {
+        wait_for("revoked after the failover", Duration::from_secs(2), async || {
+            code_on(s, &fresh).await == Some(Code::Revoked)
+        })
+        .await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in watchers {
+        assert!(w.await.unwrap() > 10);
+    }
+}

@@ -388,8 +388,10 @@ async fn cluster_spreads_keys_revokes_everywhere_and_survives_a_failover() {
     let fresh = fresh.unwrap();
     let id = keystile::key::KeyFormat::default().parse(&fresh).unwrap().key_id.to_string();
     for s in &sidecars {
-        wait_for("the new key verifies", Duration::from_secs(5), async || code_on(s, &fresh).await == Some(Code::Valid))
-            .await;
+        wait_for("the new key verifies", Duration::from_secs(5), async || {
+            code_on(s, &fresh).await == Some(Code::Valid)
+        })
+        .await;
     }
     keys_admin.revoke_key(keystile::proto::RevokeKeyRequest { key_id: id }).await.unwrap();
     for s in &sidecars {
@@ -402,4 +404,44 @@ async fn cluster_spreads_keys_revokes_everywhere_and_survives_a_failover() {
     for w in watchers {
         assert!(w.await.unwrap() > 10);
     }
+}
+
+#[test]
+fn bootstrap_refuses_another_pepper_and_an_unreachable_redis_is_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start();
+    let pepper = pepper_file(dir.path());
+    bootstrap(&["--redis-url", &redis.url()], &pepper);
+    let other = dir.path().join("other");
+    std::fs::write(&other, "ef".repeat(32)).unwrap();
+    let out = cli(&["keys", "bootstrap", "--redis-url", &redis.url(), "--pepper-file", other.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("were hashed with pepper"), "{err}");
+
+    // Nothing listens: the log names where (without the password) and why.
+    let url = format!("redis://:hunter2@127.0.0.1:{}", free_port());
+    let mut child = std::process::Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--pepper-file",
+            &pepper,
+            "--redis-url",
+            &url,
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("redis unreachable") && log.contains("127.0.0.1"), "{log}");
+    assert!(log.to_lowercase().contains("refused"), "the cause: {log}");
+    assert!(log.matches("redis unreachable").count() >= 2, "each retry at first: {log}");
+    assert!(!log.contains("hunter2"), "no password in the log");
 }

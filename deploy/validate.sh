@@ -174,6 +174,57 @@ print(f"OK kustomization.yaml lists {len(resources)} files, all present; "
       f"{len(seen)} objects, none namespaced")
 EOF
 
+# --- the Sentinel overlay ----------------------------------------------------
+# Its new objects are validated like the base's; its patches (*.patch.yaml)
+# are partial objects that kustomize merges into the base, so only their
+# files and names are checked: each must patch an object of the base.
+echo "== sentinel/ overlay"
+(
+  cd sentinel
+  overlay_objects=()
+  for f in *.yaml; do
+    case "$f" in kustomization.yaml | *.patch.yaml) continue ;; esac
+    overlay_objects+=("$f")
+  done
+  strict_validate "${overlay_objects[@]}" || die "sentinel overlay: validation failed"
+  "$PY" - "${overlay_objects[@]}" <<'EOF2' || die "sentinel overlay: kustomization check failed"
+import glob, os, sys, yaml
+errors = []
+with open("kustomization.yaml") as f:
+    k = yaml.safe_load(f)
+resources = k.get("resources") or []
+for r in resources:
+    if r != "../" and not os.path.isfile(r):
+        errors.append(f"sentinel/kustomization.yaml: {r} does not exist")
+for name in sys.argv[1:]:
+    if name not in resources:
+        errors.append(f"sentinel/kustomization.yaml: does not list {name}")
+patches = [p.get("path") for p in (k.get("patches") or [])]
+base = set()
+for name in glob.glob("../*.yaml"):
+    if name.endswith("kustomization.yaml"):
+        continue
+    with open(name) as f:
+        for doc in yaml.safe_load_all(f):
+            if doc:
+                base.add((doc.get("kind"), (doc.get("metadata") or {}).get("name")))
+for name in glob.glob("*.patch.yaml"):
+    if name not in patches:
+        errors.append(f"sentinel/kustomization.yaml: does not apply {name}")
+    with open(name) as f:
+        for doc in yaml.safe_load_all(f):
+            if doc and (doc.get("kind"), doc["metadata"]["name"]) not in base:
+                errors.append(f"sentinel/{name}: patches {doc.get('kind')}/{doc['metadata']['name']}, not in the base")
+for p in patches:
+    if not os.path.isfile(p):
+        errors.append(f"sentinel/kustomization.yaml: patch {p} does not exist")
+for e in errors:
+    print("ERROR", e)
+sys.exit(1 if errors else 0)
+EOF2
+  echo "OK sentinel/: ${#overlay_objects[@]} object file(s) valid, patches target the base"
+)
+
 # --- canary: strict mode must reject an unknown field -----------------------
 echo "== canary: a misspelled field must be rejected"
 canary_dir="$(mktemp -d)"

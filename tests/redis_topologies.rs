@@ -242,9 +242,21 @@ async fn sentinel_failover_keeps_every_verdict_right() {
 fn cluster() -> Vec<RedisServer> {
     let nodes: Vec<RedisServer> = (0..6)
         .map(|_| {
+            // The bus port is given: the default (port + 10000) overflows
+            // for a port above 55535.
+            let bus = free_port().to_string();
             RedisServer::start_with(
-                &["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"]
-                    .map(String::from),
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--cluster-port",
+                    bus.as_str(),
+                ]
+                .map(String::from),
             )
         })
         .collect();

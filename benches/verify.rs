@@ -8,7 +8,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use keystile::admin::KeySpec;
+use keystile::admin::{Actor, KeySpec};
 use keystile::app::App;
 use keystile::clock::Clock;
 use keystile::engine::EngineSettings;
@@ -32,14 +32,22 @@ fn benches(c: &mut Criterion) {
     let settings = EngineSettings::new(PepperSet::single(Pepper::parse(&[7u8; 32]).unwrap()));
     let app = App::build(settings, store, Clock::system());
     let (engine, admin) = (app.engine.clone(), app.admin.clone());
-    let minted = rt.block_on(admin.create(KeySpec {
-        name: "bench".into(),
-        env: "live".into(),
-        scopes: vec!["read".into(), "write".into()],
-        ip_allowlist: vec!["10.0.0.0/8".into(), "192.168.0.0/16".into()],
-        rate_limit: Some(RateLimitPolicy { requests: 1_000_000_000, window_seconds: 1, burst: 0, per_tenant: false }),
-        ..Default::default()
-    }));
+    let minted = rt.block_on(admin.create(
+        KeySpec {
+            name: "bench".into(),
+            env: "live".into(),
+            scopes: vec!["read".into(), "write".into()],
+            ip_allowlist: vec!["10.0.0.0/8".into(), "192.168.0.0/16".into()],
+            rate_limit: Some(RateLimitPolicy {
+                requests: 1_000_000_000,
+                window_seconds: 1,
+                burst: 0,
+                per_tenant: false,
+            }),
+            ..Default::default()
+        },
+        &Actor::deployment(),
+    ));
     let key = minted.unwrap().key.expose().to_string();
     let scopes = vec!["read".to_string()];
     let hit = Request { key: &key, ip: Some("10.1.2.3".parse().unwrap()), scopes: &scopes, tenant: "", cost: 1 };
@@ -50,13 +58,16 @@ fn benches(c: &mut Criterion) {
 
     // The same without a rate limit: the difference is what the limiter adds.
     let unlimited = rt
-        .block_on(admin.create(KeySpec {
-            name: "bench unlimited".into(),
-            env: "live".into(),
-            scopes: vec!["read".into(), "write".into()],
-            ip_allowlist: vec!["10.0.0.0/8".into(), "192.168.0.0/16".into()],
-            ..Default::default()
-        }))
+        .block_on(admin.create(
+            KeySpec {
+                name: "bench unlimited".into(),
+                env: "live".into(),
+                scopes: vec!["read".into(), "write".into()],
+                ip_allowlist: vec!["10.0.0.0/8".into(), "192.168.0.0/16".into()],
+                ..Default::default()
+            },
+            &Actor::deployment(),
+        ))
         .unwrap()
         .key
         .expose()

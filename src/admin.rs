@@ -38,6 +38,8 @@ pub enum AdminError {
     /// Every problem found, one sentence each.
     #[error("{}", .0.join("; "))]
     Invalid(Vec<String>),
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("no key with key_id {0}")]
     NotFound(KeyId),
     #[error("{0}")]
@@ -129,6 +131,88 @@ pub struct Minted {
     pub record: KeyRecord,
 }
 
+/// The admin scopes, strongest first (README, "Admin API and CLI"):
+/// everything; key reads and mutations; key reads.
+pub const ADMIN_SCOPES: [&str; 3] = [ADMIN_SCOPE, "keys:write", "keys:read"];
+
+/// Who acts through KeyAdmin, and so what it may manage: an admin key bound
+/// to a tenant manages that tenant's keys only, a `test` admin key `test`
+/// keys only, a `keys:read` key reads only, and only a `keystile:admin`
+/// key grants admin scopes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    /// The acting admin key; `None` for keystile itself (the dev key,
+    /// `keys bootstrap`).
+    pub key_id: Option<KeyId>,
+    /// `Some`: that tenant's keys only.
+    pub tenant: Option<String>,
+    /// Manages `test` keys only.
+    pub test_only: bool,
+    pub can_write: bool,
+    pub can_grant_admin: bool,
+}
+
+impl Actor {
+    /// keystile itself: every key, every right.
+    pub fn deployment() -> Actor {
+        Actor { key_id: None, tenant: None, test_only: false, can_write: true, can_grant_admin: true }
+    }
+
+    /// The rights of an admin key's record; `None` when it holds no admin
+    /// scope at all.
+    pub fn of_key(record: &KeyRecord, allow_star: bool) -> Option<Actor> {
+        let holds = |scope: &str| record.scopes.iter().any(|g| crate::scope::grants(g, scope, allow_star));
+        if !ADMIN_SCOPES.iter().any(|s| holds(s)) {
+            return None;
+        }
+        Some(Actor {
+            key_id: Some(record.key_id),
+            tenant: (!record.tenant.is_empty()).then(|| record.tenant.clone()),
+            test_only: record.env == Env::Test,
+            can_write: holds(ADMIN_SCOPE) || holds("keys:write"),
+            can_grant_admin: holds(ADMIN_SCOPE),
+        })
+    }
+
+    fn write(&self) -> Result<(), AdminError> {
+        if self.can_write {
+            Ok(())
+        } else {
+            Err(AdminError::PermissionDenied("this admin key may only read keys (keys:read)".into()))
+        }
+    }
+
+    /// Refuses a key this actor may not manage.
+    fn manages(&self, record: &KeyRecord) -> Result<(), AdminError> {
+        if let Some(t) = &self.tenant
+            && &record.tenant != t
+        {
+            return Err(AdminError::PermissionDenied(format!(
+                "key {} is not of tenant {t:?}, the only tenant this admin key manages",
+                record.key_id
+            )));
+        }
+        if self.test_only && record.env != Env::Test {
+            return Err(AdminError::PermissionDenied(format!(
+                "key {} is a live key; a test admin key manages test keys only",
+                record.key_id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses scopes that would make an admin, unless this actor may.
+    fn grants(&self, scopes: &[String], allow_star: bool) -> Result<(), AdminError> {
+        let admin = scopes.iter().find(|g| ADMIN_SCOPES.iter().any(|s| crate::scope::grants(g, s, allow_star)));
+        match admin {
+            Some(g) if !self.can_grant_admin => Err(AdminError::PermissionDenied(format!(
+                "scope {g:?} makes an admin key: only a key with keystile:admin may grant it"
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// What key lifecycle needs, and nothing more.
 pub struct Admin {
     store: Arc<dyn KeyStore>,
@@ -139,6 +223,7 @@ pub struct Admin {
     limiter: Arc<dyn Limiter>,
     format: KeyFormat,
     peppers: PepperSet,
+    allow_star_scope: bool,
     clock: Clock,
 }
 
@@ -152,14 +237,29 @@ impl Admin {
         clock: Clock,
     ) -> Admin {
         let (format, peppers) = (engine.format.clone(), engine.peppers.clone());
-        Admin { store, records, limiter, format, peppers, clock }
+        Admin { store, records, limiter, format, peppers, allow_star_scope: engine.allow_star_scope, clock }
     }
 
     fn now(&self) -> i64 {
         self.clock.unix_seconds()
     }
 
-    pub async fn create(&self, spec: KeySpec) -> Result<Minted, AdminError> {
+    pub async fn create(&self, mut spec: KeySpec, actor: &Actor) -> Result<Minted, AdminError> {
+        actor.write()?;
+        if let Some(t) = &actor.tenant {
+            if spec.tenant.is_empty() {
+                spec.tenant = t.clone();
+            } else if &spec.tenant != t {
+                return Err(AdminError::PermissionDenied(format!(
+                    "this admin key manages tenant {t:?}'s keys only, not {:?}'s",
+                    spec.tenant
+                )));
+            }
+        }
+        if actor.test_only && spec.env != Env::Test.to_string() {
+            return Err(AdminError::PermissionDenied("a test admin key creates test keys only".into()));
+        }
+        actor.grants(&spec.scopes, self.allow_star_scope)?;
         let now = self.now();
         let mut problems = Vec::new();
         let env = match spec.env.parse::<Env>() {
@@ -179,7 +279,7 @@ impl Admin {
         };
         let name = check_name(&spec.name, &mut problems);
         check_tenant(&spec.tenant, &mut problems);
-        let scopes = check_scopes(&spec.scopes, &mut problems);
+        let scopes = check_scopes(&spec.scopes, self.allow_star_scope, &mut problems);
         let ip_allowlist = check_cidrs(&spec.ip_allowlist, &mut problems);
         if let Some(p) = &spec.rate_limit {
             problems.extend(p.problems());
@@ -242,9 +342,10 @@ impl Admin {
         Err(AdminError::Unavailable("no free key_id after three tries".into()))
     }
 
-    pub async fn get(&self, id: &str) -> Result<KeyRecord, AdminError> {
+    pub async fn get(&self, id: &str, actor: &Actor) -> Result<KeyRecord, AdminError> {
         let id = parse_id(id)?;
         let mut record = self.store.get(id).await?.ok_or(AdminError::NotFound(id))?;
+        actor.manages(&record)?;
         record.last_used_at = self.store.last_used(id).await?;
         Ok(record)
     }
@@ -255,7 +356,27 @@ impl Admin {
         env: &str,
         page_size: usize,
         page_token: &str,
+        actor: &Actor,
     ) -> Result<ListPage, AdminError> {
+        // A tenant admin lists its tenant, a test admin test keys.
+        let tenant = match &actor.tenant {
+            Some(t) if tenant.is_empty() || tenant == t => t.as_str(),
+            Some(t) => {
+                return Err(AdminError::PermissionDenied(format!(
+                    "this admin key lists tenant {t:?}'s keys only, not {tenant:?}'s"
+                )));
+            }
+            None => tenant,
+        };
+        let env = match (actor.test_only, env) {
+            (true, "" | "test") => "test",
+            (true, other) => {
+                return Err(AdminError::PermissionDenied(format!(
+                    "a test admin key lists test keys only, not {other:?}"
+                )));
+            }
+            (false, env) => env,
+        };
         let mut problems = Vec::new();
         let env = if env.is_empty() { None } else { env.parse::<Env>().map_err(|e| problems.push(e)).ok() };
         if page_size > MAX_PAGE_SIZE {
@@ -279,14 +400,18 @@ impl Admin {
 
     /// Applies `patch`. A patch that names no field changes nothing (and
     /// bumps no version): the key is returned as it is.
-    pub async fn update(&self, id: &str, patch: KeyPatch) -> Result<KeyRecord, AdminError> {
+    pub async fn update(&self, id: &str, patch: KeyPatch, actor: &Actor) -> Result<KeyRecord, AdminError> {
         let id = parse_id(id)?;
         if patch.is_empty() {
-            return self.get(id.as_str()).await;
+            return self.get(id.as_str(), actor).await;
+        }
+        actor.write()?;
+        if let Some(scopes) = &patch.scopes {
+            actor.grants(scopes, self.allow_star_scope)?;
         }
         let mut problems = Vec::new();
         let name = patch.name.as_deref().map(|n| check_name(n, &mut problems));
-        let scopes = patch.scopes.as_deref().map(|s| check_scopes(s, &mut problems));
+        let scopes = patch.scopes.as_deref().map(|s| check_scopes(s, self.allow_star_scope, &mut problems));
         let cidrs = patch.ip_allowlist.as_deref().map(|c| check_cidrs(c, &mut problems));
         if let Some(Some(p)) = &patch.rate_limit {
             problems.extend(p.problems());
@@ -302,7 +427,7 @@ impl Admin {
         if !problems.is_empty() {
             return Err(AdminError::Invalid(problems));
         }
-        self.mutate(id, |r, now| {
+        self.mutate(id, actor, |r, now| {
             if r.is_revoked_at(now) {
                 return Err(AdminError::FailedPrecondition(format!(
                     "key {} is revoked and cannot be changed",
@@ -334,10 +459,11 @@ impl Admin {
     }
 
     /// Revokes at once. Revoking a revoked key changes nothing.
-    pub async fn revoke(&self, id: &str) -> Result<KeyRecord, AdminError> {
+    pub async fn revoke(&self, id: &str, actor: &Actor) -> Result<KeyRecord, AdminError> {
         let id = parse_id(id)?;
+        actor.write()?;
         let record = self
-            .mutate(id, |r, now| {
+            .mutate(id, actor, |r, now| {
                 if r.is_revoked_at(now) {
                     return Err(AdminError::FailedPrecondition(String::new()));
                 }
@@ -346,7 +472,7 @@ impl Admin {
             })
             .await;
         match record {
-            Err(AdminError::FailedPrecondition(s)) if s.is_empty() => self.get(id.as_str()).await,
+            Err(AdminError::FailedPrecondition(s)) if s.is_empty() => self.get(id.as_str(), actor).await,
             other => {
                 if other.is_ok() {
                     tracing::info!(key_id = %id, "key revoked");
@@ -358,8 +484,14 @@ impl Admin {
 
     /// Mints a new key with the same attributes; the old one stays valid for
     /// `grace_seconds`, then counts as revoked.
-    pub async fn rotate(&self, id: &str, grace_seconds: Option<u64>) -> Result<(Minted, KeyRecord), AdminError> {
+    pub async fn rotate(
+        &self,
+        id: &str,
+        grace_seconds: Option<u64>,
+        actor: &Actor,
+    ) -> Result<(Minted, KeyRecord), AdminError> {
         let id = parse_id(id)?;
+        actor.write()?;
         let grace = grace_seconds.unwrap_or(DEFAULT_GRACE_SECONDS);
         if grace > MAX_GRACE_SECONDS {
             return Err(AdminError::Invalid(vec![format!(
@@ -367,6 +499,7 @@ impl Admin {
             )]));
         }
         let old = self.store.get(id).await?.ok_or(AdminError::NotFound(id))?;
+        actor.manages(&old)?;
         let now = self.now();
         if old.is_revoked_at(now) {
             return Err(AdminError::FailedPrecondition(format!("key {id} is revoked and cannot be rotated")));
@@ -386,7 +519,7 @@ impl Admin {
         let minted = self.mint(old.env, fields, now).await?;
         let end = now.saturating_add(grace as i64);
         let previous = match self
-            .mutate(id, |r, _| {
+            .mutate(id, actor, |r, _| {
                 r.revoked_at = Some(r.revoked_at.map_or(end, |t| t.min(end)));
                 Ok(())
             })
@@ -407,8 +540,12 @@ impl Admin {
     }
 
     /// Removes a key for good; afterwards it is `NOT_FOUND`, not `REVOKED`.
-    pub async fn delete(&self, id: &str) -> Result<(), AdminError> {
+    pub async fn delete(&self, id: &str, actor: &Actor) -> Result<(), AdminError> {
         let id = parse_id(id)?;
+        actor.write()?;
+        if let Some(record) = self.store.get(id).await? {
+            actor.manages(&record)?;
+        }
         let removed = self.store.delete(id).await?;
         self.records.invalidate(id);
         self.limiter.forget(&BucketId::Key(id));
@@ -424,10 +561,12 @@ impl Admin {
     async fn mutate(
         &self,
         id: KeyId,
+        actor: &Actor,
         change: impl Fn(&mut KeyRecord, i64) -> Result<(), AdminError>,
     ) -> Result<KeyRecord, AdminError> {
         for _ in 0..5 {
             let mut record = self.store.get(id).await?.ok_or(AdminError::NotFound(id))?;
+            actor.manages(&record)?;
             let expected = record.version;
             change(&mut record, self.now())?;
             record.version = expected + 1;
@@ -487,7 +626,7 @@ fn check_tenant(tenant: &str, problems: &mut Vec<String>) {
 
 /// Scope syntax: 1–128 characters of `[A-Za-z0-9._:/*-]`. Duplicates are
 /// dropped, order is kept.
-pub fn check_scopes(scopes: &[String], problems: &mut Vec<String>) -> Vec<String> {
+pub fn check_scopes(scopes: &[String], allow_star: bool, problems: &mut Vec<String>) -> Vec<String> {
     if scopes.len() > MAX_SCOPES {
         problems.push(format!("at most {MAX_SCOPES} scopes"));
     }
@@ -498,6 +637,8 @@ pub fn check_scopes(scopes: &[String], problems: &mut Vec<String>) -> Vec<String
             || !s.bytes().all(|c| c.is_ascii_alphanumeric() || b"._:/*-".contains(&c))
         {
             problems.push(format!("scope {s:?} must be 1-{MAX_SCOPE_LEN} characters of [A-Za-z0-9._:/*-]"));
+        } else if let Some(why) = crate::scope::pattern_problem(s, allow_star) {
+            problems.push(why);
         } else if !out.contains(s) {
             out.push(s.clone());
         }
@@ -565,10 +706,10 @@ mod tests {
     fn scopes_are_checked_and_deduplicated() {
         let mut p = Vec::new();
         assert_eq!(
-            check_scopes(&["read".into(), "read".into(), "keystile:admin".into()], &mut p),
+            check_scopes(&["read".into(), "read".into(), "keystile:admin".into()], false, &mut p),
             ["read", "keystile:admin"]
         );
-        check_scopes(&["".into(), "has space".into()], &mut p);
+        check_scopes(&["".into(), "has space".into()], false, &mut p);
         assert_eq!(p.len(), 2);
     }
 

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::admin::{ADMIN_SCOPE, Admin, AdminError, KeySpec, Minted};
+use crate::admin::{ADMIN_SCOPE, Actor, Admin, AdminError, KeySpec, Minted};
 use crate::auth::Authenticator;
 use crate::clock::Clock;
 use crate::engine::source::RecordSource;
@@ -55,7 +55,12 @@ impl App {
             metrics.clone(),
             clock.clone(),
         ));
-        let auth = Arc::new(Authenticator::new(engine.clone(), settings.failed_attempts_per_minute, clock.clone()));
+        let auth = Arc::new(Authenticator::new(
+            engine.clone(),
+            settings.failed_attempts_per_minute,
+            settings.allow_star_scope,
+            clock.clone(),
+        ));
         let admin = Arc::new(Admin::new(store.clone(), records.clone(), limiter.clone(), &settings, clock.clone()));
         App { settings, clock, metrics, store, records, limiter, usage, engine, auth, admin }
     }
@@ -64,14 +69,9 @@ impl App {
     /// load generator and tests), in `live` where the deployment accepts it.
     pub async fn mint_admin_key(&self, name: &str) -> Result<Minted, AdminError> {
         let env = if self.settings.format.accepts_env(Env::Live) { Env::Live } else { Env::Test };
-        self.admin
-            .create(KeySpec {
-                name: name.into(),
-                env: env.to_string(),
-                scopes: vec![ADMIN_SCOPE.into()],
-                ..Default::default()
-            })
-            .await
+        let spec =
+            KeySpec { name: name.into(), env: env.to_string(), scopes: vec![ADMIN_SCOPE.into()], ..Default::default() };
+        self.admin.create(spec, &Actor::deployment()).await
     }
 
     /// Periodic housekeeping: forget addresses that stopped failing and

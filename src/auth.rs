@@ -23,7 +23,8 @@ pub const ADMIN_SCOPE: &str = "keystile:admin";
 /// What a credential is presented for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
-    /// KeyAdmin: the key must hold [`ADMIN_SCOPE`].
+    /// KeyAdmin: the key must hold an admin scope ([`ADMIN_SCOPE`],
+    /// `keys:write` or `keys:read`).
     Admin,
 }
 
@@ -36,10 +37,12 @@ impl Purpose {
     }
 }
 
-/// Who was authenticated: the key, as the engine found it.
+/// Who was authenticated: the key, as the engine found it, and what it may
+/// do as an admin.
 #[derive(Debug, Clone)]
 pub struct Principal {
     pub key: Arc<CachedKey>,
+    pub actor: crate::admin::Actor,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -59,6 +62,7 @@ pub enum AuthError {
 
 pub struct Authenticator {
     engine: Arc<Engine>,
+    allow_star_scope: bool,
     /// Failed attempts by transport peer address.
     shedder: Option<FailureShedder>,
 }
@@ -66,8 +70,17 @@ pub struct Authenticator {
 impl Authenticator {
     /// `failed_attempts_per_minute` failures from one peer address before it
     /// is shed; `None` never sheds.
-    pub fn new(engine: Arc<Engine>, failed_attempts_per_minute: Option<NonZeroU32>, clock: Clock) -> Authenticator {
-        Authenticator { engine, shedder: failed_attempts_per_minute.map(|n| FailureShedder::new(n, clock)) }
+    pub fn new(
+        engine: Arc<Engine>,
+        failed_attempts_per_minute: Option<NonZeroU32>,
+        allow_star_scope: bool,
+        clock: Clock,
+    ) -> Authenticator {
+        Authenticator {
+            engine,
+            allow_star_scope,
+            shedder: failed_attempts_per_minute.map(|n| FailureShedder::new(n, clock)),
+        }
     }
 
     /// Checks that `credential` (the `authorization` value, `Bearer `
@@ -82,15 +95,27 @@ impl Authenticator {
         let Some(key) = credential else {
             return Err(AuthError::Unauthenticated("send `authorization: Bearer <admin key>`"));
         };
-        let scopes = [purpose.scope().to_string()];
-        let request = Request { key, ip: peer, scopes: &scopes, tenant: "", cost: 1 };
+        // Any admin scope admits (keys:read reads only); the engine checks
+        // the rest: state, IP allowlist, the key's own rate limit.
+        let request = Request { key, ip: peer, scopes: &[], tenant: "", cost: 1 };
         let verdict = self
             .engine
             .verify_with(&request, self.shedder.as_ref())
             .await
             .map_err(|e| AuthError::Unavailable(e.to_string()))?;
         match verdict.outcome {
-            Outcome::Valid => Ok(Principal { key: verdict.key.expect("a valid verdict names its key") }),
+            Outcome::Valid => {
+                let key = verdict.key.expect("a valid verdict names its key");
+                let actor = match purpose {
+                    Purpose::Admin => crate::admin::Actor::of_key(&key.record, self.allow_star_scope),
+                };
+                match actor {
+                    Some(actor) => Ok(Principal { key, actor }),
+                    None => Err(AuthError::PermissionDenied(
+                        "the key holds no admin scope (keystile:admin, keys:write or keys:read)",
+                    )),
+                }
+            }
             Outcome::InsufficientScope => Err(AuthError::PermissionDenied("the key lacks the keystile:admin scope")),
             Outcome::IpNotAllowed | Outcome::TenantMismatch => {
                 Err(AuthError::PermissionDenied("the admin key may not be used from this address"))

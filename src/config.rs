@@ -100,6 +100,10 @@ pub struct ServeArgs {
     /// before that IP is shed; 0 turns shedding off.
     #[arg(long, env = "KEYSTILE_FAILED_ATTEMPTS_PER_MINUTE", default_value = "20")]
     pub failed_attempts_per_minute: String,
+    /// Let a granted scope `*` satisfy every scope (refused at creation
+    /// otherwise).
+    #[arg(long, env = "KEYSTILE_ALLOW_STAR_SCOPE")]
+    pub allow_star_scope: bool,
     /// Do not serve KeyAdmin on this sidecar.
     #[arg(long, env = "KEYSTILE_NO_ADMIN")]
     pub no_admin: bool,
@@ -533,6 +537,7 @@ impl ServeArgs {
             default_rate_limit,
             failed_attempts_per_minute: NonZeroU32::new(failed_attempts_per_minute),
             store_timeout: store_timeout.unwrap_or_default(),
+            allow_star_scope: self.allow_star_scope,
         };
         Ok(ServeConfig {
             listen,

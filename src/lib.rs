@@ -19,7 +19,9 @@
 //!   policies (`limit/policy.rs`).
 //! - [`auth`]: a presented credential authenticated for a purpose (admin),
 //!   failures counted by transport peer, apart from Verify's.
-//! - [`admin`]: key lifecycle and the validation of every field.
+//! - [`admin`]: key lifecycle and the validation of every field, within
+//!   what the acting admin key may manage.
+//! - [`scope`]: what a granted scope (or `resource:*` pattern) satisfies.
 //! - [`cache`]: the moka cache with positive, negative and stale entries and
 //!   the generation fence against fill-after-revoke.
 //! - [`store`]: one [`store::KeyStore`] trait, the in-memory store
@@ -50,6 +52,7 @@ pub mod key;
 pub mod limit;
 pub mod metrics;
 pub mod proto;
+pub mod scope;
 pub mod secret;
 pub mod server;
 pub mod service;

@@ -305,3 +305,119 @@ async fn verify_failures_and_admin_failures_do_not_share_a_bucket() {
     admin.list_keys(proto::ListKeysRequest::default()).await.expect("unblocked after a minute");
     s.stop().await;
 }
+
+fn spec(name: &str, tenant: &str, env: &str, scopes: &[&str]) -> proto::CreateKeyRequest {
+    proto::CreateKeyRequest {
+        name: name.into(),
+        env: env.into(),
+        tenant: tenant.into(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// The tenant-admin matrix: who may call which KeyAdmin RPC on whose keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_manage_only_their_tenant_their_env_and_their_rights() {
+    use tonic::Code::PermissionDenied as Denied;
+    let s = server(Arc::new(MemoryStore::new())).await;
+    let mut root = s.admin().await;
+    let (acme_admin, _) = create(&mut root, spec("acme admin", "acme", "live", &["keystile:admin"])).await;
+    let (test_admin, _) = create(&mut root, spec("test admin", "", "test", &["keystile:admin"])).await;
+    let (reader, _) = create(&mut root, spec("dashboard", "", "live", &["keys:read"])).await;
+    let (writer, _) = create(&mut root, spec("provisioner", "", "live", &["keys:write"])).await;
+    let (plain, _) = create(&mut root, spec("plain", "", "live", &["read"])).await;
+    let (_, globex) = create(&mut root, spec("globex key", "globex", "live", &[])).await;
+    let (_, acme) = create(&mut root, spec("acme key", "acme", "live", &[])).await;
+    let (_, test_key) = create(&mut root, spec("test key", "", "test", &[])).await;
+
+    // A tenant admin: its tenant only, for every RPC.
+    let mut a = admin_client(s.channel().await, &acme_admin);
+    let made = a.create_key(spec("made by acme", "", "live", &[])).await.unwrap().into_inner().record.unwrap();
+    assert_eq!(made.tenant, "acme", "a tenant admin's keys are its tenant's");
+    assert_eq!(a.create_key(spec("x", "globex", "live", &[])).await.unwrap_err().code(), Denied);
+    let other = globex.key_id.clone();
+    assert_eq!(a.get_key(proto::GetKeyRequest { key_id: other.clone() }).await.unwrap_err().code(), Denied);
+    let update = proto::UpdateKeyRequest { key_id: other.clone(), name: Some("taken".into()), ..Default::default() };
+    assert_eq!(a.update_key(update).await.unwrap_err().code(), Denied);
+    assert_eq!(a.revoke_key(proto::RevokeKeyRequest { key_id: other.clone() }).await.unwrap_err().code(), Denied);
+    let rotate = proto::RotateKeyRequest { key_id: other.clone(), grace_seconds: None };
+    assert_eq!(a.rotate_key(rotate).await.unwrap_err().code(), Denied);
+    assert_eq!(a.delete_key(proto::DeleteKeyRequest { key_id: other.clone() }).await.unwrap_err().code(), Denied);
+    let listed = a.list_keys(proto::ListKeysRequest::default()).await.unwrap().into_inner().records;
+    assert!(!listed.is_empty() && listed.iter().all(|r| r.tenant == "acme"), "{listed:?}");
+    let foreign = proto::ListKeysRequest { tenant: "globex".into(), ..Default::default() };
+    assert_eq!(a.list_keys(foreign).await.unwrap_err().code(), Denied);
+    a.get_key(proto::GetKeyRequest { key_id: acme.key_id.clone() }).await.expect("its own tenant's key");
+    a.revoke_key(proto::RevokeKeyRequest { key_id: acme.key_id.clone() }).await.expect("its own tenant's key");
+
+    // A test admin: test keys only.
+    let mut t = admin_client(s.channel().await, &test_admin);
+    assert_eq!(t.create_key(spec("live one", "", "live", &[])).await.unwrap_err().code(), Denied);
+    t.create_key(spec("test one", "", "test", &[])).await.expect("a test key");
+    assert_eq!(t.get_key(proto::GetKeyRequest { key_id: other.clone() }).await.unwrap_err().code(), Denied);
+    t.get_key(proto::GetKeyRequest { key_id: test_key.key_id.clone() }).await.expect("a test key");
+    let listed = t.list_keys(proto::ListKeysRequest::default()).await.unwrap().into_inner().records;
+    assert!(listed.iter().all(|r| r.env == "test"), "{listed:?}");
+
+    // A reader reads; a writer writes but makes no admins; a plain key is no admin.
+    let mut r = admin_client(s.channel().await, &reader);
+    r.list_keys(proto::ListKeysRequest::default()).await.expect("keys:read lists");
+    assert_eq!(r.create_key(spec("x", "", "live", &[])).await.unwrap_err().code(), Denied);
+    assert_eq!(r.revoke_key(proto::RevokeKeyRequest { key_id: other.clone() }).await.unwrap_err().code(), Denied);
+    let mut w = admin_client(s.channel().await, &writer);
+    w.create_key(spec("by writer", "", "live", &["read"])).await.expect("keys:write creates");
+    for grant in ["keystile:admin", "keys:write", "keys:*"] {
+        let err = w.create_key(spec("escalation", "", "live", &[grant])).await.unwrap_err();
+        assert_eq!(err.code(), Denied, "{grant}: {err:?}");
+    }
+    let mut p = admin_client(s.channel().await, &plain);
+    assert_eq!(p.list_keys(proto::ListKeysRequest::default()).await.unwrap_err().code(), Denied);
+
+    // The deployment admin manages everything.
+    root.get_key(proto::GetKeyRequest { key_id: other }).await.expect("a deployment admin");
+    s.stop().await;
+}
+
+/// Grant × request → verdict, and the patterns refused at creation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wildcard_scopes_match_and_unmatchable_patterns_are_refused() {
+    let s = server(Arc::new(MemoryStore::new())).await;
+    let mut admin = s.admin().await;
+    let mut v = s.verifier().await;
+    let (key, _) = create(&mut admin, spec("reader", "", "live", &["read:*", "export:data"])).await;
+    let ask = |scopes: &[&str]| proto::VerifyRequest {
+        key: key.clone(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    for (scopes, want) in [
+        (&["read:analytics"][..], Code::Valid),
+        (&["read:analytics", "export:data"], Code::Valid),
+        (&["read:analytics:daily"], Code::Valid),
+        (&["write:analytics"], Code::InsufficientScope),
+        (&["read"], Code::InsufficientScope),
+        (&["export:other"], Code::InsufficientScope),
+    ] {
+        assert_eq!(code(&verify(&mut v, ask(scopes)).await), want, "{scopes:?}");
+    }
+    for bad in ["*", "re*d", "*:read", "read:*:x"] {
+        let err = admin.create_key(spec("bad", "", "live", &[bad])).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad}");
+        assert!(err.message().contains('*'), "{}", err.message());
+    }
+    s.stop().await;
+
+    // With --allow-star-scope, `*` is accepted and grants every scope.
+    let mut settings = EngineSettings::new(test_pepper());
+    settings.allow_star_scope = true;
+    let s =
+        TestServer::start_with(Arc::new(MemoryStore::new()), settings, ServerOptions::default(), Clock::manual(START))
+            .await;
+    let mut admin = s.admin().await;
+    let mut v = s.verifier().await;
+    let (key, _) = create(&mut admin, spec("everything", "", "live", &["*"])).await;
+    let r = verify(&mut v, proto::VerifyRequest { key, scopes: vec!["any:thing".into()], ..Default::default() }).await;
+    assert_eq!(code(&r), Code::Valid);
+    s.stop().await;
+}

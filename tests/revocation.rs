@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use keystile::admin::KeySpec;
+use keystile::admin::{Actor, KeySpec};
 use keystile::app::App;
 use keystile::clock::Clock;
 use keystile::engine::EngineSettings;
@@ -158,8 +158,10 @@ async fn a_lookup_that_began_before_a_revocation_never_refills_the_cache() {
     let (mut saw_valid, mut saw_revoked) = (0, 0);
     for i in 0..3000u32 {
         store.set_latency(Duration::from_millis(u64::from(i % 2)));
-        let minted =
-            admin.create(KeySpec { name: "race".into(), env: "live".into(), ..Default::default() }).await.unwrap();
+        let minted = admin
+            .create(KeySpec { name: "race".into(), env: "live".into(), ..Default::default() }, &Actor::deployment())
+            .await
+            .unwrap();
         let key = minted.key.expose().to_string();
         let id = minted.record.key_id.to_string();
         let lookup = tokio::spawn({
@@ -174,7 +176,7 @@ async fn a_lookup_that_began_before_a_revocation_never_refills_the_cache() {
                 if i % 3 == 0 {
                     tokio::task::yield_now().await;
                 }
-                admin.revoke(&id).await.unwrap();
+                admin.revoke(&id, &Actor::deployment()).await.unwrap();
             }
         });
         match lookup.await.unwrap() {
@@ -209,8 +211,10 @@ async fn no_refill_across_replicas_on_redis() {
     });
     let admin = a.admin.clone();
     for i in 0..300 {
-        let minted =
-            admin.create(KeySpec { name: "race".into(), env: "live".into(), ..Default::default() }).await.unwrap();
+        let minted = admin
+            .create(KeySpec { name: "race".into(), env: "live".into(), ..Default::default() }, &Actor::deployment())
+            .await
+            .unwrap();
         let key = minted.key.expose().to_string();
         let id = minted.record.key_id.to_string();
         let req = |k: &str| Request { key: k, ip: None, scopes: &[], tenant: "", cost: 1 }.key.to_string();
@@ -220,7 +224,7 @@ async fn no_refill_across_replicas_on_redis() {
                 b.verify(&Request { key: &key, ip: None, scopes: &[], tenant: "", cost: 1 }).await.unwrap().outcome
             }
         });
-        admin.revoke(&id).await.unwrap();
+        admin.revoke(&id, &Actor::deployment()).await.unwrap();
         let _ = lookup.await.unwrap();
         let t0 = Instant::now();
         loop {

@@ -40,6 +40,8 @@ pub struct EngineSettings {
     pub failed_attempts_per_minute: Option<NonZeroU32>,
     /// How long a Verify waits for the store.
     pub store_timeout: Duration,
+    /// Whether a granted scope `*` satisfies every scope (README, "Scopes").
+    pub allow_star_scope: bool,
 }
 
 impl EngineSettings {
@@ -51,6 +53,7 @@ impl EngineSettings {
             default_rate_limit: None,
             failed_attempts_per_minute: NonZeroU32::new(20),
             store_timeout: Duration::from_millis(50),
+            allow_star_scope: false,
         }
     }
 }
@@ -59,6 +62,7 @@ pub struct Engine {
     format: KeyFormat,
     peppers: PepperSet,
     default_rate_limit: Option<RateLimitPolicy>,
+    allow_star_scope: bool,
     /// Failed attempts by the address a Verify caller reports.
     shedder: Option<FailureShedder>,
     records: Arc<RecordSource>,
@@ -81,6 +85,7 @@ impl Engine {
             format: settings.format.clone(),
             peppers: settings.peppers.clone(),
             default_rate_limit: settings.default_rate_limit,
+            allow_star_scope: settings.allow_star_scope,
             shedder: settings.failed_attempts_per_minute.map(|n| FailureShedder::new(n, clock.clone())),
             records,
             limiter,
@@ -170,7 +175,7 @@ impl Engine {
             && !req.ip.is_some_and(|ip| record.ip_allowlist.iter().any(|net| net.contains(&ip)))
         {
             Outcome::IpNotAllowed
-        } else if !req.scopes.iter().all(|s| record.scopes.iter().any(|g| g == s)) {
+        } else if !crate::scope::all_granted(&record.scopes, req.scopes, self.allow_star_scope) {
             Outcome::InsufficientScope
         } else {
             Outcome::Valid

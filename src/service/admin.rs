@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::status;
-use crate::admin::{self, Admin, KeyPatch, KeySpec, KeyState};
+use crate::admin::{self, Actor, Admin, KeyPatch, KeySpec, KeyState};
 use crate::auth::{Authenticator, Purpose};
 use crate::clock::Clock;
 use crate::proto;
@@ -31,12 +31,13 @@ impl AdminService {
 
     /// Authenticates the caller; the span names the acting admin key, so
     /// that every log line of the call says who did it.
-    async fn authorize<T>(&self, request: &Request<T>) -> Result<tracing::Span, Status> {
+    async fn authorize<T>(&self, request: &Request<T>) -> Result<(tracing::Span, Actor), Status> {
         let bearer = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
         let ip = request.remote_addr().map(|a| a.ip().to_canonical());
         let principal = self.auth.authenticate(bearer, Purpose::Admin, ip).await.map_err(|e| status::from_auth(&e))?;
         let peer = ip.map(|ip| ip.to_string()).unwrap_or_default();
-        Ok(tracing::info_span!("admin", actor = %principal.key.record.key_id, peer = %peer))
+        let span = tracing::info_span!("admin", actor = %principal.key.record.key_id, peer = %peer);
+        Ok((span, principal.actor))
     }
 
     fn record(&self, r: &KeyRecord) -> proto::KeyRecord {
@@ -129,17 +130,21 @@ impl proto::key_admin_server::KeyAdmin for AdminService {
         &self,
         request: Request<proto::CreateKeyRequest>,
     ) -> Result<Response<proto::CreateKeyResponse>, Status> {
-        let actor = self.authorize(&request).await?;
+        let (span, actor) = self.authorize(&request).await?;
         let spec = KeySpec::try_from(request.into_inner())?;
-        let minted = self.admin.create(spec).instrument(actor).await.map_err(|e| status::from_admin(&e))?;
+        let minted = self.admin.create(spec, &actor).instrument(span).await.map_err(|e| status::from_admin(&e))?;
         let record = Some(self.record(&minted.record));
         Ok(Response::new(proto::CreateKeyResponse { key: minted.key.into_exposed(), record }))
     }
 
     async fn get_key(&self, request: Request<proto::GetKeyRequest>) -> Result<Response<proto::GetKeyResponse>, Status> {
-        let actor = self.authorize(&request).await?;
-        let r =
-            self.admin.get(&request.get_ref().key_id).instrument(actor).await.map_err(|e| status::from_admin(&e))?;
+        let (span, actor) = self.authorize(&request).await?;
+        let r = self
+            .admin
+            .get(&request.get_ref().key_id, &actor)
+            .instrument(span)
+            .await
+            .map_err(|e| status::from_admin(&e))?;
         Ok(Response::new(proto::GetKeyResponse { record: Some(self.record(&r)) }))
     }
 
@@ -147,12 +152,12 @@ impl proto::key_admin_server::KeyAdmin for AdminService {
         &self,
         request: Request<proto::ListKeysRequest>,
     ) -> Result<Response<proto::ListKeysResponse>, Status> {
-        let actor = self.authorize(&request).await?;
+        let (span, actor) = self.authorize(&request).await?;
         let q = request.get_ref();
         let page = self
             .admin
-            .list(&q.tenant, &q.env, q.page_size as usize, &q.page_token)
-            .instrument(actor)
+            .list(&q.tenant, &q.env, q.page_size as usize, &q.page_token, &actor)
+            .instrument(span)
             .await
             .map_err(|e| status::from_admin(&e))?;
         Ok(Response::new(proto::ListKeysResponse {
@@ -165,11 +170,11 @@ impl proto::key_admin_server::KeyAdmin for AdminService {
         &self,
         request: Request<proto::UpdateKeyRequest>,
     ) -> Result<Response<proto::UpdateKeyResponse>, Status> {
-        let actor = self.authorize(&request).await?;
+        let (span, actor) = self.authorize(&request).await?;
         let msg = request.into_inner();
         let id = msg.key_id.clone();
         let patch = KeyPatch::try_from(msg)?;
-        let r = self.admin.update(&id, patch).instrument(actor).await.map_err(|e| status::from_admin(&e))?;
+        let r = self.admin.update(&id, patch, &actor).instrument(span).await.map_err(|e| status::from_admin(&e))?;
         Ok(Response::new(proto::UpdateKeyResponse { record: Some(self.record(&r)) }))
     }
 
@@ -177,9 +182,13 @@ impl proto::key_admin_server::KeyAdmin for AdminService {
         &self,
         request: Request<proto::RevokeKeyRequest>,
     ) -> Result<Response<proto::RevokeKeyResponse>, Status> {
-        let actor = self.authorize(&request).await?;
-        let r =
-            self.admin.revoke(&request.get_ref().key_id).instrument(actor).await.map_err(|e| status::from_admin(&e))?;
+        let (span, actor) = self.authorize(&request).await?;
+        let r = self
+            .admin
+            .revoke(&request.get_ref().key_id, &actor)
+            .instrument(span)
+            .await
+            .map_err(|e| status::from_admin(&e))?;
         Ok(Response::new(proto::RevokeKeyResponse { record: Some(self.record(&r)) }))
     }
 
@@ -187,12 +196,12 @@ impl proto::key_admin_server::KeyAdmin for AdminService {
         &self,
         request: Request<proto::RotateKeyRequest>,
     ) -> Result<Response<proto::RotateKeyResponse>, Status> {
-        let actor = self.authorize(&request).await?;
+        let (span, actor) = self.authorize(&request).await?;
         let q = request.get_ref();
         let (minted, previous) = self
             .admin
-            .rotate(&q.key_id, q.grace_seconds)
-            .instrument(actor)
+            .rotate(&q.key_id, q.grace_seconds, &actor)
+            .instrument(span)
             .await
             .map_err(|e| status::from_admin(&e))?;
         Ok(Response::new(proto::RotateKeyResponse {
@@ -206,8 +215,12 @@ impl proto::key_admin_server::KeyAdmin for AdminService {
         &self,
         request: Request<proto::DeleteKeyRequest>,
     ) -> Result<Response<proto::DeleteKeyResponse>, Status> {
-        let actor = self.authorize(&request).await?;
-        self.admin.delete(&request.get_ref().key_id).instrument(actor).await.map_err(|e| status::from_admin(&e))?;
+        let (span, actor) = self.authorize(&request).await?;
+        self.admin
+            .delete(&request.get_ref().key_id, &actor)
+            .instrument(span)
+            .await
+            .map_err(|e| status::from_admin(&e))?;
         Ok(Response::new(proto::DeleteKeyResponse {}))
     }
 }

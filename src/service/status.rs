@@ -24,6 +24,7 @@ pub fn from_auth(e: &AuthError) -> Status {
 pub fn from_admin(e: &AdminError) -> Status {
     let code = match e {
         AdminError::Invalid(_) => Code::InvalidArgument,
+        AdminError::PermissionDenied(_) => Code::PermissionDenied,
         AdminError::NotFound(_) => Code::NotFound,
         AdminError::FailedPrecondition(_) => Code::FailedPrecondition,
         AdminError::Conflict => Code::Aborted,

@@ -168,9 +168,10 @@ fn read_pem(flag: &str, path: &std::path::Path, what: &str, errors: &mut Vec<Str
 /// `keys bootstrap`.
 #[derive(Debug, Clone, Args)]
 pub struct RedisArgs {
-    /// Redis URL: redis://[user:password@]host:port[/db], rediss:// for TLS,
-    /// unix:///path. Without it (or a Sentinel set) the embedded in-memory
-    /// store is used (one process, nothing persisted).
+    /// Redis URL: `redis://[user:password@]host:port[/db]`, rediss:// for TLS,
+    /// unix:///path. Without it (or --redis-sentinel, or --redis-cluster)
+    /// the embedded in-memory store is used (one process, nothing
+    /// persisted).
     #[arg(long, env = "KEYSTILE_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<RedisUrl>,
     /// Sentinels to ask for the primary, host:port,… (with
@@ -220,14 +221,25 @@ impl RedisArgs {
     /// every command.
     pub fn store(&self, timeout: Duration, errors: &mut Vec<String>) -> StoreConfig {
         use crate::store::redis::connection::Nodes;
-        if self.redis_namespace.is_empty() || self.redis_namespace.contains(char::is_whitespace) {
-            errors.push("--redis-namespace must be non-empty and without whitespace".into());
+        // Braces would make a hash tag of their own and put every partition
+        // in one Cluster slot.
+        if self.redis_namespace.is_empty()
+            || self.redis_namespace.contains(|c: char| c.is_whitespace() || c == '{' || c == '}')
+        {
+            errors.push("--redis-namespace must be non-empty, without whitespace or braces".into());
         }
         let url = self.redis_url.as_ref().filter(|u| !u.expose().trim().is_empty());
         let host_port = |flag: &str, list: &[String], errors: &mut Vec<String>| {
             for s in list {
-                if s.trim().rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
-                    errors.push(format!("--{flag} {s:?} must be host:port"));
+                // No user:password@ here: passwords have flags of their own
+                // (and would otherwise be shown with the address).
+                if s.contains('@')
+                    || s.trim().rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+                {
+                    errors.push(format!(
+                        "--{flag}: each node must be host:port (passwords go in --redis-password / \
+                         --redis-sentinel-password)"
+                    ));
                 }
             }
             list.iter().map(|s| s.trim().to_string()).collect::<Vec<_>>()

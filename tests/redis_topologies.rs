@@ -457,3 +457,44 @@ fn bootstrap_refuses_another_pepper_and_an_unreachable_redis_is_logged() {
     assert!(log.matches("redis unreachable").count() >= 2, "each retry at first: {log}");
     assert!(!log.contains("hunter2"), "no password in the log");
 }
+
+/// A failover can lose a stream's newest entries and let the new primary
+/// write others after them. Simulated here: the record changes behind the
+/// feed's back (no event reaches the sidecar) and the entry the sidecar saw
+/// last disappears. The periodic stream check notices and drops the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_stream_entry_drops_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start();
+    let pepper = pepper_file(dir.path());
+    let flags = ["--redis-url", &redis.url()];
+    let flags: Vec<&str> = flags.iter().map(|s| s.as_ref()).collect();
+    let admin = bootstrap(&flags, &pepper);
+    let s = sidecar(&flags, &pepper, &admin);
+    s.wait_ready().await;
+    let created = s.keys_json(&["create", "--name", "behind the feed"]);
+    let key = created["key"].as_str().unwrap().to_string();
+    let id = created["record"]["key_id"].as_str().unwrap().to_string();
+    wait_for("the sidecar saw the creation", Duration::from_secs(2), async || {
+        code_on(&s, &key).await == Some(Code::Valid)
+    })
+    .await;
+
+    let mut conn = redis.conn();
+    let record_key = format!("keystile:key:{id}");
+    let json: String = redis::cmd("HGET").arg(&record_key).arg("r").query(&mut conn).unwrap();
+    let mut record: serde_json::Value = serde_json::from_str(&json).unwrap();
+    record["revoked_at"] = serde_json::json!(1);
+    let _: () = redis::cmd("HSET").arg(&record_key).arg("r").arg(record.to_string()).query(&mut conn).unwrap();
+    let newest: redis::streams::StreamRangeReply =
+        redis::cmd("XREVRANGE").arg("keystile:events").arg("+").arg("-").arg("COUNT").arg(1).query(&mut conn).unwrap();
+    let _: i64 = redis::cmd("XDEL").arg("keystile:events").arg(&newest.ids[0].id).query(&mut conn).unwrap();
+    let _: String =
+        redis::cmd("XADD").arg("keystile:events").arg("*").arg("key_id").arg("zzzzZZZZ").query(&mut conn).unwrap();
+    assert_eq!(code_on(&s, &key).await, Some(Code::Valid), "still cached: nothing told the sidecar yet");
+
+    wait_for("the cache is dropped and the record read again", Duration::from_secs(15), async || {
+        code_on(&s, &key).await == Some(Code::Revoked)
+    })
+    .await;
+}

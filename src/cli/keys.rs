@@ -186,6 +186,11 @@ pub struct BootstrapArgs {
     /// The admin key's name.
     #[arg(long, default_value = "bootstrap admin")]
     pub name: String,
+    /// Mint even though none of the first 100 keys was hashed with this
+    /// pepper (after a pepper rotation, when all of them still use the
+    /// previous one).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// The key_id in any of the forms a user holds: the bare id, the display
@@ -513,7 +518,7 @@ async fn bootstrap(b: &BootstrapArgs, format: Format, quiet: bool) -> Result<(),
         StoreConfig::Redis { topology, .. } if problems.is_empty() => topology.describe(),
         StoreConfig::Memory if problems.is_empty() => {
             return Err(CliError::usage(
-                "bootstrap writes to the deployment's Redis: give --redis-url or --redis-sentinel",
+                "bootstrap writes to the deployment's Redis: give --redis-url, --redis-sentinel or --redis-cluster",
             ));
         }
         _ => return Err(CliError::usage(problems.join("; "))),
@@ -523,17 +528,19 @@ async fn bootstrap(b: &BootstrapArgs, format: Format, quiet: bool) -> Result<(),
         message: format!("cannot write the admin key to Redis at {where_}: {e}"),
         code: exit::UNAVAILABLE,
     };
-    // Keys hashed under another pepper would never verify beside this one.
+    // Keys hashed under another pepper would never verify beside this one:
+    // refuse when none of the first keys uses it.
     let existing = store
-        .list(&keystile::store::ListQuery { limit: 1, ..Default::default() })
+        .list(&keystile::store::ListQuery { limit: 100, ..Default::default() })
         .await
         .map_err(|e| unavailable(&e))?;
-    if let Some(other) = existing.records.first().map(|r| &r.secret_hash.pepper_id)
-        && other != pepper.id()
-    {
+    let ids: std::collections::BTreeSet<&str> =
+        existing.records.iter().map(|r| r.secret_hash.pepper_id.as_str()).collect();
+    if !b.force && !ids.is_empty() && !ids.contains(pepper.id()) {
         return Err(CliError::usage(format!(
-            "the keys in this Redis were hashed with pepper {other}, and the pepper given is {}: \
-             give the deployment's pepper",
+            "the keys in this Redis were hashed with pepper {}, and the pepper given is {}: give the \
+             deployment's pepper (or --force after a pepper rotation)",
+            ids.into_iter().collect::<Vec<_>>().join(", "),
             pepper.id()
         )));
     }

@@ -170,6 +170,15 @@ impl FeedLink {
         }
     }
 
+    /// Resolves when the feed must reconnect because the primary changed
+    /// (Sentinel); never for the other topologies.
+    pub async fn switched(&self) {
+        match self {
+            FeedLink::Sentinel(link) => link.switched().await,
+            _ => std::future::pending().await,
+        }
+    }
+
     /// A connection for reading the event streams.
     pub async fn commands(&self) -> redis::RedisResult<Connection> {
         match self {
@@ -229,12 +238,16 @@ pub fn open(topology: &Topology) -> redis::RedisResult<Opened> {
                 current: RwLock::new(None),
                 config: topology.manager_config(),
                 timeout: topology.timeout,
+                primary: RwLock::new(None),
+                switched: tokio::sync::watch::channel(0).0,
             });
+            tokio::spawn(SentinelLink::watch_primary(Arc::downgrade(&link)));
             Ok(Opened { conn: Connection::Sentinel(link.clone()), feed: FeedLink::Sentinel(link) })
         }
         Nodes::Cluster { seeds, password } => {
             let scheme = if topology.tls.is_some() { "rediss" } else { "redis" };
-            let urls: Vec<String> = seeds.iter().map(|s| format!("{scheme}://{s}")).collect();
+            let fragment = if topology.tls.as_ref().is_some_and(|t| t.insecure) { "#insecure" } else { "" };
+            let urls: Vec<String> = seeds.iter().map(|s| format!("{scheme}://{s}{fragment}")).collect();
             let mut builder = redis::cluster::ClusterClientBuilder::new(urls.clone())
                 .connection_timeout(topology.timeout)
                 .response_timeout(topology.timeout);
@@ -277,15 +290,60 @@ pub struct SentinelLink {
     current: RwLock<Option<ConnectionManager>>,
     config: ConnectionManagerConfig,
     timeout: Duration,
+    /// The primary's address as the sentinels last named it.
+    primary: RwLock<Option<String>>,
+    /// Bumped when the sentinels name another primary: the feed reconnects
+    /// (and resyncs) on it.
+    switched: tokio::sync::watch::Sender<u64>,
 }
+
+/// How often the sentinels are asked who the primary is, so that a sidecar
+/// that can still reach a primary cut off from the sentinels leaves it
+/// within about this long of the promotion.
+const PRIMARY_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 impl SentinelLink {
     /// A client for the primary the sentinels name now.
     async fn primary_client(&self) -> redis::RedisResult<redis::Client> {
         let ask = async { self.sentinel.lock().await.async_get_client().await };
-        tokio::time::timeout(self.timeout * 4, ask).await.map_err(|_| {
+        let client = tokio::time::timeout(self.timeout * 4, ask).await.map_err(|_| {
             RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "no sentinel named the primary in time"))
-        })?
+        })??;
+        self.note_primary(&client);
+        Ok(client)
+    }
+
+    /// Records the primary's address; a change forgets the old connection
+    /// and tells the feed.
+    fn note_primary(&self, client: &redis::Client) {
+        let addr = client.get_connection_info().addr().to_string();
+        let mut known = self.primary.write().unwrap_or_else(|e| e.into_inner());
+        if known.as_deref() != Some(addr.as_str()) {
+            let moved = known.is_some();
+            *known = Some(addr.clone());
+            drop(known);
+            if moved {
+                tracing::warn!(primary = %addr, "the sentinels name another primary; reconnecting");
+                self.forget_primary();
+                self.switched.send_modify(|n| *n += 1);
+            }
+        }
+    }
+
+    /// Asks the sentinels who the primary is, every [`PRIMARY_CHECK_EVERY`],
+    /// for as long as the link lives.
+    async fn watch_primary(link: std::sync::Weak<SentinelLink>) {
+        loop {
+            tokio::time::sleep(PRIMARY_CHECK_EVERY).await;
+            let Some(link) = link.upgrade() else { return };
+            let _ = link.primary_client().await;
+        }
+    }
+
+    /// Resolves when the sentinels name another primary.
+    pub async fn switched(&self) {
+        let mut rx = self.switched.subscribe();
+        let _ = rx.changed().await;
     }
 
     async fn connection(&self) -> redis::RedisResult<ConnectionManager> {

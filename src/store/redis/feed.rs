@@ -20,6 +20,10 @@ use crate::store::FeedEvent;
 
 /// How often the subscriber pings to find out that its connection is dead.
 const PING_EVERY: Duration = Duration::from_secs(1);
+/// How often the streams are read even while pub/sub is live: catches an
+/// event whose publish did not reach this subscriber, and a stream that lost
+/// its newest entries in a failover of a shard this subscriber is not on.
+const RESYNC_EVERY: Duration = Duration::from_secs(5);
 
 /// Follows the feed until `cancel`.
 /// `redis` describes where Redis is, for the log (never a password).
@@ -111,15 +115,39 @@ async fn subscribe_once(
     let (mut sink, mut stream) = pubsub.split();
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut check = tokio::time::interval(RESYNC_EVERY);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    check.tick().await;
+    let mut conn = link.commands().await?;
     loop {
         tokio::select! {
+            _ = link.switched() => {
+                return Err(redis::RedisError::from(std::io::Error::other("the primary changed")));
+            }
+            _ = check.tick() => {
+                match resync(&mut conn, keys, last_seen).await? {
+                    Replay::Events(ids) => {
+                        for id in ids {
+                            let _ = feed.send(FeedEvent::Invalidate(id));
+                        }
+                    }
+                    Replay::Everything => {
+                        tracing::warn!("the event stream lost entries (a failover?); dropping the whole cache");
+                        let _ = feed.send(FeedEvent::InvalidateAll);
+                    }
+                }
+            }
             msg = stream.next() => {
                 let Some(msg) = msg else { return Ok(()) };
                 let payload: String = msg.get_payload().unwrap_or_default();
                 if let Some((sid, id)) = payload.split_once(' ') {
                     match id.parse::<KeyId>() {
                         Ok(id) => {
-                            last_seen[keys.partition_of(id) as usize] = Some(sid.to_string());
+                            // Never backwards: a periodic read may have seen it first.
+                            let seen = &mut last_seen[keys.partition_of(id) as usize];
+                            if seen.as_deref().is_none_or(|s| stream_id_gt(sid, s)) {
+                                *seen = Some(sid.to_string());
+                            }
                             let _ = feed.send(FeedEvent::Invalidate(id));
                         }
                         Err(_) => { let _ = feed.send(FeedEvent::InvalidateAll); }
@@ -170,15 +198,24 @@ async fn resync_stream(
     };
     let oldest: redis::streams::StreamRangeReply = conn.xrange_count(stream, "-", "+", 1).await?;
     let newest: redis::streams::StreamRangeReply = conn.xrevrange_count(stream, "+", "-", 1).await?;
-    let lost = match (oldest.ids.first(), newest.ids.first()) {
-        // Emptied (a Redis without persistence restarted, FLUSHALL): what
-        // happened meanwhile cannot be known.
-        (None, _) | (_, None) => from != "0-0",
-        // Trimmed past what we saw, or a stream that is behind us (a
-        // failover lost its newest entries, or a different Redis): either
-        // way the replay would miss events.
-        (Some(first), Some(last)) => from != "0-0" && (stream_id_gt(&first.id, &from) || stream_id_gt(&from, &last.id)),
+    // The entry seen last must still be there: a failover can lose the
+    // newest entries and the new primary then write others after them.
+    let still_there = from == "0-0" || {
+        let at: redis::streams::StreamRangeReply = conn.xrange_count(stream, &from, &from, 1).await?;
+        !at.ids.is_empty()
     };
+    let lost = !still_there
+        || match (oldest.ids.first(), newest.ids.first()) {
+            // Emptied (a Redis without persistence restarted, FLUSHALL): what
+            // happened meanwhile cannot be known.
+            (None, _) | (_, None) => from != "0-0",
+            // Trimmed past what we saw, or a stream that is behind us (a
+            // failover lost its newest entries, or a different Redis): either
+            // way the replay would miss events.
+            (Some(first), Some(last)) => {
+                from != "0-0" && (stream_id_gt(&first.id, &from) || stream_id_gt(&from, &last.id))
+            }
+        };
     if lost {
         *last_seen = Some(newest.ids.first().map_or_else(|| "0-0".to_string(), |e| e.id.clone()));
         return Ok(Replay::Everything);

@@ -1,6 +1,9 @@
-//! The production store: Redis, shared by every replica.
+//! The production store: Redis, shared by every replica: one node, a
+//! Sentinel set or a Cluster ([`connection`]).
 //!
-//! Layout under a namespace (default `keystile`):
+//! Layout under a namespace (default `keystile`), per partition (one on a
+//! single node or Sentinel set, named exactly so; 16 hash-tagged ones on a
+//! Cluster, see `Layout`):
 //! - `<ns>:key:<key_id>` — hash `{r: record JSON, v: version, t: list token}`
 //! - `<ns>:index` — sorted set of list tokens (creation time, key_id), read
 //!   with ZRANGEBYLEX for stable paging

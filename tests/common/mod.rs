@@ -38,6 +38,8 @@ pub struct RedisServer {
     extra: Vec<String>,
     /// A sentinel's configuration file, when this is a sentinel.
     sentinel: Option<String>,
+    /// `requirepass`, when set.
+    password: Option<String>,
 }
 
 impl RedisServer {
@@ -48,8 +50,25 @@ impl RedisServer {
     /// A data node with more arguments, e.g. `--tls-port` or `--replicaof`.
     /// The harness still talks to it in plaintext on `port`.
     pub fn start_with(extra: &[String]) -> RedisServer {
+        Self::start_authed(extra, None)
+    }
+
+    /// A data node that wants `password` (also as `masterauth`, for a
+    /// replica of a node that wants the same).
+    pub fn start_authed(extra: &[String], password: Option<&str>) -> RedisServer {
         let dir = tempfile::tempdir().unwrap();
-        let mut server = RedisServer { port: free_port(), dir, child: None, extra: extra.to_vec(), sentinel: None };
+        let mut extra = extra.to_vec();
+        if let Some(p) = password {
+            extra.extend(["--requirepass", p, "--masterauth", p].map(String::from));
+        }
+        let mut server = RedisServer {
+            port: free_port(),
+            dir,
+            child: None,
+            extra,
+            sentinel: None,
+            password: password.map(String::from),
+        };
         server.launch();
         server
     }
@@ -57,13 +76,31 @@ impl RedisServer {
     /// A sentinel watching `master` at `host:port` under `name`, with a
     /// quorum of `quorum` and a one-second down-after.
     pub fn start_sentinel(name: &str, master_port: u16, quorum: u32) -> RedisServer {
+        Self::start_sentinel_authed(name, master_port, quorum, None, None)
+    }
+
+    /// A sentinel that logs into the data nodes with `data_password` and
+    /// wants `own_password` from its own clients.
+    pub fn start_sentinel_authed(
+        name: &str,
+        master_port: u16,
+        quorum: u32,
+        data_password: Option<&str>,
+        own_password: Option<&str>,
+    ) -> RedisServer {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let conf = format!(
+        let mut conf = format!(
             "port {port}\nbind 127.0.0.1\nprotected-mode no\nsentinel resolve-hostnames no\n\
              sentinel monitor {name} 127.0.0.1 {master_port} {quorum}\n\
              sentinel down-after-milliseconds {name} 1000\nsentinel failover-timeout {name} 5000\n"
         );
+        if let Some(p) = data_password {
+            conf.push_str(&format!("sentinel auth-pass {name} {p}\n"));
+        }
+        if let Some(p) = own_password {
+            conf.push_str(&format!("requirepass {p}\n"));
+        }
         let path = dir.path().join("sentinel.conf");
         std::fs::write(&path, conf).unwrap();
         let mut server = RedisServer {
@@ -72,13 +109,17 @@ impl RedisServer {
             child: None,
             extra: Vec::new(),
             sentinel: Some(path.to_str().unwrap().to_string()),
+            password: own_password.map(String::from),
         };
         server.launch();
         server
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     fn launch(&mut self) {

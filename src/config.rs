@@ -351,6 +351,8 @@ pub struct ServeConfig {
     pub log_format: LogFormat,
     /// Whether the pepper was generated (dev only): keys die with the process.
     pub pepper_generated: bool,
+    /// Not errors, but worth saying at start.
+    pub warnings: Vec<String>,
 }
 
 impl ServeArgs {
@@ -491,16 +493,27 @@ impl ServeArgs {
         }
         let store = self.redis.store(Duration::from_secs(1), &mut errors);
 
-        let (current, pepper_generated) = match (&self.pepper_file, &self.pepper) {
+        // An empty KEYSTILE_PEPPER is no pepper (a template left blank).
+        let inline = self.pepper.as_ref().filter(|p| !p.expose().trim().is_empty());
+        let mut warnings = Vec::new();
+        if let Some(p) = inline
+            && std::env::var("KEYSTILE_PEPPER").ok().as_deref() != Some(p.expose())
+        {
+            warnings.push(
+                "--pepper puts the pepper in the process list and the shell history: prefer --pepper-file or \
+                 KEYSTILE_PEPPER"
+                    .to_string(),
+            );
+        }
+        let (current, pepper_generated) = match (&self.pepper_file, inline) {
             (Some(_), Some(_)) => {
                 errors.push("give the pepper either by --pepper-file or by KEYSTILE_PEPPER, not both".into());
                 (None, false)
             }
             (Some(path), None) => (read_pepper(path).map_err(|e| errors.push(e)).ok(), false),
-            (None, Some(hex)) => (
-                Pepper::parse(hex.expose().as_bytes()).map_err(|e| errors.push(format!("KEYSTILE_PEPPER: {e}"))).ok(),
-                false,
-            ),
+            (None, Some(hex)) => {
+                (Pepper::parse_hex(hex.expose()).map_err(|e| errors.push(format!("KEYSTILE_PEPPER: {e}"))).ok(), false)
+            }
             (None, None) if self.dev => (Some(Pepper::random()), true),
             (None, None) => {
                 errors.push("a pepper is required: --pepper-file <file> or KEYSTILE_PEPPER (64 hex characters; generate one with `openssl rand -hex 32`), or --dev".into());
@@ -572,6 +585,7 @@ impl ServeArgs {
             workers,
             log_format,
             pepper_generated,
+            warnings,
         })
     }
 }
@@ -644,9 +658,25 @@ pub fn file_args(path: &std::path::Path, matches: &clap::ArgMatches) -> Result<V
 }
 
 /// Reads a pepper file; the error names the file, never its content.
+/// The file is refused when others may write it (anyone who can change the
+/// pepper can make every key fail), when it is larger than a pepper can be,
+/// or when it is not 64 hex characters of a non-zero pepper.
 pub fn read_pepper(path: &PathBuf) -> Result<Pepper, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("pepper file {}: {e}", path.display()))?;
-    Pepper::parse(&bytes).map_err(|e| format!("pepper file {}: {e}", path.display()))
+    const MAX_PEPPER_FILE: u64 = 1024;
+    let fail = |e: &dyn std::fmt::Display| format!("pepper file {}: {e}", path.display());
+    let meta = std::fs::metadata(path).map_err(|e| fail(&e))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if meta.permissions().mode() & 0o022 != 0 {
+            return Err(fail(&"group or others may write it; make it writable by its owner only (chmod 600)"));
+        }
+    }
+    if meta.len() > MAX_PEPPER_FILE {
+        return Err(fail(&format_args!("{} bytes is not a pepper (64 hex characters)", meta.len())));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| fail(&e))?;
+    Pepper::parse_hex(&text).map_err(|e| fail(&e))
 }
 
 impl ServeConfig {

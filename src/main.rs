@@ -70,6 +70,9 @@ fn main() -> ExitCode {
         },
         Command::Config { command: ConfigCommand::Check(ref args) } => match validate(args) {
             Ok(config) => {
+                for warning in &config.warnings {
+                    eprintln!("warning: {warning}");
+                }
                 println!("configuration ok: {}", config.summary());
                 ExitCode::SUCCESS
             }
@@ -186,6 +189,9 @@ fn serve(config: ServeConfig) -> ExitCode {
 
 async fn run(config: ServeConfig, workers: usize) -> Result<(), Box<dyn std::error::Error>> {
     let telemetry = keystile::telemetry::init(config.log_format)?;
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     tracing::info!(workers, config = %config.summary(), "starting keystile {}", env!("CARGO_PKG_VERSION"));
     if let Some(addr) = config.metrics_listen {
         keystile::metrics::install(addr)?;

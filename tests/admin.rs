@@ -296,8 +296,9 @@ async fn verify_failures_and_admin_failures_do_not_share_a_bucket() {
     let last = last.unwrap();
     assert_eq!(last.code(), tonic::Code::ResourceExhausted, "{last:?}");
     assert!(last.message().contains("too many failed attempts from this address"), "{}", last.message());
-    let err = admin.list_keys(proto::ListKeysRequest::default()).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "the peer is shed, whatever key it sends");
+    // The operator's admin key is cached: forged failures from its address
+    // do not lock it out (README, "Rate limits").
+    admin.list_keys(proto::ListKeysRequest::default()).await.expect("a cached admin key is not shed");
     let mut v = s.verifier().await;
     assert_eq!(code(&verify(&mut v, loopback(&good)).await), Code::Valid, "Verify for 127.0.0.1 is not shed");
     // The peer's block ends as its failures refill.

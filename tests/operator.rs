@@ -61,6 +61,28 @@ fn configuration_and_usage_errors_exit_64_with_every_problem() {
         assert_eq!(o.status.code(), Some(64), "{args:?}: {}", stderr(&o));
     }
     assert_eq!(run(&["--help"], &[]).status.code(), Some(0));
+
+    // Pepper files that must not be trusted, and a pepper on the command line.
+    let check = |pepper: &std::path::Path| run(&["config", "check", "--pepper-file", pepper.to_str().unwrap()], &[]);
+    let writable = dir.path().join("writable");
+    std::fs::write(&writable, "ab".repeat(32)).unwrap();
+    std::fs::set_permissions(&writable, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let o = check(&writable);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(stderr(&o).contains("may write it"), "{}", stderr(&o));
+    let zeros = dir.path().join("zeros");
+    std::fs::write(&zeros, "0".repeat(64)).unwrap();
+    assert!(stderr(&check(&zeros)).contains("all zeros"));
+    let huge = dir.path().join("huge");
+    std::fs::File::create(&huge).unwrap().set_len(200 << 20).unwrap();
+    let o = check(&huge);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(stderr(&o).contains("is not a pepper"), "{}", stderr(&o));
+    let o = run(&["config", "check", "--dev"], &[("KEYSTILE_PEPPER", "")]);
+    assert_eq!(o.status.code(), Some(0), "an empty KEYSTILE_PEPPER is unset: {}", stderr(&o));
+    let o = run(&["config", "check", "--pepper", &"ab".repeat(32)], &[]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("process list"), "a warning: {}", stderr(&o));
     assert_eq!(run(&["keys", "--help"], &[]).status.code(), Some(0));
 }
 

@@ -190,12 +190,14 @@ async fn every_code(s: &TestServer) {
     assert!(r.key_id.is_empty(), "shed before the key is looked at");
     assert_eq!(code(&verify(&mut v, with_ip(&good, "198.51.100.8")).await), Code::Valid);
     assert_eq!(code(&verify(&mut v, with_ip(&good, "")).await), Code::Valid, "no IP, never shed");
-    // IPv6: one /64 shares a bucket.
+    // IPv6: one /64 shares a bucket. (A key already cached is answered
+    // whatever its address's failures: a fresh one shows the shedding.)
+    let (fresh, _) = create(&mut admin, create_req("fresh")).await;
     for _ in 0..21 {
-        verify(&mut v, with_ip("garbage", "2001:db8:0:7::1")).await;
+        verify(&mut v, with_ip(stranger.key.expose(), "2001:db8:0:7::1")).await;
     }
-    assert_eq!(code(&verify(&mut v, with_ip(&good, "2001:db8:0:7::abcd")).await), Code::RateLimited);
-    assert_eq!(code(&verify(&mut v, with_ip(&good, "2001:db8:0:8::1")).await), Code::Valid);
+    assert_eq!(code(&verify(&mut v, with_ip(&fresh, "2001:db8:0:7::abcd")).await), Code::RateLimited);
+    assert_eq!(code(&verify(&mut v, with_ip(&fresh, "2001:db8:0:8::1")).await), Code::Valid);
     // The block ends when a failure's cell is back (one every 3 s).
     s.clock.advance(Duration::from_secs(3));
     assert_eq!(code(&verify(&mut v, with_ip(&good, "198.51.100.7")).await), Code::Valid);
@@ -351,5 +353,31 @@ async fn a_spent_quota_survives_eviction_by_forged_keys() {
     let r = verify(&mut v, verify_req(&key)).await;
     assert_eq!(code(&r), Code::RateLimited, "evicted after {forged} forged keys, the quota is still spent");
     assert_eq!(r.rate_limit.unwrap().remaining, 0);
+    s.stop().await;
+}
+
+/// Shedding protects the store, not from valid keys: a key already cached
+/// is answered whatever its address's failures; an address with a port is
+/// the address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shedding_spares_cached_keys_and_ip_ports_are_stripped() {
+    let s = server(Arc::new(MemoryStore::new())).await;
+    let mut admin = s.admin().await;
+    let mut v = s.verifier().await;
+    let allow = proto::CreateKeyRequest { ip_allowlist: vec!["203.0.113.0/24".into()], ..create_req("cached") };
+    let (cached, _) = create(&mut admin, allow).await;
+    let (uncached, _) = create(&mut admin, create_req("not yet used")).await;
+    assert_eq!(code(&verify(&mut v, with_ip(&cached, "203.0.113.7:443")).await), Code::Valid, "the port is stripped");
+    let unknown = generate(&KeyFormat::default(), Env::Live);
+    for _ in 0..25 {
+        verify(&mut v, with_ip(unknown.key.expose(), "203.0.113.7:50000")).await;
+    }
+    let shed = verify(&mut v, with_ip(&uncached, "203.0.113.7")).await;
+    assert_eq!(code(&shed), Code::RateLimited, "an uncached key from a failing address is shed");
+    assert_eq!(shed.error, "too_many_failed_attempts");
+    let r = verify(&mut v, with_ip(&cached, "203.0.113.7")).await;
+    assert_eq!(code(&r), Code::Valid, "a cached key is answered whatever its address's failures");
+    let r = verify(&mut v, with_ip(&cached, "[::ffff:203.0.113.7]:8443")).await;
+    assert_eq!(code(&r), Code::Valid, "IPv4-mapped IPv6 with a port");
     s.stop().await;
 }

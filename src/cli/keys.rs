@@ -503,7 +503,7 @@ async fn bootstrap(b: &BootstrapArgs, format: Format, quiet: bool) -> Result<(),
     let pepper = match (&b.pepper_file, &b.pepper) {
         (Some(path), None) => keystile::config::read_pepper(path).map_err(CliError::usage)?,
         (None, Some(hex)) => {
-            Pepper::parse(hex.expose().as_bytes()).map_err(|e| CliError::usage(format!("KEYSTILE_PEPPER: {e}")))?
+            Pepper::parse_hex(hex.expose()).map_err(|e| CliError::usage(format!("KEYSTILE_PEPPER: {e}")))?
         }
         _ => {
             return Err(CliError::usage(

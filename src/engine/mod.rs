@@ -133,9 +133,13 @@ impl Engine {
                 return Ok(Verdict { malformed: Some(why), ..Verdict::bare(Outcome::Malformed) });
             }
         };
-        // 2. Shed an address that failed too often.
+        // 2. Shed an address that failed too often: it protects the store,
+        // so a key already in the cache is answered whatever its address's
+        // failures (nobody can lock a victim's valid key out by forging
+        // failures from the victim's address).
         if let (Some(ip), Some(shedder)) = (req.ip, shedder)
             && let Some(retry_after_ms) = shedder.shed(ip)
+            && self.records.cached(presented.key_id).is_none()
         {
             let rate = RateState {
                 limit: shedder.per_minute(),

@@ -65,6 +65,14 @@ impl RecordSource {
         &self.cache
     }
 
+    /// The record for `id` if the cache holds it fresh; never reads the store.
+    pub fn cached(&self, id: KeyId) -> Option<std::sync::Arc<CachedKey>> {
+        match self.cache.get(id) {
+            Cached::Fresh(Lookup::Present(key)) => Some(key),
+            _ => None,
+        }
+    }
+
     /// The record for `id` from the cache, or from the store on a miss (one
     /// read, shared by every concurrent miss for the same key_id).
     pub async fn lookup(&self, id: KeyId) -> Result<Lookup, VerifyError> {

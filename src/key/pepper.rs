@@ -43,6 +43,19 @@ impl Pepper {
         Ok(Pepper::new(key))
     }
 
+    /// Parses a pepper as an operator gives it: 64 hex characters
+    /// (surrounding whitespace ignored), not all zeros.
+    pub fn parse_hex(text: &str) -> Result<Pepper, String> {
+        let hex = text.trim();
+        if hex.len() != 64 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(format!("the pepper must be 64 hex characters (got {} characters)", hex.chars().count()));
+        }
+        if hex.bytes().all(|c| c == b'0') {
+            return Err("the pepper is all zeros: generate one with `openssl rand -hex 32`".into());
+        }
+        Pepper::parse(hex.as_bytes())
+    }
+
     /// A fresh random pepper (for `serve --dev`).
     pub fn random() -> Pepper {
         let mut key = [0u8; 32];

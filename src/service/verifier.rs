@@ -33,9 +33,12 @@ impl VerifierService {
     }
 }
 
-/// An empty or unparseable address is unknown; IPv4-mapped IPv6 is IPv4.
+/// An empty or unparseable address is unknown; IPv4-mapped IPv6 is IPv4;
+/// a port (`1.2.3.4:443`, `[2001:db8::1]:443`) is stripped (README,
+/// "Verdicts").
 pub fn parse_ip(ip: &str) -> Option<IpAddr> {
-    ip.trim().parse::<IpAddr>().ok().map(|a| a.to_canonical())
+    let ip = ip.trim();
+    ip.parse::<IpAddr>().or_else(|_| ip.parse::<std::net::SocketAddr>().map(|s| s.ip())).ok().map(|a| a.to_canonical())
 }
 
 impl<'a> TryFrom<&'a proto::VerifyRequest> for verdict::Request<'a> {

@@ -49,6 +49,8 @@ fn main() {
                     ip_allowlist: vec![],
                     rate_limit: None,
                     metadata: Default::default(),
+                    owner: String::new(),
+                    disabled: false,
                     created_at: 1_800_000_000,
                     expires_at: None,
                     revoked_at: None,

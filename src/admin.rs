@@ -75,6 +75,8 @@ pub struct KeySpec {
     pub metadata: BTreeMap<String, String>,
     /// Unix seconds; `None` = never.
     pub expires_at: Option<i64>,
+    /// An email or external id; empty = none.
+    pub owner: String,
 }
 
 /// Changes to a key; `None` leaves a field as it is.
@@ -88,6 +90,8 @@ pub struct KeyPatch {
     pub metadata: Option<BTreeMap<String, String>>,
     /// `Some(None)` = never expires.
     pub expires_at: Option<Option<i64>>,
+    /// `Some("")` removes the owner.
+    pub owner: Option<String>,
 }
 
 impl KeyPatch {
@@ -99,6 +103,7 @@ impl KeyPatch {
             && self.rate_limit.is_none()
             && self.metadata.is_none()
             && self.expires_at.is_none()
+            && self.owner.is_none()
     }
 }
 
@@ -110,6 +115,8 @@ pub enum KeyState {
     Rotating,
     Expired,
     Revoked,
+    /// Disabled until enabled again.
+    Disabled,
 }
 
 pub fn state_at(record: &KeyRecord, now: i64) -> KeyState {
@@ -117,6 +124,8 @@ pub fn state_at(record: &KeyRecord, now: i64) -> KeyState {
         KeyState::Revoked
     } else if record.is_expired_at(now) {
         KeyState::Expired
+    } else if record.disabled {
+        KeyState::Disabled
     } else if record.revoked_at.is_some() {
         KeyState::Rotating
     } else {
@@ -293,8 +302,10 @@ impl Admin {
         let Some(env) = env.filter(|_| problems.is_empty()) else {
             return Err(AdminError::Invalid(problems));
         };
+        let owner = check_owner(&spec.owner, &mut problems);
         let fields = RecordFields {
             name,
+            owner,
             tenant: spec.tenant,
             scopes,
             ip_allowlist,
@@ -323,6 +334,8 @@ impl Admin {
                 ip_allowlist: fields.ip_allowlist.clone(),
                 rate_limit: fields.rate_limit,
                 metadata: fields.metadata.clone(),
+                owner: fields.owner.clone(),
+                disabled: false,
                 created_at: now,
                 expires_at: fields.expires_at,
                 revoked_at: None,
@@ -356,6 +369,7 @@ impl Admin {
         env: &str,
         page_size: usize,
         page_token: &str,
+        owner: &str,
         actor: &Actor,
     ) -> Result<ListPage, AdminError> {
         // A tenant admin lists its tenant, a test admin test keys.
@@ -391,6 +405,7 @@ impl Admin {
         }
         let query = ListQuery {
             tenant: (!tenant.is_empty()).then(|| tenant.to_string()),
+            owner: (!owner.trim().is_empty()).then(|| owner.trim().to_string()),
             env,
             after: (!page_token.is_empty()).then(|| page_token.to_string()),
             limit: if page_size == 0 { DEFAULT_PAGE_SIZE } else { page_size },
@@ -413,6 +428,7 @@ impl Admin {
         let name = patch.name.as_deref().map(|n| check_name(n, &mut problems));
         let scopes = patch.scopes.as_deref().map(|s| check_scopes(s, self.allow_star_scope, &mut problems));
         let cidrs = patch.ip_allowlist.as_deref().map(|c| check_cidrs(c, &mut problems));
+        let owner = patch.owner.as_deref().map(|o| check_owner(o, &mut problems));
         if let Some(Some(p)) = &patch.rate_limit {
             problems.extend(p.problems());
         }
@@ -451,6 +467,9 @@ impl Admin {
             }
             if let Some(e) = patch.expires_at {
                 r.expires_at = e;
+            }
+            if let Some(o) = &owner {
+                r.owner = o.clone();
             }
             Ok(())
         })
@@ -509,6 +528,7 @@ impl Admin {
         }
         let fields = RecordFields {
             name: old.name.clone(),
+            owner: old.owner.clone(),
             tenant: old.tenant.clone(),
             scopes: old.scopes.clone(),
             ip_allowlist: old.ip_allowlist.clone(),
@@ -537,6 +557,37 @@ impl Admin {
         };
         tracing::info!(key_id = %id, new_key_id = %minted.record.key_id, grace_seconds = grace, "key rotated");
         Ok((minted, previous))
+    }
+
+    /// Disables (`true`) or enables a key. A revoked key stays revoked;
+    /// setting what is already set changes nothing.
+    pub async fn set_disabled(&self, id: &str, disabled: bool, actor: &Actor) -> Result<KeyRecord, AdminError> {
+        let id = parse_id(id)?;
+        actor.write()?;
+        let record = self
+            .mutate(id, actor, |r, now| {
+                if r.is_revoked_at(now) {
+                    return Err(AdminError::FailedPrecondition(format!(
+                        "key {} is revoked, and revocation is final",
+                        r.key_id
+                    )));
+                }
+                if r.disabled == disabled {
+                    return Err(AdminError::FailedPrecondition(String::new()));
+                }
+                r.disabled = disabled;
+                Ok(())
+            })
+            .await;
+        match record {
+            Err(AdminError::FailedPrecondition(s)) if s.is_empty() => self.get(id.as_str(), actor).await,
+            other => {
+                if other.is_ok() {
+                    tracing::info!(key_id = %id, "{}", if disabled { "key disabled" } else { "key enabled" });
+                }
+                other
+            }
+        }
     }
 
     /// Removes a key for good; afterwards it is `NOT_FOUND`, not `REVOKED`.
@@ -587,6 +638,7 @@ impl Admin {
 
 struct RecordFields {
     name: String,
+    owner: String,
     tenant: String,
     scopes: Vec<String>,
     ip_allowlist: Vec<IpNet>,
@@ -616,6 +668,16 @@ fn check_name(name: &str, problems: &mut Vec<String>) -> String {
         problems.push("name must not contain control characters".to_string());
     }
     name.to_string()
+}
+
+/// An owner is an email or an external id: at most 254 characters, no
+/// control characters; kept as given, compared without case.
+fn check_owner(owner: &str, problems: &mut Vec<String>) -> String {
+    let owner = owner.trim();
+    if owner.chars().count() > 254 || owner.chars().any(char::is_control) {
+        problems.push("owner must be at most 254 characters, without control characters".to_string());
+    }
+    owner.to_string()
 }
 
 fn check_tenant(tenant: &str, problems: &mut Vec<String>) {

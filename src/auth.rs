@@ -124,7 +124,7 @@ impl Authenticator {
             Outcome::TooManyFailedAttempts => Err(AuthError::TooManyFailedAttempts(
                 verdict.rate.map_or(60, |r| r.retry_after_ms.div_ceil(1000).max(1)),
             )),
-            Outcome::Malformed | Outcome::NotFound | Outcome::Revoked | Outcome::Expired => {
+            Outcome::Malformed | Outcome::NotFound | Outcome::Revoked | Outcome::Expired | Outcome::Disabled => {
                 Err(AuthError::Unauthenticated("the key is not a valid admin key"))
             }
         }

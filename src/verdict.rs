@@ -30,11 +30,13 @@ pub enum Outcome {
     IpNotAllowed,
     InsufficientScope,
     RateLimited,
+    /// Disabled by an admin (checked after `Expired`).
+    Disabled,
 }
 
 impl Outcome {
     /// Every outcome, indexed by discriminant (metrics keep one counter each).
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 11] = [
         Outcome::Valid,
         Outcome::Malformed,
         Outcome::TooManyFailedAttempts,
@@ -45,6 +47,7 @@ impl Outcome {
         Outcome::IpNotAllowed,
         Outcome::InsufficientScope,
         Outcome::RateLimited,
+        Outcome::Disabled,
     ];
 
     /// The stable wire error string; empty when valid.
@@ -58,6 +61,7 @@ impl Outcome {
             Outcome::IpNotAllowed => "ip_not_allowed",
             Outcome::InsufficientScope => "insufficient_scope",
             Outcome::RateLimited => "rate_limited",
+            Outcome::Disabled => "disabled_api_key",
         }
     }
 
@@ -65,7 +69,7 @@ impl Outcome {
         match self {
             Outcome::Valid => 200,
             Outcome::Malformed | Outcome::NotFound | Outcome::Revoked | Outcome::Expired => 401,
-            Outcome::TenantMismatch | Outcome::IpNotAllowed | Outcome::InsufficientScope => 403,
+            Outcome::TenantMismatch | Outcome::IpNotAllowed | Outcome::InsufficientScope | Outcome::Disabled => 403,
             Outcome::TooManyFailedAttempts | Outcome::RateLimited => 429,
         }
     }
@@ -82,6 +86,7 @@ impl Outcome {
             Outcome::IpNotAllowed => "The API key may not be used from this address.",
             Outcome::InsufficientScope => "The API key lacks a scope this request needs.",
             Outcome::RateLimited => "The API key's rate limit is exceeded; try again later.",
+            Outcome::Disabled => "The API key is disabled.",
         }
     }
 
@@ -98,6 +103,7 @@ impl Outcome {
             Outcome::IpNotAllowed => "ip_not_allowed",
             Outcome::InsufficientScope => "insufficient_scope",
             Outcome::RateLimited => "rate_limited",
+            Outcome::Disabled => "disabled",
         }
     }
 

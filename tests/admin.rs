@@ -95,7 +95,7 @@ async fn lifecycle(s: &TestServer) {
                 page_size: 2,
                 page_token: token.clone(),
                 tenant: "paged".into(),
-                env: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -421,4 +421,68 @@ async fn wildcard_scopes_match_and_unmatchable_patterns_are_refused() {
     let r = verify(&mut v, proto::VerifyRequest { key, scopes: vec!["any:thing".into()], ..Default::default() }).await;
     assert_eq!(code(&r), Code::Valid);
     s.stop().await;
+}
+
+/// Disable and enable reach every replica through the change feed; a
+/// disabled key that is revoked stays revoked. Owners filter listings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disable_enable_across_replicas_and_owners() {
+    let redis = RedisServer::start();
+    let open = || -> Arc<dyn KeyStore> {
+        Arc::new(RedisStore::open(&redis.url(), "keystile", Duration::from_secs(1)).unwrap())
+    };
+    let a = TestServer::start(open()).await;
+    let b = TestServer::start(open()).await;
+    let mut admin = a.admin().await;
+    let (mut va, mut vb) = (a.verifier().await, b.verifier().await);
+    let mine = proto::CreateKeyRequest { owner: "Dev@Example.com".into(), ..create_req("mine") };
+    let (key, rec) = create(&mut admin, mine).await;
+    create(&mut admin, proto::CreateKeyRequest { owner: "other@example.com".into(), ..create_req("theirs") }).await;
+    for v in [&mut va, &mut vb] {
+        assert_eq!(code(&verify(v, verify_req(&key)).await), Code::Valid);
+    }
+
+    let r = admin.disable_key(proto::DisableKeyRequest { key_id: rec.key_id.clone() }).await.unwrap().into_inner();
+    assert!(r.record.as_ref().unwrap().disabled);
+    assert_eq!(r.record.unwrap().state, KeyState::Disabled as i32);
+    for v in [&mut va, &mut vb] {
+        let t0 = std::time::Instant::now();
+        loop {
+            let resp = verify(v, verify_req(&key)).await;
+            if code(&resp) == Code::Disabled {
+                assert_eq!((resp.http_status, resp.error.as_str()), (403, "disabled_api_key"));
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(1), "disabled everywhere within the revocation bound");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    admin.enable_key(proto::EnableKeyRequest { key_id: rec.key_id.clone() }).await.unwrap();
+    for v in [&mut va, &mut vb] {
+        let t0 = std::time::Instant::now();
+        while code(&verify(v, verify_req(&key)).await) != Code::Valid {
+            assert!(t0.elapsed() < Duration::from_secs(1), "enabled everywhere");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    admin.disable_key(proto::DisableKeyRequest { key_id: rec.key_id.clone() }).await.unwrap();
+    admin.revoke_key(proto::RevokeKeyRequest { key_id: rec.key_id.clone() }).await.unwrap();
+    let err = admin.enable_key(proto::EnableKeyRequest { key_id: rec.key_id.clone() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "revocation is final");
+    let t0 = std::time::Instant::now();
+    while code(&verify(&mut vb, verify_req(&key)).await) != Code::Revoked {
+        assert!(t0.elapsed() < Duration::from_secs(1));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let listed = admin
+        .list_keys(proto::ListKeysRequest { owner: "dev@example.com".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    assert_eq!(listed.len(), 1, "owners compare without case");
+    assert_eq!(listed[0].owner, "Dev@Example.com");
+    a.stop().await;
+    b.stop().await;
 }

@@ -205,6 +205,12 @@ async fn a_key_in_any_form_and_every_field_of_it() {
     assert!(updated["expires_at"].as_i64().unwrap() > 0);
     let yaml = String::from_utf8(s.keys(&["get", &id, "--output", "yaml"]).stdout).unwrap();
     assert!(yaml.contains("\"key_id\": \"") && yaml.contains("\"scopes\":\n  - \"read\""), "{yaml}");
+    assert_eq!(s.keys_json(&["disable", &display])["state"], "disabled");
+    assert_eq!(s.keys_json(&["list", "--state", "disabled"])["records"].as_array().unwrap().len(), 1);
+    assert_eq!(s.keys_json(&["enable", &full])["state"], "active");
+    let owned = s.keys_json(&["create", "--name", "owned", "--owner", "dev@example.com"]);
+    assert_eq!(owned["record"]["owner"], "dev@example.com");
+    assert_eq!(s.keys_json(&["list", "--owner", "DEV@example.com"])["records"].as_array().unwrap().len(), 1);
     let quiet = s.keys(&["create", "--name", "quiet", "--quiet"]);
     assert_eq!(String::from_utf8(quiet.stdout).unwrap().trim().len(), full.len(), "only the key");
 }

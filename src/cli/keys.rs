@@ -51,6 +51,16 @@ pub enum KeysCommand {
     },
     /// Change a key's name, scopes, IP allowlist, rate limit, metadata or expiry.
     Update(UpdateArgs),
+    /// Stop a key from verifying (DISABLED) until it is enabled again.
+    Disable {
+        /// The key: its id, its display prefix or the full key.
+        key: String,
+    },
+    /// Let a disabled key verify again (a revoked key stays revoked).
+    Enable {
+        /// The key: its id, its display prefix or the full key.
+        key: String,
+    },
     /// Revoke a key at once, on every sidecar.
     Revoke {
         /// The key: its id, its display prefix or the full key.
@@ -87,6 +97,9 @@ pub struct CreateArgs {
     /// The tenant the key belongs to (none when unset).
     #[arg(long)]
     pub tenant: Option<String>,
+    /// Whose key it is: an email or external id.
+    #[arg(long)]
+    pub owner: Option<String>,
     /// A granted scope; repeat or separate with commas.
     #[arg(long = "scope", visible_alias = "scopes", value_delimiter = ',')]
     pub scopes: Vec<String>,
@@ -116,8 +129,11 @@ pub struct ListArgs {
     /// Only live or only test keys.
     #[arg(long)]
     pub env: Option<String>,
+    /// Only the keys of this owner ("your keys").
+    #[arg(long)]
+    pub owner: Option<String>,
     /// Only keys in this state (reads every page).
-    #[arg(long, value_parser = ["active", "rotating", "expired", "revoked"])]
+    #[arg(long, value_parser = ["active", "rotating", "expired", "revoked", "disabled"])]
     pub state: Option<String>,
     /// Only keys whose name contains this, case-insensitive (reads every page).
     #[arg(long)]
@@ -140,6 +156,9 @@ pub struct UpdateArgs {
     /// A new name.
     #[arg(long)]
     pub name: Option<String>,
+    /// A new owner ("" removes it).
+    #[arg(long)]
+    pub owner: Option<String>,
     /// Replace the scopes (repeat or separate with commas; "" for none).
     #[arg(long = "scope", visible_alias = "scopes", value_delimiter = ',', num_args = 1)]
     pub scopes: Option<Vec<String>>,
@@ -264,6 +283,7 @@ pub async fn run(args: KeysArgs) -> Result<(), CliError> {
                         page_token: token.clone(),
                         tenant: l.tenant.clone().unwrap_or_default(),
                         env: l.env.clone().unwrap_or_default(),
+                        owner: l.owner.clone().unwrap_or_default(),
                     })
                     .await?
                     .into_inner();
@@ -299,6 +319,14 @@ pub async fn run(args: KeysArgs) -> Result<(), CliError> {
         Prepared::Update(req) => {
             let r = client.update_key(req).await?.into_inner().record.unwrap_or_default();
             show(format, &r);
+        }
+        Prepared::Disable(key_id, disable) => {
+            let r = if disable {
+                client.disable_key(proto::DisableKeyRequest { key_id }).await?.into_inner().record
+            } else {
+                client.enable_key(proto::EnableKeyRequest { key_id }).await?.into_inner().record
+            };
+            show(format, &r.unwrap_or_default());
         }
         Prepared::Revoke(key_id) => {
             let r =
@@ -346,6 +374,8 @@ enum Prepared {
     List(ListArgs),
     Get(String),
     Update(proto::UpdateKeyRequest),
+    /// `true` disables, `false` enables.
+    Disable(String, bool),
     Revoke(String),
     Rotate(String, Duration),
     Delete(String),
@@ -358,6 +388,8 @@ fn prepare(command: KeysCommand) -> Result<Prepared, CliError> {
         KeysCommand::Get { key } => Prepared::Get(key_id_of(&key)?),
         KeysCommand::Update(u) => Prepared::Update(update_request(u)?),
         KeysCommand::Revoke { key } => Prepared::Revoke(key_id_of(&key)?),
+        KeysCommand::Disable { key } => Prepared::Disable(key_id_of(&key)?, true),
+        KeysCommand::Enable { key } => Prepared::Disable(key_id_of(&key)?, false),
         KeysCommand::Rotate { key, grace } => {
             let grace =
                 humantime::parse_duration(&grace).map_err(|e| CliError::usage(format!("--grace {grace:?}: {e}")))?;
@@ -429,6 +461,7 @@ fn create_request(c: CreateArgs) -> Result<proto::CreateKeyRequest, CliError> {
         name: c.name,
         env: c.env,
         tenant: c.tenant.unwrap_or_default(),
+        owner: c.owner.unwrap_or_default(),
         scopes: nonempty(c.scopes),
         ip_allowlist: nonempty(c.ip_allowlist),
         rate_limit: c.rate_limit.as_deref().map(rate).transpose()?,
@@ -459,6 +492,7 @@ fn update_request(u: UpdateArgs) -> Result<proto::UpdateKeyRequest, CliError> {
     let req = proto::UpdateKeyRequest {
         key_id: key_id_of(&u.key)?,
         name: u.name,
+        owner: u.owner,
         scopes: u.scopes.map(|s| proto::StringList { values: nonempty(s) }),
         ip_allowlist: u.ip_allowlist.map(|s| proto::StringList { values: nonempty(s) }),
         rate_limit: u.rate_limit.as_deref().map(rate).transpose()?,
@@ -467,6 +501,7 @@ fn update_request(u: UpdateArgs) -> Result<proto::UpdateKeyRequest, CliError> {
         expires_at,
     };
     let changes_nothing = req.name.is_none()
+        && req.owner.is_none()
         && req.scopes.is_none()
         && req.ip_allowlist.is_none()
         && req.rate_limit.is_none()
@@ -475,7 +510,7 @@ fn update_request(u: UpdateArgs) -> Result<proto::UpdateKeyRequest, CliError> {
         && req.expires_at.is_none();
     if changes_nothing {
         return Err(CliError::usage(
-            "nothing to change: give at least one of --name, --scope, --allow-ip, --rate-limit, --clear-rate-limit, \
+            "nothing to change: give at least one of --name, --owner, --scope, --allow-ip, --rate-limit, --clear-rate-limit, \
              --meta, --clear-metadata, --expires-at, --expires-in, --never-expires",
         ));
     }

@@ -83,6 +83,7 @@ pub fn state_name(s: i32) -> &'static str {
         proto::KeyState::Rotating => "rotating",
         proto::KeyState::Expired => "expired",
         proto::KeyState::Revoked => "revoked",
+        proto::KeyState::Disabled => "disabled",
         proto::KeyState::Unspecified => "unknown",
     }
 }
@@ -105,6 +106,8 @@ pub fn record_json(r: &proto::KeyRecord) -> Value {
         "last_used_at": r.last_used_at,
         "version": r.version,
         "state": state_name(r.state),
+        "owner": r.owner,
+        "disabled": r.disabled,
     })
 }
 
@@ -142,6 +145,7 @@ pub fn print_record(r: &proto::KeyRecord) {
         ("state", state_name(r.state).to_string()),
         ("env", r.env.clone()),
         ("tenant", or_dash(&r.tenant)),
+        ("owner", or_dash(&r.owner)),
         ("scopes", or_dash(&r.scopes.join(","))),
         ("ip allowlist", or_dash(&r.ip_allowlist.join(","))),
         ("rate limit", rate_text(r)),

@@ -173,6 +173,8 @@ impl Engine {
             Outcome::Revoked
         } else if record.is_expired_at(now) {
             Outcome::Expired
+        } else if record.disabled {
+            Outcome::Disabled
         } else if !req.tenant.is_empty() && req.tenant != record.tenant {
             Outcome::TenantMismatch
         } else if !record.ip_allowlist.is_empty()

@@ -52,6 +52,7 @@ pub fn to_proto(r: &KeyRecord, now: i64) -> proto::KeyRecord {
         KeyState::Rotating => proto::KeyState::Rotating,
         KeyState::Expired => proto::KeyState::Expired,
         KeyState::Revoked => proto::KeyState::Revoked,
+        KeyState::Disabled => proto::KeyState::Disabled,
     };
     proto::KeyRecord {
         key_id: r.key_id.to_string(),
@@ -74,6 +75,8 @@ pub fn to_proto(r: &KeyRecord, now: i64) -> proto::KeyRecord {
         last_used_at: r.last_used_at.unwrap_or(0),
         version: r.version,
         state: state as i32,
+        owner: r.owner.clone(),
+        disabled: r.disabled,
     }
 }
 
@@ -102,6 +105,7 @@ impl TryFrom<proto::CreateKeyRequest> for KeySpec {
             rate_limit: r.rate_limit.map(policy),
             metadata: r.metadata.into_iter().collect(),
             expires_at: expiry(r.expires_at)?,
+            owner: r.owner,
         })
     }
 }
@@ -120,6 +124,7 @@ impl TryFrom<proto::UpdateKeyRequest> for KeyPatch {
             rate_limit: if r.clear_rate_limit { Some(None) } else { r.rate_limit.map(|p| Some(policy(p))) },
             metadata: r.metadata.map(|m| m.entries.into_iter().collect()),
             expires_at: r.expires_at.map(expiry).transpose()?,
+            owner: r.owner,
         })
     }
 }
@@ -156,7 +161,7 @@ impl proto::key_admin_server::KeyAdmin for AdminService {
         let q = request.get_ref();
         let page = self
             .admin
-            .list(&q.tenant, &q.env, q.page_size as usize, &q.page_token, &actor)
+            .list(&q.tenant, &q.env, q.page_size as usize, &q.page_token, &q.owner, &actor)
             .instrument(span)
             .await
             .map_err(|e| status::from_admin(&e))?;
@@ -222,5 +227,33 @@ impl proto::key_admin_server::KeyAdmin for AdminService {
             .await
             .map_err(|e| status::from_admin(&e))?;
         Ok(Response::new(proto::DeleteKeyResponse {}))
+    }
+
+    async fn disable_key(
+        &self,
+        request: Request<proto::DisableKeyRequest>,
+    ) -> Result<Response<proto::DisableKeyResponse>, Status> {
+        let (span, actor) = self.authorize(&request).await?;
+        let r = self
+            .admin
+            .set_disabled(&request.get_ref().key_id, true, &actor)
+            .instrument(span)
+            .await
+            .map_err(|e| status::from_admin(&e))?;
+        Ok(Response::new(proto::DisableKeyResponse { record: Some(self.record(&r)) }))
+    }
+
+    async fn enable_key(
+        &self,
+        request: Request<proto::EnableKeyRequest>,
+    ) -> Result<Response<proto::EnableKeyResponse>, Status> {
+        let (span, actor) = self.authorize(&request).await?;
+        let r = self
+            .admin
+            .set_disabled(&request.get_ref().key_id, false, &actor)
+            .instrument(span)
+            .await
+            .map_err(|e| status::from_admin(&e))?;
+        Ok(Response::new(proto::EnableKeyResponse { record: Some(self.record(&r)) }))
     }
 }

@@ -78,6 +78,7 @@ fn wire_code(outcome: Outcome) -> proto::Code {
         Outcome::IpNotAllowed => proto::Code::IpNotAllowed,
         Outcome::InsufficientScope => proto::Code::InsufficientScope,
         Outcome::TooManyFailedAttempts | Outcome::RateLimited => proto::Code::RateLimited,
+        Outcome::Disabled => proto::Code::Disabled,
     }
 }
 

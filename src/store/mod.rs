@@ -83,6 +83,7 @@ pub enum FeedEvent {
 #[derive(Debug, Clone, Default)]
 pub struct ListQuery {
     pub tenant: Option<String>,
+    pub owner: Option<String>,
     pub env: Option<Env>,
     /// Opaque token from the previous page.
     pub after: Option<String>,

@@ -35,6 +35,12 @@ pub struct KeyRecord {
     /// carries the end of its grace window here).
     #[serde(default)]
     pub revoked_at: Option<i64>,
+    /// An email or external id; empty = none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub owner: String,
+    /// Disabled keys answer DISABLED until enabled again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disabled: bool,
     /// Kept outside the record in the store; filled in on reads.
     #[serde(skip)]
     pub last_used_at: Option<i64>,

@@ -72,6 +72,9 @@ pub struct CacheSettings {
     pub negative_ttl: Duration,
     pub stale_window: Duration,
     pub max_entries: u64,
+    /// How long cached entries stay trusted after the change feed is lost:
+    /// past it, lookups read through to the store until the feed is back.
+    pub feed_grace: Duration,
 }
 
 impl Default for CacheSettings {
@@ -81,6 +84,7 @@ impl Default for CacheSettings {
             negative_ttl: Duration::from_secs(5),
             stale_window: Duration::from_secs(60),
             max_entries: 1_000_000,
+            feed_grace: Duration::from_secs(2),
         }
     }
 }
@@ -203,6 +207,7 @@ mod tests {
                 negative_ttl: Duration::from_secs(5),
                 stale_window: Duration::from_secs(30),
                 max_entries: 100,
+                feed_grace: Duration::from_secs(2),
             },
             clock.clone(),
             metrics::Counter::noop(),

@@ -86,6 +86,10 @@ pub struct ServeArgs {
     /// How long cached keys keep verifying while the store is down (0 = never).
     #[arg(long, env = "KEYSTILE_STALE_WINDOW", default_value = "60s")]
     pub stale_window: String,
+    /// How long cached keys stay trusted after the change feed is lost
+    /// (then lookups read through to the store until it is back).
+    #[arg(long, env = "KEYSTILE_FEED_GRACE", default_value = "2s")]
+    pub feed_grace: String,
     /// Most keys held in the cache.
     #[arg(long, env = "KEYSTILE_CACHE_MAX_ENTRIES", default_value = "1000000")]
     pub cache_max_entries: String,
@@ -444,6 +448,7 @@ impl ServeArgs {
         let negative_ttl = dur("negative-ttl", &self.negative_ttl);
         let stale_window = dur("stale-window", &self.stale_window);
         let store_timeout = dur("store-timeout", &self.store_timeout);
+        let feed_grace = dur("feed-grace", &self.feed_grace);
         let shutdown_grace = dur("shutdown-grace", &self.shutdown_grace);
         let last_used_flush = dur("last-used-flush", &self.last_used_flush);
         if cache_ttl.is_some_and(|d| d.is_zero()) {
@@ -558,6 +563,7 @@ impl ServeArgs {
                 negative_ttl: negative_ttl.unwrap_or_default(),
                 stale_window: stale_window.unwrap_or_default(),
                 max_entries: cache_max_entries,
+                feed_grace: feed_grace.unwrap_or_default(),
             },
             default_rate_limit,
             failed_attempts_per_minute: NonZeroU32::new(failed_attempts_per_minute),

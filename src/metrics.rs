@@ -48,6 +48,8 @@ pub struct Metrics {
     pub feed_reconnects: Counter,
     pub feed_connected: Gauge,
     pub ready: Gauge,
+    /// 1 while the store counts as down (lookups do not wait for it).
+    pub breaker_open: Gauge,
     pub shed: Counter,
 }
 
@@ -77,6 +79,7 @@ impl Metrics {
             feed_reconnects: counter!("keystile_feed_reconnects_total"),
             feed_connected: gauge!("keystile_feed_connected"),
             ready: gauge!("keystile_ready"),
+            breaker_open: gauge!("keystile_store_breaker_open"),
             shed: counter!("keystile_shed_requests_total", "reason" => "failed_attempts"),
         }
     }

@@ -609,3 +609,43 @@ async fn a_lost_stream_entry_drops_the_cache() {
     })
     .await;
 }
+
+/// The change feed of one sidecar is cut (its Redis user may no longer
+/// subscribe) while its reads keep working: past `--feed-grace` it stops
+/// trusting its cache, so a key revoked through another sidecar is refused
+/// there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_feed_stops_trusting_the_cache_after_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start();
+    let _: () =
+        redis::cmd("ACL").arg(&["SETUSER", "cut", "on", ">pw", "~*", "&*", "+@all"]).query(&mut redis.conn()).unwrap();
+    let pepper = pepper_file(dir.path());
+    let url = redis.url();
+    let admin = bootstrap(&["--redis-url", &url], &pepper);
+    let cut_url = format!("redis://cut:pw@127.0.0.1:{}", redis.port);
+    let cut = sidecar(&["--redis-url", &cut_url, "--feed-grace", "1s"], &pepper, &admin);
+    let other = sidecar(&["--redis-url", &url], &pepper, &admin);
+    cut.wait_ready().await;
+    other.wait_ready().await;
+    let key = other.keys_json(&["create", "--name", "watched"])["key"].as_str().unwrap().to_string();
+    wait_for("cached on the cut sidecar", Duration::from_secs(2), async || {
+        code_on(&cut, &key).await == Some(Code::Valid)
+    })
+    .await;
+
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "cut", "-subscribe", "-psubscribe", "-ssubscribe"])
+        .query(&mut redis.conn())
+        .unwrap();
+    let _: i64 = redis::cmd("CLIENT").arg(&["KILL", "USER", "cut"]).query(&mut redis.conn()).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = Instant::now();
+    other.keys_json(&["revoke", &key]);
+    wait_for("refused on the cut sidecar", Duration::from_secs(4), async || {
+        code_on(&cut, &key).await == Some(Code::Revoked)
+    })
+    .await;
+    println!("revoked with the feed cut: refused after {:?} (feed grace 1 s)", t0.elapsed());
+    assert_eq!(code_on(&other, &key).await, Some(Code::Revoked));
+}

@@ -381,3 +381,22 @@ async fn shedding_spares_cached_keys_and_ip_ports_are_stripped() {
     assert_eq!(code(&r), Code::Valid, "IPv4-mapped IPv6 with a port");
     s.stop().await;
 }
+
+/// One store read that misses its budget is not an outage: the next
+/// lookup asks the store again instead of answering UNAVAILABLE at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_slow_store_read_does_not_open_the_breaker() {
+    let store = Arc::new(MemoryStore::new());
+    let s = TestServer::start(store.clone()).await;
+    let mut admin = s.admin().await;
+    let mut v = s.verifier().await;
+    let (first, _) = create(&mut admin, create_req("first")).await;
+    let (second, _) = create(&mut admin, create_req("second")).await;
+    store.set_latency(Duration::from_millis(300));
+    let err = v.verify(verify_req(&first)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    store.set_latency(Duration::ZERO);
+    assert_eq!(code(&verify(&mut v, verify_req(&second)).await), Code::Valid, "the store is asked again");
+    assert_eq!(code(&verify(&mut v, verify_req(&first)).await), Code::Valid);
+    s.stop().await;
+}

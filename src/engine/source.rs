@@ -25,6 +25,10 @@ type Flight = Arc<OnceCell<Result<Lookup, VerifyError>>>;
 
 /// During a store outage, how often one lookup may try the store again.
 const PROBE_EVERY: Duration = Duration::from_millis(200);
+/// Store reads that must fail in a row before the store counts as down (and
+/// lookups stop waiting for it): one slow answer on a busy machine is not an
+/// outage (README, "Storage, cache and revocation").
+const BREAKER_AFTER: u32 = 3;
 
 pub struct RecordSource {
     store: Arc<dyn KeyStore>,
@@ -32,9 +36,16 @@ pub struct RecordSource {
     inflight: DashMap<KeyId, Flight>,
     /// How long a lookup waits for the store.
     timeout: Duration,
-    /// Monotonic nanos of the first failed store read of an outage; 0 while
-    /// the store answers.
+    /// Monotonic nanos of the first failed store read of an outage, once
+    /// [`BREAKER_AFTER`] reads failed in a row; 0 while the store answers.
     store_down_since: AtomicU64,
+    /// Monotonic nanos of the first of the failed reads in a row; 0 after a
+    /// read that succeeded.
+    failing_since: AtomicU64,
+    failures_in_a_row: std::sync::atomic::AtomicU32,
+    /// Monotonic nanos since when the change feed is lost; 0 while it is
+    /// live (or before it first connected).
+    feed_down_since: AtomicU64,
     /// When the store was last tried during an outage.
     last_probe: AtomicU64,
     metrics: Metrics,
@@ -55,6 +66,9 @@ impl RecordSource {
             inflight: DashMap::new(),
             timeout,
             store_down_since: AtomicU64::new(0),
+            failing_since: AtomicU64::new(0),
+            failures_in_a_row: std::sync::atomic::AtomicU32::new(0),
+            feed_down_since: AtomicU64::new(0),
             last_probe: AtomicU64::new(0),
             metrics,
             clock,
@@ -77,8 +91,15 @@ impl RecordSource {
     /// read, shared by every concurrent miss for the same key_id).
     pub async fn lookup(&self, id: KeyId) -> Result<Lookup, VerifyError> {
         let down_since = self.store_down_since.load(Ordering::Relaxed);
+        let failing = self.failing_since.load(Ordering::Relaxed) != 0;
+        let untrusted = self.feed_lost_too_long();
         let stale = match self.cache.get(id) {
-            Cached::Fresh(Lookup::Absent) if down_since != 0 => None,
+            // Never a cached NOT_FOUND while the store fails or the feed is
+            // lost: the key may have been created meanwhile.
+            Cached::Fresh(Lookup::Absent) if failing || untrusted || down_since != 0 => None,
+            // The feed is lost: a cached key may have been revoked; read it
+            // again (and fall back to it only if the store fails too).
+            Cached::Fresh(Lookup::Present(key)) if untrusted => Some(key),
             Cached::Fresh(found) => {
                 self.metrics.cache_hits.increment(1);
                 return Ok(found);
@@ -104,7 +125,7 @@ impl RecordSource {
             // outage is older than the stale window. Nothing else does, and
             // nothing is cached.
             (Err(e), Some(key)) => {
-                let since = self.store_down_since.load(Ordering::Relaxed);
+                let since = self.failing_since.load(Ordering::Relaxed);
                 let outage = self.clock.mono_nanos().saturating_sub(since);
                 if since != 0 && outage < self.cache.settings().stale_window.as_nanos() as u64 {
                     self.metrics.cache_stale_hits.increment(1);
@@ -124,17 +145,37 @@ impl RecordSource {
             && self.last_probe.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
     }
 
-    /// Notes that the store failed; logs only the start of an outage.
+    /// Whether the change feed has been lost for longer than the grace.
+    #[inline]
+    fn feed_lost_too_long(&self) -> bool {
+        let since = self.feed_down_since.load(Ordering::Relaxed);
+        since != 0 && self.clock.mono_nanos().saturating_sub(since) > self.cache.settings().feed_grace.as_nanos() as u64
+    }
+
+    /// Notes that a store read failed; after [`BREAKER_AFTER`] in a row the
+    /// store counts as down (logged once, at that moment).
     fn store_failed(&self, error: &dyn std::fmt::Display) {
         let now = self.clock.mono_nanos().max(1);
-        if self.store_down_since.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        let _ = self.failing_since.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        let in_a_row = self.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+        if in_a_row < BREAKER_AFTER {
+            return;
+        }
+        let since = self.failing_since.load(Ordering::Relaxed).max(1);
+        if self.store_down_since.compare_exchange(0, since, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            self.metrics.breaker_open.set(1.0);
             self.last_probe.store(now, Ordering::Relaxed);
-            tracing::warn!(error = %error, stale_window = ?self.cache.settings().stale_window, "key store unavailable; cached keys keep verifying for the stale window");
+            tracing::warn!(error = %error, failures = in_a_row, stale_window = ?self.cache.settings().stale_window, "key store unavailable; cached keys keep verifying for the stale window");
         }
     }
 
     fn store_answered(&self) {
+        if self.failures_in_a_row.load(Ordering::Relaxed) != 0 {
+            self.failures_in_a_row.store(0, Ordering::Relaxed);
+            self.failing_since.store(0, Ordering::Relaxed);
+        }
         if self.store_down_since.swap(0, Ordering::Relaxed) != 0 {
+            self.metrics.breaker_open.set(0.0);
             tracing::info!("key store reachable again");
         }
     }
@@ -179,7 +220,11 @@ impl RecordSource {
                 self.cache.invalidate_all();
                 self.inflight.clear();
             }
-            FeedEvent::Connected | FeedEvent::Disconnected => {}
+            FeedEvent::Connected => self.feed_down_since.store(0, Ordering::Relaxed),
+            FeedEvent::Disconnected => {
+                let now = self.clock.mono_nanos().max(1);
+                let _ = self.feed_down_since.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+            }
         }
     }
 

@@ -112,11 +112,21 @@ pub struct ServeArgs {
     #[arg(long, env = "KEYSTILE_NO_ADMIN")]
     pub no_admin: bool,
     /// HTTP/2 streams per connection.
-    #[arg(long, env = "KEYSTILE_MAX_CONCURRENT_STREAMS", default_value = "1024")]
+    #[arg(long, env = "KEYSTILE_MAX_CONCURRENT_STREAMS", default_value = "100")]
     pub max_concurrent_streams: String,
+    /// Connections open at once; more are closed as soon as they are
+    /// accepted.
+    #[arg(long, env = "KEYSTILE_MAX_CONNECTIONS", default_value = "1024")]
+    pub max_connections: String,
+    /// Calls in progress in the whole process; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "KEYSTILE_MAX_INFLIGHT", default_value = "4096")]
+    pub max_inflight: String,
+    /// Longest a call may take before it is cancelled.
+    #[arg(long, env = "KEYSTILE_REQUEST_TIMEOUT", default_value = "30s")]
+    pub request_timeout: String,
     /// Calls in progress per connection beyond which new ones get
     /// RESOURCE_EXHAUSTED.
-    #[arg(long, env = "KEYSTILE_MAX_INFLIGHT_PER_CONNECTION", default_value = "1024")]
+    #[arg(long, env = "KEYSTILE_MAX_INFLIGHT_PER_CONNECTION", default_value = "100")]
     pub max_inflight_per_connection: String,
     /// How long in-flight calls may take to finish on SIGTERM.
     #[arg(long, env = "KEYSTILE_SHUTDOWN_GRACE", default_value = "10s")]
@@ -421,6 +431,14 @@ impl ServeArgs {
         let max_concurrent_streams = number::<u32>("max-concurrent-streams", &self.max_concurrent_streams, &mut errors);
         let max_inflight_per_connection =
             number::<usize>("max-inflight-per-connection", &self.max_inflight_per_connection, &mut errors);
+        let max_connections = number::<usize>("max-connections", &self.max_connections, &mut errors);
+        let max_inflight = number::<usize>("max-inflight", &self.max_inflight, &mut errors);
+        let request_timeout = duration(&self.request_timeout)
+            .map_err(|e| errors.push(format!("--request-timeout {:?}: {e}", self.request_timeout)))
+            .ok();
+        if max_connections == Some(0) || max_inflight == Some(0) {
+            errors.push("--max-connections and --max-inflight must be more than 0".into());
+        }
         let workers = match &self.workers {
             Some(w) => number::<usize>("workers", w, &mut errors).map(Some),
             None => Some(None),
@@ -584,6 +602,9 @@ impl ServeArgs {
                 },
                 max_concurrent_streams,
                 max_inflight_per_connection,
+                max_connections: max_connections.unwrap_or(1),
+                max_inflight: max_inflight.unwrap_or(1),
+                request_timeout: request_timeout.unwrap_or(Duration::from_secs(30)),
                 tls,
                 shutdown_grace: shutdown_grace.unwrap_or_default(),
                 last_used_flush: last_used_flush.unwrap_or_default(),

@@ -101,6 +101,12 @@ pub struct ServerOptions {
     pub front_ends: Vec<FrontEnd>,
     /// HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
+    /// Connections open at once; more are closed when accepted.
+    pub max_connections: usize,
+    /// Calls in progress in the whole process; more get RESOURCE_EXHAUSTED.
+    pub max_inflight: usize,
+    /// Longest a call may take before it is cancelled.
+    pub request_timeout: Duration,
     /// Calls in progress per connection beyond which new ones are shed
     /// with RESOURCE_EXHAUSTED.
     pub max_inflight_per_connection: usize,
@@ -116,8 +122,11 @@ impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
             front_ends: vec![FrontEnd::Verifier, FrontEnd::KeyAdmin],
-            max_concurrent_streams: 1024,
-            max_inflight_per_connection: 1024,
+            max_concurrent_streams: 100,
+            max_connections: 1024,
+            max_inflight: 4096,
+            request_timeout: Duration::from_secs(30),
+            max_inflight_per_connection: 100,
             shutdown_grace: Duration::from_secs(10),
             last_used_flush: Duration::from_secs(10),
             tls: None,
@@ -208,6 +217,11 @@ pub async fn serve(
 
     // serve_with_incoming ignores the builder's tcp_nodelay: set it here.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = crate::service::load::capped_incoming(
+        incoming,
+        options.max_connections,
+        app.metrics.connections_refused.clone(),
+    );
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &options.tls {
         builder = builder.tls_config(tls.check()?)?;
@@ -216,6 +230,8 @@ pub async fn serve(
         .max_concurrent_streams(options.max_concurrent_streams)
         .concurrency_limit_per_connection(options.max_inflight_per_connection)
         .load_shed(true)
+        .timeout(options.request_timeout)
+        .layer(crate::service::load::InflightCapLayer::new(options.max_inflight))
         .layer(crate::service::limits::oversize_is_invalid_argument())
         .layer(crate::service::span::RpcSpanLayer)
         .layer(crate::service::limits::StreamCapLayer)

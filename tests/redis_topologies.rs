@@ -164,8 +164,16 @@ async fn sentinel_failover_keeps_every_verdict_right() {
     let (data_pw, sentinel_pw) = (Some("data-secret"), Some("sentinel-secret"));
     // Full resyncs start at once (the default waits 5 s for more replicas).
     let primary = RedisServer::start_authed(&["--repl-diskless-sync-delay".into(), "0".into()], data_pw);
-    let replica =
-        RedisServer::start_authed(&["--replicaof".into(), "127.0.0.1".into(), primary.port.to_string()], data_pw);
+    let replica = RedisServer::start_authed(
+        &[
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            primary.port.to_string(),
+            "--repl-diskless-sync-delay".into(),
+            "0".into(),
+        ],
+        data_pw,
+    );
     let sentinels: Vec<RedisServer> =
         (0..3).map(|_| RedisServer::start_sentinel_authed("main", primary.port, 2, data_pw, sentinel_pw)).collect();
     let list = sentinels.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect::<Vec<_>>().join(",");
@@ -275,7 +283,9 @@ async fn sentinel_failover_keeps_every_verdict_right() {
     }
     let after = after.unwrap();
     for s in &sidecars {
-        wait_for("old and new keys verify", Duration::from_secs(5), async || {
+        // A sidecar that read the new key from the demoted primary before it
+        // resynced may hold a negative entry until its feed replays.
+        wait_for("old and new keys verify", Duration::from_secs(12), async || {
             code_on(s, &before).await == Some(Code::Valid) && code_on(s, &after).await == Some(Code::Valid)
         })
         .await;

@@ -400,3 +400,77 @@ async fn one_slow_store_read_does_not_open_the_breaker() {
     assert_eq!(code(&verify(&mut v, verify_req(&first)).await), Code::Valid);
     s.stop().await;
 }
+
+/// Limits for the whole process: calls in progress beyond the cap are
+/// refused at once, whatever connection they come on; connections beyond
+/// theirs are closed; a body that is not the method's message is the
+/// caller's INVALID_ARGUMENT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_wide_limits_and_undecodable_requests() {
+    let store = Arc::new(MemoryStore::new());
+    let mut settings = EngineSettings::new(test_pepper());
+    settings.store_timeout = Duration::from_secs(5);
+    let options = ServerOptions { max_inflight: 2, max_connections: 3, ..ServerOptions::default() };
+    let s = TestServer::start_with(store.clone(), settings, options, Clock::system()).await;
+    let mut admin = s.admin().await;
+    let (key, _) = create(&mut admin, create_req("slow")).await;
+    drop(admin);
+    store.set_latency(Duration::from_millis(400));
+    // Two slow calls on two connections hold both permits; a third, on a
+    // third connection, is refused without waiting.
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut v = s.verifier().await;
+        let key = key.clone();
+        slow.push(tokio::spawn(async move { v.verify(verify_req(&key)).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = s.verifier().await;
+    let err = third.verify(verify_req(&key)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("calls in progress"), "{}", err.message());
+    for c in slow {
+        assert_eq!(code(&c.await.unwrap().unwrap().into_inner()), Code::Valid);
+    }
+    store.set_latency(Duration::ZERO);
+    // Three connections are open (the two slow ones' clients are gone, the
+    // third is held): open more until one is turned away.
+    let mut held = Vec::new();
+    let mut refused = false;
+    for _ in 0..6 {
+        match tonic::transport::Channel::from_shared(s.url()).unwrap().connect().await {
+            Ok(ch) => {
+                let mut v = keystile::proto::verifier_client::VerifierClient::new(ch.clone());
+                if v.verify(verify_req(&key)).await.is_err() {
+                    refused = true;
+                    break;
+                }
+                held.push(ch);
+            }
+            Err(_) => {
+                refused = true;
+                break;
+            }
+        }
+    }
+    assert!(refused, "a connection beyond the cap is closed");
+    assert!(held.len() <= 3);
+    drop(held);
+
+    // Field 1 (key, a string) as bytes that are not UTF-8.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct NotAVerifyRequest {
+        #[prost(bytes = "vec", tag = "1")]
+        key: Vec<u8>,
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let channel = tonic::transport::Channel::from_shared(s.url()).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<NotAVerifyRequest, proto::VerifyResponse>::default();
+    let path = http::uri::PathAndQuery::from_static("/keystile.v1.Verifier/Verify");
+    let request = tonic::Request::new(NotAVerifyRequest { key: vec![0xff, 0xfe, 0xfd] });
+    let err = grpc.unary(request, path, codec).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    s.stop().await;
+}

@@ -29,6 +29,8 @@ use tower::{Layer, Service};
 use super::MAX_REQUEST_BYTES;
 
 const OUT_OF_RANGE: &str = "11";
+const INTERNAL: &str = "13";
+const UNDECODABLE: HeaderValue = HeaderValue::from_static("the request is not a valid message of this method");
 const INVALID_ARGUMENT: HeaderValue = HeaderValue::from_static("3");
 const TOO_LARGE: HeaderValue = HeaderValue::from_static("the request message is larger than 16 KiB");
 
@@ -46,6 +48,13 @@ fn rename<B>(mut resp: http::Response<B>) -> http::Response<B> {
     if headers.get("grpc-status").is_some_and(|v| v == OUT_OF_RANGE) {
         headers.insert("grpc-status", INVALID_ARGUMENT);
         headers.insert("grpc-message", TOO_LARGE);
+    } else if headers.get("grpc-status").is_some_and(|v| v == INTERNAL)
+        && headers.get("grpc-message").is_some_and(|m| m.to_str().is_ok_and(|m| m.contains("decode")))
+    {
+        // A request that is not the message it claims to be is the caller's
+        // mistake, not an internal error (handlers never answer INTERNAL).
+        headers.insert("grpc-status", INVALID_ARGUMENT);
+        headers.insert("grpc-message", UNDECODABLE);
     }
     resp
 }

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod limits;
+pub mod load;
 pub mod span;
 pub mod status;
 pub mod verifier;

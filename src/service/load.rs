@@ -1,0 +1,175 @@
+//! Process-wide limits on what callers can make this sidecar hold (README,
+//! "Limits"): connections and calls in flight, whatever the number of
+//! connections. Per-connection caps alone let fifty connections of a
+//! thousand streams each take the process's memory and every other
+//! caller's latency.
+//!
+//! - [`InflightCapLayer`]: beyond the cap a call is answered at once with
+//!   `RESOURCE_EXHAUSTED` (one failed atomic on the way: cheap to refuse).
+//! - [`capped_incoming`]: beyond the cap a new connection is closed as soon
+//!   as it is accepted.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::body::Body;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+use tower::{Layer, Service};
+
+#[derive(Clone)]
+pub struct InflightCapLayer {
+    permits: Arc<Semaphore>,
+    cap: usize,
+}
+
+impl InflightCapLayer {
+    pub fn new(cap: usize) -> InflightCapLayer {
+        InflightCapLayer { permits: Arc::new(Semaphore::new(cap)), cap }
+    }
+}
+
+impl<S> Layer<S> for InflightCapLayer {
+    type Service = InflightCap<S>;
+
+    fn layer(&self, inner: S) -> InflightCap<S> {
+        InflightCap { inner, permits: self.permits.clone(), cap: self.cap }
+    }
+}
+
+#[derive(Clone)]
+pub struct InflightCap<S> {
+    inner: S,
+    permits: Arc<Semaphore>,
+    cap: usize,
+}
+
+impl<S> Service<http::Request<Body>> for InflightCap<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>>,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = InflightFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => InflightFuture::Admitted { inner: self.inner.call(request), permit: Some(permit) },
+            Err(_) => {
+                let status = tonic::Status::resource_exhausted(format!(
+                    "this sidecar has {} calls in progress, its limit; retry with backoff",
+                    self.cap
+                ));
+                InflightFuture::Refused { response: Some(status.into_http()) }
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The inner call holding its permit, or the refusal.
+    #[project = InflightProj]
+    pub enum InflightFuture<F> {
+        Admitted { #[pin] inner: F, permit: Option<OwnedSemaphorePermit> },
+        Refused { response: Option<http::Response<Body>> },
+    }
+}
+
+impl<F, E> Future for InflightFuture<F>
+where
+    F: Future<Output = Result<http::Response<Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            InflightProj::Admitted { inner, permit } => {
+                let out = std::task::ready!(inner.poll(cx));
+                permit.take();
+                Poll::Ready(out)
+            }
+            InflightProj::Refused { response } => Poll::Ready(Ok(response.take().expect("polled once"))),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An accepted connection holding one of the connection permits.
+    pub struct CappedConnection<IO> {
+        #[pin]
+        io: IO,
+        _permit: OwnedSemaphorePermit,
+    }
+}
+
+impl<IO: Connected<ConnectInfo = TcpConnectInfo>> Connected for CappedConnection<IO> {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl<IO: AsyncRead> AsyncRead for CappedConnection<IO> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite> AsyncWrite for CappedConnection<IO> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// Accepted connections, at most `cap` open at once: one beyond it is
+/// closed at once (and counted).
+pub fn capped_incoming<S, IO, E>(
+    incoming: S,
+    cap: usize,
+    refused: metrics::Counter,
+) -> impl tokio_stream::Stream<Item = Result<CappedConnection<IO>, E>>
+where
+    S: tokio_stream::Stream<Item = Result<IO, E>>,
+{
+    use tokio_stream::StreamExt;
+    let permits = Arc::new(Semaphore::new(cap));
+    incoming.filter_map(move |accepted| match accepted {
+        Err(e) => Some(Err(e)),
+        Ok(io) => match permits.clone().try_acquire_owned() {
+            Ok(permit) => Some(Ok(CappedConnection { io, _permit: permit })),
+            Err(_) => {
+                refused.increment(1);
+                drop(io);
+                None
+            }
+        },
+    })
+}

@@ -659,3 +659,22 @@ async fn a_cut_feed_stops_trusting_the_cache_after_the_grace() {
     println!("revoked with the feed cut: refused after {:?} (feed grace 1 s)", t0.elapsed());
     assert_eq!(code_on(&other, &key).await, Some(Code::Revoked));
 }
+
+#[test]
+fn a_redis_without_an_append_only_file_is_named_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(); // the harness runs with --appendonly no
+    let pepper = pepper_file(dir.path());
+    let mut child = std::process::Command::new(BIN)
+        .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port()), "--pepper-file", &pepper])
+        .args(["--redis-url", &redis.url()])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    child.kill().unwrap();
+    let log = String::from_utf8_lossy(&child.wait_with_output().unwrap().stderr).into_owned();
+    assert!(log.contains("without appendonly"), "{log}");
+}

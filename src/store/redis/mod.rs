@@ -97,6 +97,23 @@ pub struct RedisStore {
     _subscriber: DropGuard,
 }
 
+/// Revocations live in Redis: without an append-only file, a restart loses
+/// every one since the last snapshot (README, "Redis topologies", RPO). Says
+/// so once at start, where `CONFIG GET` is allowed (managed Redis often
+/// refuses it; then nothing is said).
+async fn warn_if_not_durable(conn: &mut Connection) {
+    let answer: redis::RedisResult<Vec<String>> =
+        redis::cmd("CONFIG").arg("GET").arg("appendonly").query_async(conn).await;
+    if let Ok(pair) = answer
+        && pair.get(1).is_some_and(|v| v == "no")
+    {
+        tracing::warn!(
+            "redis runs without appendonly: a Redis restart loses every revocation since its last snapshot \
+             (run it with appendonly yes, appendfsync everysec)"
+        );
+    }
+}
+
 fn unavailable(e: redis::RedisError) -> StoreError {
     if e.is_timeout() { StoreError::Timeout } else { StoreError::Unavailable(e.to_string()) }
 }
@@ -139,6 +156,7 @@ impl RedisStore {
             let mut conn = opened.conn.clone();
             async move {
                 let _: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
+                warn_if_not_durable(&mut conn).await;
             }
         });
         Ok(RedisStore {

@@ -170,12 +170,13 @@ impl FeedLink {
         }
     }
 
-    /// Resolves when the feed must reconnect because the primary changed
-    /// (Sentinel); never for the other topologies.
-    pub async fn switched(&self) {
+    /// A watch that changes when the feed must reconnect because the
+    /// primary changed (Sentinel); `None` for the other topologies. Taken
+    /// once per feed session, before connecting, so no change is missed.
+    pub fn watch_switches(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         match self {
-            FeedLink::Sentinel(link) => link.switched().await,
-            _ => std::future::pending().await,
+            FeedLink::Sentinel(link) => Some(link.watch_switches()),
+            _ => None,
         }
     }
 
@@ -340,10 +341,9 @@ impl SentinelLink {
         }
     }
 
-    /// Resolves when the sentinels name another primary.
-    pub async fn switched(&self) {
-        let mut rx = self.switched.subscribe();
-        let _ = rx.changed().await;
+    /// A watch on primary changes; it sees every change after this call.
+    pub fn watch_switches(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.switched.subscribe()
     }
 
     async fn connection(&self) -> redis::RedisResult<ConnectionManager> {

@@ -86,6 +86,7 @@ async fn subscribe_once(
     last_seen: &mut [Option<String>],
     was_connected: &mut bool,
 ) -> redis::RedisResult<()> {
+    let mut switches = link.watch_switches();
     let connect = async {
         let mut pubsub = link.pubsub().await?;
         pubsub.subscribe(keys.channel()).await?;
@@ -121,7 +122,7 @@ async fn subscribe_once(
     let mut conn = link.commands().await?;
     loop {
         tokio::select! {
-            _ = link.switched() => {
+            _ = primary_changed(&mut switches) => {
                 return Err(redis::RedisError::from(std::io::Error::other("the primary changed")));
             }
             _ = check.tick() => {
@@ -160,6 +161,18 @@ async fn subscribe_once(
                     .map_err(|_| redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "feed ping timed out")))??;
             }
         }
+    }
+}
+
+/// Resolves when the watched primary changes; never without a watch.
+async fn primary_changed(switches: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    match switches {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -44,12 +44,26 @@ pub enum Scenario {
     Mix,
 }
 
+/// What the keys of the scenarios look like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Profile {
+    /// One scope, no allowlist, no rate limit (a short answer).
+    Simple,
+    /// Two scopes, a two-CIDR allowlist and a rate limit, asked from an
+    /// allowed address: the answer carries every rate-limit header, as in
+    /// real use.
+    Realistic,
+}
+
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Server to load (http://host:port). Without it, a server is started
     /// in this process.
     #[arg(long)]
     pub server: Option<String>,
+    /// The keys' shape: simple, or realistic (scopes, allowlist, rate limit).
+    #[arg(long, value_enum, default_value = "simple")]
+    pub profile: Profile,
     /// PEM file of the CA that signed an https:// --server's certificate.
     #[arg(long)]
     pub ca_file: Option<std::path::PathBuf>,
@@ -140,6 +154,8 @@ struct Workload {
     miss: Vec<String>,
     malformed: Vec<String>,
     unknown: Vec<String>,
+    /// The address requests come from (the realistic profile's allowlist).
+    ip: String,
     next_miss: AtomicUsize,
 }
 
@@ -204,7 +220,7 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, String> {
     }
 
     let needs_miss = args.scenario.contains(&Scenario::Miss);
-    let workload = Arc::new(prepare(&channels[0], &admin_key, keys, if needs_miss { keys } else { 0 }).await?);
+    let workload = Arc::new(prepare(&channels[0], &admin_key, keys, if needs_miss { keys } else { 0 }, args.profile).await?);
     let mut reports = Vec::new();
     let rounds = if args.smoke { 1 } else { args.rounds.max(1) };
     for _ in 0..rounds {
@@ -312,7 +328,13 @@ async fn start_local(
     Ok((rt, url, key))
 }
 
-async fn prepare(channel: &Channel, admin_key: &str, hits: usize, misses: usize) -> Result<Workload, String> {
+async fn prepare(
+    channel: &Channel,
+    admin_key: &str,
+    hits: usize,
+    misses: usize,
+    profile: Profile,
+) -> Result<Workload, String> {
     let bearer: tonic::metadata::MetadataValue<_> =
         format!("Bearer {admin_key}").parse().map_err(|_| "bad admin key")?;
     let admin = KeyAdminClient::with_interceptor(channel.clone(), move |mut req: tonic::Request<()>| {
@@ -322,8 +344,18 @@ async fn prepare(channel: &Channel, admin_key: &str, hits: usize, misses: usize)
     let create = |name: String| {
         let mut admin = admin.clone();
         async move {
-            let req =
+            let mut req =
                 proto::CreateKeyRequest { name, env: "live".into(), scopes: vec!["read".into()], ..Default::default() };
+            if profile == Profile::Realistic {
+                req.scopes.push("write".into());
+                req.ip_allowlist = vec!["10.0.0.0/8".into(), "192.168.0.0/16".into()];
+                req.rate_limit = Some(proto::RateLimit {
+                    requests: 1_000_000_000,
+                    window_seconds: 1,
+                    burst: 0,
+                    per_tenant: false,
+                });
+            }
             admin.create_key(req).await.map(|r| r.into_inner().key).map_err(|e| format!("creating bench keys: {e}"))
         }
     };
@@ -345,7 +377,8 @@ async fn prepare(channel: &Channel, admin_key: &str, hits: usize, misses: usize)
         })
         .collect();
     let unknown = (0..64).map(|_| generate(&format, Env::Live).key.into_exposed()).collect();
-    Ok(Workload { hit, miss, malformed, unknown, next_miss: AtomicUsize::new(0) })
+    let ip = if profile == Profile::Realistic { "10.1.2.3".to_string() } else { String::new() };
+    Ok(Workload { hit, miss, malformed, unknown, ip, next_miss: AtomicUsize::new(0) })
 }
 
 async fn futures_join<F>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
@@ -372,8 +405,12 @@ struct Settings {
 /// Sends the `i`-th request of a scenario. `Ok(false)` = an answer that
 /// the scenario did not expect; `Err` = the scenario has run out of input.
 async fn one(target: &mut Target, scenario: Scenario, w: &Workload, i: usize) -> Result<bool, ()> {
-    let verify =
-        |key: &str| proto::VerifyRequest { key: key.to_string(), scopes: vec!["read".into()], ..Default::default() };
+    let verify = |key: &str| proto::VerifyRequest {
+        key: key.to_string(),
+        ip: w.ip.clone(),
+        scopes: vec!["read".into()],
+        ..Default::default()
+    };
     match target {
         Target::Health(c) => Ok(c.check(HealthCheckRequest { service: String::new() }).await.is_ok()),
         Target::Verify(c) => {

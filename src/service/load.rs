@@ -144,8 +144,13 @@ impl<IO: AsyncWrite> AsyncWrite for CappedConnection<IO> {
         self.project().io.poll_write_vectored(cx, bufs)
     }
 
+    /// Reported as not vectored on purpose: h2 then copies a DATA frame of
+    /// up to 1 KiB (not 256 bytes) into its write buffer, so a Verify answer
+    /// with its rate-limit headers (about 320 bytes) goes out with the rest
+    /// in one write instead of one of its own (BENCHMARKS.md, "Server CPU
+    /// per call").
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        false
     }
 }
 

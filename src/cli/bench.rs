@@ -220,7 +220,8 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, String> {
     }
 
     let needs_miss = args.scenario.contains(&Scenario::Miss);
-    let workload = Arc::new(prepare(&channels[0], &admin_key, keys, if needs_miss { keys } else { 0 }, args.profile).await?);
+    let workload =
+        Arc::new(prepare(&channels[0], &admin_key, keys, if needs_miss { keys } else { 0 }, args.profile).await?);
     let mut reports = Vec::new();
     let rounds = if args.smoke { 1 } else { args.rounds.max(1) };
     for _ in 0..rounds {
@@ -349,12 +350,8 @@ async fn prepare(
             if profile == Profile::Realistic {
                 req.scopes.push("write".into());
                 req.ip_allowlist = vec!["10.0.0.0/8".into(), "192.168.0.0/16".into()];
-                req.rate_limit = Some(proto::RateLimit {
-                    requests: 1_000_000_000,
-                    window_seconds: 1,
-                    burst: 0,
-                    per_tenant: false,
-                });
+                req.rate_limit =
+                    Some(proto::RateLimit { requests: 1_000_000_000, window_seconds: 1, burst: 0, per_tenant: false });
             }
             admin.create_key(req).await.map(|r| r.into_inner().key).map_err(|e| format!("creating bench keys: {e}"))
         }

@@ -30,7 +30,8 @@
 //! - [`key`]: the key format (parse, checksum, generation) and the pepper.
 //! - [`app`]: [`app::App::build`], the one place the engine is wired.
 //! - [`service`]: the gRPC front ends: conversions, the one error → status
-//!   map, the size cap and the RPC span layer; [`proto`]: generated code.
+//!   map, the size cap, the RPC span layer and the process-wide limits on
+//!   connections and calls (`service/load.rs`); [`proto`]: generated code.
 //! - [`server`]: the port composed from a list of front ends, health,
 //!   reflection, background tasks, graceful shutdown.
 //! - [`config`]: flags, environment and file, validated (all errors at

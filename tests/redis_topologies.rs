@@ -168,17 +168,14 @@ async fn sentinel_failover_keeps_every_verdict_right() {
     // Passwords on the data nodes and on the sentinels themselves.
     let (data_pw, sentinel_pw) = (Some("data-secret"), Some("sentinel-secret"));
     // Full resyncs start at once (the default waits 5 s for more replicas).
-    let primary = RedisServer::start_authed(&["--repl-diskless-sync-delay".into(), "0".into()], data_pw);
-    let replica = RedisServer::start_authed(
-        &[
-            "--replicaof".into(),
-            "127.0.0.1".into(),
-            primary.port.to_string(),
-            "--repl-diskless-sync-delay".into(),
-            "0".into(),
-        ],
-        data_pw,
-    );
+    // A primary without a replica refuses writes (as README, "Redis
+    // topologies", advises): a write cannot land on the old primary in the
+    // moment between the promotion and its demotion, to be lost after.
+    let durable = ["--repl-diskless-sync-delay", "0", "--min-replicas-to-write", "1", "--min-replicas-max-lag", "10"];
+    let primary = RedisServer::start_authed(&durable.map(String::from), data_pw);
+    let mut replica_args = vec!["--replicaof".to_string(), "127.0.0.1".into(), primary.port.to_string()];
+    replica_args.extend(durable.map(String::from));
+    let replica = RedisServer::start_authed(&replica_args, data_pw);
     let sentinels: Vec<RedisServer> =
         (0..3).map(|_| RedisServer::start_sentinel_authed("main", primary.port, 2, data_pw, sentinel_pw)).collect();
     let list = sentinels.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect::<Vec<_>>().join(",");
@@ -290,10 +287,16 @@ async fn sentinel_failover_keeps_every_verdict_right() {
     for s in &sidecars {
         // A sidecar that read the new key from the demoted primary before it
         // resynced may hold a negative entry until its feed replays.
-        wait_for("old and new keys verify", Duration::from_secs(12), async || {
-            code_on(s, &before).await == Some(Code::Valid) && code_on(s, &after).await == Some(Code::Valid)
-        })
-        .await;
+        let mut seen = (None, None);
+        let t0 = Instant::now();
+        loop {
+            seen = (code_on(s, &before).await, code_on(s, &after).await);
+            if seen == (Some(Code::Valid), Some(Code::Valid)) {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(12), "old and new keys verify on :{}: {seen:?}", s.port);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     let t0 = Instant::now();
     sidecars[2].keys_json(&["revoke", &after]);

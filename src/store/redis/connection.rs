@@ -363,13 +363,18 @@ impl SentinelLink {
 
 /// The answer says this node is not the primary any more, or could not be
 /// reached: ask the sentinels again.
+/// `NOREPLICAS` is a primary that lost its replicas (`min-replicas-to-write`):
+/// during a failover, the old primary before the sentinels demote it.
 fn primary_lost(e: &RedisError) -> bool {
-    e.code() == Some("READONLY") || e.is_connection_refusal() || e.is_connection_dropped() || e.is_io_error()
+    matches!(e.code(), Some("READONLY" | "NOREPLICAS"))
+        || e.is_connection_refusal()
+        || e.is_connection_dropped()
+        || e.is_io_error()
 }
 
 /// Whether the command certainly did not run (so it may be sent again).
 fn not_applied(e: &RedisError) -> bool {
-    e.code() == Some("READONLY") || e.is_connection_refusal()
+    matches!(e.code(), Some("READONLY" | "NOREPLICAS")) || e.is_connection_refusal()
 }
 
 impl ConnectionLike for Connection {

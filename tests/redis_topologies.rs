@@ -287,10 +287,9 @@ async fn sentinel_failover_keeps_every_verdict_right() {
     for s in &sidecars {
         // A sidecar that read the new key from the demoted primary before it
         // resynced may hold a negative entry until its feed replays.
-        let mut seen = (None, None);
         let t0 = Instant::now();
         loop {
-            seen = (code_on(s, &before).await, code_on(s, &after).await);
+            let seen = (code_on(s, &before).await, code_on(s, &after).await);
             if seen == (Some(Code::Valid), Some(Code::Valid)) {
                 break;
             }

@@ -235,6 +235,7 @@ pub async fn serve(
         .layer(crate::service::limits::oversize_is_invalid_argument())
         .layer(crate::service::span::RpcSpanLayer)
         .layer(crate::service::limits::StreamCapLayer)
+        .layer(crate::service::load::EndWatchesLayer::new(stop.clone()))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_routes(routes(&app, &options.front_ends, health_service));
 

@@ -365,3 +365,24 @@ async fn oversized_health_and_reflection_messages_are_refused_without_growing_me
     assert!(after < before + 32 * 1024, "RSS grew from {before} KiB to {after} KiB");
     sidecar.terminate();
 }
+
+/// An open Health/Watch stream does not hold a shutdown for the whole
+/// grace: it is told NOT_SERVING and ended, and the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_health_watch_streams() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let sidecar = Sidecar::start(&["--dev", "--shutdown-grace", "20s"], &[]);
+    let mut health = HealthClient::new(channel(&sidecar).await);
+    let mut watch = health.watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    watch.message().await.unwrap().expect("the current status");
+    let t0 = std::time::Instant::now();
+    let (code, _) = tokio::task::spawn_blocking(move || sidecar.terminate()).await.unwrap();
+    assert_eq!(code, Some(0));
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(10),
+        "exited in {:?}, not after the 20 s grace",
+        t0.elapsed()
+    );
+    println!("exited {:?} after SIGTERM with a Watch stream open", t0.elapsed());
+}

@@ -178,3 +178,113 @@ where
         },
     })
 }
+
+/// Ends the answer streams of `grpc.health.v1.Health/Watch` when shutdown
+/// begins (after readiness went NOT_SERVING): a watcher would otherwise hold
+/// its connection open, and the drain would wait out the whole grace.
+#[derive(Clone)]
+pub struct EndWatchesLayer {
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl EndWatchesLayer {
+    pub fn new(stop: tokio_util::sync::CancellationToken) -> EndWatchesLayer {
+        EndWatchesLayer { stop }
+    }
+}
+
+impl<S> Layer<S> for EndWatchesLayer {
+    type Service = EndWatches<S>;
+
+    fn layer(&self, inner: S) -> EndWatches<S> {
+        EndWatches { inner, stop: self.stop.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct EndWatches<S> {
+    inner: S,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+const WATCH: &str = "/grpc.health.v1.Health/Watch";
+
+impl<S> Service<http::Request<Body>> for EndWatches<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>>,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = EndWatchesFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let stop = (request.uri().path() == WATCH).then(|| self.stop.clone());
+        EndWatchesFuture { inner: self.inner.call(request), stop }
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub struct EndWatchesFuture<F> {
+        #[pin]
+        inner: F,
+        stop: Option<tokio_util::sync::CancellationToken>,
+    }
+}
+
+impl<F, E> Future for EndWatchesFuture<F>
+where
+    F: Future<Output = Result<http::Response<Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = std::task::ready!(this.inner.poll(cx));
+        Poll::Ready(response.map(|r| match this.stop.take() {
+            None => r,
+            Some(stop) => r.map(|body| {
+                Body::new(EndingBody { inner: body, stopped: Box::pin(stop.cancelled_owned()), ended: false })
+            }),
+        }))
+    }
+}
+
+/// A Watch answer that ends with OK once shutdown begins.
+struct EndingBody {
+    inner: Body,
+    stopped: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    ended: bool,
+}
+
+impl http_body::Body for EndingBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        // What the service has to say first (NOT_SERVING), then the end.
+        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        if self.stopped.as_mut().poll(cx).is_ready() {
+            self.ended = true;
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+}

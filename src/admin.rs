@@ -479,22 +479,39 @@ impl Admin {
 
     /// Revokes at once. Revoking a revoked key changes nothing.
     pub async fn revoke(&self, id: &str, actor: &Actor) -> Result<KeyRecord, AdminError> {
+        self.set_state(id, actor, "key revoked", |r, now| {
+            if r.is_revoked_at(now) {
+                return Ok(false);
+            }
+            r.revoked_at = Some(now);
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Applies `change`, which says `Ok(false)` when the key is already so:
+    /// then nothing is written and the key is returned as it is. Logs
+    /// `done` after a write.
+    async fn set_state(
+        &self,
+        id: &str,
+        actor: &Actor,
+        done: &'static str,
+        change: impl Fn(&mut KeyRecord, i64) -> Result<bool, AdminError>,
+    ) -> Result<KeyRecord, AdminError> {
         let id = parse_id(id)?;
         actor.write()?;
+        // An empty FailedPrecondition stands for "already so", inside here.
         let record = self
             .mutate(id, actor, |r, now| {
-                if r.is_revoked_at(now) {
-                    return Err(AdminError::FailedPrecondition(String::new()));
-                }
-                r.revoked_at = Some(now);
-                Ok(())
+                if change(r, now)? { Ok(()) } else { Err(AdminError::FailedPrecondition(String::new())) }
             })
             .await;
         match record {
             Err(AdminError::FailedPrecondition(s)) if s.is_empty() => self.get(id.as_str(), actor).await,
             other => {
                 if other.is_ok() {
-                    tracing::info!(key_id = %id, "key revoked");
+                    tracing::info!(key_id = %id, "{done}");
                 }
                 other
             }
@@ -562,32 +579,21 @@ impl Admin {
     /// Disables (`true`) or enables a key. A revoked key stays revoked;
     /// setting what is already set changes nothing.
     pub async fn set_disabled(&self, id: &str, disabled: bool, actor: &Actor) -> Result<KeyRecord, AdminError> {
-        let id = parse_id(id)?;
-        actor.write()?;
-        let record = self
-            .mutate(id, actor, |r, now| {
-                if r.is_revoked_at(now) {
-                    return Err(AdminError::FailedPrecondition(format!(
-                        "key {} is revoked, and revocation is final",
-                        r.key_id
-                    )));
-                }
-                if r.disabled == disabled {
-                    return Err(AdminError::FailedPrecondition(String::new()));
-                }
-                r.disabled = disabled;
-                Ok(())
-            })
-            .await;
-        match record {
-            Err(AdminError::FailedPrecondition(s)) if s.is_empty() => self.get(id.as_str(), actor).await,
-            other => {
-                if other.is_ok() {
-                    tracing::info!(key_id = %id, "{}", if disabled { "key disabled" } else { "key enabled" });
-                }
-                other
+        let done = if disabled { "key disabled" } else { "key enabled" };
+        self.set_state(id, actor, done, |r, now| {
+            if r.is_revoked_at(now) {
+                return Err(AdminError::FailedPrecondition(format!(
+                    "key {} is revoked, and revocation is final",
+                    r.key_id
+                )));
             }
-        }
+            if r.disabled == disabled {
+                return Ok(false);
+            }
+            r.disabled = disabled;
+            Ok(true)
+        })
+        .await
     }
 
     /// Removes a key for good; afterwards it is `NOT_FOUND`, not `REVOKED`.

@@ -86,6 +86,68 @@ async fn probe_uncached(
     }
 }
 
+/// Verification without pause on every sidecar while a failover happens:
+/// `revoked` is never VALID, `valid` is VALID (or the call fails), a
+/// never-seen key is NOT_FOUND or UNAVAILABLE (noted in the outage).
+struct Watchers {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    rounds: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    outage: std::sync::Arc<Outage>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Watchers {
+    async fn start(sidecars: &[Sidecar], valid: &str, revoked: &str) -> Watchers {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let rounds = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let outage = std::sync::Arc::new(Outage::default());
+        let tasks = sidecars
+            .iter()
+            .map(|s| {
+                let (server, valid, revoked) = (s.server(), valid.to_string(), revoked.to_string());
+                let (stop, rounds, outage) = (stop.clone(), rounds.clone(), outage.clone());
+                tokio::spawn(async move {
+                    let channel = tonic::transport::Channel::from_shared(server).unwrap().connect().await.unwrap();
+                    let mut v = keystile::proto::verifier_client::VerifierClient::new(channel);
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if let Ok(r) = v.verify(verify_req(&revoked)).await {
+                            assert_ne!(
+                                code(&r.into_inner()),
+                                Code::Valid,
+                                "a revoked key was VALID during the failover"
+                            );
+                        }
+                        if let Ok(r) = v.verify(verify_req(&valid)).await {
+                            assert_eq!(code(&r.into_inner()), Code::Valid);
+                        }
+                        probe_uncached(&mut v, &outage).await;
+                        rounds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+            })
+            .collect();
+        let w = Watchers { stop, rounds, outage, tasks };
+        wait_for("the watchers verify", Duration::from_secs(10), async || w.rounds() >= 9).await;
+        w
+    }
+
+    fn rounds(&self) -> u32 {
+        self.rounds.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops them; returns the rounds since `since` and the outage window.
+    async fn stop(self, since: u32) -> (u32, Duration) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let during = self.rounds.load(std::sync::atomic::Ordering::Relaxed) - since;
+        assert!(during > 0, "the watchers verified during the failover");
+        (during, self.outage.window())
+    }
+}
+
 async fn wait_for(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> bool) {
     let t0 = Instant::now();
     while !check().await {
@@ -217,38 +279,8 @@ async fn sentinel_failover_keeps_every_verdict_right() {
 
     // Verify without pause on every sidecar while the primary changes: a
     // revoked key is never VALID, a valid one is VALID or UNAVAILABLE.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let rounds = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let outage = std::sync::Arc::new(Outage::default());
-    let watchers: Vec<_> = sidecars
-        .iter()
-        .map(|s| {
-            let (server, before, revoked, stop) = (s.server(), before.clone(), revoked.clone(), stop.clone());
-            let (rounds, outage) = (rounds.clone(), outage.clone());
-            tokio::spawn(async move {
-                let channel = tonic::transport::Channel::from_shared(server).unwrap().connect().await.unwrap();
-                let mut v = keystile::proto::verifier_client::VerifierClient::new(channel);
-                let mut checked = 0u32;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    if let Ok(r) = v.verify(verify_req(&revoked)).await {
-                        assert_ne!(code(&r.into_inner()), Code::Valid, "a revoked key was VALID during the failover");
-                    }
-                    if let Ok(r) = v.verify(verify_req(&before)).await {
-                        assert_eq!(code(&r.into_inner()), Code::Valid);
-                    }
-                    probe_uncached(&mut v, &outage).await;
-                    checked += 1;
-                    rounds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                checked
-            })
-        })
-        .collect();
-
-    let running = async || rounds.load(std::sync::atomic::Ordering::Relaxed) >= 9;
-    wait_for("the watchers verify", Duration::from_secs(10), running).await;
-    let before_failover = rounds.load(std::sync::atomic::Ordering::Relaxed);
+    let watchers = Watchers::start(&sidecars, &before, &revoked).await;
+    let before_failover = watchers.rounds();
     // The replica has every write so far: this failover loses nothing (the
     // lossy kind is a_lost_stream_entry_drops_the_cache).
     let acked: i64 = redis::cmd("WAIT").arg(1).arg(10_000).query(&mut primary.conn()).unwrap();
@@ -313,16 +345,8 @@ async fn sentinel_failover_keeps_every_verdict_right() {
         took[took.len() / 2],
         took[took.len() - 1]
     );
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for w in watchers {
-        w.await.unwrap();
-    }
-    let during = rounds.load(std::sync::atomic::Ordering::Relaxed) - before_failover;
-    assert!(during > 0, "the watchers verified during the failover");
-    println!(
-        "{during} verification rounds during the Sentinel failover; uncached keys UNAVAILABLE for {:?}",
-        outage.window()
-    );
+    let (during, outage) = watchers.stop(before_failover).await;
+    println!("{during} verification rounds during the Sentinel failover; uncached keys UNAVAILABLE for {outage:?}");
 }
 
 /// `n` keys created, verified on every sidecar, revoked through the first:
@@ -475,37 +499,8 @@ async fn cluster_spreads_keys_revokes_everywhere_and_survives_a_failover() {
     // A replica takes over its primary while every sidecar verifies.
     let revoked = keys[0].clone();
     let valid = keys[999].clone();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let total = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let outage = std::sync::Arc::new(Outage::default());
-    let watchers: Vec<_> = sidecars
-        .iter()
-        .map(|s| {
-            let (server, valid, revoked, stop) = (s.server(), valid.clone(), revoked.clone(), stop.clone());
-            let (total, outage) = (total.clone(), outage.clone());
-            tokio::spawn(async move {
-                let channel = tonic::transport::Channel::from_shared(server).unwrap().connect().await.unwrap();
-                let mut v = keystile::proto::verifier_client::VerifierClient::new(channel);
-                let mut rounds = 0u32;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    if let Ok(r) = v.verify(verify_req(&revoked)).await {
-                        assert_ne!(code(&r.into_inner()), Code::Valid, "a revoked key was VALID during the failover");
-                    }
-                    if let Ok(r) = v.verify(verify_req(&valid)).await {
-                        assert_eq!(code(&r.into_inner()), Code::Valid);
-                    }
-                    probe_uncached(&mut v, &outage).await;
-                    rounds += 1;
-                    total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                rounds
-            })
-        })
-        .collect();
-    let running = async || total.load(std::sync::atomic::Ordering::Relaxed) >= 9;
-    wait_for("the watchers verify", Duration::from_secs(10), running).await;
-    let before_failover = total.load(std::sync::atomic::Ordering::Relaxed);
+    let watchers = Watchers::start(&sidecars, &valid, &revoked).await;
+    let before_failover = watchers.rounds();
     let replica = nodes.iter().find(|n| !is_primary(n)).unwrap();
     let _: String = redis::cmd("CLUSTER").arg("FAILOVER").query(&mut replica.conn()).unwrap();
     wait_for("the replica took over", Duration::from_secs(30), async || is_primary(replica)).await;
@@ -535,16 +530,8 @@ async fn cluster_spreads_keys_revokes_everywhere_and_survives_a_failover() {
         })
         .await;
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for w in watchers {
-        w.await.unwrap();
-    }
-    let during = total.load(std::sync::atomic::Ordering::Relaxed) - before_failover;
-    assert!(during > 0, "the watchers verified during the failover");
-    println!(
-        "{during} verification rounds during the Cluster failover; uncached keys UNAVAILABLE for {:?}",
-        outage.window()
-    );
+    let (during, outage) = watchers.stop(before_failover).await;
+    println!("{during} verification rounds during the Cluster failover; uncached keys UNAVAILABLE for {outage:?}");
 }
 
 #[test]

@@ -48,6 +48,7 @@ fn main() {
                     scopes: vec!["read".into(), "write".into()],
                     ip_allowlist: vec![],
                     rate_limit: None,
+                    limits: Vec::new(),
                     metadata: Default::default(),
                     owner: String::new(),
                     disabled: false,
@@ -71,7 +72,7 @@ fn main() {
             // nothing else (no last-used entry) is kept for it.
             let scopes = ["not-granted".to_string()];
             for key in &keys {
-                let v = engine.verify(&Request { key, ip: None, scopes: &scopes, tenant: "", cost: 1 }).await.unwrap();
+                let v = engine.verify(&Request { scopes: &scopes, ..Request::of_key(key) }).await.unwrap();
                 assert_eq!(v.outcome, Outcome::InsufficientScope);
             }
         });

@@ -50,7 +50,7 @@ fn benches(c: &mut Criterion) {
     ));
     let key = minted.unwrap().key.expose().to_string();
     let scopes = vec!["read".to_string()];
-    let hit = Request { key: &key, ip: Some("10.1.2.3".parse().unwrap()), scopes: &scopes, tenant: "", cost: 1 };
+    let hit = Request { ip: Some("10.1.2.3".parse().unwrap()), scopes: &scopes, ..Request::of_key(&key) };
     assert!(rt.block_on(engine.verify(&hit)).unwrap().is_valid());
     c.bench_function("verify_cache_hit_scopes_ip_limit", |b| {
         b.to_async(&rt).iter(|| async { engine.verify(black_box(&hit)).await.unwrap().is_valid() })
@@ -89,7 +89,7 @@ fn benches(c: &mut Criterion) {
     });
 
     let stranger = generate(&format, Env::Live).key.expose().to_string();
-    let negative = Request { key: &stranger, ip: None, scopes: &[], tenant: "", cost: 1 };
+    let negative = Request::of_key(&stranger);
     rt.block_on(engine.verify(&negative)).unwrap();
     c.bench_function("verify_negative_cache_hit", |b| {
         b.to_async(&rt).iter(|| async { engine.verify(black_box(&negative)).await.unwrap().outcome })

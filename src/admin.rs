@@ -15,7 +15,9 @@ use crate::clock::Clock;
 use crate::engine::EngineSettings;
 use crate::engine::source::RecordSource;
 use crate::key::{Env, FullKey, KeyFormat, KeyId, PepperSet, generate};
-use crate::limit::{BucketId, Limiter, RateLimitPolicy};
+use crate::limit::named::{self, LimitSpec};
+use crate::limit::{Limiter, RateLimitPolicy};
+use crate::store::TenantPolicy;
 use crate::store::{KeyRecord, KeyStore, ListPage, ListQuery, StoreError};
 /// Default grace window of a rotation.
 pub const DEFAULT_GRACE_SECONDS: u64 = 3600;
@@ -72,6 +74,8 @@ pub struct KeySpec {
     pub scopes: Vec<String>,
     pub ip_allowlist: Vec<String>,
     pub rate_limit: Option<RateLimitPolicy>,
+    /// Named limits of this key (override its tenant's of the same name).
+    pub limits: Vec<LimitSpec>,
     pub metadata: BTreeMap<String, String>,
     /// Unix seconds; `None` = never.
     pub expires_at: Option<i64>,
@@ -87,6 +91,8 @@ pub struct KeyPatch {
     pub ip_allowlist: Option<Vec<String>>,
     /// `Some(None)` removes the key's own limit.
     pub rate_limit: Option<Option<RateLimitPolicy>>,
+    /// Replaces the key's named limits (`Some(vec![])` removes them).
+    pub limits: Option<Vec<LimitSpec>>,
     pub metadata: Option<BTreeMap<String, String>>,
     /// `Some(None)` = never expires.
     pub expires_at: Option<Option<i64>>,
@@ -101,6 +107,7 @@ impl KeyPatch {
             && self.scopes.is_none()
             && self.ip_allowlist.is_none()
             && self.rate_limit.is_none()
+            && self.limits.is_none()
             && self.metadata.is_none()
             && self.expires_at.is_none()
             && self.owner.is_none()
@@ -293,6 +300,7 @@ impl Admin {
         if let Some(p) = &spec.rate_limit {
             problems.extend(p.problems());
         }
+        problems.extend(named::list_problems(&spec.limits));
         check_metadata(&spec.metadata, &mut problems);
         if let Some(at) = spec.expires_at
             && at <= now
@@ -310,6 +318,7 @@ impl Admin {
             scopes,
             ip_allowlist,
             rate_limit: spec.rate_limit,
+            limits: spec.limits,
             metadata: spec.metadata,
             expires_at: spec.expires_at,
         };
@@ -333,6 +342,7 @@ impl Admin {
                 scopes: fields.scopes.clone(),
                 ip_allowlist: fields.ip_allowlist.clone(),
                 rate_limit: fields.rate_limit,
+                limits: fields.limits.clone(),
                 metadata: fields.metadata.clone(),
                 owner: fields.owner.clone(),
                 disabled: false,
@@ -432,6 +442,9 @@ impl Admin {
         if let Some(Some(p)) = &patch.rate_limit {
             problems.extend(p.problems());
         }
+        if let Some(l) = &patch.limits {
+            problems.extend(named::list_problems(l));
+        }
         if let Some(m) = &patch.metadata {
             check_metadata(m, &mut problems);
         }
@@ -461,6 +474,9 @@ impl Admin {
             }
             if let Some(l) = patch.rate_limit {
                 r.rate_limit = l;
+            }
+            if let Some(l) = &patch.limits {
+                r.limits = l.clone();
             }
             if let Some(m) = &patch.metadata {
                 r.metadata = m.clone();
@@ -550,6 +566,7 @@ impl Admin {
             scopes: old.scopes.clone(),
             ip_allowlist: old.ip_allowlist.clone(),
             rate_limit: old.rate_limit,
+            limits: old.limits.clone(),
             metadata: old.metadata.clone(),
             expires_at: old.expires_at,
         };
@@ -605,12 +622,67 @@ impl Admin {
         }
         let removed = self.store.delete(id).await?;
         self.records.invalidate(id);
-        self.limiter.forget(&BucketId::Key(id));
+        self.limiter.forget_key(id);
         if !removed {
             return Err(AdminError::NotFound(id));
         }
         tracing::info!(key_id = %id, "key deleted");
         Ok(())
+    }
+
+    /// A tenant's policy (README, "Rate limits"); an empty one when it has
+    /// none. Any admin of the tenant (or of the deployment) may read it.
+    pub async fn tenant_policy(&self, tenant: &str, actor: &Actor) -> Result<TenantPolicy, AdminError> {
+        self.may_see_tenant(tenant, actor)?;
+        Ok(self
+            .store
+            .tenant_policy(tenant)
+            .await?
+            .unwrap_or_else(|| TenantPolicy { tenant: tenant.to_string(), ..TenantPolicy::default() }))
+    }
+
+    /// Replaces a tenant's limits (none = no policy). Only a live admin
+    /// with write rights, of the deployment or of this tenant: the policy
+    /// applies to live keys too.
+    pub async fn set_tenant_policy(
+        &self,
+        tenant: &str,
+        limits: Vec<LimitSpec>,
+        actor: &Actor,
+    ) -> Result<TenantPolicy, AdminError> {
+        actor.write()?;
+        self.may_see_tenant(tenant, actor)?;
+        if actor.test_only {
+            return Err(AdminError::PermissionDenied(
+                "a test admin key cannot change a tenant's limits: they apply to live keys too".into(),
+            ));
+        }
+        let problems = named::list_problems(&limits);
+        if !problems.is_empty() {
+            return Err(AdminError::Invalid(problems));
+        }
+        let policy = TenantPolicy { tenant: tenant.to_string(), limits, updated_at: self.now() };
+        self.store.set_tenant_policy(&policy).await?;
+        self.records.apply(&crate::store::FeedEvent::TenantChanged(tenant.to_string()));
+        tracing::info!(tenant, limits = policy.limits.len(), "tenant policy set");
+        Ok(policy)
+    }
+
+    fn may_see_tenant(&self, tenant: &str, actor: &Actor) -> Result<(), AdminError> {
+        let mut problems = Vec::new();
+        if tenant.is_empty() {
+            problems.push("tenant is required".to_string());
+        }
+        check_tenant(tenant, &mut problems);
+        if !problems.is_empty() {
+            return Err(AdminError::Invalid(problems));
+        }
+        match &actor.tenant {
+            Some(t) if t != tenant => {
+                Err(AdminError::PermissionDenied(format!("this admin key manages tenant {t:?} only, not {tenant:?}")))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Read, change, write with the version as a fence; retries a few times
@@ -649,6 +721,7 @@ struct RecordFields {
     scopes: Vec<String>,
     ip_allowlist: Vec<IpNet>,
     rate_limit: Option<RateLimitPolicy>,
+    limits: Vec<LimitSpec>,
     metadata: BTreeMap<String, String>,
     expires_at: Option<i64>,
 }

@@ -13,6 +13,7 @@ use crate::engine::usage::UsageBatcher;
 use crate::engine::{Engine, EngineSettings};
 use crate::key::Env;
 use crate::limit::Limiter;
+use crate::limit::fleet::FleetLimiter;
 use crate::limit::local::LocalLimiter;
 use crate::metrics::Metrics;
 use crate::store::KeyStore;
@@ -45,7 +46,11 @@ impl App {
             metrics.clone(),
             clock.clone(),
         ));
-        let limiter: Arc<dyn Limiter> = Arc::new(LocalLimiter::new(clock.clone()));
+        // Fleet-wide when the store can share buckets (README, "Rate limits").
+        let limiter: Arc<dyn Limiter> = match (settings.fleet, store.shared_buckets()) {
+            (Some(fleet), Some(shared)) => FleetLimiter::start(shared, fleet, clock.clone()),
+            _ => Arc::new(LocalLimiter::new(clock.clone())),
+        };
         let usage = Arc::new(UsageBatcher::new(store.clone(), metrics.clone()));
         let engine = Arc::new(Engine::new(
             &settings,

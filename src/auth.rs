@@ -97,7 +97,7 @@ impl Authenticator {
         };
         // Any admin scope admits (keys:read reads only); the engine checks
         // the rest: state, IP allowlist, the key's own rate limit.
-        let request = Request { key, ip: peer, scopes: &[], tenant: "", cost: 1 };
+        let request = Request { ip: peer, ..Request::of_key(key) };
         let verdict = self
             .engine
             .verify_with(&request, self.shedder.as_ref())

@@ -29,13 +29,17 @@ const STRIPES: usize = 256;
 /// live in [`crate::limit`], so an eviction cannot reset a quota.
 pub struct CachedKey {
     pub record: KeyRecord,
+    /// The tag of the tenant's shared buckets, hashed once here rather than
+    /// per request; `None` without a tenant.
+    pub tenant_tag: Option<crate::limit::TenantTag>,
     /// The last unix second this key verified on this sidecar.
     pub last_touch: std::sync::atomic::AtomicI64,
 }
 
 impl CachedKey {
     pub fn new(record: KeyRecord) -> CachedKey {
-        CachedKey { record, last_touch: std::sync::atomic::AtomicI64::new(0) }
+        let tenant_tag = (!record.tenant.is_empty()).then(|| crate::limit::tenant_tag(&record.tenant));
+        CachedKey { record, tenant_tag, last_touch: std::sync::atomic::AtomicI64::new(0) }
     }
 }
 

@@ -20,7 +20,8 @@ use clap::Args;
 use crate::cache::CacheSettings;
 use crate::engine::EngineSettings;
 use crate::key::{Env, KeyFormat, Pepper, PepperSet};
-use crate::limit::RateLimitPolicy;
+use crate::limit::fleet::FleetSettings;
+use crate::limit::{LimitSpec, RateLimitPolicy};
 use crate::secret::{RedisUrl, Secret};
 use crate::server::{FrontEnd, ServerOptions, ServerTls};
 use crate::store::StoreConfig;
@@ -100,6 +101,23 @@ pub struct ServeArgs {
     /// (requests/window[:burst]). Unset: such keys are unlimited.
     #[arg(long, env = "KEYSTILE_DEFAULT_RATE_LIMIT")]
     pub default_rate_limit: Option<String>,
+    /// A deployment-wide named limit, NAME=REQUESTS/WINDOW[:BURST][@tenant]
+    /// [,auto][,open|,closed]; repeat for several (README, "Rate limits").
+    /// Tenants' policies and keys override a limit of the same name.
+    #[arg(long = "limit", env = "KEYSTILE_LIMITS", value_delimiter = ';')]
+    pub limits: Vec<String>,
+    /// Largest share of a shared limit's burst one replica may hold as a
+    /// lease (0 < x <= 1).
+    #[arg(long, env = "KEYSTILE_LIMIT_SLACK", default_value = "0.01")]
+    pub limit_slack: String,
+    /// Unspent lease cells go back to the shared bucket after this long
+    /// without use.
+    #[arg(long, env = "KEYSTILE_LIMIT_LEASE_IDLE", default_value = "1s")]
+    pub limit_lease_idle: String,
+    /// Count rate limits in this process only, even with Redis (each
+    /// replica then admits the whole limit).
+    #[arg(long, env = "KEYSTILE_LOCAL_LIMITS")]
+    pub local_limits: bool,
     /// Failed attempts (malformed or unknown keys) per minute per client IP
     /// before that IP is shed; 0 turns shedding off.
     #[arg(long, env = "KEYSTILE_FAILED_ATTEMPTS_PER_MINUTE", default_value = "20")]
@@ -500,6 +518,27 @@ impl ServeArgs {
             Some(s) if s.trim().is_empty() || s == "none" => None,
             Some(s) => s.parse::<RateLimitPolicy>().map_err(|e| errors.push(format!("--default-rate-limit: {e}"))).ok(),
         };
+        let mut limits = Vec::new();
+        for l in self.limits.iter().filter(|l| !l.trim().is_empty()) {
+            match l.trim().parse::<LimitSpec>() {
+                Ok(spec) => limits.push(spec),
+                Err(e) => errors.push(format!("--limit: {e}")),
+            }
+        }
+        errors.extend(crate::limit::named::list_problems(&limits).into_iter().map(|e| format!("--limit: {e}")));
+        let limit_slack = match self.limit_slack.trim().parse::<f64>() {
+            Ok(x) if x > 0.0 && x <= 1.0 => Some(x),
+            _ => {
+                errors.push(format!("--limit-slack {:?} must be a number above 0 and at most 1", self.limit_slack));
+                None
+            }
+        };
+        let limit_lease_idle = duration(&self.limit_lease_idle)
+            .map_err(|e| errors.push(format!("--limit-lease-idle {:?}: {e}", self.limit_lease_idle)))
+            .ok();
+        if limit_lease_idle.is_some_and(|d| d < Duration::from_millis(100) || d > Duration::from_secs(60)) {
+            errors.push("--limit-lease-idle must be between 100ms and 60s".into());
+        }
         if cache_max_entries == Some(0) {
             errors.push("--cache-max-entries must be more than 0".into());
         }
@@ -584,6 +623,12 @@ impl ServeArgs {
                 feed_grace: feed_grace.unwrap_or_default(),
             },
             default_rate_limit,
+            limits,
+            fleet: (!self.local_limits).then(|| FleetSettings {
+                slack: limit_slack.unwrap_or(0.01),
+                lease_idle: limit_lease_idle.unwrap_or(Duration::from_secs(1)),
+                timeout: store_timeout.unwrap_or_default(),
+            }),
             failed_attempts_per_minute: NonZeroU32::new(failed_attempts_per_minute),
             store_timeout: store_timeout.unwrap_or_default(),
             allow_star_scope: self.allow_star_scope,

@@ -11,12 +11,14 @@
 //!   metric label in one place), the headers. A leaf: imports no engine.
 //! - [`engine`]: the decision pipeline (`engine/mod.rs`, only the checks, in
 //!   order), the record source (`engine/source.rs`: cache + store + single
-//!   flight + outage breaker + change feed) and the last-used batcher
-//!   (`engine/usage.rs`).
-//! - [`limit`]: the [`limit::Limiter`] trait; the local GCRA buckets
-//!   (`limit/gcra.rs`) owned by a registry keyed by bucket id
-//!   (`limit/local.rs`); failed-attempt shedding (`limit/shedder.rs`);
-//!   policies (`limit/policy.rs`).
+//!   flight + outage breaker + change feed), tenants' named limits
+//!   (`engine/tenants.rs`) and the last-used batcher (`engine/usage.rs`).
+//! - [`limit`]: the [`limit::Limiter`] trait and bucket ids; named limits
+//!   and which apply (`limit/named.rs`); one GCRA bucket that can give
+//!   cells back (`limit/gcra.rs`); the in-process registry
+//!   (`limit/local.rs`); leases from buckets shared by the fleet, with the
+//!   fallback (`limit/fleet.rs`); failed-attempt shedding
+//!   (`limit/shedder.rs`); policies (`limit/policy.rs`).
 //! - [`auth`]: a presented credential authenticated for a purpose (admin),
 //!   failures counted by transport peer, apart from Verify's.
 //! - [`admin`]: key lifecycle and the validation of every field, within
@@ -26,7 +28,8 @@
 //!   the generation fence against fill-after-revoke.
 //! - [`store`]: one [`store::KeyStore`] trait, the in-memory store
 //!   (`store/memory.rs`) and Redis (`store/redis/`: the store, named
-//!   scripts, the change-feed follower, the connection).
+//!   scripts, the change-feed follower, the connection, the shared
+//!   rate-limit buckets).
 //! - [`key`]: the key format (parse, checksum, generation) and the pepper.
 //! - [`app`]: [`app::App::build`], the one place the engine is wired.
 //! - [`service`]: the gRPC front ends: conversions, the one error → status
@@ -39,8 +42,8 @@
 //! - [`clock`]: injectable time; [`telemetry`]: logs and traces;
 //!   [`metrics`]: the Prometheus instruments.
 //!
-//! The `keystile keys` CLI and `keystile bench` load generator live in the
-//! binary's own tree (`src/cli/`).
+//! The `keystile keys` / `tenants` CLI and `keystile bench` load generator
+//! live in the binary's own tree (`src/cli/`).
 
 pub mod admin;
 pub mod app;

@@ -28,6 +28,8 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Manage keys through KeyAdmin.
     Keys(Box<cli::keys::KeysArgs>),
+    /// Manage tenants' named limits through KeyAdmin.
+    Tenants(Box<cli::tenants::TenantsArgs>),
     /// Ask a server whether a key may do something; prints the verdict and
     /// its headers (exit 0 whatever the verdict).
     Verify(Box<cli::verify::VerifyArgs>),
@@ -93,6 +95,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Keys(args) => client(cli::keys::run(*args)),
+        Command::Tenants(args) => client(cli::tenants::run(*args)),
         Command::Verify(args) => client(cli::verify::run(*args)),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "keystile", &mut std::io::stdout());

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use crate::cache::CachedKey;
 use crate::key::Malformed;
-use crate::limit::RateState;
+use crate::limit::{LimitName, RateState};
 
 /// The outcome of a verification, in order of precedence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -125,9 +125,38 @@ pub struct Request<'a> {
     pub tenant: &'a str,
     /// Rate-limit cells to take; at least 1.
     pub cost: u32,
+    /// The named limits this request counts against; empty = the key's
+    /// automatic ones (README, "Rate limits"). Valid names, checked at the
+    /// front end.
+    pub limits: &'a [String],
 }
 
-crate::secret::debug_without_key!(Request<'_>, "Request", [ip, scopes, tenant, cost]);
+impl<'a> Request<'a> {
+    /// A request with only a key (no address, scopes, tenant or limits).
+    pub fn of_key(key: &'a str) -> Request<'a> {
+        Request { key, ip: None, scopes: &[], tenant: "", cost: 1, limits: &[] }
+    }
+}
+
+crate::secret::debug_without_key!(Request<'_>, "Request", [ip, scopes, tenant, cost, limits]);
+
+/// The state of one named limit a request was counted against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppliedLimit {
+    pub name: LimitName,
+    pub state: RateState,
+}
+
+/// The limits of one verdict; two fit without an allocation.
+pub type AppliedLimits = smallvec::SmallVec<[AppliedLimit; 2]>;
+
+/// The limit that constrains a request most: the one that denied it (the
+/// longest wait), else the fewest requests left, else the longest reset.
+pub fn most_constraining(limits: &[AppliedLimit]) -> Option<&AppliedLimit> {
+    limits.iter().min_by_key(|l| {
+        (std::cmp::Reverse(l.state.retry_after_ms), l.state.remaining, std::cmp::Reverse(l.state.reset_seconds))
+    })
+}
 
 /// The answer: an outcome, the key when it was identified, the quota state.
 #[derive(Debug, Clone)]
@@ -135,14 +164,17 @@ pub struct Verdict {
     pub outcome: Outcome,
     /// Set from `REVOKED` on (never for `MALFORMED`/`NOT_FOUND`).
     pub key: Option<Arc<CachedKey>>,
+    /// The most constraining limit's state (what `X-RateLimit-*` carry).
     pub rate: Option<RateState>,
+    /// Every named limit applied, in the order checked.
+    pub limits: AppliedLimits,
     /// Why a key was malformed (for logs; never contains key material).
     pub malformed: Option<Malformed>,
 }
 
 impl Verdict {
     pub fn bare(outcome: Outcome) -> Verdict {
-        Verdict { outcome, key: None, rate: None, malformed: None }
+        Verdict { outcome, key: None, rate: None, limits: AppliedLimits::new(), malformed: None }
     }
 
     pub fn is_valid(&self) -> bool {
@@ -162,15 +194,29 @@ pub enum VerifyError {
     LimiterUnavailable(String),
 }
 
-/// The HTTP headers a caller can forward (README "Headers"), lower-case.
+/// The HTTP headers a caller can forward (README "Headers"), lower-case:
+/// the most constraining limit in `x-ratelimit-*` and `ratelimit`, every
+/// applied limit in `ratelimit-policy` (IETF draft syntax, one item each).
 pub fn headers(verdict: &Verdict, now_unix: i64) -> Vec<(&'static str, String)> {
+    use std::fmt::Write;
     let mut out = Vec::with_capacity(7);
     if let Some(r) = &verdict.rate {
+        let name = most_constraining(&verdict.limits).map_or("default", |l| l.name.as_str());
         out.push(("x-ratelimit-limit", r.limit.to_string()));
         out.push(("x-ratelimit-remaining", r.remaining.to_string()));
         out.push(("x-ratelimit-reset", (now_unix.max(0) as u64 + r.reset_seconds).to_string()));
-        out.push(("ratelimit-policy", format!("\"default\";q={};w={}", r.limit, r.window_seconds)));
-        out.push(("ratelimit", format!("\"default\";r={};t={}", r.remaining, r.reset_seconds)));
+        let policy = if verdict.limits.is_empty() {
+            format!("\"{name}\";q={};w={}", r.limit, r.window_seconds)
+        } else {
+            let mut p = String::with_capacity(32 * verdict.limits.len());
+            for (i, l) in verdict.limits.iter().enumerate() {
+                let sep = if i == 0 { "" } else { ", " };
+                let _ = write!(p, "{sep}\"{}\";q={};w={}", l.name, l.state.limit, l.state.window_seconds);
+            }
+            p
+        };
+        out.push(("ratelimit-policy", policy));
+        out.push(("ratelimit", format!("\"{name}\";r={};t={}", r.remaining, r.reset_seconds)));
         if verdict.outcome.http_status() == 429 {
             out.push(("retry-after", r.retry_after_ms.div_ceil(1000).max(1).to_string()));
         }
@@ -188,6 +234,61 @@ pub fn headers(verdict: &Verdict, now_unix: i64) -> Vec<(&'static str, String)> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn applied(name: &str, limit: u64, remaining: u64, reset: u64, retry_ms: u64) -> AppliedLimit {
+        AppliedLimit {
+            name: name.parse().unwrap(),
+            state: RateState { limit, remaining, reset_seconds: reset, window_seconds: 60, retry_after_ms: retry_ms },
+        }
+    }
+
+    fn with_limits(outcome: Outcome, limits: &[AppliedLimit]) -> Verdict {
+        let mut v = Verdict::bare(outcome);
+        v.limits = limits.iter().copied().collect();
+        v.rate = most_constraining(limits).map(|l| l.state);
+        v
+    }
+
+    #[test]
+    fn headers_with_one_limit() {
+        let v = with_limits(Outcome::Valid, &[applied("integration", 1000, 999, 1, 0)]);
+        assert_eq!(
+            headers(&v, 1_700_000_000),
+            vec![
+                ("x-ratelimit-limit", "1000".to_string()),
+                ("x-ratelimit-remaining", "999".to_string()),
+                ("x-ratelimit-reset", "1700000001".to_string()),
+                ("ratelimit-policy", "\"integration\";q=1000;w=60".to_string()),
+                ("ratelimit", "\"integration\";r=999;t=1".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn headers_with_three_limits_carry_the_most_constraining() {
+        let limits = [
+            applied("integration", 1000, 990, 1, 0),
+            applied("analytics", 100, 3, 58, 0),
+            applied("export", 10, 9, 6, 0),
+        ];
+        let h = headers(&with_limits(Outcome::Valid, &limits), 1_700_000_000);
+        assert_eq!(h[0], ("x-ratelimit-limit", "100".to_string()));
+        assert_eq!(h[1], ("x-ratelimit-remaining", "3".to_string()));
+        assert_eq!(h[2], ("x-ratelimit-reset", "1700000058".to_string()));
+        assert_eq!(
+            h[3],
+            (
+                "ratelimit-policy",
+                "\"integration\";q=1000;w=60, \"analytics\";q=100;w=60, \"export\";q=10;w=60".to_string()
+            )
+        );
+        assert_eq!(h[4], ("ratelimit", "\"analytics\";r=3;t=58".to_string()));
+
+        let denied = [applied("integration", 1000, 990, 1, 0), applied("export", 10, 0, 6, 6000)];
+        let h = headers(&with_limits(Outcome::RateLimited, &denied), 1_700_000_000);
+        assert_eq!(h[4], ("ratelimit", "\"export\";r=0;t=6".to_string()));
+        assert_eq!(h[5], ("retry-after", "6".to_string()));
+    }
 
     #[test]
     fn outcomes_are_indexed_by_discriminant() {

@@ -173,13 +173,25 @@ fn configuration_errors_are_all_reported_before_binding() {
             "prod",
             "--default-rate-limit",
             "lots",
+            "--limit",
+            "Integration=1/1s",
+            "--limit-slack",
+            "2",
         ])
         .env_remove("KEYSTILE_PEPPER")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
-    for needle in ["--cache-ttl", "prod", "--default-rate-limit", "pepper is required", "4 problems"] {
+    for needle in [
+        "--cache-ttl",
+        "prod",
+        "--default-rate-limit",
+        "--limit: limit name",
+        "--limit-slack",
+        "pepper is required",
+        "6 problems",
+    ] {
         assert!(err.contains(needle), "{needle:?} in {err}");
     }
     let ok = Command::new(BIN).args(["config", "check", "--dev"]).output().unwrap();
@@ -385,4 +397,59 @@ async fn sigterm_ends_health_watch_streams() {
         t0.elapsed()
     );
     println!("exited {:?} after SIGTERM with a Watch stream open", t0.elapsed());
+}
+
+fn tenants(s: &Sidecar, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .arg("tenants")
+        .args(args)
+        .env("KEYSTILE_ADMIN_KEY", &s.admin_key)
+        .env("KEYSTILE_SERVER", s.server())
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn named_limits_through_the_cli() {
+    let sidecar = Sidecar::start(&["--dev", "--limit", "export=2/1m"], &[]);
+    sidecar.wait_ready().await;
+    for (name, rate) in [("integration", "1000/1m"), ("admin", "500/1m"), ("analytics", "100/1m")] {
+        let auto = if name == "integration" { "--auto" } else { "--per=tenant" };
+        let out = tenants(&sidecar, &["set-limit", "acme", name, rate, auto]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = tenants(&sidecar, &["get", "acme"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("integration=1000/60s@tenant,auto"), "{text}");
+    assert!(text.contains("analytics=100/60s@tenant"), "{text}");
+    let out = tenants(&sidecar, &["clear-limit", "acme", "admin", "--json"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = doc["limits"].as_array().unwrap().iter().map(|l| l["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["integration", "analytics"]);
+    assert_eq!(doc["limits"][0]["per"], "tenant");
+
+    // Mistakes: a clear error, nothing sent or changed.
+    assert_eq!(tenants(&sidecar, &["clear-limit", "acme", "admin"]).status.code(), Some(65));
+    let out = tenants(&sidecar, &["set-limit", "acme", "Bad Name", "1/1s"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("limit name"));
+
+    // A key with its own limit, and a Verify naming limits.
+    let created =
+        sidecar.keys_json(&["create", "--name", "partner", "--tenant", "acme", "--limit", "integration=1/1m,auto"]);
+    assert_eq!(created["record"]["limits"][0]["name"], "integration");
+    let key = created["key"].as_str().unwrap().to_string();
+    let verify = |limits: &str| {
+        let out = Command::new(BIN)
+            .args(["verify", "--server", &sidecar.server(), "--json", "--limit", limits])
+            .env("KEYSTILE_KEY", &key)
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let r = verify("integration,export");
+    assert_eq!(r["code"], "VALID");
+    assert_eq!(r["headers"]["ratelimit-policy"], "\"integration\";q=1;w=60, \"export\";q=2;w=60");
+    let r = verify("integration");
+    assert_eq!(r["code"], "RATE_LIMITED", "the key's own integration limit (1/min) beats the tenant's");
 }

@@ -464,6 +464,37 @@ async fn cluster_spreads_keys_revokes_everywhere_and_survives_a_failover() {
     assert_eq!(page.records.len(), 1000, "a listing merges the partitions");
     assert!(page.records.windows(2).all(|w| (w[0].created_at, &w[0].key_id) <= (w[1].created_at, &w[1].key_id)));
 
+    // Fleet-wide limits on the Cluster (README, "Rate limits"): each
+    // tenant's bucket is one key, so eight tenants spread over the shards,
+    // and three sidecars together admit each tenant's limit, no more.
+    let mut clients = Vec::new();
+    for s in &sidecars {
+        let channel = tonic::transport::Channel::from_shared(s.server()).unwrap().connect().await.unwrap();
+        clients.push(keystile::proto::verifier_client::VerifierClient::new(channel));
+    }
+    for i in 0..8 {
+        let tenant = format!("org{i}");
+        keys_admin
+            .set_tenant_policy(keystile::proto::SetTenantPolicyRequest {
+                tenant: tenant.clone(),
+                limits: vec![limit("integration=300/3600s@tenant,auto")],
+            })
+            .await
+            .unwrap();
+        let req = keystile::proto::CreateKeyRequest { tenant, ..create_req("limited") };
+        let key = create(&mut keys_admin, req).await.0;
+        let run = drive(&clients, &key, &[34, 33, 33], 450).await;
+        let total: u64 = run.valid.iter().sum();
+        assert_eq!(run.other, 0);
+        assert!((285..=305).contains(&total), "tenant org{i}: {total} admitted of 300 ({:?})", run.valid);
+    }
+    let mut holding = 0;
+    for p in &primaries {
+        let buckets: Vec<String> = redis::cmd("KEYS").arg("keystile:lim:*").query(&mut p.conn()).unwrap();
+        holding += usize::from(!buckets.is_empty());
+    }
+    assert!(holding >= 2, "the tenants' buckets spread over the shards");
+
     // A malformed-key flood reaches no node.
     let reads_before: Vec<u64> = nodes.iter().map(|n| calls(n, "hget")).collect();
     let mut v = keystile::proto::verifier_client::VerifierClient::new(

@@ -166,9 +166,7 @@ async fn a_lookup_that_began_before_a_revocation_never_refills_the_cache() {
         let id = minted.record.key_id.to_string();
         let lookup = tokio::spawn({
             let (engine, key) = (engine.clone(), key.clone());
-            async move {
-                engine.verify(&Request { key: &key, ip: None, scopes: &[], tenant: "", cost: 1 }).await.unwrap().outcome
-            }
+            async move { engine.verify(&Request::of_key(&key)).await.unwrap().outcome }
         });
         let revoke = tokio::spawn({
             let admin = admin.clone();
@@ -185,7 +183,7 @@ async fn a_lookup_that_began_before_a_revocation_never_refills_the_cache() {
             other => panic!("{other:?}"),
         }
         revoke.await.unwrap();
-        let after = engine.verify(&Request { key: &key, ip: None, scopes: &[], tenant: "", cost: 1 }).await.unwrap();
+        let after = engine.verify(&Request::of_key(&key)).await.unwrap();
         assert_eq!(after.outcome, Verdict::Revoked, "iteration {i}: a stale lookup put the key back");
     }
     println!("lookups that saw the key valid: {saw_valid}, revoked: {saw_revoked}");
@@ -217,19 +215,16 @@ async fn no_refill_across_replicas_on_redis() {
             .unwrap();
         let key = minted.key.expose().to_string();
         let id = minted.record.key_id.to_string();
-        let req = |k: &str| Request { key: k, ip: None, scopes: &[], tenant: "", cost: 1 }.key.to_string();
+        let req = |k: &str| Request::of_key(k).key.to_string();
         let lookup = tokio::spawn({
             let (b, key) = (b.clone(), req(&key));
-            async move {
-                b.verify(&Request { key: &key, ip: None, scopes: &[], tenant: "", cost: 1 }).await.unwrap().outcome
-            }
+            async move { b.verify(&Request::of_key(&key)).await.unwrap().outcome }
         });
         admin.revoke(&id, &Actor::deployment()).await.unwrap();
         let _ = lookup.await.unwrap();
         let t0 = Instant::now();
         loop {
-            let code =
-                b.verify(&Request { key: &key, ip: None, scopes: &[], tenant: "", cost: 1 }).await.unwrap().outcome;
+            let code = b.verify(&Request::of_key(&key)).await.unwrap().outcome;
             if code == Verdict::Revoked {
                 break;
             }
@@ -237,8 +232,7 @@ async fn no_refill_across_replicas_on_redis() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         for _ in 0..3 {
-            let code =
-                b.verify(&Request { key: &key, ip: None, scopes: &[], tenant: "", cost: 1 }).await.unwrap().outcome;
+            let code = b.verify(&Request::of_key(&key)).await.unwrap().outcome;
             assert_eq!(code, Verdict::Revoked, "iteration {i}: refilled after the revocation was seen");
         }
     }

@@ -50,6 +50,21 @@ async fn malformed_keys_never_reach_the_memory_store() {
     s.stop().await;
 }
 
+/// A server whose limits stay in the process: the fleet limiter's
+/// once-a-second heartbeat would show in the command counts these tests
+/// read.
+async fn counted_server(store: RedisStore) -> TestServer {
+    let settings =
+        keystile::engine::EngineSettings { fleet: None, ..keystile::engine::EngineSettings::new(test_pepper()) };
+    TestServer::start_with(
+        Arc::new(store),
+        settings,
+        keystile::server::ServerOptions::default(),
+        keystile::clock::Clock::system(),
+    )
+    .await
+}
+
 fn data_commands(stats: &std::collections::BTreeMap<String, u64>) -> u64 {
     // The change feed pings once a second and the test reads INFO itself.
     stats
@@ -63,7 +78,7 @@ fn data_commands(stats: &std::collections::BTreeMap<String, u64>) -> u64 {
 async fn malformed_keys_issue_no_redis_command_and_a_miss_issues_one() {
     let redis = RedisServer::start();
     let store = RedisStore::open(&redis.url(), "keystile", Duration::from_secs(1)).unwrap();
-    let s = TestServer::start(Arc::new(store)).await;
+    let s = counted_server(store).await;
     let mut v = s.verifier().await;
     let before = redis.command_calls();
     for _ in 0..20 {
@@ -112,7 +127,7 @@ async fn concurrent_misses_for_one_key_are_one_store_read() {
 async fn redis_outage_cached_keys_verify_uncached_are_unavailable_then_recover() {
     let mut redis = RedisServer::start();
     let store = RedisStore::open(&redis.url(), "keystile", Duration::from_millis(200)).unwrap();
-    let s = TestServer::start(Arc::new(store)).await;
+    let s = counted_server(store).await;
     let mut admin = s.admin().await;
     let mut v = s.verifier().await;
     let (cached, _) = create(&mut admin, create_req("cached")).await;
@@ -242,7 +257,7 @@ async fn last_used_is_written_in_batches_not_per_request() {
     let store = Arc::new(RedisStore::open(&redis.url(), "keystile", Duration::from_secs(1)).unwrap());
     let s = TestServer::start_with(
         store,
-        keystile::engine::EngineSettings::new(test_pepper()),
+        keystile::engine::EngineSettings { fleet: None, ..keystile::engine::EngineSettings::new(test_pepper()) },
         options,
         keystile::clock::Clock::system(),
     )

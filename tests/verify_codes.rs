@@ -141,7 +141,10 @@ async fn every_code(s: &TestServer) {
     assert_eq!(code(&r), Code::RateLimited);
     assert_eq!((r.http_status, r.error.as_str()), (429, "rate_limited"));
     let rl = r.rate_limit.unwrap();
-    assert_eq!((rl.limit, rl.remaining, rl.window_seconds, rl.retry_after_ms), (5, 0, 60, 12_000));
+    assert_eq!((rl.limit, rl.remaining, rl.window_seconds), (5, 0, 60));
+    // On Redis the shared bucket runs on Redis's clock, which moved on a
+    // few milliseconds since the first call.
+    assert!((11_800..=12_000).contains(&rl.retry_after_ms), "one cell every 12 s: {}", rl.retry_after_ms);
     let expect = [
         ("x-ratelimit-limit", "5".to_string()),
         ("x-ratelimit-remaining", "0".to_string()),
@@ -337,7 +340,7 @@ async fn a_spent_quota_survives_eviction_by_forged_keys() {
         let batch: Vec<String> = (0..500).map(|_| generate(&format, Env::Live).key.expose().to_string()).collect();
         for _ in 0..2 {
             for k in &batch {
-                let r = keystile::verdict::Request { key: k, ip: None, scopes: &[], tenant: "", cost: 1 };
+                let r = keystile::verdict::Request::of_key(k);
                 assert_eq!(s.app.engine.verify(&r).await.unwrap().outcome, keystile::verdict::Outcome::NotFound);
             }
         }

@@ -14,7 +14,7 @@ use tonic::metadata::MetadataValue;
 
 use super::output::{self, Format, print_record, print_table, record_json, state_name, when};
 use super::{CliError, ServerArgs, exit};
-use keystile::limit::RateLimitPolicy;
+use keystile::limit::{LimitSpec, RateLimitPolicy};
 use keystile::proto;
 use keystile::proto::key_admin_client::KeyAdminClient;
 
@@ -110,6 +110,10 @@ pub struct CreateArgs {
     /// 1000/60s@tenant to share one bucket with the tenant's other keys.
     #[arg(long)]
     pub rate_limit: Option<String>,
+    /// A named limit of this key, NAME=REQUESTS/WINDOW[:BURST][@tenant][,auto];
+    /// repeatable. Overrides the tenant's limit of the same name.
+    #[arg(long = "limit")]
+    pub limits: Vec<String>,
     /// key=value; repeatable.
     #[arg(long = "meta")]
     pub metadata: Vec<String>,
@@ -171,6 +175,13 @@ pub struct UpdateArgs {
     /// Remove the key's own limit (the deployment default applies).
     #[arg(long)]
     pub clear_rate_limit: bool,
+    /// Replace the key's named limits, NAME=REQUESTS/WINDOW[:BURST][@tenant][,auto];
+    /// repeatable.
+    #[arg(long = "limit", conflicts_with = "clear_limits")]
+    pub limits: Vec<String>,
+    /// Remove the key's named limits (its tenant's apply).
+    #[arg(long)]
+    pub clear_limits: bool,
     /// Replace the metadata with these key=value pairs.
     #[arg(long = "meta")]
     pub metadata: Vec<String>,
@@ -235,7 +246,9 @@ pub fn key_id_of(s: &str) -> Result<String, CliError> {
 
 /// The admin key as given, `Bearer ` and surrounding blanks allowed; an
 /// empty value counts as none.
-fn admin_bearer(key: Option<&keystile::secret::Secret>) -> Result<MetadataValue<tonic::metadata::Ascii>, CliError> {
+pub(super) fn admin_bearer(
+    key: Option<&keystile::secret::Secret>,
+) -> Result<MetadataValue<tonic::metadata::Ascii>, CliError> {
     let key = key.map(|k| k.expose().trim()).unwrap_or_default();
     let key = key.strip_prefix("Bearer ").or_else(|| key.strip_prefix("bearer ")).unwrap_or(key).trim();
     if key.is_empty() {
@@ -451,6 +464,19 @@ fn rate(s: &str) -> Result<proto::RateLimit, CliError> {
     })
 }
 
+/// `--limit` values as the API takes them; every bad one reported.
+pub(super) fn limit_specs(values: &[String]) -> Result<Vec<proto::LimitSpec>, CliError> {
+    let mut out = Vec::new();
+    let mut problems = Vec::new();
+    for v in values {
+        match v.trim().parse::<LimitSpec>() {
+            Ok(l) => out.push(keystile::service::admin::limit_to_proto(&l)),
+            Err(e) => problems.push(format!("--limit: {e}")),
+        }
+    }
+    if problems.is_empty() { Ok(out) } else { Err(CliError::usage(problems.join("\n"))) }
+}
+
 fn create_request(c: CreateArgs) -> Result<proto::CreateKeyRequest, CliError> {
     let expires_at = match (&c.expires_at, &c.expires_in) {
         (Some(at), _) => parse_time("--expires-at", at)?,
@@ -465,6 +491,7 @@ fn create_request(c: CreateArgs) -> Result<proto::CreateKeyRequest, CliError> {
         scopes: nonempty(c.scopes),
         ip_allowlist: nonempty(c.ip_allowlist),
         rate_limit: c.rate_limit.as_deref().map(rate).transpose()?,
+        limits: limit_specs(&c.limits)?,
         metadata: parse_meta(&c.metadata)?.into_iter().collect(),
         expires_at,
     })
@@ -497,6 +524,8 @@ fn update_request(u: UpdateArgs) -> Result<proto::UpdateKeyRequest, CliError> {
         ip_allowlist: u.ip_allowlist.map(|s| proto::StringList { values: nonempty(s) }),
         rate_limit: u.rate_limit.as_deref().map(rate).transpose()?,
         clear_rate_limit: u.clear_rate_limit,
+        limits: limit_specs(&u.limits)?,
+        clear_limits: u.clear_limits,
         metadata,
         expires_at,
     };
@@ -506,12 +535,14 @@ fn update_request(u: UpdateArgs) -> Result<proto::UpdateKeyRequest, CliError> {
         && req.ip_allowlist.is_none()
         && req.rate_limit.is_none()
         && !req.clear_rate_limit
+        && req.limits.is_empty()
+        && !req.clear_limits
         && req.metadata.is_none()
         && req.expires_at.is_none();
     if changes_nothing {
         return Err(CliError::usage(
             "nothing to change: give at least one of --name, --owner, --scope, --allow-ip, --rate-limit, --clear-rate-limit, \
-             --meta, --clear-metadata, --expires-at, --expires-in, --never-expires",
+             --limit, --clear-limits, --meta, --clear-metadata, --expires-at, --expires-in, --never-expires",
         ));
     }
     Ok(req)
@@ -579,7 +610,8 @@ async fn bootstrap(b: &BootstrapArgs, format: Format, quiet: bool) -> Result<(),
             pepper.id()
         )));
     }
-    let settings = EngineSettings { format: key_format, ..EngineSettings::new(PepperSet::single(pepper)) };
+    // Not a replica: it verifies nothing, so it takes no part in shared limits.
+    let settings = EngineSettings { format: key_format, fleet: None, ..EngineSettings::new(PepperSet::single(pepper)) };
     let app = App::build(settings, store, Clock::system());
     let minted = app.mint_admin_key(&b.name).await.map_err(|e| unavailable(&e))?;
     let record = keystile::service::admin::to_proto(&minted.record, now());

@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod keys;
 pub mod output;
+pub mod tenants;
 pub mod verify;
 
 use std::net::IpAddr;

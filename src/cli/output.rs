@@ -108,7 +108,26 @@ pub fn record_json(r: &proto::KeyRecord) -> Value {
         "state": state_name(r.state),
         "owner": r.owner,
         "disabled": r.disabled,
+        "limits": r.limits.iter().map(limit_json).collect::<Vec<_>>(),
     })
+}
+
+/// A named limit as scripts see it.
+pub fn limit_json(l: &proto::LimitSpec) -> Value {
+    let per = if l.per == proto::LimitScope::Tenant as i32 { "tenant" } else { "key" };
+    let fallback = match proto::LimitFallback::try_from(l.fallback) {
+        Ok(proto::LimitFallback::Open) => "open",
+        Ok(proto::LimitFallback::Closed) => "closed",
+        _ => "local_share",
+    };
+    json!({"name": l.name, "requests": l.requests, "window_seconds": l.window_seconds, "burst": l.burst,
+           "per": per, "auto_apply": l.auto_apply, "fallback": fallback})
+}
+
+/// A named limit as `--limit` writes it.
+pub fn limit_text(l: &proto::LimitSpec) -> String {
+    keystile::limit::LimitSpec::try_from(l.clone())
+        .map_or_else(|_| format!("{} (unreadable)", l.name), |s| s.to_string())
 }
 
 fn or_dash(s: &str) -> String {
@@ -149,6 +168,7 @@ pub fn print_record(r: &proto::KeyRecord) {
         ("scopes", or_dash(&r.scopes.join(","))),
         ("ip allowlist", or_dash(&r.ip_allowlist.join(","))),
         ("rate limit", rate_text(r)),
+        ("limits", or_dash(&r.limits.iter().map(limit_text).collect::<Vec<_>>().join(" "))),
         ("metadata", or_dash(&metadata.join(" "))),
         ("created", when(r.created_at)),
         ("last used", if r.last_used_at == 0 { "never".into() } else { when(r.last_used_at) }),

@@ -28,6 +28,10 @@ pub struct VerifyArgs {
     /// Rate-limit cells the request takes.
     #[arg(long)]
     pub cost: Option<u32>,
+    /// A named limit the request counts against; repeat or separate with
+    /// commas (none: the key's automatic limits).
+    #[arg(long = "limit", value_delimiter = ',')]
+    pub limits: Vec<String>,
     #[command(flatten)]
     pub server: ServerArgs,
     /// How to print: a summary, or the Verify response as json or yaml.
@@ -58,6 +62,7 @@ pub async fn run(args: VerifyArgs) -> Result<(), CliError> {
         scopes: args.scopes.into_iter().filter(|s| !s.trim().is_empty()).collect(),
         tenant: args.tenant.unwrap_or_default(),
         cost: args.cost,
+        limits: args.limits.into_iter().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect(),
     };
     let resp = VerifierClient::new(channel).verify(request).await?.into_inner();
     match format {
@@ -125,6 +130,20 @@ pub fn response_json(r: &proto::VerifyResponse) -> Value {
         }
         put("rateLimit", Value::Object(rl), false);
     }
+    put(
+        "limits",
+        Value::Array(
+            r.limits
+                .iter()
+                .map(|l| {
+                    json!({"name": l.name, "limit": l.limit.to_string(), "remaining": l.remaining.to_string(),
+                           "resetSeconds": l.reset_seconds.to_string(), "windowSeconds": l.window_seconds.to_string(),
+                           "retryAfterMs": l.retry_after_ms.to_string()})
+                })
+                .collect(),
+        ),
+        r.limits.is_empty(),
+    );
     put("headers", json!(r.headers), r.headers.is_empty());
     Value::Object(m)
 }

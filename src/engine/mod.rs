@@ -9,6 +9,7 @@
 //! front ends convert at their edge.
 
 pub mod source;
+pub mod tenants;
 pub mod usage;
 
 use std::net::IpAddr;
@@ -19,10 +20,12 @@ use std::time::Duration;
 use crate::cache::{CacheSettings, Lookup};
 use crate::clock::Clock;
 use crate::key::{KeyFormat, PepperSet};
+use crate::limit::fleet::FleetSettings;
+use crate::limit::named::{self, LimitSpec};
 use crate::limit::shedder::FailureShedder;
 use crate::limit::{BucketId, Limiter, RateLimitPolicy, RateState};
 use crate::metrics::Metrics;
-use crate::verdict::{Outcome, Request, Verdict, VerifyError};
+use crate::verdict::{AppliedLimit, AppliedLimits, Outcome, Request, Verdict, VerifyError, most_constraining};
 use source::RecordSource;
 use usage::UsageBatcher;
 
@@ -32,8 +35,14 @@ pub struct EngineSettings {
     pub format: KeyFormat,
     pub peppers: PepperSet,
     pub cache: CacheSettings,
-    /// Applies to keys without their own limit; `None` = unlimited.
+    /// Applies to keys without their own limit; `None` = unlimited. The
+    /// deployment's limit named `default`, applied automatically.
     pub default_rate_limit: Option<RateLimitPolicy>,
+    /// The deployment's named limits (`--limit`), below tenants' and keys'.
+    pub limits: Vec<LimitSpec>,
+    /// Share buckets across replicas when the store can (README, "Rate
+    /// limits", fleet-wide); `None` = count in this process only.
+    pub fleet: Option<FleetSettings>,
     /// Failed attempts per minute per address before shedding; `None` =
     /// never. Verify's caller-reported addresses and admin callers' peer
     /// addresses are counted apart, each against this number.
@@ -51,6 +60,8 @@ impl EngineSettings {
             peppers,
             cache: CacheSettings::default(),
             default_rate_limit: None,
+            limits: Vec::new(),
+            fleet: Some(FleetSettings::default()),
             failed_attempts_per_minute: NonZeroU32::new(20),
             store_timeout: Duration::from_millis(50),
             allow_star_scope: false,
@@ -61,7 +72,9 @@ impl EngineSettings {
 pub struct Engine {
     format: KeyFormat,
     peppers: PepperSet,
-    default_rate_limit: Option<RateLimitPolicy>,
+    /// The deployment's layer of named limits, `--default-rate-limit` as
+    /// `default` included.
+    limits: Vec<LimitSpec>,
     allow_star_scope: bool,
     /// Failed attempts by the address a Verify caller reports.
     shedder: Option<FailureShedder>,
@@ -84,7 +97,7 @@ impl Engine {
         Engine {
             format: settings.format.clone(),
             peppers: settings.peppers.clone(),
-            default_rate_limit: settings.default_rate_limit,
+            limits: deployment_limits(settings),
             allow_star_scope: settings.allow_star_scope,
             shedder: settings.failed_attempts_per_minute.map(|n| FailureShedder::new(n, clock.clone())),
             records,
@@ -187,33 +200,62 @@ impl Engine {
             Outcome::Valid
         };
         if outcome != Outcome::Valid {
-            return Ok(Verdict { outcome, key: Some(key), rate: None, malformed: None });
+            return Ok(Verdict { outcome, key: Some(key), ..Verdict::bare(outcome) });
         }
 
-        // 5. The limiters: a denied request above took no cells.
-        let mut rate = None;
-        if let Some(policy) = record.rate_limit.or(self.default_rate_limit) {
-            let bucket = BucketId::of_key(record.key_id, &record.tenant, &policy);
-            let decision = self
-                .limiter
-                .check(&bucket, &policy, req.cost.max(1))
-                .outcome()
-                .await
-                .map_err(|e| VerifyError::LimiterUnavailable(e.to_string()))?;
+        // 5. The limits (README, "Rate limits"): every applicable one is
+        // checked, and cells stay taken only if all pass.
+        let tenant_limits = match record.tenant.is_empty() {
+            true => None,
+            false => Some(self.records.tenant_limits(&record.tenant).await?),
+        };
+        let mut applicable: smallvec::SmallVec<[LimitSpec; 4]> = smallvec::SmallVec::new();
+        named::applicable(
+            req.limits,
+            [&record.limits, tenant_limits.as_deref().unwrap_or(&[]), &self.limits],
+            record.rate_limit.as_ref().map(LimitSpec::from_legacy),
+            &mut applicable,
+        );
+        let mut applied = AppliedLimits::new();
+        let cost = req.cost.max(1);
+        for spec in &applicable {
+            let bucket = BucketId::of(spec, record.key_id, key.tenant_tag.as_ref(), record.env);
+            let decision = match self.limiter.check_spec(&bucket, spec, cost).outcome().await {
+                Ok(d) => d,
+                Err(e) => {
+                    self.refund(&applicable[..applied.len()], &key, cost);
+                    return Err(VerifyError::LimiterUnavailable(e.to_string()));
+                }
+            };
             if !decision.allowed {
+                self.refund(&applicable[..applied.len()], &key, cost);
+                for a in applied.iter_mut() {
+                    a.state.remaining = (a.state.remaining + cost as u64).min(a.state.limit);
+                }
+                applied.push(AppliedLimit { name: spec.name, state: decision.state });
                 return Ok(Verdict {
                     outcome: Outcome::RateLimited,
                     key: Some(key),
                     rate: Some(decision.state),
+                    limits: applied,
                     malformed: None,
                 });
             }
-            rate = Some(decision.state);
+            applied.push(AppliedLimit { name: spec.name, state: decision.state });
         }
+        let rate = most_constraining(&applied).map(|l| l.state);
 
         // 6. Valid.
         self.usage.note(&key, now);
-        Ok(Verdict { outcome: Outcome::Valid, key: Some(key), rate, malformed: None })
+        Ok(Verdict { outcome: Outcome::Valid, key: Some(key), rate, limits: applied, malformed: None })
+    }
+
+    /// Gives back the cells a denied request took from `specs`' buckets.
+    fn refund(&self, specs: &[LimitSpec], key: &crate::cache::CachedKey, cost: u32) {
+        for spec in specs {
+            let bucket = BucketId::of(spec, key.record.key_id, key.tenant_tag.as_ref(), key.record.env);
+            self.limiter.refund(&bucket, &spec.policy(), cost);
+        }
     }
 
     /// Periodic housekeeping: forget addresses that stopped failing.
@@ -221,7 +263,20 @@ impl Engine {
         if let Some(s) = &self.shedder {
             s.purge();
         }
+        self.records.purge();
     }
+}
+
+/// The deployment's layer: `--limit`s, and `--default-rate-limit` as the
+/// automatic limit `default` unless a `--limit` names `default` itself.
+fn deployment_limits(settings: &EngineSettings) -> Vec<LimitSpec> {
+    let mut limits = settings.limits.clone();
+    if let Some(p) = &settings.default_rate_limit
+        && !limits.iter().any(|l| l.name == crate::limit::LimitName::DEFAULT)
+    {
+        limits.push(LimitSpec::from_legacy(p));
+    }
+    limits
 }
 
 fn count_failure(shedder: Option<&FailureShedder>, ip: Option<IpAddr>) {

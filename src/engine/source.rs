@@ -14,9 +14,11 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::sync::OnceCell;
 
+use super::tenants::TenantLimits;
 use crate::cache::{CacheSettings, Cached, CachedKey, KeyCache, Lookup};
 use crate::clock::Clock;
 use crate::key::KeyId;
+use crate::limit::LimitSpec;
 use crate::metrics::Metrics;
 use crate::store::{FeedEvent, KeyStore};
 use crate::verdict::VerifyError;
@@ -46,6 +48,7 @@ pub struct RecordSource {
     /// Monotonic nanos since when the change feed is lost; 0 while it is
     /// live (or before it first connected).
     feed_down_since: AtomicU64,
+    tenants: TenantLimits,
     /// When the store was last tried during an outage.
     last_probe: AtomicU64,
     metrics: Metrics,
@@ -62,6 +65,7 @@ impl RecordSource {
     ) -> RecordSource {
         RecordSource {
             cache: KeyCache::new(cache, clock.clone(), metrics.cache_evictions.clone()),
+            tenants: TenantLimits::new(store.clone(), cache.ttl, timeout, clock.clone()),
             store,
             inflight: DashMap::new(),
             timeout,
@@ -136,6 +140,17 @@ impl RecordSource {
             }
             (Err(e), None) => Err(e),
         }
+    }
+
+    /// The named limits of `tenant`'s policy (README, "Rate limits").
+    pub async fn tenant_limits(&self, tenant: &str) -> Result<Arc<[LimitSpec]>, VerifyError> {
+        let store_down = self.store_down_since.load(Ordering::Relaxed) != 0;
+        self.tenants.get(tenant, !self.feed_lost_too_long(), store_down).await
+    }
+
+    /// Forgets tenants' policies no longer in use.
+    pub fn purge(&self) {
+        self.tenants.purge();
     }
 
     fn may_probe(&self) -> bool {
@@ -215,8 +230,10 @@ impl RecordSource {
                 self.metrics.feed_events_key.increment(1);
                 self.invalidate(*id);
             }
+            FeedEvent::TenantChanged(tenant) => self.tenants.invalidate(tenant),
             FeedEvent::InvalidateAll => {
                 self.metrics.feed_events_all.increment(1);
+                self.tenants.invalidate_all();
                 self.cache.invalidate_all();
                 self.inflight.clear();
             }

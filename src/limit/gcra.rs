@@ -1,36 +1,36 @@
-//! One GCRA bucket on governor and the injectable [`Clock`]: takes `cost`
-//! cells or nothing, and reports the quota state the headers are made of.
+//! One GCRA bucket (README, "Rate limits") on the injectable [`Clock`]:
+//! the whole state is one theoretical arrival time in an atomic, so a
+//! bucket can take `cost` cells or nothing, give cells back (a request
+//! denied by another of its limits takes nothing from this one), and say
+//! whether it is whole without changing it. Governor cannot give cells back,
+//! which is why this is written here.
 
-use std::num::NonZeroU32;
-
-use governor::RateLimiter;
-use governor::clock::Clock as _;
-use governor::middleware::StateInformationMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{RateLimitPolicy, RateState};
 use crate::clock::Clock;
 
-type Direct = RateLimiter<NotKeyed, InMemoryState, Clock, StateInformationMiddleware>;
-
-/// One bucket: governor's GCRA with the instant it will be whole again.
+/// One bucket: cells come back one per `period`; at most `burst` are held.
 pub struct GcraBucket {
     policy: RateLimitPolicy,
-    limiter: Direct,
+    /// Theoretical arrival time, in the clock's monotonic nanoseconds: the
+    /// bucket is whole when it is not after now.
+    tat: AtomicU64,
     clock: Clock,
     period_nanos: u64,
+    /// `burst` periods: how far ahead of now the arrival time may run.
+    capacity_nanos: u64,
 }
 
 impl GcraBucket {
     pub fn new(policy: RateLimitPolicy, clock: Clock) -> GcraBucket {
-        let quota = policy.quota();
-        let period_nanos = quota.replenish_interval().as_nanos() as u64;
+        let period_nanos = policy.period_nanos();
         GcraBucket {
             policy,
-            limiter: RateLimiter::direct_with_clock(quota, clock.clone())
-                .with_middleware::<StateInformationMiddleware>(),
+            tat: AtomicU64::new(0),
             clock,
             period_nanos,
+            capacity_nanos: period_nanos.saturating_mul(policy.effective_burst()),
         }
     }
 
@@ -41,7 +41,8 @@ impl GcraBucket {
     /// Takes `cost` cells if they are all there; otherwise takes nothing.
     #[inline]
     pub fn check(&self, cost: u32) -> (bool, RateState) {
-        let burst = self.policy.effective_burst();
+        let now = self.clock.mono_nanos();
+        let need = self.period_nanos.saturating_mul(cost.max(1) as u64);
         let mut state = RateState {
             limit: self.policy.requests,
             remaining: 0,
@@ -49,46 +50,59 @@ impl GcraBucket {
             window_seconds: self.policy.window_seconds,
             retry_after_ms: 0,
         };
-        let n = NonZeroU32::new(cost.max(1)).expect(">= 1");
-        match self.limiter.check_n(n) {
-            Ok(Ok(snapshot)) => {
-                state.remaining = (snapshot.remaining_burst_capacity() as u64).min(state.limit);
-                let missing = burst.saturating_sub(state.remaining);
-                state.reset_seconds = ceil_seconds(missing * self.period_nanos);
-                (true, state)
-            }
-            Ok(Err(not_until)) => {
-                let now = self.clock.now();
-                let wait = not_until.wait_time_from(now).as_nanos() as u64;
-                // `cost` cells conform after `wait`, so about wait/period
-                // fewer than `cost` are there now.
-                let short = wait.div_ceil(self.period_nanos.max(1));
-                state.remaining = (n.get() as u64).saturating_sub(short).min(state.limit);
-                if state.remaining >= n.get() as u64 {
-                    state.remaining = n.get() as u64 - 1;
-                }
+        if need > self.capacity_nanos {
+            // More than the whole burst: this request can never pass.
+            state.retry_after_ms = self.policy.window_seconds * 1000;
+            state.reset_seconds = self.policy.window_seconds;
+            return (false, state);
+        }
+        let mut tat = self.tat.load(Ordering::Relaxed);
+        loop {
+            let start = tat.max(now);
+            let next = start + need;
+            if next - now > self.capacity_nanos {
+                let wait = next - now - self.capacity_nanos;
+                state.remaining = self.cells_in(self.capacity_nanos - (start - now)).min(state.limit);
                 state.retry_after_ms = wait.div_ceil(1_000_000).max(1);
                 state.reset_seconds = ceil_seconds(wait).max(1);
-                (false, state)
+                return (false, state);
             }
-            Err(_insufficient) => {
-                // More than the whole burst: this request can never pass.
-                state.retry_after_ms = self.policy.window_seconds * 1000;
-                state.reset_seconds = self.policy.window_seconds;
-                (false, state)
+            match self.tat.compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => {
+                    state.remaining = self.cells_in(self.capacity_nanos - (next - now)).min(state.limit);
+                    state.reset_seconds = ceil_seconds(next - now);
+                    return (true, state);
+                }
+                Err(actual) => tat = actual,
             }
         }
     }
-}
 
-impl GcraBucket {
-    /// Whether every cell is back, found by taking the whole burst: a
-    /// denied take takes nothing, and a whole bucket that was emptied this
-    /// way is about to be dropped. For housekeeping only, when no request
-    /// can reach the bucket any more.
-    pub fn drain_if_full(&self) -> bool {
-        let burst = NonZeroU32::new(self.policy.effective_burst().clamp(1, u32::MAX as u64) as u32).expect(">= 1");
-        matches!(self.limiter.check_n(burst), Ok(Ok(_)))
+    /// Gives back `cost` cells taken by [`GcraBucket::check`] (never more
+    /// than make the bucket whole).
+    pub fn refund(&self, cost: u32) {
+        let back = self.period_nanos.saturating_mul(cost.max(1) as u64);
+        let now = self.clock.mono_nanos();
+        let _ = self.tat.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |tat| {
+            (tat > now).then(|| tat.saturating_sub(back).max(now))
+        });
+    }
+
+    /// Cells there now, without taking any.
+    pub fn available(&self) -> u64 {
+        let now = self.clock.mono_nanos();
+        let ahead = self.tat.load(Ordering::Relaxed).saturating_sub(now);
+        self.cells_in(self.capacity_nanos.saturating_sub(ahead))
+    }
+
+    fn cells_in(&self, nanos: u64) -> u64 {
+        nanos / self.period_nanos.max(1)
+    }
+
+    /// Whether every cell is back. For housekeeping: a whole bucket is the
+    /// same as a new one and may be dropped.
+    pub fn is_whole(&self) -> bool {
+        self.tat.load(Ordering::Acquire) <= self.clock.mono_nanos()
     }
 }
 
@@ -158,14 +172,28 @@ mod tests {
     fn a_bucket_knows_when_it_is_whole_again() {
         let clock = Clock::manual(0);
         let fresh = GcraBucket::new(policy(10, 10, 0), clock.clone());
-        assert!(fresh.drain_if_full(), "a new bucket is whole");
+        assert!(fresh.is_whole(), "a new bucket is whole");
         let l = GcraBucket::new(policy(10, 10, 0), clock.clone());
         l.check(3);
-        assert!(!l.drain_if_full());
-        assert_eq!(l.check(1).1.remaining, 6, "a failed test takes nothing");
+        assert!(!l.is_whole());
+        assert_eq!(l.check(1).1.remaining, 6, "a test takes nothing");
         clock.advance(Duration::from_millis(3_999));
-        assert!(!l.drain_if_full());
+        assert!(!l.is_whole());
         clock.advance(Duration::from_millis(1));
-        assert!(l.drain_if_full(), "four cells at one a second");
+        assert!(l.is_whole(), "four cells at one a second");
+    }
+
+    #[test]
+    fn refunds_give_cells_back_but_never_beyond_whole() {
+        let clock = Clock::manual(0);
+        let l = GcraBucket::new(policy(10, 10, 0), clock.clone());
+        assert!(l.check(4).0);
+        l.refund(3);
+        assert_eq!(l.available(), 9);
+        l.refund(5);
+        assert_eq!(l.available(), 10, "no more than whole");
+        assert!(l.is_whole());
+        assert!(l.check(10).0, "and no more than the burst after a refund");
+        assert!(!l.check(1).0);
     }
 }

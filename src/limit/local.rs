@@ -10,8 +10,9 @@ use std::sync::Arc;
 use dashmap::DashMap;
 
 use super::gcra::GcraBucket;
-use super::{BucketId, Decision, LimitCheck, Limiter, RateLimitPolicy, RateState};
+use super::{BucketId, BucketOwner, Decision, LimitCheck, Limiter, RateLimitPolicy, RateState};
 use crate::clock::Clock;
+use crate::key::KeyId;
 
 /// Buckets exist only for keys that verified (forged key_ids never get
 /// one), so a fast hasher is safe here and keeps the lookup cheap on the hot
@@ -39,7 +40,7 @@ impl LocalLimiter {
             return b.check(cost);
         }
         let mut slot =
-            self.buckets.entry(id.clone()).or_insert_with(|| Arc::new(GcraBucket::new(*policy, self.clock.clone())));
+            self.buckets.entry(*id).or_insert_with(|| Arc::new(GcraBucket::new(*policy, self.clock.clone())));
         if slot.policy() != *policy {
             *slot = Arc::new(GcraBucket::new(*policy, self.clock.clone()));
         }
@@ -54,14 +55,22 @@ impl Limiter for LocalLimiter {
         LimitCheck::Ready(Ok(Decision { allowed, state }))
     }
 
-    fn forget(&self, bucket: &BucketId) {
-        self.buckets.remove(bucket);
+    fn refund(&self, bucket: &BucketId, policy: &RateLimitPolicy, cost: u32) {
+        if let Some(b) = self.buckets.get(bucket)
+            && b.policy() == *policy
+        {
+            b.refund(cost);
+        }
+    }
+
+    fn forget_key(&self, id: KeyId) {
+        self.buckets.retain(|b, _| b.owner != BucketOwner::Key(id));
     }
 
     fn purge(&self) {
         // Under the shard's write lock no check can reach the bucket, so a
         // whole bucket emptied by the test is dropped before anyone sees it.
-        self.buckets.retain(|_, b| !b.drain_if_full());
+        self.buckets.retain(|_, b| !b.is_whole());
     }
 
     fn len(&self) -> usize {
@@ -74,10 +83,16 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::key::KeyId;
+    use crate::key::{Env, KeyId};
+    use crate::limit::{LimitSpec, tenant_tag};
 
     fn policy(requests: u64, window_seconds: u64) -> RateLimitPolicy {
         RateLimitPolicy { requests, window_seconds, burst: 0, per_tenant: false }
+    }
+
+    fn key_bucket(id: &str) -> BucketId {
+        let spec: LimitSpec = "default=1/1s".parse().unwrap();
+        BucketId::of(&spec, id.parse::<KeyId>().unwrap(), None, Env::Live)
     }
 
     fn take(l: &LocalLimiter, b: &BucketId, p: &RateLimitPolicy, cost: u32) -> Decision {
@@ -90,7 +105,7 @@ mod tests {
     #[test]
     fn a_bucket_is_kept_until_the_policy_changes() {
         let l = LocalLimiter::new(Clock::manual(0));
-        let id = BucketId::Key("abcdEFGH".parse::<KeyId>().unwrap());
+        let id = key_bucket("abcdEFGH");
         assert!(take(&l, &id, &policy(2, 60), 1).allowed);
         assert_eq!(take(&l, &id, &policy(2, 60), 1).state.remaining, 0, "same policy, same bucket");
         assert_eq!(take(&l, &id, &policy(3, 60), 1).state.remaining, 2, "new policy, new bucket");
@@ -100,8 +115,8 @@ mod tests {
     fn purge_drops_only_whole_buckets() {
         let clock = Clock::manual(0);
         let l = LocalLimiter::new(clock.clone());
-        let spent = BucketId::Key("aaaaAAAA".parse().unwrap());
-        let touched = BucketId::Key("bbbbBBBB".parse().unwrap());
+        let spent = key_bucket("aaaaAAAA");
+        let touched = key_bucket("bbbbBBBB");
         let hourly = policy(5, 3600);
         for _ in 0..5 {
             assert!(take(&l, &spent, &hourly, 1).allowed);
@@ -117,16 +132,23 @@ mod tests {
     }
 
     #[test]
-    fn tenant_buckets_are_shared() {
+    fn tenant_buckets_are_shared_by_environment_and_name() {
         let l = LocalLimiter::new(Clock::manual(0));
-        let shared = RateLimitPolicy { per_tenant: true, ..policy(3, 60) };
-        let a = BucketId::of_key("aaaaAAAA".parse().unwrap(), "acme", &shared);
-        let b = BucketId::of_key("bbbbBBBB".parse().unwrap(), "acme", &shared);
-        let other = BucketId::of_key("ccccCCCC".parse().unwrap(), "globex", &shared);
+        let shared: LimitSpec = "integration=3/60s@tenant".parse().unwrap();
+        let other_name: LimitSpec = "admin=3/60s@tenant".parse().unwrap();
+        let p = shared.policy();
+        let acme = tenant_tag("acme");
+        let a = BucketId::of(&shared, "aaaaAAAA".parse().unwrap(), Some(&acme), Env::Live);
+        let b = BucketId::of(&shared, "bbbbBBBB".parse().unwrap(), Some(&acme), Env::Live);
+        let test = BucketId::of(&shared, "dddddDDD".parse().unwrap(), Some(&acme), Env::Test);
+        let admin = BucketId::of(&other_name, "aaaaAAAA".parse().unwrap(), Some(&acme), Env::Live);
+        let other = BucketId::of(&shared, "ccccCCCC".parse().unwrap(), Some(&tenant_tag("globex")), Env::Live);
         assert_eq!(a, b);
-        assert!(take(&l, &a, &shared, 2).allowed);
-        assert_eq!(take(&l, &b, &shared, 1).state.remaining, 0, "the tenant's keys drew from one bucket");
-        assert!(!take(&l, &b, &shared, 1).allowed);
-        assert!(take(&l, &other, &shared, 1).allowed, "another tenant has its own");
+        assert!(take(&l, &a, &p, 2).allowed);
+        assert_eq!(take(&l, &b, &p, 1).state.remaining, 0, "the tenant's keys drew from one bucket");
+        assert!(!take(&l, &b, &p, 1).allowed);
+        assert!(take(&l, &other, &p, 1).allowed, "another tenant has its own");
+        assert_eq!(take(&l, &test, &p, 1).state.remaining, 2, "test keys never share live quota");
+        assert_eq!(take(&l, &admin, &p, 1).state.remaining, 2, "two limits with the same numbers do not collide");
     }
 }

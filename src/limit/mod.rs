@@ -9,19 +9,27 @@
 //!   registry, not in cache entries: evicting a key from the cache does not
 //!   hand out a fresh quota.
 //! - [`shedder::FailureShedder`]: failed attempts per client address.
+//! - [`fleet::FleetLimiter`]: buckets shared by every replica through the
+//!   store, spent locally from leases ([`fleet::SharedBuckets`] is what the
+//!   store must offer).
+//! - [`shedder::FailureShedder`]: failed attempts per client address.
 //! - [`policy::RateLimitPolicy`]: a quota as written, parsed and validated.
+//! - [`named`]: named limits, their layers and which apply to a request.
 
+pub mod fleet;
 pub mod gcra;
 pub mod local;
+pub mod named;
 pub mod policy;
 pub mod shedder;
 
 use std::future::Future;
 use std::pin::Pin;
 
+pub use named::{LimitFallback, LimitName, LimitScope, LimitSpec};
 pub use policy::{MAX_REQUESTS, MAX_WINDOW_SECONDS, RateLimitPolicy};
 
-use crate::key::KeyId;
+use crate::key::{Env, KeyId};
 
 /// The quota state a verdict carries, and from which the headers are made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,21 +46,57 @@ pub struct RateState {
     pub retry_after_ms: u64,
 }
 
-/// Whose bucket a request draws from.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum BucketId {
+/// A tenant's name, hashed to a fixed size once per cached key, so that a
+/// bucket id is `Copy` and the hot path allocates nothing for it.
+pub type TenantTag = [u8; 16];
+
+/// The tag of `tenant`'s buckets.
+pub fn tenant_tag(tenant: &str) -> TenantTag {
+    let mut tag = [0u8; 16];
+    tag.copy_from_slice(&blake3::hash(tenant.as_bytes()).as_bytes()[..16]);
+    tag
+}
+
+/// Who a bucket counts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BucketOwner {
     Key(KeyId),
-    /// Shared by the tenant's keys with this policy.
-    Tenant(String, RateLimitPolicy),
+    /// The tenant's keys of one environment: live and test keys never share
+    /// a bucket.
+    Tenant {
+        tag: TenantTag,
+        env: Env,
+    },
+}
+
+/// Whose bucket a request draws from: a limit's name and its owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BucketId {
+    pub name: LimitName,
+    pub owner: BucketOwner,
 }
 
 impl BucketId {
-    /// The bucket of key `id` of `tenant` under `policy`.
-    pub fn of_key(id: KeyId, tenant: &str, policy: &RateLimitPolicy) -> BucketId {
-        if policy.per_tenant && !tenant.is_empty() {
-            BucketId::Tenant(tenant.to_string(), *policy)
-        } else {
-            BucketId::Key(id)
+    /// The bucket of limit `spec` for key `id` of the tenant tagged `tenant`
+    /// (`None`: no tenant, so a per-tenant limit counts the key alone).
+    pub fn of(spec: &LimitSpec, id: KeyId, tenant: Option<&TenantTag>, env: Env) -> BucketId {
+        let owner = match (spec.per, tenant) {
+            (LimitScope::Tenant, Some(tag)) => BucketOwner::Tenant { tag: *tag, env },
+            _ => BucketOwner::Key(id),
+        };
+        BucketId { name: spec.name, owner }
+    }
+
+    /// A stable, printable name for the bucket under `policy`, for a shared
+    /// store: a changed policy names a new bucket, so it starts whole.
+    pub fn storage_name(&self, policy: &RateLimitPolicy) -> String {
+        let q = format!("{}/{}/{}", policy.requests, policy.window_seconds, policy.effective_burst());
+        match &self.owner {
+            BucketOwner::Key(id) => format!("{}:k:{id}:{q}", self.name),
+            BucketOwner::Tenant { tag, env } => {
+                let hex: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+                format!("{}:t:{env}:{hex}:{q}", self.name)
+            }
         }
     }
 }
@@ -97,8 +141,20 @@ pub trait Limiter: Send + Sync + 'static {
     /// whole under the new one.
     fn check(&self, bucket: &BucketId, policy: &RateLimitPolicy, cost: u32) -> LimitCheck<'_>;
 
-    /// Drops a bucket whose key is gone.
-    fn forget(&self, bucket: &BucketId);
+    /// Gives back `cost` cells that [`Limiter::check`] took, because another
+    /// limit of the same request denied it (all or nothing, README "Rate
+    /// limits").
+    fn refund(&self, bucket: &BucketId, policy: &RateLimitPolicy, cost: u32);
+
+    /// Checks a limit whose fallback matters (the fleet limiter applies it
+    /// when the shared buckets are out of reach); by default the same as
+    /// [`Limiter::check`].
+    fn check_spec(&self, bucket: &BucketId, spec: &LimitSpec, cost: u32) -> LimitCheck<'_> {
+        self.check(bucket, &spec.policy(), cost)
+    }
+
+    /// Drops every bucket of a key that is gone.
+    fn forget_key(&self, id: KeyId);
 
     /// Housekeeping on a timer: drops buckets that are whole again.
     fn purge(&self);

@@ -2,10 +2,6 @@
 //! `burst` at once, optionally shared by a tenant's keys (README, "Rate
 //! limits"). Parsing, validation and the GCRA quota it becomes.
 
-use std::num::NonZeroU32;
-use std::time::Duration;
-
-use governor::Quota;
 use serde::{Deserialize, Serialize};
 
 /// A key's quota: `requests` per `window_seconds`, up to `burst` at once
@@ -47,12 +43,9 @@ impl RateLimitPolicy {
         if self.burst == 0 { self.requests } else { self.burst.min(self.requests) }
     }
 
-    pub(crate) fn quota(&self) -> Quota {
-        let period = Duration::from_nanos(
-            ((self.window_seconds as u128 * 1_000_000_000) / self.requests.max(1) as u128).max(1) as u64,
-        );
-        let burst = NonZeroU32::new(self.effective_burst().clamp(1, u32::MAX as u64) as u32).expect("clamped to >= 1");
-        Quota::with_period(period).expect("period > 0").allow_burst(burst)
+    /// Nanoseconds between two cells coming back (at least 1).
+    pub fn period_nanos(&self) -> u64 {
+        ((self.window_seconds as u128 * 1_000_000_000) / self.requests.max(1) as u128).clamp(1, u64::MAX as u128) as u64
     }
 }
 

@@ -11,8 +11,10 @@ use super::status;
 use crate::admin::{self, Actor, Admin, KeyPatch, KeySpec, KeyState};
 use crate::auth::{Authenticator, Purpose};
 use crate::clock::Clock;
+use crate::limit::named::MAX_LIMITS;
+use crate::limit::{LimitFallback, LimitScope, LimitSpec};
 use crate::proto;
-use crate::store::{KeyRecord, RateLimitPolicy};
+use crate::store::{KeyRecord, RateLimitPolicy, TenantPolicy};
 
 pub struct AdminService {
     admin: Arc<Admin>,
@@ -77,6 +79,70 @@ pub fn to_proto(r: &KeyRecord, now: i64) -> proto::KeyRecord {
         state: state as i32,
         owner: r.owner.clone(),
         disabled: r.disabled,
+        limits: r.limits.iter().map(limit_to_proto).collect(),
+    }
+}
+
+/// A named limit as the API shows it.
+pub fn limit_to_proto(l: &LimitSpec) -> proto::LimitSpec {
+    proto::LimitSpec {
+        name: l.name.to_string(),
+        requests: l.requests,
+        window_seconds: l.window_seconds,
+        burst: l.burst,
+        per: match l.per {
+            LimitScope::Key => proto::LimitScope::Key,
+            LimitScope::Tenant => proto::LimitScope::Tenant,
+        } as i32,
+        auto_apply: l.auto_apply,
+        fallback: match l.fallback {
+            LimitFallback::LocalShare => proto::LimitFallback::LocalShare,
+            LimitFallback::Open => proto::LimitFallback::Open,
+            LimitFallback::Closed => proto::LimitFallback::Closed,
+        } as i32,
+    }
+}
+
+impl TryFrom<proto::LimitSpec> for LimitSpec {
+    type Error = Status;
+
+    fn try_from(l: proto::LimitSpec) -> Result<Self, Status> {
+        let name = l.name.parse().map_err(status::invalid)?;
+        let per = match proto::LimitScope::try_from(l.per) {
+            Ok(proto::LimitScope::Unspecified | proto::LimitScope::Key) => LimitScope::Key,
+            Ok(proto::LimitScope::Tenant) => LimitScope::Tenant,
+            Err(_) => return Err(status::invalid(format!("limit {:?}: unknown per {}", l.name, l.per))),
+        };
+        let fallback = match proto::LimitFallback::try_from(l.fallback) {
+            Ok(proto::LimitFallback::Unspecified | proto::LimitFallback::LocalShare) => LimitFallback::LocalShare,
+            Ok(proto::LimitFallback::Open) => LimitFallback::Open,
+            Ok(proto::LimitFallback::Closed) => LimitFallback::Closed,
+            Err(_) => return Err(status::invalid(format!("limit {:?}: unknown fallback {}", l.name, l.fallback))),
+        };
+        Ok(LimitSpec {
+            name,
+            requests: l.requests,
+            window_seconds: l.window_seconds,
+            burst: l.burst,
+            per,
+            auto_apply: l.auto_apply,
+            fallback,
+        })
+    }
+}
+
+fn limits(list: Vec<proto::LimitSpec>) -> Result<Vec<LimitSpec>, Status> {
+    if list.len() > MAX_LIMITS {
+        return Err(status::invalid(format!("at most {MAX_LIMITS} limits, not {}", list.len())));
+    }
+    list.into_iter().map(LimitSpec::try_from).collect()
+}
+
+fn tenant_policy_to_proto(p: &TenantPolicy) -> proto::TenantPolicy {
+    proto::TenantPolicy {
+        tenant: p.tenant.clone(),
+        limits: p.limits.iter().map(limit_to_proto).collect(),
+        updated_at: p.updated_at,
     }
 }
 
@@ -103,6 +169,7 @@ impl TryFrom<proto::CreateKeyRequest> for KeySpec {
             scopes: r.scopes,
             ip_allowlist: r.ip_allowlist,
             rate_limit: r.rate_limit.map(policy),
+            limits: limits(r.limits)?,
             metadata: r.metadata.into_iter().collect(),
             expires_at: expiry(r.expires_at)?,
             owner: r.owner,
@@ -117,11 +184,20 @@ impl TryFrom<proto::UpdateKeyRequest> for KeyPatch {
         if r.clear_rate_limit && r.rate_limit.is_some() {
             return Err(status::invalid("set either rate_limit or clear_rate_limit, not both"));
         }
+        if r.clear_limits && !r.limits.is_empty() {
+            return Err(status::invalid("set either limits or clear_limits, not both"));
+        }
+        let named = match (r.clear_limits, r.limits.is_empty()) {
+            (true, _) => Some(Vec::new()),
+            (false, true) => None,
+            (false, false) => Some(limits(r.limits)?),
+        };
         Ok(KeyPatch {
             name: r.name,
             scopes: r.scopes.map(|s| s.values),
             ip_allowlist: r.ip_allowlist.map(|s| s.values),
             rate_limit: if r.clear_rate_limit { Some(None) } else { r.rate_limit.map(|p| Some(policy(p))) },
+            limits: named,
             metadata: r.metadata.map(|m| m.entries.into_iter().collect()),
             expires_at: r.expires_at.map(expiry).transpose()?,
             owner: r.owner,
@@ -255,5 +331,35 @@ impl proto::key_admin_server::KeyAdmin for AdminService {
             .await
             .map_err(|e| status::from_admin(&e))?;
         Ok(Response::new(proto::EnableKeyResponse { record: Some(self.record(&r)) }))
+    }
+
+    async fn set_tenant_policy(
+        &self,
+        request: Request<proto::SetTenantPolicyRequest>,
+    ) -> Result<Response<proto::TenantPolicy>, Status> {
+        let (span, actor) = self.authorize(&request).await?;
+        let msg = request.into_inner();
+        let list = limits(msg.limits)?;
+        let p = self
+            .admin
+            .set_tenant_policy(&msg.tenant, list, &actor)
+            .instrument(span)
+            .await
+            .map_err(|e| status::from_admin(&e))?;
+        Ok(Response::new(tenant_policy_to_proto(&p)))
+    }
+
+    async fn get_tenant_policy(
+        &self,
+        request: Request<proto::GetTenantPolicyRequest>,
+    ) -> Result<Response<proto::TenantPolicy>, Status> {
+        let (span, actor) = self.authorize(&request).await?;
+        let p = self
+            .admin
+            .tenant_policy(&request.get_ref().tenant, &actor)
+            .instrument(span)
+            .await
+            .map_err(|e| status::from_admin(&e))?;
+        Ok(Response::new(tenant_policy_to_proto(&p)))
     }
 }

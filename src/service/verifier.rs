@@ -10,6 +10,8 @@ use tonic::{Request, Response, Status};
 
 use super::status;
 use crate::engine::Engine;
+use crate::limit::LimitName;
+use crate::limit::named::MAX_REQUESTED;
 use crate::proto;
 use crate::verdict::{self, Outcome, Verdict};
 
@@ -54,6 +56,12 @@ impl<'a> TryFrom<&'a proto::VerifyRequest> for verdict::Request<'a> {
         if r.cost.is_some_and(|c| c > MAX_COST) {
             return Err(status::invalid(format!("cost must be at most {MAX_COST}")));
         }
+        if r.limits.len() > MAX_REQUESTED {
+            return Err(status::invalid(format!("at most {MAX_REQUESTED} limits per request")));
+        }
+        if let Some(bad) = r.limits.iter().find_map(|l| l.parse::<LimitName>().err()) {
+            return Err(status::invalid(bad));
+        }
         if r.tenant.len() > MAX_TENANT_LEN {
             return Err(status::invalid(format!("tenant is longer than {MAX_TENANT_LEN} bytes")));
         }
@@ -63,6 +71,7 @@ impl<'a> TryFrom<&'a proto::VerifyRequest> for verdict::Request<'a> {
             scopes: &r.scopes,
             tenant: &r.tenant,
             cost: r.cost.unwrap_or(1).max(1),
+            limits: &r.limits,
         })
     }
 }
@@ -110,6 +119,18 @@ pub fn to_response(verdict: &Verdict, now_unix: i64) -> (proto::VerifyResponse, 
         resp.metadata = r.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         resp.expires_at = r.expires_at.unwrap_or(0);
     }
+    resp.limits = verdict
+        .limits
+        .iter()
+        .map(|l| proto::LimitState {
+            name: l.name.to_string(),
+            limit: l.state.limit,
+            remaining: l.state.remaining,
+            reset_seconds: l.state.reset_seconds,
+            window_seconds: l.state.window_seconds,
+            retry_after_ms: l.state.retry_after_ms,
+        })
+        .collect();
     if let Some(rate) = &verdict.rate {
         resp.rate_limit = Some(proto::RateLimitState {
             limit: rate.limit,

@@ -9,12 +9,13 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
-use super::{FEED_CAPACITY, FeedEvent, KeyRecord, KeyStore, ListPage, ListQuery, StoreError, page_token};
+use super::{FEED_CAPACITY, FeedEvent, KeyRecord, KeyStore, ListPage, ListQuery, StoreError, TenantPolicy, page_token};
 use crate::key::KeyId;
 
 pub struct MemoryStore {
     records: Mutex<HashMap<KeyId, KeyRecord>>,
     last_used: Mutex<HashMap<KeyId, i64>>,
+    tenants: Mutex<HashMap<String, TenantPolicy>>,
     feed: broadcast::Sender<FeedEvent>,
     calls: AtomicU64,
     failing: std::sync::atomic::AtomicBool,
@@ -33,6 +34,7 @@ impl MemoryStore {
         MemoryStore {
             records: Mutex::default(),
             last_used: Mutex::default(),
+            tenants: Mutex::default(),
             feed,
             calls: AtomicU64::new(0),
             failing: Default::default(),
@@ -154,6 +156,26 @@ impl KeyStore for MemoryStore {
                 *slot = (*slot).max(at);
             }
         }
+        Ok(())
+    }
+
+    async fn tenant_policy(&self, tenant: &str) -> Result<Option<TenantPolicy>, StoreError> {
+        self.delay().await;
+        drop(self.enter()?);
+        Ok(self.tenants.lock().unwrap_or_else(|e| e.into_inner()).get(tenant).cloned())
+    }
+
+    async fn set_tenant_policy(&self, policy: &TenantPolicy) -> Result<(), StoreError> {
+        drop(self.enter()?);
+        {
+            let mut tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+            if policy.limits.is_empty() {
+                tenants.remove(&policy.tenant);
+            } else {
+                tenants.insert(policy.tenant.clone(), policy.clone());
+            }
+        }
+        let _ = self.feed.send(FeedEvent::TenantChanged(policy.tenant.clone()));
         Ok(())
     }
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
-pub use record::KeyRecord;
+pub use record::{KeyRecord, TenantPolicy};
 
 pub use crate::limit::RateLimitPolicy;
 
@@ -71,6 +71,8 @@ pub enum StoreError {
 pub enum FeedEvent {
     /// This key changed (created, updated, revoked, rotated or deleted).
     Invalidate(KeyId),
+    /// This tenant's policy changed.
+    TenantChanged(String),
     /// Events may have been lost: drop every cached entry.
     InvalidateAll,
     /// The feed is live (first subscription or after a reconnect + resync).
@@ -120,6 +122,18 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Writes a batch of last-used timestamps (only ever moves them forward).
     async fn touch_last_used(&self, batch: &[(KeyId, i64)]) -> Result<(), StoreError>;
+
+    /// A tenant's policy; `None` when it has none.
+    async fn tenant_policy(&self, tenant: &str) -> Result<Option<TenantPolicy>, StoreError>;
+
+    /// Replaces a tenant's policy (no limits = none) and announces it.
+    async fn set_tenant_policy(&self, policy: &TenantPolicy) -> Result<(), StoreError>;
+
+    /// Buckets shared by every replica, when this store can hold them
+    /// (README, "Rate limits", fleet-wide); `None` = limits stay local.
+    fn shared_buckets(&self) -> Option<Arc<dyn crate::limit::fleet::SharedBuckets>> {
+        None
+    }
 
     /// Subscribes to the feed of changes.
     fn feed(&self) -> broadcast::Receiver<FeedEvent>;

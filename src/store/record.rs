@@ -7,7 +7,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
 use crate::key::{Env, KeyId, SecretHash};
-use crate::limit::RateLimitPolicy;
+use crate::limit::{LimitSpec, RateLimitPolicy};
 
 /// One key, as the store holds it. Times are unix seconds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,8 +24,13 @@ pub struct KeyRecord {
     pub scopes: Vec<String>,
     #[serde(default)]
     pub ip_allowlist: Vec<IpNet>,
+    /// The limit named `default` (README, "Rate limits"); `limits` may
+    /// define more, and a `default` there wins.
     #[serde(default)]
     pub rate_limit: Option<RateLimitPolicy>,
+    /// Per-key named limits: override the tenant's of the same name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<LimitSpec>,
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
     pub created_at: i64,
@@ -45,6 +50,17 @@ pub struct KeyRecord {
     #[serde(skip)]
     pub last_used_at: Option<i64>,
     pub version: u64,
+}
+
+/// A tenant's named limits (README, "Rate limits"): one per API type,
+/// shared or per key as each says.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct TenantPolicy {
+    pub tenant: String,
+    pub limits: Vec<LimitSpec>,
+    /// Unix seconds of the last change.
+    #[serde(default)]
+    pub updated_at: i64,
 }
 
 impl KeyRecord {

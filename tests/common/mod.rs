@@ -459,3 +459,58 @@ pub fn certificates(dir: &std::path::Path) -> (String, String, String, String, S
         write("client.key", client_key.serialize_pem()),
     )
 }
+
+/// A named limit as the API takes it, from `NAME=REQUESTS/WINDOW[:BURST][@tenant][,auto]`.
+pub fn limit(spec: &str) -> proto::LimitSpec {
+    keystile::service::admin::limit_to_proto(&spec.parse().expect("a limit spec"))
+}
+
+/// What a fleet run saw: VALID answers per replica, and per caller the
+/// `x-ratelimit-remaining` values in the order it was answered.
+pub struct FleetRun {
+    pub valid: Vec<u64>,
+    pub remaining: Vec<Vec<u64>>,
+    pub other: u64,
+}
+
+/// Sends `total` Verify calls for `key`, split over `clients` by `weights`
+/// (in percent), each replica from 4 concurrent callers.
+pub async fn drive(clients: &[VerifierClient<Channel>], key: &str, weights: &[u32], total: u32) -> FleetRun {
+    let mut tasks = Vec::new();
+    for (i, client) in clients.iter().enumerate() {
+        let mine = total * weights[i] / 100;
+        for w in 0..4u32 {
+            let mut client = client.clone();
+            let key = key.to_string();
+            let n = mine / 4 + u32::from(w < mine % 4);
+            tasks.push((
+                i,
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut valid = 0u64;
+                    let mut other = 0u64;
+                    for _ in 0..n {
+                        let r = client.verify(verify_req(&key)).await.expect("Verify answers").into_inner();
+                        match code(&r) {
+                            proto::Code::Valid => valid += 1,
+                            proto::Code::RateLimited => {}
+                            _ => other += 1,
+                        }
+                        if let Some(rem) = r.headers.get("x-ratelimit-remaining") {
+                            seen.push(rem.parse::<u64>().unwrap());
+                        }
+                    }
+                    (valid, other, seen)
+                }),
+            ));
+        }
+    }
+    let mut run = FleetRun { valid: vec![0; clients.len()], remaining: Vec::new(), other: 0 };
+    for (i, t) in tasks {
+        let (valid, other, seen) = t.await.unwrap();
+        run.valid[i] += valid;
+        run.other += other;
+        run.remaining.push(seen);
+    }
+    run
+}

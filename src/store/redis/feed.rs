@@ -99,9 +99,9 @@ async fn subscribe_once(
         redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting the feed timed out"))
     })??;
     match replay {
-        Replay::Events(ids) => {
-            for id in ids {
-                let _ = feed.send(FeedEvent::Invalidate(id));
+        Replay::Events(events) => {
+            for event in events {
+                let _ = feed.send(event);
             }
         }
         Replay::Everything => {
@@ -127,9 +127,9 @@ async fn subscribe_once(
             }
             _ = check.tick() => {
                 match resync(&mut conn, keys, last_seen).await? {
-                    Replay::Events(ids) => {
-                        for id in ids {
-                            let _ = feed.send(FeedEvent::Invalidate(id));
+                    Replay::Events(events) => {
+                        for event in events {
+                            let _ = feed.send(event);
                         }
                     }
                     Replay::Everything => {
@@ -141,17 +141,21 @@ async fn subscribe_once(
             msg = stream.next() => {
                 let Some(msg) = msg else { return Ok(()) };
                 let payload: String = msg.get_payload().unwrap_or_default();
-                if let Some((sid, id)) = payload.split_once(' ') {
-                    match id.parse::<KeyId>() {
-                        Ok(id) => {
+                if let Some((sid, what)) = payload.split_once(' ') {
+                    let event = match what.strip_prefix(TENANT_EVENT) {
+                        Some(tenant) => Some((keys.partition_of_tenant(tenant), FeedEvent::TenantChanged(tenant.to_string()))),
+                        None => what.parse::<KeyId>().ok().map(|id| (keys.partition_of(id), FeedEvent::Invalidate(id))),
+                    };
+                    match event {
+                        Some((p, event)) => {
                             // Never backwards: a periodic read may have seen it first.
-                            let seen = &mut last_seen[keys.partition_of(id) as usize];
+                            let seen = &mut last_seen[p as usize];
                             if seen.as_deref().is_none_or(|s| stream_id_gt(sid, s)) {
                                 *seen = Some(sid.to_string());
                             }
-                            let _ = feed.send(FeedEvent::Invalidate(id));
+                            let _ = feed.send(event);
                         }
-                        Err(_) => { let _ = feed.send(FeedEvent::InvalidateAll); }
+                        None => { let _ = feed.send(FeedEvent::InvalidateAll); }
                     }
                 }
             }
@@ -176,8 +180,13 @@ async fn primary_changed(switches: &mut Option<tokio::sync::watch::Receiver<u64>
     }
 }
 
+/// How a tenant-policy event is told apart from a key event: in a pub/sub
+/// message, `tenant=<name>` where a key_id would be (neither a key_id nor
+/// a tenant name can contain `=`); on the stream, a `tenant` field.
+pub(super) const TENANT_EVENT: &str = "tenant=";
+
 enum Replay {
-    Events(Vec<KeyId>),
+    Events(Vec<FeedEvent>),
     Everything,
 }
 
@@ -242,8 +251,12 @@ async fn resync_stream(
     let mut ids = Vec::with_capacity(missed.ids.len());
     for entry in &missed.ids {
         *last_seen = Some(entry.id.clone());
+        if let Some(tenant) = entry.get::<String>("tenant") {
+            ids.push(FeedEvent::TenantChanged(tenant));
+            continue;
+        }
         match entry.get::<String>("key_id").and_then(|s| s.parse::<KeyId>().ok()) {
-            Some(id) => ids.push(id),
+            Some(id) => ids.push(FeedEvent::Invalidate(id)),
             None => return Ok(Replay::Everything),
         }
     }

@@ -10,11 +10,18 @@
 //! - `<ns>:last_used` — hash key_id → unix seconds, written in batches
 //! - `<ns>:events` — stream of changes (trimmed to about [`STREAM_MAXLEN`]),
 //!   and a pub/sub channel of the same name
+//! - `<ns>:tenant:<tenant>` — a tenant's policy (JSON), in the partition of
+//!   the tenant's name
+//!
+//! Outside partitions: `<ns>:lim:<bucket>` (one shared rate-limit bucket,
+//! [`buckets`]) and `<ns>:replicas` (the live sidecars, for the fallback's
+//! local share).
 //!
 //! Each mutation is one Lua script: the record, the index, the stream entry
 //! and the publish happen together, so no reader can see the new state
 //! without its event being on the stream.
 
+mod buckets;
 pub mod connection;
 mod feed;
 mod scripts;
@@ -28,7 +35,7 @@ use redis::AsyncCommands;
 use tokio::sync::broadcast;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{FEED_CAPACITY, FeedEvent, KeyRecord, KeyStore, ListPage, ListQuery, StoreError, page_token};
+use super::{FEED_CAPACITY, FeedEvent, KeyRecord, KeyStore, ListPage, ListQuery, StoreError, TenantPolicy, page_token};
 use crate::key::KeyId;
 use crate::secret::RedisUrl;
 use connection::{Connection, Nodes, Topology};
@@ -82,6 +89,21 @@ impl Layout {
     }
     fn events(&self, p: u16) -> String {
         format!("{}:events", self.base(p))
+    }
+    /// The partition of a tenant's policy.
+    fn partition_of_tenant(&self, tenant: &str) -> u16 {
+        if self.partitions == 1 { 0 } else { (crc32fast::hash(tenant.as_bytes()) % self.partitions as u32) as u16 }
+    }
+    fn tenant(&self, tenant: &str) -> String {
+        format!("{}:tenant:{tenant}", self.base(self.partition_of_tenant(tenant)))
+    }
+    /// A shared rate-limit bucket: its own key, so that on a Cluster the
+    /// buckets spread over the shards.
+    fn bucket(&self, name: &str) -> String {
+        format!("{}:lim:{name}", self.ns)
+    }
+    fn replicas(&self) -> String {
+        format!("{}:replicas", self.ns)
     }
     fn channel(&self) -> String {
         format!("{}:events", self.ns)
@@ -363,6 +385,39 @@ impl KeyStore for RedisStore {
             let _: i64 = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
         }
         Ok(())
+    }
+
+    async fn tenant_policy(&self, tenant: &str) -> Result<Option<TenantPolicy>, StoreError> {
+        let mut conn = self.conn.clone();
+        let json: Option<String> = conn.get(self.keys.tenant(tenant)).await.map_err(unavailable)?;
+        json.map(|j| serde_json::from_str(&j).map_err(|e| StoreError::Corrupt(e.to_string()))).transpose()
+    }
+
+    async fn set_tenant_policy(&self, policy: &TenantPolicy) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let json = if policy.limits.is_empty() {
+            String::new()
+        } else {
+            serde_json::to_string(policy).map_err(|e| StoreError::Corrupt(e.to_string()))?
+        };
+        let p = self.keys.partition_of_tenant(&policy.tenant);
+        let _: i64 = self
+            .scripts
+            .set_tenant
+            .key(self.keys.tenant(&policy.tenant))
+            .key(self.keys.events(p))
+            .arg(json)
+            .arg(&policy.tenant)
+            .arg(STREAM_MAXLEN)
+            .arg(self.keys.channel())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn shared_buckets(&self) -> Option<Arc<dyn crate::limit::fleet::SharedBuckets>> {
+        Some(Arc::new(buckets::RedisBuckets::new(self.conn.clone(), self.keys.clone())))
     }
 
     fn feed(&self) -> broadcast::Receiver<FeedEvent> {

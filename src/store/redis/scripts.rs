@@ -49,12 +49,68 @@ end
 return 1
 "#;
 
+// KEYS[1] the tenant's policy, KEYS[2] its partition's stream. An empty
+// policy (ARGV[1] = '') removes it.
+const SET_TENANT: &str = r#"
+if ARGV[1] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[1]) end
+local sid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'tenant', ARGV[2])
+redis.call('PUBLISH', ARGV[4], sid .. ' tenant=' .. ARGV[2])
+return 1
+"#;
+
+// One shared GCRA bucket (README, "Rate limits", fleet-wide), on Redis's
+// own clock so that replicas' clocks never matter. KEYS[1] holds the
+// theoretical arrival time in microseconds. ARGV: period (µs, may be
+// fractional), capacity (µs: burst × period), cells wanted, the least
+// worth granting, cells given back first. Answers {granted, cells left,
+// ms until whole, ms until `min` cells are there when none were granted}.
+const LEASE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local period = tonumber(ARGV[1])
+local cap = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local min = tonumber(ARGV[4])
+local back = tonumber(ARGV[5])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+if back > 0 then tat = math.max(now, tat - back * period) end
+local avail = math.floor((cap - (tat - now)) / period + 1e-6)
+if avail < 0 then avail = 0 end
+local granted = 0
+if avail >= min and want > 0 then granted = math.min(want, avail) end
+tat = tat + granted * period
+local ahead = tat - now
+if ahead > 0 then
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil(ahead / 1000) + 1000)
+else
+  redis.call('DEL', KEYS[1])
+end
+local retry = 0
+if granted < min then retry = math.max(1, math.ceil((tat + min * period - cap - now) / 1000)) end
+return {granted, avail - granted, math.ceil(ahead / 1000), retry}
+"#;
+
+// KEYS[1] the sorted set of live replicas (score: last heard, ms).
+// ARGV: this replica's id, how long a replica counts as live (ms).
+const HEARTBEAT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
+return redis.call('ZCARD', KEYS[1])
+"#;
+
 /// Every script, loaded once per store.
 pub struct Scripts {
     pub create: Script,
     pub update: Script,
     pub delete: Script,
     pub touch: Script,
+    pub set_tenant: Script,
+    pub lease: Script,
+    pub heartbeat: Script,
 }
 
 impl Scripts {
@@ -64,6 +120,9 @@ impl Scripts {
             update: Script::new(UPDATE),
             delete: Script::new(DELETE),
             touch: Script::new(TOUCH),
+            set_tenant: Script::new(SET_TENANT),
+            lease: Script::new(LEASE),
+            heartbeat: Script::new(HEARTBEAT),
         }
     }
 }

@@ -1,0 +1,107 @@
+//! Tenants' named limits as the engine needs them (README, "Rate limits"):
+//! read from the store on first use, kept for `cache_ttl`, dropped at once
+//! when the change feed announces a new policy, and read again while the
+//! feed is lost. A tenant with no policy is remembered as such, so a key
+//! of a tenant without limits costs no store read either.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+
+use crate::clock::Clock;
+use crate::limit::LimitSpec;
+use crate::store::KeyStore;
+use crate::verdict::VerifyError;
+
+/// Tenants are those of keys that verified (an admin-controlled set), so a
+/// fast hasher is safe here.
+type Hasher = foldhash::fast::RandomState;
+
+struct Entry {
+    limits: Arc<[LimitSpec]>,
+    /// Monotonic nanos of the read.
+    fetched: u64,
+}
+
+pub struct TenantLimits {
+    store: Arc<dyn KeyStore>,
+    entries: DashMap<String, Entry, Hasher>,
+    /// Bumped by every invalidation: a read that began before one does not
+    /// put what it read back.
+    generation: AtomicU64,
+    ttl: Duration,
+    timeout: Duration,
+    clock: Clock,
+}
+
+impl TenantLimits {
+    pub fn new(store: Arc<dyn KeyStore>, ttl: Duration, timeout: Duration, clock: Clock) -> TenantLimits {
+        TenantLimits {
+            store,
+            entries: DashMap::with_hasher(Hasher::default()),
+            generation: AtomicU64::new(0),
+            ttl,
+            timeout,
+            clock,
+        }
+    }
+
+    /// The limits of `tenant`'s policy (empty when it has none). `trusted`:
+    /// whether the change feed is live enough for a cached policy to be
+    /// believed; `store_down`: whether the store is known to be down (then
+    /// an older copy answers at once). A store that cannot answer is an
+    /// error unless an older copy is at hand.
+    pub async fn get(&self, tenant: &str, trusted: bool, store_down: bool) -> Result<Arc<[LimitSpec]>, VerifyError> {
+        let now = self.clock.mono_nanos();
+        let stale = match self.entries.get(tenant) {
+            Some(e) if trusted && now.saturating_sub(e.fetched) < self.ttl.as_nanos() as u64 => {
+                return Ok(e.limits.clone());
+            }
+            Some(e) if store_down => return Ok(e.limits.clone()),
+            Some(e) => Some(e.limits.clone()),
+            None => None,
+        };
+        let seen = self.generation.load(Ordering::Acquire);
+        match tokio::time::timeout(self.timeout, self.store.tenant_policy(tenant)).await {
+            Ok(Ok(policy)) => {
+                let limits: Arc<[LimitSpec]> = policy.map(|p| p.limits).unwrap_or_default().into();
+                if self.generation.load(Ordering::Acquire) == seen {
+                    self.entries.insert(tenant.to_string(), Entry { limits: limits.clone(), fetched: now });
+                }
+                Ok(limits)
+            }
+            Ok(Err(_)) => stale.ok_or(VerifyError::StoreUnavailable),
+            Err(_) => stale.ok_or(VerifyError::StoreTimeout(self.timeout)),
+        }
+    }
+
+    /// A tenant's policy changed.
+    pub fn invalidate(&self, tenant: &str) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.entries.remove(tenant);
+    }
+
+    /// Events may have been lost.
+    pub fn invalidate_all(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.entries.clear();
+    }
+
+    /// Forgets tenants not read for four times the TTL (memory stays bounded
+    /// by the tenants in use).
+    pub fn purge(&self) {
+        let now = self.clock.mono_nanos();
+        let keep = 4 * self.ttl.as_nanos() as u64;
+        self.entries.retain(|_, e| now.saturating_sub(e.fetched) < keep);
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}

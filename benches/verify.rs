@@ -78,6 +78,43 @@ fn benches(c: &mut Criterion) {
         b.to_async(&rt).iter(|| async { engine.verify(black_box(&hit_unlimited)).await.unwrap().is_valid() })
     });
 
+    // The same limited key with the fleet limiter: buckets shared through
+    // the store, spent from a lease (no store call with a lease in hand).
+    let shared = Arc::new(MemoryStore::sharing_buckets(Clock::system()));
+    let settings = EngineSettings::new(PepperSet::single(Pepper::parse(&[7u8; 32]).unwrap()));
+    let fleet_app = rt.block_on(async { App::build(settings, shared.clone(), Clock::system()) });
+    let fleet_key = rt
+        .block_on(fleet_app.admin.create(
+            KeySpec {
+                name: "bench fleet".into(),
+                env: "live".into(),
+                scopes: vec!["read".into(), "write".into()],
+                ip_allowlist: vec!["10.0.0.0/8".into(), "192.168.0.0/16".into()],
+                rate_limit: Some(RateLimitPolicy {
+                    requests: 1_000_000_000,
+                    window_seconds: 1,
+                    burst: 0,
+                    per_tenant: false,
+                }),
+                ..Default::default()
+            },
+            &Actor::deployment(),
+        ))
+        .unwrap()
+        .key
+        .expose()
+        .to_string();
+    let fleet_engine = fleet_app.engine.clone();
+    let fleet_hit = Request { key: &fleet_key, ..hit };
+    for _ in 0..10_000 {
+        assert!(rt.block_on(fleet_engine.verify(&fleet_hit)).unwrap().is_valid());
+    }
+    let calls = shared.buckets().unwrap().calls();
+    c.bench_function("verify_cache_hit_scopes_ip_fleet_lease", |b| {
+        b.to_async(&rt).iter(|| async { fleet_engine.verify(black_box(&fleet_hit)).await.unwrap().is_valid() })
+    });
+    println!("shared-bucket calls during the fleet bench: {}", shared.buckets().unwrap().calls() - calls);
+
     let verdict = rt.block_on(engine.verify(&hit_unlimited)).unwrap();
     c.bench_function("response_build_and_encode", |b| {
         b.iter(|| {

@@ -122,7 +122,7 @@ impl Authenticator {
             }
             Outcome::RateLimited => Err(AuthError::RateLimited),
             Outcome::TooManyFailedAttempts => Err(AuthError::TooManyFailedAttempts(
-                verdict.rate.map_or(60, |r| r.retry_after_ms.div_ceil(1000).max(1)),
+                verdict.rate.map_or(60, |r| r.state.retry_after_ms.div_ceil(1000).max(1)),
             )),
             Outcome::Malformed | Outcome::NotFound | Outcome::Revoked | Outcome::Expired | Outcome::Disabled => {
                 Err(AuthError::Unauthenticated("the key is not a valid admin key"))

@@ -147,9 +147,6 @@ pub struct AppliedLimit {
     pub state: RateState,
 }
 
-/// The limits of one verdict; two fit without an allocation.
-pub type AppliedLimits = smallvec::SmallVec<[AppliedLimit; 2]>;
-
 /// The limit that constrains a request most: the one that denied it (the
 /// longest wait), else the fewest requests left, else the longest reset.
 pub fn most_constraining(limits: &[AppliedLimit]) -> Option<&AppliedLimit> {
@@ -164,21 +161,32 @@ pub struct Verdict {
     pub outcome: Outcome,
     /// Set from `REVOKED` on (never for `MALFORMED`/`NOT_FOUND`).
     pub key: Option<Arc<CachedKey>>,
-    /// The most constraining limit's state (what `X-RateLimit-*` carry).
-    pub rate: Option<RateState>,
-    /// Every named limit applied, in the order checked.
-    pub limits: AppliedLimits,
+    /// The most constraining limit applied (what `X-RateLimit-*` carry), or
+    /// for `too_many_failed_attempts` the address's failure quota.
+    pub rate: Option<AppliedLimit>,
+    /// Every limit applied, in the order checked, when there were several
+    /// (one allocation); empty when at most one was, which is then `rate`.
+    pub limits: Vec<AppliedLimit>,
     /// Why a key was malformed (for logs; never contains key material).
     pub malformed: Option<Malformed>,
 }
 
 impl Verdict {
     pub fn bare(outcome: Outcome) -> Verdict {
-        Verdict { outcome, key: None, rate: None, limits: AppliedLimits::new(), malformed: None }
+        Verdict { outcome, key: None, rate: None, limits: Vec::new(), malformed: None }
     }
 
     pub fn is_valid(&self) -> bool {
         self.outcome == Outcome::Valid
+    }
+
+    /// Every limit applied, in the order checked.
+    pub fn applied(&self) -> &[AppliedLimit] {
+        match (&self.limits[..], self.outcome) {
+            ([], Outcome::TooManyFailedAttempts) => &[],
+            ([], _) => self.rate.as_slice(),
+            (all, _) => all,
+        }
     }
 }
 
@@ -200,12 +208,11 @@ pub enum VerifyError {
 pub fn headers(verdict: &Verdict, now_unix: i64) -> Vec<(&'static str, String)> {
     use std::fmt::Write;
     let mut out = Vec::with_capacity(7);
-    if let Some(r) = &verdict.rate {
-        let name = most_constraining(&verdict.limits).map_or("default", |l| l.name.as_str());
+    if let Some(AppliedLimit { name, state: r }) = &verdict.rate {
         out.push(("x-ratelimit-limit", r.limit.to_string()));
         out.push(("x-ratelimit-remaining", r.remaining.to_string()));
         out.push(("x-ratelimit-reset", (now_unix.max(0) as u64 + r.reset_seconds).to_string()));
-        let policy = if verdict.limits.is_empty() {
+        let policy = if verdict.limits.len() < 2 {
             format!("\"{name}\";q={};w={}", r.limit, r.window_seconds)
         } else {
             let mut p = String::with_capacity(32 * verdict.limits.len());
@@ -244,8 +251,8 @@ mod tests {
 
     fn with_limits(outcome: Outcome, limits: &[AppliedLimit]) -> Verdict {
         let mut v = Verdict::bare(outcome);
-        v.limits = limits.iter().copied().collect();
-        v.rate = most_constraining(limits).map(|l| l.state);
+        v.limits = if limits.len() > 1 { limits.to_vec() } else { Vec::new() };
+        v.rate = most_constraining(limits).copied();
         v
     }
 

@@ -20,12 +20,13 @@ use std::time::Duration;
 use crate::cache::{CacheSettings, Lookup};
 use crate::clock::Clock;
 use crate::key::{KeyFormat, PepperSet};
+use crate::limit::LimitName;
 use crate::limit::fleet::FleetSettings;
 use crate::limit::named::{self, LimitSpec};
 use crate::limit::shedder::FailureShedder;
 use crate::limit::{BucketId, Limiter, RateLimitPolicy, RateState};
 use crate::metrics::Metrics;
-use crate::verdict::{AppliedLimit, AppliedLimits, Outcome, Request, Verdict, VerifyError, most_constraining};
+use crate::verdict::{AppliedLimit, Outcome, Request, Verdict, VerifyError, most_constraining};
 use source::RecordSource;
 use usage::UsageBatcher;
 
@@ -162,6 +163,7 @@ impl Engine {
                 retry_after_ms,
             };
             self.metrics.shed.increment(1);
+            let rate = AppliedLimit { name: LimitName::DEFAULT, state: rate };
             return Ok(Verdict { rate: Some(rate), ..Verdict::bare(Outcome::TooManyFailedAttempts) });
         }
 
@@ -210,13 +212,15 @@ impl Engine {
             false => Some(self.records.tenant_limits(&record.tenant).await?),
         };
         let mut applicable: smallvec::SmallVec<[LimitSpec; 4]> = smallvec::SmallVec::new();
-        named::applicable(
-            req.limits,
-            [&record.limits, tenant_limits.as_deref().unwrap_or(&[]), &self.limits],
-            record.rate_limit.as_ref().map(LimitSpec::from_legacy),
-            &mut applicable,
-        );
-        let mut applied = AppliedLimits::new();
+        let legacy = record.rate_limit.as_ref().map(LimitSpec::from_legacy);
+        let tenant_layer = tenant_limits.as_deref().unwrap_or(&[]);
+        if req.limits.is_empty() && record.limits.is_empty() && tenant_layer.is_empty() && self.limits.is_empty() {
+            // The common case: at most the key's own `rate_limit`.
+            applicable.extend(legacy);
+        } else {
+            named::applicable(req.limits, [&record.limits, tenant_layer, &self.limits], legacy, &mut applicable);
+        }
+        let mut applied: smallvec::SmallVec<[AppliedLimit; 4]> = smallvec::SmallVec::new();
         let cost = req.cost.max(1);
         for spec in &applicable {
             let bucket = BucketId::of(spec, record.key_id, key.tenant_tag.as_ref(), record.env);
@@ -232,22 +236,24 @@ impl Engine {
                 for a in applied.iter_mut() {
                     a.state.remaining = (a.state.remaining + cost as u64).min(a.state.limit);
                 }
-                applied.push(AppliedLimit { name: spec.name, state: decision.state });
+                let denied = AppliedLimit { name: spec.name, state: decision.state };
+                applied.push(denied);
                 return Ok(Verdict {
                     outcome: Outcome::RateLimited,
                     key: Some(key),
-                    rate: Some(decision.state),
-                    limits: applied,
+                    rate: Some(denied),
+                    limits: if applied.len() > 1 { applied.to_vec() } else { Vec::new() },
                     malformed: None,
                 });
             }
             applied.push(AppliedLimit { name: spec.name, state: decision.state });
         }
-        let rate = most_constraining(&applied).map(|l| l.state);
+        let rate = most_constraining(&applied).copied();
+        let limits = if applied.len() > 1 { applied.to_vec() } else { Vec::new() };
 
         // 6. Valid.
         self.usage.note(&key, now);
-        Ok(Verdict { outcome: Outcome::Valid, key: Some(key), rate, limits: applied, malformed: None })
+        Ok(Verdict { outcome: Outcome::Valid, key: Some(key), rate, limits, malformed: None })
     }
 
     /// Gives back the cells a denied request took from `specs`' buckets.

@@ -460,7 +460,20 @@ impl Limiter for FleetLimiter {
         if self.in_fallback() {
             return LimitCheck::Ready(self.fallback(bucket, spec, cost));
         }
-        LimitCheck::Pending(Box::pin(self.refill(slot, *bucket, *spec, cost)))
+        let (bucket, spec) = (*bucket, *spec);
+        LimitCheck::Pending(Box::pin(async move {
+            // Waiting behind other refills of a hot bucket counts against
+            // the same budget as the store call: past it, this decision is
+            // the fallback's (README, "Rate limits": a limit decision never
+            // waits longer than the store timeout).
+            match tokio::time::timeout(self.settings.timeout, self.refill(slot, bucket, spec, cost)).await {
+                Ok(decided) => decided,
+                Err(_) => {
+                    self.instruments.lease_failures.increment(1);
+                    self.fallback(&bucket, &spec, cost)
+                }
+            }
+        }))
     }
 
     fn refund(&self, bucket: &BucketId, policy: &RateLimitPolicy, cost: u32) {
@@ -492,61 +505,14 @@ impl Limiter for FleetLimiter {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicBool;
-
     use super::*;
     use crate::key::Env;
     use crate::limit::LimitName;
-
-    /// A shared bucket in memory, on the same manual clock, counting calls.
-    struct MemoryBuckets {
-        clock: Clock,
-        tats: Mutex<std::collections::HashMap<String, u64>>,
-        calls: AtomicU64,
-        down: AtomicBool,
-    }
-
-    #[async_trait]
-    impl SharedBuckets for MemoryBuckets {
-        async fn lease(
-            &self,
-            name: &str,
-            policy: &RateLimitPolicy,
-            want: u64,
-            min: u64,
-            give_back: u64,
-        ) -> Result<Grant, LimitError> {
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            if self.down.load(Ordering::SeqCst) {
-                return Err(LimitError::Unavailable("down".into()));
-            }
-            let now = self.clock.mono_nanos();
-            let period = policy.period_nanos();
-            let cap = period * policy.effective_burst();
-            let mut tats = self.tats.lock().unwrap();
-            let tat = tats.entry(name.to_string()).or_insert(0);
-            *tat = (*tat).max(now);
-            *tat = tat.saturating_sub(give_back * period).max(now);
-            let avail = (cap - (*tat - now)) / period;
-            let granted = if avail >= min { want.min(avail) } else { 0 };
-            *tat += granted * period;
-            let retry = if granted < min { (*tat + min * period - cap - now).div_ceil(1_000_000) } else { 0 };
-            Ok(Grant { granted, remaining: avail - granted, reset_ms: (*tat - now) / 1_000_000, retry_after_ms: retry })
-        }
-
-        async fn heartbeat(&self, _id: &str, _ttl: Duration) -> Result<u32, LimitError> {
-            Ok(3)
-        }
-    }
+    use crate::store::memory::MemoryBuckets;
 
     fn setup(slack: f64) -> (Arc<MemoryBuckets>, Arc<FleetLimiter>, Clock) {
         let clock = Clock::manual(1_000);
-        let shared = Arc::new(MemoryBuckets {
-            clock: clock.clone(),
-            tats: Mutex::default(),
-            calls: AtomicU64::new(0),
-            down: AtomicBool::new(false),
-        });
+        let shared = Arc::new(MemoryBuckets::new(clock.clone()));
         let settings = FleetSettings { slack, ..FleetSettings::default() };
         let limiter = FleetLimiter::start(shared.clone(), settings, clock.clone());
         (shared, limiter, clock)
@@ -578,7 +544,7 @@ mod tests {
         let held = a.leased_cells() + b.leased_cells();
         assert_eq!(admitted + held, 100, "every cell admitted or held, none twice");
         assert!(admitted >= 95, "little held back: {admitted}");
-        assert!(shared.calls.load(Ordering::SeqCst) < 80, "leases and the empty mark save round trips");
+        assert!(shared.calls() < 80, "leases and the empty mark save round trips");
     }
 
     #[tokio::test]
@@ -591,11 +557,11 @@ mod tests {
         let denied = take(&l, &id, &spec).await;
         assert!(!denied.allowed);
         assert_eq!(denied.state.retry_after_ms, 30_000);
-        let calls = shared.calls.load(Ordering::SeqCst);
+        let calls = shared.calls();
         for _ in 0..50 {
             assert!(!take(&l, &id, &spec).await.allowed);
         }
-        assert_eq!(shared.calls.load(Ordering::SeqCst), calls, "denied locally");
+        assert_eq!(shared.calls(), calls, "denied locally");
         clock.advance(Duration::from_secs(30));
         assert!(take(&l, &id, &spec).await.allowed, "a cell came back");
     }
@@ -625,9 +591,14 @@ mod tests {
     #[tokio::test]
     async fn fallbacks_apply_while_the_store_is_down_and_end_when_it_answers() {
         let (shared, l, clock) = setup(0.01);
+        let others: Vec<_> =
+            (0..2).map(|_| FleetLimiter::start(shared.clone(), FleetSettings::default(), clock.clone())).collect();
+        for o in &others {
+            o.heartbeat().await;
+        }
         l.heartbeat().await;
-        assert_eq!(l.replicas(), 3);
-        shared.down.store(true, Ordering::SeqCst);
+        assert_eq!(l.replicas(), 3, "three replicas announced themselves");
+        shared.set_failing(true);
         let share: LimitSpec = "share=30/60s".parse().unwrap();
         let open: LimitSpec = "open=1/60s,open".parse().unwrap();
         let closed: LimitSpec = "closed=30/60s,closed".parse().unwrap();
@@ -641,12 +612,12 @@ mod tests {
             assert!(take(&l, &bucket(&open, "aaaaAAAA"), &open).await.allowed);
         }
         assert!(l.check_spec(&bucket(&closed, "aaaaAAAA"), &closed, 1).outcome().await.is_err());
-        shared.down.store(false, Ordering::SeqCst);
+        shared.set_failing(false);
         clock.advance(FALLBACK_FOR);
-        let calls = shared.calls.load(Ordering::SeqCst);
+        let calls = shared.calls();
         assert!(take(&l, &bucket(&closed, "aaaaAAAA"), &closed).await.allowed);
         assert!(!l.in_fallback(), "back on the shared bucket");
-        assert!(shared.calls.load(Ordering::SeqCst) > calls);
+        assert!(shared.calls() > calls);
     }
 
     #[tokio::test]

@@ -120,7 +120,7 @@ pub fn to_response(verdict: &Verdict, now_unix: i64) -> (proto::VerifyResponse, 
         resp.expires_at = r.expires_at.unwrap_or(0);
     }
     resp.limits = verdict
-        .limits
+        .applied()
         .iter()
         .map(|l| proto::LimitState {
             name: l.name.to_string(),
@@ -131,7 +131,7 @@ pub fn to_response(verdict: &Verdict, now_unix: i64) -> (proto::VerifyResponse, 
             retry_after_ms: l.state.retry_after_ms,
         })
         .collect();
-    if let Some(rate) = &verdict.rate {
+    if let Some(rate) = verdict.rate.as_ref().map(|r| &r.state) {
         resp.rate_limit = Some(proto::RateLimitState {
             limit: rate.limit,
             remaining: rate.remaining,

@@ -4,13 +4,17 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use super::{FEED_CAPACITY, FeedEvent, KeyRecord, KeyStore, ListPage, ListQuery, StoreError, TenantPolicy, page_token};
+use crate::clock::Clock;
 use crate::key::KeyId;
+use crate::limit::fleet::{Grant, SharedBuckets};
+use crate::limit::{LimitError, RateLimitPolicy};
 
 pub struct MemoryStore {
     records: Mutex<HashMap<KeyId, KeyRecord>>,
@@ -20,6 +24,7 @@ pub struct MemoryStore {
     calls: AtomicU64,
     failing: std::sync::atomic::AtomicBool,
     latency_ms: AtomicU64,
+    buckets: Option<Arc<MemoryBuckets>>,
 }
 
 impl Default for MemoryStore {
@@ -39,7 +44,20 @@ impl MemoryStore {
             calls: AtomicU64::new(0),
             failing: Default::default(),
             latency_ms: AtomicU64::new(0),
+            buckets: None,
         }
+    }
+
+    /// A store that also shares rate-limit buckets, in this process, with
+    /// every engine built on it: the fleet limiter without Redis, for tests
+    /// and benches of several engines in one process.
+    pub fn sharing_buckets(clock: Clock) -> MemoryStore {
+        MemoryStore { buckets: Some(Arc::new(MemoryBuckets::new(clock))), ..MemoryStore::new() }
+    }
+
+    /// The shared buckets, when the store was made with them.
+    pub fn buckets(&self) -> Option<&Arc<MemoryBuckets>> {
+        self.buckets.as_ref()
     }
 
     /// How many store operations were made so far.
@@ -179,11 +197,96 @@ impl KeyStore for MemoryStore {
         Ok(())
     }
 
+    fn shared_buckets(&self) -> Option<Arc<dyn SharedBuckets>> {
+        self.buckets.clone().map(|b| b as Arc<dyn SharedBuckets>)
+    }
+
     fn feed(&self) -> broadcast::Receiver<FeedEvent> {
         self.feed.subscribe()
     }
 
     fn feed_is_live(&self) -> bool {
         true
+    }
+}
+
+/// Shared rate-limit buckets in this process: the same GCRA arithmetic as
+/// the Redis script, on the injectable clock. Counts its calls and can be
+/// switched off, as the store can.
+pub struct MemoryBuckets {
+    clock: Clock,
+    tats: Mutex<HashMap<String, u64>>,
+    calls: AtomicU64,
+    failing: std::sync::atomic::AtomicBool,
+    replicas: Mutex<HashMap<String, u64>>,
+}
+
+impl MemoryBuckets {
+    pub fn new(clock: Clock) -> MemoryBuckets {
+        MemoryBuckets {
+            clock,
+            tats: Mutex::default(),
+            calls: AtomicU64::new(0),
+            failing: Default::default(),
+            replicas: Mutex::default(),
+        }
+    }
+
+    /// Lease and heartbeat calls so far.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// Makes every later call fail (tests of the fallback).
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    fn enter(&self) -> Result<(), LimitError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(LimitError::Unavailable("the in-memory buckets are switched off".into()));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SharedBuckets for MemoryBuckets {
+    async fn lease(
+        &self,
+        name: &str,
+        policy: &RateLimitPolicy,
+        want: u64,
+        min: u64,
+        give_back: u64,
+    ) -> Result<Grant, LimitError> {
+        self.enter()?;
+        let now = self.clock.mono_nanos();
+        let period = policy.period_nanos();
+        let capacity = period.saturating_mul(policy.effective_burst());
+        let mut tats = self.tats.lock().unwrap_or_else(|e| e.into_inner());
+        let tat = tats.entry(name.to_string()).or_insert(0);
+        *tat = (*tat).max(now);
+        *tat = tat.saturating_sub(give_back.saturating_mul(period)).max(now);
+        let avail = capacity.saturating_sub(*tat - now) / period;
+        let granted = if avail >= min && want > 0 { want.min(avail) } else { 0 };
+        *tat += granted * period;
+        let ahead = *tat - now;
+        let retry_after_ms = if granted < min {
+            (*tat + min * period).saturating_sub(capacity + now).div_ceil(1_000_000).max(1)
+        } else {
+            0
+        };
+        Ok(Grant { granted, remaining: avail - granted, reset_ms: ahead.div_ceil(1_000_000), retry_after_ms })
+    }
+
+    async fn heartbeat(&self, id: &str, ttl: Duration) -> Result<u32, LimitError> {
+        self.enter()?;
+        let now = self.clock.mono_nanos();
+        let mut replicas = self.replicas.lock().unwrap_or_else(|e| e.into_inner());
+        replicas.insert(id.to_string(), now);
+        replicas.retain(|_, seen| now.saturating_sub(*seen) <= ttl.as_nanos() as u64);
+        Ok(replicas.len() as u32)
     }
 }

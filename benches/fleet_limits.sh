@@ -46,6 +46,7 @@ for mode in fleet local; do
     --profile realistic --keys 1 --duration "$DURATION" --warmup 1s --concurrency "$CONCURRENCY" | grep -E '^hit ')"
   after_ticks="$(awk '{print $14 + $15}' "/proc/$pid/stat")"
   after_cmds="$(commands)"
+  [ -n "${SHOW_COMMANDS:-}" ] && redis-cli -p "$rport" info commandstats | grep -v "^#" >&2
   kill "$pid"; wait "$pid" 2>/dev/null || true
   python3 - "$mode" "$line" "$before_ticks" "$after_ticks" "$hz" "$before_cmds" "$after_cmds" <<'PY'
 import sys

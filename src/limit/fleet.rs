@@ -89,6 +89,8 @@ impl Default for FleetSettings {
     }
 }
 
+/// The window over which a replica's demand for a bucket is measured.
+const DEMAND_WINDOW_NANOS: u64 = 1_000_000_000;
 /// How much traffic one lease should cover.
 const LEASE_SPAN_NANOS: u64 = 250_000_000;
 /// After a failed store call, how long checks use the fallback before the
@@ -115,9 +117,11 @@ struct Lease {
     whole_at: u64,
     /// Monotonic nanos before which the shared bucket is known to be empty.
     empty_until: u64,
-    /// Cells asked for since `demand_since` (the rate a lease is sized to).
+    /// Cells asked for since `demand_since`, a window of about a second.
     demand: u64,
     demand_since: u64,
+    /// Cells per second asked for in the last whole window.
+    last_rate: u64,
     last_used: u64,
 }
 
@@ -138,6 +142,7 @@ impl Lease {
             empty_until: 0,
             demand: 0,
             demand_since: now,
+            last_rate: 0,
             last_used: now,
         }
     }
@@ -169,11 +174,27 @@ impl Lease {
         None
     }
 
+    /// Counts `cost` cells asked for; the window rolls over every second.
+    /// Not reset by a refill: callers queued behind one make no new demand
+    /// meanwhile, and a rate measured from refill to refill would shrink
+    /// the leases of a saturated replica to a cell each.
+    fn note_demand(&mut self, cost: u64, now: u64) {
+        self.demand += cost;
+        let elapsed = now.saturating_sub(self.demand_since);
+        if elapsed >= DEMAND_WINDOW_NANOS {
+            self.last_rate = (self.demand as u128 * 1_000_000_000 / elapsed as u128) as u64;
+            self.demand = 0;
+            self.demand_since = now;
+        }
+    }
+
     /// Cells to ask for: a quarter second of this replica's recent demand,
     /// at least `cost`, at most `slack` of the burst.
     fn want(&self, cost: u64, slack: f64, now: u64) -> u64 {
         let elapsed = now.saturating_sub(self.demand_since).max(100_000_000);
-        let rate_span = (self.demand as u128 * LEASE_SPAN_NANOS as u128 / elapsed as u128) as u64;
+        let current = (self.demand as u128 * 1_000_000_000 / elapsed as u128) as u64;
+        let rate = current.max(self.last_rate);
+        let rate_span = (rate as u128 * LEASE_SPAN_NANOS as u128 / 1_000_000_000) as u64;
         let cap = ((self.policy.effective_burst() as f64 * slack).floor() as u64).max(1);
         rate_span.clamp(1, cap).max(cost)
     }
@@ -352,8 +373,6 @@ impl FleetLimiter {
         lease.cells += grant.granted;
         lease.shared_remaining = grant.remaining;
         lease.whole_at = now + grant.reset_ms * 1_000_000;
-        lease.demand = 0;
-        lease.demand_since = now;
         lease.last_used = now;
         if grant.granted == 0 {
             lease.empty_until = now + grant.retry_after_ms.max(1) * 1_000_000;
@@ -438,7 +457,7 @@ impl Limiter for FleetLimiter {
             Some(slot) => {
                 let mut lease = slot.lease.lock().expect("lease lock");
                 if lease.policy == policy {
-                    lease.demand += cost as u64;
+                    lease.note_demand(cost as u64, now);
                     lease.last_used = now;
                     if let Some(d) = lease.try_local(cost.max(1) as u64, now) {
                         return LimitCheck::Ready(Ok(d));

@@ -52,6 +52,7 @@ fn main() {
                     metadata: Default::default(),
                     owner: String::new(),
                     disabled: false,
+                    exchange_only: false,
                     created_at: 1_800_000_000,
                     expires_at: None,
                     revoked_at: None,

@@ -81,6 +81,8 @@ pub struct KeySpec {
     pub expires_at: Option<i64>,
     /// An email or external id; empty = none.
     pub owner: String,
+    /// Valid for token exchange only, not as a bearer credential.
+    pub exchange_only: bool,
 }
 
 /// Changes to a key; `None` leaves a field as it is.
@@ -98,6 +100,7 @@ pub struct KeyPatch {
     pub expires_at: Option<Option<i64>>,
     /// `Some("")` removes the owner.
     pub owner: Option<String>,
+    pub exchange_only: Option<bool>,
 }
 
 impl KeyPatch {
@@ -111,6 +114,7 @@ impl KeyPatch {
             && self.metadata.is_none()
             && self.expires_at.is_none()
             && self.owner.is_none()
+            && self.exchange_only.is_none()
     }
 }
 
@@ -321,6 +325,7 @@ impl Admin {
             limits: spec.limits,
             metadata: spec.metadata,
             expires_at: spec.expires_at,
+            exchange_only: spec.exchange_only,
         };
         self.mint(env, fields, now).await
     }
@@ -346,6 +351,7 @@ impl Admin {
                 metadata: fields.metadata.clone(),
                 owner: fields.owner.clone(),
                 disabled: false,
+                exchange_only: fields.exchange_only,
                 created_at: now,
                 expires_at: fields.expires_at,
                 revoked_at: None,
@@ -484,6 +490,9 @@ impl Admin {
             if let Some(e) = patch.expires_at {
                 r.expires_at = e;
             }
+            if let Some(x) = patch.exchange_only {
+                r.exchange_only = x;
+            }
             if let Some(o) = &owner {
                 r.owner = o.clone();
             }
@@ -569,6 +578,7 @@ impl Admin {
             limits: old.limits.clone(),
             metadata: old.metadata.clone(),
             expires_at: old.expires_at,
+            exchange_only: old.exchange_only,
         };
         let minted = self.mint(old.env, fields, now).await?;
         let end = now.saturating_add(grace as i64);
@@ -724,6 +734,7 @@ struct RecordFields {
     limits: Vec<LimitSpec>,
     metadata: BTreeMap<String, String>,
     expires_at: Option<i64>,
+    exchange_only: bool,
 }
 
 fn parse_id(id: &str) -> Result<KeyId, AdminError> {

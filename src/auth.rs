@@ -15,7 +15,7 @@ use crate::cache::CachedKey;
 use crate::clock::Clock;
 use crate::engine::Engine;
 use crate::limit::shedder::FailureShedder;
-use crate::verdict::{Outcome, Request};
+use crate::verdict::{Mode, Outcome, Request};
 
 /// The scope that admits a key to KeyAdmin.
 pub const ADMIN_SCOPE: &str = "keystile:admin";
@@ -97,7 +97,7 @@ impl Authenticator {
         };
         // Any admin scope admits (keys:read reads only); the engine checks
         // the rest: state, IP allowlist, the key's own rate limit.
-        let request = Request { ip: peer, ..Request::of_key(key) };
+        let request = Request { ip: peer, mode: Mode::Admin, ..Request::of_key(key) };
         let verdict = self
             .engine
             .verify_with(&request, self.shedder.as_ref())
@@ -124,9 +124,12 @@ impl Authenticator {
             Outcome::TooManyFailedAttempts => Err(AuthError::TooManyFailedAttempts(
                 verdict.rate.map_or(60, |r| r.state.retry_after_ms.div_ceil(1000).max(1)),
             )),
-            Outcome::Malformed | Outcome::NotFound | Outcome::Revoked | Outcome::Expired | Outcome::Disabled => {
-                Err(AuthError::Unauthenticated("the key is not a valid admin key"))
-            }
+            Outcome::Malformed
+            | Outcome::NotFound
+            | Outcome::Revoked
+            | Outcome::Expired
+            | Outcome::Disabled
+            | Outcome::ExchangeOnly => Err(AuthError::Unauthenticated("the key is not a valid admin key")),
         }
     }
 

@@ -31,7 +31,7 @@ pub fn install(addr: SocketAddr) -> Result<(), String> {
 /// The engine's instruments.
 #[derive(Clone)]
 pub struct Metrics {
-    verdicts: [Counter; 11],
+    verdicts: [Counter; 12],
     pub verify_seconds: Histogram,
     pub verify_unavailable: Counter,
     pub limiter_unavailable: Counter,

@@ -12,6 +12,8 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("keys
 crate::secret::debug_without_key!(VerifyRequest, "VerifyRequest", [ip, scopes, tenant, cost]);
 crate::secret::debug_without_key!(CreateKeyResponse, "CreateKeyResponse", [record]);
 crate::secret::debug_without_key!(RotateKeyResponse, "RotateKeyResponse", [record, previous]);
+crate::secret::debug_without_key!(ExchangeRequest, "ExchangeRequest", [email, scopes, ttl_seconds]);
+crate::secret::debug_without_key!(ExchangeResponse, "ExchangeResponse", [expires_in, token_type]);
 
 #[cfg(test)]
 mod tests {

@@ -32,11 +32,14 @@ pub enum Outcome {
     RateLimited,
     /// Disabled by an admin (checked after `Expired`).
     Disabled,
+    /// An exchange-only key presented as a bearer credential (checked after
+    /// `Disabled`).
+    ExchangeOnly,
 }
 
 impl Outcome {
     /// Every outcome, indexed by discriminant (metrics keep one counter each).
-    pub const ALL: [Outcome; 11] = [
+    pub const ALL: [Outcome; 12] = [
         Outcome::Valid,
         Outcome::Malformed,
         Outcome::TooManyFailedAttempts,
@@ -48,6 +51,7 @@ impl Outcome {
         Outcome::InsufficientScope,
         Outcome::RateLimited,
         Outcome::Disabled,
+        Outcome::ExchangeOnly,
     ];
 
     /// The stable wire error string; empty when valid.
@@ -62,6 +66,7 @@ impl Outcome {
             Outcome::InsufficientScope => "insufficient_scope",
             Outcome::RateLimited => "rate_limited",
             Outcome::Disabled => "disabled_api_key",
+            Outcome::ExchangeOnly => "exchange_only_api_key",
         }
     }
 
@@ -69,7 +74,11 @@ impl Outcome {
         match self {
             Outcome::Valid => 200,
             Outcome::Malformed | Outcome::NotFound | Outcome::Revoked | Outcome::Expired => 401,
-            Outcome::TenantMismatch | Outcome::IpNotAllowed | Outcome::InsufficientScope | Outcome::Disabled => 403,
+            Outcome::TenantMismatch
+            | Outcome::IpNotAllowed
+            | Outcome::InsufficientScope
+            | Outcome::Disabled
+            | Outcome::ExchangeOnly => 403,
             Outcome::TooManyFailedAttempts | Outcome::RateLimited => 429,
         }
     }
@@ -87,6 +96,9 @@ impl Outcome {
             Outcome::InsufficientScope => "The API key lacks a scope this request needs.",
             Outcome::RateLimited => "The API key's rate limit is exceeded; try again later.",
             Outcome::Disabled => "The API key is disabled.",
+            Outcome::ExchangeOnly => {
+                "The API key may only be exchanged for a token (TokenExchange or POST /v1/auth/token); send the token."
+            }
         }
     }
 
@@ -104,6 +116,7 @@ impl Outcome {
             Outcome::InsufficientScope => "insufficient_scope",
             Outcome::RateLimited => "rate_limited",
             Outcome::Disabled => "disabled",
+            Outcome::ExchangeOnly => "exchange_only",
         }
     }
 
@@ -129,16 +142,32 @@ pub struct Request<'a> {
     /// automatic ones (README, "Rate limits"). Valid names, checked at the
     /// front end.
     pub limits: &'a [String],
+    /// What the credential is presented as.
+    pub mode: Mode,
+}
+
+/// What a credential is presented as (README, "Token exchange").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// A bearer credential (Verify): a key, or a token exchanged for one;
+    /// an exchange-only key is refused.
+    #[default]
+    Bearer,
+    /// A key presented to TokenExchange: exchange-only keys are welcome,
+    /// tokens are not.
+    Exchange,
+    /// A key presented to KeyAdmin: a key only, never a token.
+    Admin,
 }
 
 impl<'a> Request<'a> {
     /// A request with only a key (no address, scopes, tenant or limits).
     pub fn of_key(key: &'a str) -> Request<'a> {
-        Request { key, ip: None, scopes: &[], tenant: "", cost: 1, limits: &[] }
+        Request { key, ip: None, scopes: &[], tenant: "", cost: 1, limits: &[], mode: Mode::Bearer }
     }
 }
 
-crate::secret::debug_without_key!(Request<'_>, "Request", [ip, scopes, tenant, cost, limits]);
+crate::secret::debug_without_key!(Request<'_>, "Request", [ip, scopes, tenant, cost, limits, mode]);
 
 /// The state of one named limit a request was counted against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

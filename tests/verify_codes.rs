@@ -159,6 +159,24 @@ async fn every_code(s: &TestServer) {
     }
     assert!(!r.headers.contains_key("x-api-key-scopes"), "scopes only when valid");
 
+    // EXCHANGE_ONLY: such a key is not a bearer credential; updating it
+    // back makes it one.
+    let only = proto::CreateKeyRequest { exchange_only: true, ..create_req("exchange only") };
+    let (only_key, only_rec) = create(&mut admin, only).await;
+    assert!(only_rec.exchange_only);
+    let r = verify(&mut v, verify_req(&only_key)).await;
+    assert_eq!(code(&r), Code::ExchangeOnly);
+    assert_eq!((r.http_status, r.error.as_str()), (403, "exchange_only_api_key"));
+    admin
+        .update_key(proto::UpdateKeyRequest {
+            key_id: only_rec.key_id.clone(),
+            exchange_only: Some(false),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(code(&verify(&mut v, verify_req(&only_key)).await), Code::Valid);
+
     // EXPIRED (time moves by hand).
     let mut req = create_req("short lived");
     req.expires_at = START + 100;

@@ -117,6 +117,10 @@ pub struct CreateArgs {
     /// key=value; repeatable.
     #[arg(long = "meta")]
     pub metadata: Vec<String>,
+    /// Valid only for token exchange (`keystile token exchange`), refused
+    /// by Verify as a bearer credential.
+    #[arg(long)]
+    pub exchange_only: bool,
     /// Expiry as unix seconds or RFC 3339 (2027-01-01T00:00:00Z).
     #[arg(long, conflicts_with = "expires_in")]
     pub expires_at: Option<String>,
@@ -182,6 +186,9 @@ pub struct UpdateArgs {
     /// Remove the key's named limits (its tenant's apply).
     #[arg(long)]
     pub clear_limits: bool,
+    /// Make the key exchange-only (true) or a bearer credential again (false).
+    #[arg(long)]
+    pub exchange_only: Option<bool>,
     /// Replace the metadata with these key=value pairs.
     #[arg(long = "meta")]
     pub metadata: Vec<String>,
@@ -494,6 +501,7 @@ fn create_request(c: CreateArgs) -> Result<proto::CreateKeyRequest, CliError> {
         limits: limit_specs(&c.limits)?,
         metadata: parse_meta(&c.metadata)?.into_iter().collect(),
         expires_at,
+        exchange_only: c.exchange_only,
     })
 }
 
@@ -528,6 +536,7 @@ fn update_request(u: UpdateArgs) -> Result<proto::UpdateKeyRequest, CliError> {
         clear_limits: u.clear_limits,
         metadata,
         expires_at,
+        exchange_only: u.exchange_only,
     };
     let changes_nothing = req.name.is_none()
         && req.owner.is_none()
@@ -537,12 +546,13 @@ fn update_request(u: UpdateArgs) -> Result<proto::UpdateKeyRequest, CliError> {
         && !req.clear_rate_limit
         && req.limits.is_empty()
         && !req.clear_limits
+        && req.exchange_only.is_none()
         && req.metadata.is_none()
         && req.expires_at.is_none();
     if changes_nothing {
         return Err(CliError::usage(
             "nothing to change: give at least one of --name, --owner, --scope, --allow-ip, --rate-limit, --clear-rate-limit, \
-             --limit, --clear-limits, --meta, --clear-metadata, --expires-at, --expires-in, --never-expires",
+             --limit, --clear-limits, --exchange-only, --meta, --clear-metadata, --expires-at, --expires-in, --never-expires",
         ));
     }
     Ok(req)

@@ -24,9 +24,9 @@ use crate::limit::LimitName;
 use crate::limit::fleet::FleetSettings;
 use crate::limit::named::{self, LimitSpec};
 use crate::limit::shedder::FailureShedder;
-use crate::limit::{BucketId, Limiter, RateLimitPolicy, RateState};
+use crate::limit::{BucketId, Decision, Limiter, RateLimitPolicy, RateState};
 use crate::metrics::Metrics;
-use crate::verdict::{AppliedLimit, Outcome, Request, Verdict, VerifyError, most_constraining};
+use crate::verdict::{AppliedLimit, Mode, Outcome, Request, Verdict, VerifyError, most_constraining};
 use source::RecordSource;
 use usage::UsageBatcher;
 
@@ -190,6 +190,8 @@ impl Engine {
             Outcome::Expired
         } else if record.disabled {
             Outcome::Disabled
+        } else if record.exchange_only && req.mode != Mode::Exchange {
+            Outcome::ExchangeOnly
         } else if !req.tenant.is_empty() && req.tenant != record.tenant {
             Outcome::TenantMismatch
         } else if !record.ip_allowlist.is_empty()
@@ -221,18 +223,20 @@ impl Engine {
             named::applicable(req.limits, [&record.limits, tenant_layer, &self.limits], legacy, &mut applicable);
         }
         let mut applied: smallvec::SmallVec<[AppliedLimit; 4]> = smallvec::SmallVec::new();
+        // The cells taken so far, to give back if a later limit denies.
+        let mut taken: smallvec::SmallVec<[(BucketId, Decision); 4]> = smallvec::SmallVec::new();
         let cost = req.cost.max(1);
         for spec in &applicable {
             let bucket = BucketId::of(spec, record.key_id, key.tenant_tag.as_ref(), record.env);
             let decision = match self.limiter.check_spec(&bucket, spec, cost).outcome().await {
                 Ok(d) => d,
                 Err(e) => {
-                    self.refund(&applicable[..applied.len()], &key, cost);
+                    self.refund(&taken, cost);
                     return Err(VerifyError::LimiterUnavailable(e.to_string()));
                 }
             };
             if !decision.allowed {
-                self.refund(&applicable[..applied.len()], &key, cost);
+                self.refund(&taken, cost);
                 for a in applied.iter_mut() {
                     a.state.remaining = (a.state.remaining + cost as u64).min(a.state.limit);
                 }
@@ -247,6 +251,7 @@ impl Engine {
                 });
             }
             applied.push(AppliedLimit { name: spec.name, state: decision.state });
+            taken.push((bucket, decision));
         }
         let rate = most_constraining(&applied).copied();
         let limits = if applied.len() > 1 { applied.to_vec() } else { Vec::new() };
@@ -256,11 +261,10 @@ impl Engine {
         Ok(Verdict { outcome: Outcome::Valid, key: Some(key), rate, limits, malformed: None })
     }
 
-    /// Gives back the cells a denied request took from `specs`' buckets.
-    fn refund(&self, specs: &[LimitSpec], key: &crate::cache::CachedKey, cost: u32) {
-        for spec in specs {
-            let bucket = BucketId::of(spec, key.record.key_id, key.tenant_tag.as_ref(), key.record.env);
-            self.limiter.refund(&bucket, &spec.policy(), cost);
+    /// Gives back the cells a denied request took.
+    fn refund(&self, taken: &[(BucketId, Decision)], cost: u32) {
+        for (bucket, decision) in taken {
+            self.limiter.refund(bucket, decision, cost);
         }
     }
 

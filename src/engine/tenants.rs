@@ -67,8 +67,12 @@ impl TenantLimits {
         match tokio::time::timeout(self.timeout, self.store.tenant_policy(tenant)).await {
             Ok(Ok(policy)) => {
                 let limits: Arc<[LimitSpec]> = policy.map(|p| p.limits).unwrap_or_default().into();
+                // Checked under the entry's shard lock: an invalidation
+                // bumps the generation before it removes, so either this
+                // sees the bump or the removal comes after the insert.
+                let entry = self.entries.entry(tenant.to_string());
                 if self.generation.load(Ordering::Acquire) == seen {
-                    self.entries.insert(tenant.to_string(), Entry { limits: limits.clone(), fetched: now });
+                    entry.insert(Entry { limits: limits.clone(), fetched: now });
                 }
                 Ok(limits)
             }

@@ -67,6 +67,16 @@ impl Pepper {
         &self.id
     }
 
+    /// A 32-byte key for `context`, derived from the pepper (one-way): what
+    /// seals token signing keys in the store, without the pepper itself
+    /// ever serving two purposes.
+    pub fn derive_key(&self, context: &str) -> [u8; 32] {
+        let mut material = Vec::with_capacity(context.len() + 32);
+        material.extend_from_slice(&self.key);
+        material.extend_from_slice(context.as_bytes());
+        blake3::derive_key("keystile 2026 pepper-derived key v1", &material)
+    }
+
     /// The keyed hash of a key's secret. The key id is hashed in too, so a
     /// hash cannot be moved from one record to another.
     #[inline]

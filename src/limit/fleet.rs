@@ -33,8 +33,8 @@ use metrics::{Counter, Gauge, counter, gauge};
 
 use super::local::LocalLimiter;
 use super::{
-    BucketId, BucketOwner, Decision, LimitCheck, LimitError, LimitFallback, LimitResult, LimitSpec, Limiter,
-    RateLimitPolicy, RateState,
+    BucketId, BucketOwner, CellSource, Decision, LimitCheck, LimitError, LimitFallback, LimitResult, LimitSpec,
+    Limiter, RateLimitPolicy, RateState,
 };
 use crate::clock::Clock;
 use crate::key::KeyId;
@@ -50,6 +50,8 @@ pub struct Grant {
     pub reset_ms: u64,
     /// When nothing was granted: milliseconds until `min` cells are there.
     pub retry_after_ms: u64,
+    /// Milliseconds until one cell is there (0 when one is there now).
+    pub retry_one_ms: u64,
 }
 
 /// What a store offers for buckets shared by the fleet.
@@ -107,7 +109,7 @@ type Hasher = foldhash::fast::RandomState;
 /// This replica's view of one shared bucket.
 struct Lease {
     policy: RateLimitPolicy,
-    /// The bucket's name in the store (changes with the policy).
+    /// The bucket's name in the store.
     name: String,
     /// Cells taken from the shared bucket and not spent yet.
     cells: u64,
@@ -115,13 +117,19 @@ struct Lease {
     shared_remaining: u64,
     /// Monotonic nanos when the shared bucket was whole, as of the last grant.
     whole_at: u64,
-    /// Monotonic nanos before which the shared bucket is known to be empty.
+    /// Monotonic nanos before which the shared bucket has no cell at all.
     empty_until: u64,
+    /// Monotonic nanos before which a request of `short_cost` cells or more
+    /// cannot pass (the store said so for that many).
+    short_until: u64,
+    short_cost: u64,
     /// Cells asked for since `demand_since`, a window of about a second.
     demand: u64,
     demand_since: u64,
     /// Cells per second asked for in the last whole window.
     last_rate: u64,
+    /// Checks of this bucket waiting for a refill: one refill serves them all.
+    waiting: u64,
     last_used: u64,
 }
 
@@ -131,22 +139,43 @@ struct Slot {
     refill: tokio::sync::Mutex<()>,
 }
 
-impl Lease {
-    fn new(bucket: &BucketId, policy: &RateLimitPolicy, now: u64) -> Lease {
-        Lease {
-            policy: *policy,
-            name: bucket.storage_name(policy),
+impl Slot {
+    fn new(bucket: &BucketId, now: u64) -> Slot {
+        let lease = Lease {
+            policy: bucket.quota,
+            name: bucket.storage_name(),
             cells: 0,
-            shared_remaining: policy.effective_burst(),
+            shared_remaining: bucket.quota.effective_burst(),
             whole_at: now,
             empty_until: 0,
+            short_until: 0,
+            short_cost: u64::MAX,
             demand: 0,
             demand_since: now,
             last_rate: 0,
+            waiting: 0,
             last_used: now,
-        }
+        };
+        Slot { lease: Mutex::new(lease), refill: tokio::sync::Mutex::new(()) }
     }
 
+    fn lease(&self) -> std::sync::MutexGuard<'_, Lease> {
+        self.lease.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Counts a check as waiting for a refill while it lives (also when the
+/// caller gives up and drops the check).
+struct Waiting<'a>(&'a Slot);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut lease = self.0.lease();
+        lease.waiting = lease.waiting.saturating_sub(1);
+    }
+}
+
+impl Lease {
     fn state(&self, now: u64) -> RateState {
         RateState {
             limit: self.policy.requests,
@@ -157,19 +186,27 @@ impl Lease {
         }
     }
 
+    fn denied(&self, now: u64, wait_nanos: u64) -> Decision {
+        let mut state = self.state(now);
+        state.retry_after_ms = wait_nanos.div_ceil(1_000_000).max(1);
+        // As for a local bucket: on a denial, when the request could pass.
+        state.reset_seconds = state.retry_after_ms.div_ceil(1000);
+        Decision { allowed: false, state, source: CellSource::Lease }
+    }
+
     /// Spends from the lease or answers from a known-empty bucket; `None`
     /// when the store must be asked.
     fn try_local(&mut self, cost: u64, now: u64) -> Option<Decision> {
         if self.cells >= cost {
             self.cells -= cost;
-            return Some(Decision { allowed: true, state: self.state(now) });
+            return Some(Decision { allowed: true, state: self.state(now), source: CellSource::Lease });
         }
         if now < self.empty_until {
-            let mut state = self.state(now);
-            state.retry_after_ms = (self.empty_until - now).div_ceil(1_000_000).max(1);
-            // As for a local bucket: on a denial, when the request could pass.
-            state.reset_seconds = state.retry_after_ms.div_ceil(1000);
-            return Some(Decision { allowed: false, state });
+            let more = (cost - 1).saturating_mul(self.policy.period_nanos());
+            return Some(self.denied(now, self.empty_until - now + more));
+        }
+        if cost >= self.short_cost && now < self.short_until {
+            return Some(self.denied(now, self.short_until - now));
         }
         None
     }
@@ -180,6 +217,7 @@ impl Lease {
     /// the leases of a saturated replica to a cell each.
     fn note_demand(&mut self, cost: u64, now: u64) {
         self.demand += cost;
+        self.last_used = now;
         let elapsed = now.saturating_sub(self.demand_since);
         if elapsed >= DEMAND_WINDOW_NANOS {
             self.last_rate = (self.demand as u128 * 1_000_000_000 / elapsed as u128) as u64;
@@ -189,14 +227,16 @@ impl Lease {
     }
 
     /// Cells to ask for: a quarter second of this replica's recent demand,
-    /// at least `cost`, at most `slack` of the burst.
+    /// at most `slack` of the burst, but at least what the checks waiting
+    /// now need (and never more than the burst).
     fn want(&self, cost: u64, slack: f64, now: u64) -> u64 {
         let elapsed = now.saturating_sub(self.demand_since).max(100_000_000);
         let current = (self.demand as u128 * 1_000_000_000 / elapsed as u128) as u64;
         let rate = current.max(self.last_rate);
         let rate_span = (rate as u128 * LEASE_SPAN_NANOS as u128 / 1_000_000_000) as u64;
-        let cap = ((self.policy.effective_burst() as f64 * slack).floor() as u64).max(1);
-        rate_span.clamp(1, cap).max(cost)
+        let burst = self.policy.effective_burst();
+        let cap = ((burst as f64 * slack).floor() as u64).max(1);
+        rate_span.clamp(1, cap).max(self.waiting.saturating_mul(cost)).max(cost).min(burst)
     }
 }
 
@@ -286,11 +326,12 @@ impl FleetLimiter {
         match spec.fallback {
             LimitFallback::LocalShare => {
                 self.instruments.fallback_local_share.increment(1);
-                let share = self.share(&spec.policy());
-                match self.fallback.check(bucket, &share, cost) {
+                let share = self.share(&bucket.quota);
+                match self.fallback.check(&BucketId { quota: share, ..*bucket }, &share, cost) {
                     LimitCheck::Ready(r) => r.map(|mut d| {
                         // The headers speak of the whole limit.
                         d.state.limit = spec.requests;
+                        d.source = CellSource::LocalShare;
                         d
                     }),
                     LimitCheck::Pending(_) => unreachable!("a local bucket answers at once"),
@@ -305,7 +346,7 @@ impl FleetLimiter {
                     window_seconds: spec.window_seconds,
                     retry_after_ms: 0,
                 };
-                Ok(Decision { allowed: true, state })
+                Ok(Decision { allowed: true, state, source: CellSource::Uncounted })
             }
             LimitFallback::Closed => {
                 self.instruments.fallback_closed.increment(1);
@@ -328,19 +369,27 @@ impl FleetLimiter {
         }
     }
 
-    async fn refill(&self, slot: Arc<Slot>, bucket: BucketId, spec: LimitSpec, cost: u32) -> LimitResult {
-        let _one = slot.refill.lock().await;
-        let policy = spec.policy();
-        let cost = cost.max(1) as u64;
+    /// Asks the store for cells, once for every check waiting on this
+    /// bucket, all within `deadline` (one store budget from the check's
+    /// start, queueing included).
+    async fn refill(
+        &self,
+        slot: Arc<Slot>,
+        bucket: BucketId,
+        spec: LimitSpec,
+        cost: u64,
+        deadline: tokio::time::Instant,
+    ) -> LimitResult {
+        let _waiting = Waiting(&slot);
+        let Ok(_one) = tokio::time::timeout_at(deadline, slot.refill.lock()).await else {
+            // The refill ahead of this one took the whole budget: the
+            // store is too slow for its budget.
+            self.store_failed(&format_args!("no lease within {:?}", self.settings.timeout));
+            return self.fallback(&bucket, &spec, cost as u32);
+        };
         let now = self.clock.mono_nanos();
-        let (name, want, min, give_back) = {
-            let mut lease = slot.lease.lock().expect("lease lock");
-            if lease.policy != policy {
-                // A new policy names a new shared bucket, whole. Cells of
-                // the old one are left to expire with it: nobody draws from
-                // it any more.
-                *lease = Lease::new(&bucket, &policy, now);
-            }
+        let (name, want, min) = {
+            let mut lease = slot.lease();
             // Another check may have refilled while this one waited.
             if let Some(d) = lease.try_local(cost, now) {
                 return Ok(d);
@@ -349,40 +398,40 @@ impl FleetLimiter {
                 drop(lease);
                 return self.fallback(&bucket, &spec, cost as u32);
             }
-            let want = lease.want(cost, self.settings.slack, now);
             let held = lease.cells;
-            (lease.name.clone(), want.saturating_sub(held).max(cost - held), cost - held, 0)
+            let want = lease.want(cost, self.settings.slack, now).saturating_sub(held).max(cost - held);
+            (lease.name.clone(), want, cost - held)
         };
         self.instruments.leases.increment(1);
-        let asked =
-            tokio::time::timeout(self.settings.timeout, self.shared.lease(&name, &policy, want, min, give_back));
-        let grant = match asked.await {
+        let asked = self.shared.lease(&name, &bucket.quota, want, min, 0);
+        let grant = match tokio::time::timeout_at(deadline, asked).await {
             Ok(Ok(g)) => g,
             Ok(Err(e)) => {
                 self.store_failed(&e);
                 return self.fallback(&bucket, &spec, cost as u32);
             }
             Err(_) => {
-                self.store_failed(&format_args!("no answer within {:?}", self.settings.timeout));
+                self.store_failed(&format_args!("no lease within {:?}", self.settings.timeout));
                 return self.fallback(&bucket, &spec, cost as u32);
             }
         };
         self.store_answered();
         let now = self.clock.mono_nanos();
-        let mut lease = slot.lease.lock().expect("lease lock");
+        let mut lease = slot.lease();
         lease.cells += grant.granted;
         lease.shared_remaining = grant.remaining;
         lease.whole_at = now + grant.reset_ms * 1_000_000;
         lease.last_used = now;
         if grant.granted == 0 {
-            lease.empty_until = now + grant.retry_after_ms.max(1) * 1_000_000;
+            if grant.retry_one_ms > 0 {
+                lease.empty_until = now + grant.retry_one_ms * 1_000_000;
+            }
+            lease.short_cost = cost;
+            lease.short_until = now + grant.retry_after_ms.max(1) * 1_000_000;
+        } else {
+            lease.short_until = 0;
         }
-        Ok(lease.try_local(cost, now).unwrap_or_else(|| {
-            // Granted nothing and retry_after_ms was 0: deny for a moment.
-            let mut state = lease.state(now);
-            state.retry_after_ms = 1;
-            Decision { allowed: false, state }
-        }))
+        Ok(lease.try_local(cost, now).unwrap_or_else(|| lease.denied(now, grant.retry_after_ms.max(1) * 1_000_000)))
     }
 
     /// Gives back leases unused for `lease_idle` and forgets slots idle for
@@ -452,59 +501,60 @@ impl Limiter for FleetLimiter {
     #[inline]
     fn check_spec(&self, bucket: &BucketId, spec: &LimitSpec, cost: u32) -> LimitCheck<'_> {
         let now = self.clock.mono_nanos();
-        let policy = spec.policy();
+        let cost = cost.max(1) as u64;
+        if cost > bucket.quota.effective_burst() {
+            // More than the whole burst can never pass: no store call, and
+            // nothing is marked, so smaller requests are not held up.
+            let state = RateState {
+                limit: bucket.quota.requests,
+                remaining: 0,
+                reset_seconds: bucket.quota.window_seconds,
+                window_seconds: bucket.quota.window_seconds,
+                retry_after_ms: bucket.quota.window_seconds * 1000,
+            };
+            return LimitCheck::Ready(Ok(Decision { allowed: false, state, source: CellSource::Uncounted }));
+        }
         let slot = match self.slots.get(bucket) {
             Some(slot) => {
-                let mut lease = slot.lease.lock().expect("lease lock");
-                if lease.policy == policy {
-                    lease.note_demand(cost as u64, now);
-                    lease.last_used = now;
-                    if let Some(d) = lease.try_local(cost.max(1) as u64, now) {
-                        return LimitCheck::Ready(Ok(d));
-                    }
+                let mut lease = slot.lease();
+                lease.note_demand(cost, now);
+                if let Some(d) = lease.try_local(cost, now) {
+                    return LimitCheck::Ready(Ok(d));
                 }
+                lease.waiting += 1;
                 drop(lease);
                 slot.clone()
             }
-            None => self
-                .slots
-                .entry(*bucket)
-                .or_insert_with(|| {
-                    let mut lease = Lease::new(bucket, &policy, now);
-                    lease.demand = cost as u64;
-                    Arc::new(Slot { lease: Mutex::new(lease), refill: tokio::sync::Mutex::new(()) })
-                })
-                .clone(),
+            None => {
+                let slot = self.slots.entry(*bucket).or_insert_with(|| Arc::new(Slot::new(bucket, now))).clone();
+                let mut lease = slot.lease();
+                lease.note_demand(cost, now);
+                lease.waiting += 1;
+                drop(lease);
+                slot
+            }
         };
         if self.in_fallback() {
-            return LimitCheck::Ready(self.fallback(bucket, spec, cost));
+            drop(Waiting(&slot));
+            return LimitCheck::Ready(self.fallback(bucket, spec, cost as u32));
         }
-        let (bucket, spec) = (*bucket, *spec);
-        LimitCheck::Pending(Box::pin(async move {
-            // Waiting behind other refills of a hot bucket counts against
-            // the same budget as the store call: past it, this decision is
-            // the fallback's (README, "Rate limits": a limit decision never
-            // waits longer than the store timeout).
-            match tokio::time::timeout(self.settings.timeout, self.refill(slot, bucket, spec, cost)).await {
-                Ok(decided) => decided,
-                Err(_) => {
-                    self.instruments.lease_failures.increment(1);
-                    self.fallback(&bucket, &spec, cost)
-                }
-            }
-        }))
+        let deadline = tokio::time::Instant::now() + self.settings.timeout;
+        LimitCheck::Pending(Box::pin(self.refill(slot, *bucket, *spec, cost, deadline)))
     }
 
-    fn refund(&self, bucket: &BucketId, policy: &RateLimitPolicy, cost: u32) {
-        if self.in_fallback() {
-            self.fallback.refund(bucket, &self.share(policy), cost);
-            return;
-        }
-        if let Some(slot) = self.slots.get(bucket) {
-            let mut lease = slot.lease.lock().expect("lease lock");
-            if lease.policy == *policy {
-                lease.cells += cost.max(1) as u64;
+    fn refund(&self, bucket: &BucketId, decision: &Decision, cost: u32) {
+        match decision.source {
+            CellSource::Lease => {
+                if let Some(slot) = self.slots.get(bucket) {
+                    slot.lease().cells += cost.max(1) as u64;
+                }
             }
+            CellSource::LocalShare => {
+                let share = self.share(&bucket.quota);
+                let local = BucketId { quota: share, ..*bucket };
+                self.fallback.refund(&local, decision, cost);
+            }
+            CellSource::Local | CellSource::Uncounted => {}
         }
     }
 
@@ -640,13 +690,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_large_cost_does_not_hold_up_small_requests() {
+        let (shared, l, _clock) = setup(0.01);
+        let spec: LimitSpec = "api=100/3600s".parse().unwrap();
+        let id = bucket(&spec, "aaaaAAAA");
+        for _ in 0..95 {
+            assert!(take(&l, &id, &spec).await.allowed);
+        }
+        let huge = l.check_spec(&id, &spec, 1000).outcome().await.unwrap();
+        assert!(!huge.allowed, "more than the burst never passes");
+        let calls = shared.calls();
+        let big = l.check_spec(&id, &spec, 10).outcome().await.unwrap();
+        assert!(!big.allowed, "ten cells are not there");
+        assert_eq!(big.state.retry_after_ms, 5 * 36_000, "five more cells at one per 36 s");
+        assert!(shared.calls() > calls);
+        let calls = shared.calls();
+        assert!(!l.check_spec(&id, &spec, 10).outcome().await.unwrap().allowed);
+        assert_eq!(shared.calls(), calls, "the same cost is refused locally");
+        assert!(take(&l, &id, &spec).await.allowed, "a request of one cell still passes");
+    }
+
+    #[tokio::test]
     async fn a_refund_puts_cells_back_in_the_lease() {
         let (_shared, l, _clock) = setup(0.5);
         let spec: LimitSpec = "api=10/3600s".parse().unwrap();
         let id = bucket(&spec, "aaaaAAAA");
         let first = take(&l, &id, &spec).await;
         assert!(first.allowed);
-        l.refund(&id, &spec.policy(), 1);
+        l.refund(&id, &first, 1);
         let again = take(&l, &id, &spec).await;
         assert_eq!(again.state.remaining, first.state.remaining, "the refunded cell was spent again");
         assert_eq!(LimitName::DEFAULT.as_str(), "default");

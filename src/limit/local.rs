@@ -10,7 +10,7 @@ use std::sync::Arc;
 use dashmap::DashMap;
 
 use super::gcra::GcraBucket;
-use super::{BucketId, BucketOwner, Decision, LimitCheck, Limiter, RateLimitPolicy, RateState};
+use super::{BucketId, BucketOwner, CellSource, Decision, LimitCheck, Limiter, RateLimitPolicy, RateState};
 use crate::clock::Clock;
 use crate::key::KeyId;
 
@@ -52,13 +52,11 @@ impl Limiter for LocalLimiter {
     #[inline]
     fn check(&self, bucket: &BucketId, policy: &RateLimitPolicy, cost: u32) -> LimitCheck<'_> {
         let (allowed, state) = self.take(bucket, policy, cost);
-        LimitCheck::Ready(Ok(Decision { allowed, state }))
+        LimitCheck::Ready(Ok(Decision { allowed, state, source: CellSource::Local }))
     }
 
-    fn refund(&self, bucket: &BucketId, policy: &RateLimitPolicy, cost: u32) {
-        if let Some(b) = self.buckets.get(bucket)
-            && b.policy() == *policy
-        {
+    fn refund(&self, bucket: &BucketId, _decision: &Decision, cost: u32) {
+        if let Some(b) = self.buckets.get(bucket) {
             b.refund(cost);
         }
     }
@@ -95,6 +93,10 @@ mod tests {
         BucketId::of(&spec, id.parse::<KeyId>().unwrap(), None, Env::Live)
     }
 
+    fn with(b: &BucketId, p: &RateLimitPolicy) -> BucketId {
+        BucketId { quota: *p, ..*b }
+    }
+
     fn take(l: &LocalLimiter, b: &BucketId, p: &RateLimitPolicy, cost: u32) -> Decision {
         match l.check(b, p, cost) {
             LimitCheck::Ready(r) => r.unwrap(),
@@ -106,18 +108,20 @@ mod tests {
     fn a_bucket_is_kept_until_the_policy_changes() {
         let l = LocalLimiter::new(Clock::manual(0));
         let id = key_bucket("abcdEFGH");
-        assert!(take(&l, &id, &policy(2, 60), 1).allowed);
-        assert_eq!(take(&l, &id, &policy(2, 60), 1).state.remaining, 0, "same policy, same bucket");
-        assert_eq!(take(&l, &id, &policy(3, 60), 1).state.remaining, 2, "new policy, new bucket");
+        let (two, three) = (policy(2, 60), policy(3, 60));
+        assert!(take(&l, &with(&id, &two), &two, 1).allowed);
+        assert_eq!(take(&l, &with(&id, &two), &two, 1).state.remaining, 0, "same policy, same bucket");
+        assert_eq!(take(&l, &with(&id, &three), &three, 1).state.remaining, 2, "new policy, new bucket");
+        assert_eq!(take(&l, &with(&id, &two), &two, 1).state.remaining, 0, "and the old one is kept, not reset");
     }
 
     #[test]
     fn purge_drops_only_whole_buckets() {
         let clock = Clock::manual(0);
         let l = LocalLimiter::new(clock.clone());
-        let spent = key_bucket("aaaaAAAA");
-        let touched = key_bucket("bbbbBBBB");
         let hourly = policy(5, 3600);
+        let spent = with(&key_bucket("aaaaAAAA"), &hourly);
+        let touched = with(&key_bucket("bbbbBBBB"), &policy(10, 10));
         for _ in 0..5 {
             assert!(take(&l, &spent, &hourly, 1).allowed);
         }

@@ -69,11 +69,15 @@ pub enum BucketOwner {
     },
 }
 
-/// Whose bucket a request draws from: a limit's name and its owner.
+/// Whose bucket a request draws from: a limit's name, its owner and its
+/// numbers. Two keys of a tenant may define one name with different
+/// numbers (a key's override): they count in different buckets rather than
+/// reset one bucket in turns. A changed policy names a new bucket, whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BucketId {
     pub name: LimitName,
     pub owner: BucketOwner,
+    pub quota: RateLimitPolicy,
 }
 
 impl BucketId {
@@ -84,12 +88,12 @@ impl BucketId {
             (LimitScope::Tenant, Some(tag)) => BucketOwner::Tenant { tag: *tag, env },
             _ => BucketOwner::Key(id),
         };
-        BucketId { name: spec.name, owner }
+        BucketId { name: spec.name, owner, quota: spec.policy() }
     }
 
-    /// A stable, printable name for the bucket under `policy`, for a shared
-    /// store: a changed policy names a new bucket, so it starts whole.
-    pub fn storage_name(&self, policy: &RateLimitPolicy) -> String {
+    /// A stable, printable name of the bucket, for a shared store.
+    pub fn storage_name(&self) -> String {
+        let policy = &self.quota;
         let q = format!("{}/{}/{}", policy.requests, policy.window_seconds, policy.effective_burst());
         match &self.owner {
             BucketOwner::Key(id) => format!("{}:k:{id}:{q}", self.name),
@@ -107,6 +111,22 @@ pub struct Decision {
     /// The cells were taken.
     pub allowed: bool,
     pub state: RateState,
+    /// Where the cells came from, so that a refund puts them back there.
+    pub source: CellSource,
+}
+
+/// Where a decision's cells came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CellSource {
+    /// An in-process bucket.
+    #[default]
+    Local,
+    /// A lease from a shared bucket.
+    Lease,
+    /// The local share of a shared limit, while the store is out of reach.
+    LocalShare,
+    /// Admitted without counting (the `open` fallback): nothing to give back.
+    Uncounted,
 }
 
 /// A limiter that could not decide (a shared bucket out of reach).
@@ -141,10 +161,10 @@ pub trait Limiter: Send + Sync + 'static {
     /// whole under the new one.
     fn check(&self, bucket: &BucketId, policy: &RateLimitPolicy, cost: u32) -> LimitCheck<'_>;
 
-    /// Gives back `cost` cells that [`Limiter::check`] took, because another
-    /// limit of the same request denied it (all or nothing, README "Rate
-    /// limits").
-    fn refund(&self, bucket: &BucketId, policy: &RateLimitPolicy, cost: u32);
+    /// Gives back `cost` cells that [`Limiter::check`] took (as `decision`
+    /// says where from), because another limit of the same request denied
+    /// it (all or nothing, README "Rate limits").
+    fn refund(&self, bucket: &BucketId, decision: &Decision, cost: u32);
 
     /// Checks a limit whose fallback matters (the fleet limiter applies it
     /// when the shared buckets are out of reach); by default the same as

@@ -80,6 +80,7 @@ pub fn to_proto(r: &KeyRecord, now: i64) -> proto::KeyRecord {
         owner: r.owner.clone(),
         disabled: r.disabled,
         limits: r.limits.iter().map(limit_to_proto).collect(),
+        exchange_only: r.exchange_only,
     }
 }
 
@@ -173,6 +174,7 @@ impl TryFrom<proto::CreateKeyRequest> for KeySpec {
             metadata: r.metadata.into_iter().collect(),
             expires_at: expiry(r.expires_at)?,
             owner: r.owner,
+            exchange_only: r.exchange_only,
         })
     }
 }
@@ -201,6 +203,7 @@ impl TryFrom<proto::UpdateKeyRequest> for KeyPatch {
             metadata: r.metadata.map(|m| m.entries.into_iter().collect()),
             expires_at: r.expires_at.map(expiry).transpose()?,
             owner: r.owner,
+            exchange_only: r.exchange_only,
         })
     }
 }

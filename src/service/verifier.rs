@@ -72,6 +72,7 @@ impl<'a> TryFrom<&'a proto::VerifyRequest> for verdict::Request<'a> {
             tenant: &r.tenant,
             cost: r.cost.unwrap_or(1).max(1),
             limits: &r.limits,
+            mode: verdict::Mode::Bearer,
         })
     }
 }
@@ -88,6 +89,7 @@ fn wire_code(outcome: Outcome) -> proto::Code {
         Outcome::InsufficientScope => proto::Code::InsufficientScope,
         Outcome::TooManyFailedAttempts | Outcome::RateLimited => proto::Code::RateLimited,
         Outcome::Disabled => proto::Code::Disabled,
+        Outcome::ExchangeOnly => proto::Code::ExchangeOnly,
     }
 }
 

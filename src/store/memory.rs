@@ -10,7 +10,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
-use super::{FEED_CAPACITY, FeedEvent, KeyRecord, KeyStore, ListPage, ListQuery, StoreError, TenantPolicy, page_token};
+use super::{
+    FEED_CAPACITY, FeedEvent, KeyRecord, KeyStore, ListPage, ListQuery, StoreError, StoredSigningKey, TenantPolicy,
+    page_token,
+};
 use crate::clock::Clock;
 use crate::key::KeyId;
 use crate::limit::fleet::{Grant, SharedBuckets};
@@ -20,6 +23,7 @@ pub struct MemoryStore {
     records: Mutex<HashMap<KeyId, KeyRecord>>,
     last_used: Mutex<HashMap<KeyId, i64>>,
     tenants: Mutex<HashMap<String, TenantPolicy>>,
+    signing: Mutex<Vec<StoredSigningKey>>,
     feed: broadcast::Sender<FeedEvent>,
     calls: AtomicU64,
     failing: std::sync::atomic::AtomicBool,
@@ -40,6 +44,7 @@ impl MemoryStore {
             records: Mutex::default(),
             last_used: Mutex::default(),
             tenants: Mutex::default(),
+            signing: Mutex::default(),
             feed,
             calls: AtomicU64::new(0),
             failing: Default::default(),
@@ -197,6 +202,24 @@ impl KeyStore for MemoryStore {
         Ok(())
     }
 
+    async fn signing_keys(&self) -> Result<Vec<StoredSigningKey>, StoreError> {
+        drop(self.enter()?);
+        Ok(self.signing.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    async fn add_signing_key(&self, key: &StoredSigningKey, keep: usize) -> Result<(), StoreError> {
+        drop(self.enter()?);
+        let mut keys = self.signing.lock().unwrap_or_else(|e| e.into_inner());
+        if keys.iter().any(|k| k.kid == key.kid) {
+            return Err(StoreError::AlreadyExists);
+        }
+        keys.push(key.clone());
+        keys.sort_by_key(|k| k.created_at);
+        let extra = keys.len().saturating_sub(keep.max(1));
+        keys.drain(..extra);
+        Ok(())
+    }
+
     fn shared_buckets(&self) -> Option<Arc<dyn SharedBuckets>> {
         self.buckets.clone().map(|b| b as Arc<dyn SharedBuckets>)
     }
@@ -270,6 +293,8 @@ impl SharedBuckets for MemoryBuckets {
         *tat = (*tat).max(now);
         *tat = tat.saturating_sub(give_back.saturating_mul(period)).max(now);
         let avail = capacity.saturating_sub(*tat - now) / period;
+        let retry_one_ms =
+            if avail == 0 { (*tat + period).saturating_sub(capacity + now).div_ceil(1_000_000).max(1) } else { 0 };
         let granted = if avail >= min && want > 0 { want.min(avail) } else { 0 };
         *tat += granted * period;
         let ahead = *tat - now;
@@ -278,7 +303,13 @@ impl SharedBuckets for MemoryBuckets {
         } else {
             0
         };
-        Ok(Grant { granted, remaining: avail - granted, reset_ms: ahead.div_ceil(1_000_000), retry_after_ms })
+        Ok(Grant {
+            granted,
+            remaining: avail - granted,
+            reset_ms: ahead.div_ceil(1_000_000),
+            retry_after_ms,
+            retry_one_ms,
+        })
     }
 
     async fn heartbeat(&self, id: &str, ttl: Duration) -> Result<u32, LimitError> {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
-pub use record::{KeyRecord, TenantPolicy};
+pub use record::{KeyRecord, StoredSigningKey, TenantPolicy};
 
 pub use crate::limit::RateLimitPolicy;
 
@@ -128,6 +128,12 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Replaces a tenant's policy (no limits = none) and announces it.
     async fn set_tenant_policy(&self, policy: &TenantPolicy) -> Result<(), StoreError>;
+
+    /// The token signing keys, oldest first.
+    async fn signing_keys(&self) -> Result<Vec<StoredSigningKey>, StoreError>;
+
+    /// Adds a signing key and drops the oldest beyond `keep`.
+    async fn add_signing_key(&self, key: &StoredSigningKey, keep: usize) -> Result<(), StoreError>;
 
     /// Buckets shared by every replica, when this store can hold them
     /// (README, "Rate limits", fleet-wide); `None` = limits stay local.

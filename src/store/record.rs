@@ -36,6 +36,10 @@ pub struct KeyRecord {
     pub created_at: i64,
     #[serde(default)]
     pub expires_at: Option<i64>,
+    /// Valid for token exchange only, refused by Verify as a bearer
+    /// credential (README, "Token exchange").
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exchange_only: bool,
     /// When set, the key is revoked from this instant on (a rotated key
     /// carries the end of its grace window here).
     #[serde(default)]
@@ -50,6 +54,32 @@ pub struct KeyRecord {
     #[serde(skip)]
     pub last_used_at: Option<i64>,
     pub version: u64,
+}
+
+/// A token signing key as the store keeps it (README, "Token exchange"):
+/// the public half in the clear, the private half sealed under the pepper
+/// (`sealed`: base64 of nonce and ciphertext; never logged).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredSigningKey {
+    pub kid: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// The Ed25519 public key, base64url without padding (a JWK's `x`).
+    pub public: String,
+    pub sealed: String,
+    /// The pepper the private half is sealed under.
+    pub pepper_id: String,
+}
+
+impl std::fmt::Debug for StoredSigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredSigningKey")
+            .field("kid", &self.kid)
+            .field("created_at", &self.created_at)
+            .field("public", &self.public)
+            .field("pepper_id", &self.pepper_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A tenant's named limits (README, "Rate limits"): one per API type,

@@ -56,8 +56,8 @@ impl SharedBuckets for RedisBuckets {
             .await
             .map_err(unavailable)?;
         match answer[..] {
-            [granted, remaining, reset_ms, retry_after_ms] => {
-                Ok(Grant { granted, remaining, reset_ms, retry_after_ms })
+            [granted, remaining, reset_ms, retry_after_ms, retry_one_ms] => {
+                Ok(Grant { granted, remaining, reset_ms, retry_after_ms, retry_one_ms })
             }
             _ => Err(LimitError::Unavailable(format!("unexpected answer from the lease script: {answer:?}"))),
         }

@@ -13,7 +13,8 @@
 //! - `<ns>:tenant:<tenant>` — a tenant's policy (JSON), in the partition of
 //!   the tenant's name
 //!
-//! Outside partitions: `<ns>:lim:<bucket>` (one shared rate-limit bucket,
+//! Outside partitions: `<ns>:signing_keys` (token signing keys, the private
+//! halves sealed under the pepper), `<ns>:lim:<bucket>` (one shared rate-limit bucket,
 //! [`buckets`]) and `<ns>:replicas` (the live sidecars, for the fallback's
 //! local share).
 //!
@@ -35,7 +36,10 @@ use redis::AsyncCommands;
 use tokio::sync::broadcast;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{FEED_CAPACITY, FeedEvent, KeyRecord, KeyStore, ListPage, ListQuery, StoreError, TenantPolicy, page_token};
+use super::{
+    FEED_CAPACITY, FeedEvent, KeyRecord, KeyStore, ListPage, ListQuery, StoreError, StoredSigningKey, TenantPolicy,
+    page_token,
+};
 use crate::key::KeyId;
 use crate::secret::RedisUrl;
 use connection::{Connection, Nodes, Topology};
@@ -101,6 +105,10 @@ impl Layout {
     /// buckets spread over the shards.
     fn bucket(&self, name: &str) -> String {
         format!("{}:lim:{name}", self.ns)
+    }
+    /// The token signing keys: a hash kid → JSON.
+    fn signing_keys(&self) -> String {
+        format!("{}:signing_keys", self.ns)
     }
     fn replicas(&self) -> String {
         format!("{}:replicas", self.ns)
@@ -413,6 +421,33 @@ impl KeyStore for RedisStore {
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn signing_keys(&self) -> Result<Vec<StoredSigningKey>, StoreError> {
+        let mut conn = self.conn.clone();
+        let all: std::collections::HashMap<String, String> =
+            conn.hgetall(self.keys.signing_keys()).await.map_err(unavailable)?;
+        let mut keys = all
+            .values()
+            .map(|j| serde_json::from_str::<StoredSigningKey>(j).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        keys.sort_by_key(|k| k.created_at);
+        Ok(keys)
+    }
+
+    async fn add_signing_key(&self, key: &StoredSigningKey, keep: usize) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let json = serde_json::to_string(key).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let added: bool = conn.hset_nx(self.keys.signing_keys(), &key.kid, json).await.map_err(unavailable)?;
+        if !added {
+            return Err(StoreError::AlreadyExists);
+        }
+        let keys = self.signing_keys().await?;
+        let extra = keys.len().saturating_sub(keep.max(1));
+        for old in &keys[..extra] {
+            let _: i64 = conn.hdel(self.keys.signing_keys(), &old.kid).await.map_err(unavailable)?;
+        }
         Ok(())
     }
 

@@ -60,10 +60,12 @@ return 1
 
 // One shared GCRA bucket (README, "Rate limits", fleet-wide), on Redis's
 // own clock so that replicas' clocks never matter. KEYS[1] holds the
-// theoretical arrival time in microseconds. ARGV: period (µs, may be
-// fractional), capacity (µs: burst × period), cells wanted, the least
-// worth granting, cells given back first. Answers {granted, cells left,
-// ms until whole, ms until `min` cells are there when none were granted}.
+// theoretical arrival time in whole microseconds, always rounded up (a
+// double holds today's microseconds exactly; rounding up never hands out a
+// fraction of a cell). ARGV: period (µs, may be fractional), capacity (µs:
+// burst × period), cells wanted, the least worth granting, cells given back
+// first. Answers {granted, cells left, ms until whole, ms until `min`
+// cells are there when none were granted, ms until one cell is there}.
 const LEASE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -74,12 +76,14 @@ local min = tonumber(ARGV[4])
 local back = tonumber(ARGV[5])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
-if back > 0 then tat = math.max(now, tat - back * period) end
-local avail = math.floor((cap - (tat - now)) / period + 1e-6)
+if back > 0 then tat = math.max(now, math.ceil(tat - back * period)) end
+local avail = math.floor((cap - (tat - now)) / period + 1e-9)
 if avail < 0 then avail = 0 end
+local one = 0
+if avail < 1 then one = math.max(1, math.ceil((tat + period - cap - now) / 1000)) end
 local granted = 0
 if avail >= min and want > 0 then granted = math.min(want, avail) end
-tat = tat + granted * period
+tat = math.ceil(tat + granted * period)
 local ahead = tat - now
 if ahead > 0 then
   redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil(ahead / 1000) + 1000)
@@ -88,7 +92,7 @@ else
 end
 local retry = 0
 if granted < min then retry = math.max(1, math.ceil((tat + min * period - cap - now) / 1000)) end
-return {granted, avail - granted, math.ceil(ahead / 1000), retry}
+return {granted, avail - granted, math.ceil(ahead / 1000), retry, one}
 "#;
 
 // KEYS[1] the sorted set of live replicas (score: last heard, ms).

@@ -17,6 +17,7 @@ use crate::limit::fleet::FleetLimiter;
 use crate::limit::local::LocalLimiter;
 use crate::metrics::Metrics;
 use crate::store::KeyStore;
+use crate::token::Tokens;
 
 /// Everything a running sidecar is made of.
 pub struct App {
@@ -27,6 +28,8 @@ pub struct App {
     /// Cache, single flight and outage breaker in front of `store`.
     pub records: Arc<RecordSource>,
     pub limiter: Arc<dyn Limiter>,
+    /// Tokens exchanged for keys; `None` when switched off.
+    pub tokens: Option<Arc<Tokens>>,
     pub usage: Arc<UsageBatcher>,
     /// The Verify pipeline.
     pub engine: Arc<Engine>,
@@ -52,10 +55,17 @@ impl App {
             _ => Arc::new(LocalLimiter::new(clock.clone())),
         };
         let usage = Arc::new(UsageBatcher::new(store.clone(), metrics.clone()));
+        let tokens = settings.tokens.clone().map(|t| {
+            Arc::new(
+                Tokens::new(t, settings.peppers.clone(), store.clone(), clock.clone())
+                    .expect("signing key files are checked by the configuration"),
+            )
+        });
         let engine = Arc::new(Engine::new(
             &settings,
             records.clone(),
             limiter.clone(),
+            tokens.clone(),
             usage.clone(),
             metrics.clone(),
             clock.clone(),
@@ -67,7 +77,7 @@ impl App {
             clock.clone(),
         ));
         let admin = Arc::new(Admin::new(store.clone(), records.clone(), limiter.clone(), &settings, clock.clone()));
-        App { settings, clock, metrics, store, records, limiter, usage, engine, auth, admin }
+        App { settings, clock, metrics, store, records, limiter, tokens, usage, engine, auth, admin }
     }
 
     /// Mints a key with the admin scope (the dev key, `keys bootstrap`, the

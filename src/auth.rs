@@ -133,6 +133,43 @@ impl Authenticator {
         }
     }
 
+    /// Checks that `secret` is a valid key holding `token:exchange`
+    /// (exchange-only keys included, tokens not), presented from `peer`.
+    /// The key's IP allowlist and its automatic rate limits apply.
+    pub async fn authenticate_exchange(&self, secret: &str, peer: Option<IpAddr>) -> Result<Arc<CachedKey>, AuthError> {
+        let scopes = [crate::token::exchange::EXCHANGE_SCOPE.to_string()];
+        let request = Request { ip: peer, scopes: &scopes, mode: Mode::Exchange, ..Request::of_key(secret) };
+        let verdict = self
+            .engine
+            .verify_with(&request, self.shedder.as_ref())
+            .await
+            .map_err(|e| AuthError::Unavailable(e.to_string()))?;
+        match verdict.outcome {
+            Outcome::Valid => Ok(verdict.key.expect("a valid verdict names its key")),
+            Outcome::InsufficientScope => Err(AuthError::PermissionDenied("the key lacks the token:exchange scope")),
+            Outcome::IpNotAllowed | Outcome::TenantMismatch => {
+                Err(AuthError::PermissionDenied("the key may not be used from this address"))
+            }
+            Outcome::RateLimited => Err(AuthError::RateLimited),
+            Outcome::TooManyFailedAttempts => Err(AuthError::TooManyFailedAttempts(
+                verdict.rate.map_or(60, |r| r.state.retry_after_ms.div_ceil(1000).max(1)),
+            )),
+            _ => Err(AuthError::Unauthenticated("the key is not valid")),
+        }
+    }
+
+    /// Counts a failed attempt that only the caller of [`Authenticator`]
+    /// could see (a wrong owner email at exchange).
+    pub fn note_failure(&self, peer: Option<IpAddr>) {
+        if let (Some(ip), Some(shedder)) = (peer, &self.shedder) {
+            shedder.record_failure(ip);
+        }
+    }
+
+    pub fn allow_star_scope(&self) -> bool {
+        self.allow_star_scope
+    }
+
     /// Periodic housekeeping: forget peers that stopped failing.
     pub fn purge(&self) {
         if let Some(s) = &self.shedder {

@@ -27,6 +27,7 @@ use crate::server::{FrontEnd, ServerOptions, ServerTls};
 use crate::store::StoreConfig;
 use crate::store::redis::connection::Topology;
 use crate::telemetry::LogFormat;
+use crate::token::TokenSettings;
 
 /// Exit code for a configuration error (EX_USAGE).
 pub const EX_USAGE: i32 = 64;
@@ -44,6 +45,28 @@ pub struct ServeArgs {
     /// Address of the Prometheus `/metrics` endpoint (HTTP); unset = off.
     #[arg(long, env = "KEYSTILE_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// Address of the HTTP listener (`POST /v1/auth/token`,
+    /// `/.well-known/jwks.json`); unset = off.
+    #[arg(long, env = "KEYSTILE_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
+    /// `iss` of the tokens this deployment issues, and the only one it
+    /// accepts.
+    #[arg(long, env = "KEYSTILE_JWT_ISSUER", default_value = "keystile")]
+    pub jwt_issuer: String,
+    /// Lifetime of a token when the caller asks for none.
+    #[arg(long, env = "KEYSTILE_JWT_TTL", default_value = "15m")]
+    pub jwt_ttl: String,
+    /// Longest lifetime a caller may ask for.
+    #[arg(long, env = "KEYSTILE_JWT_MAX_TTL", default_value = "1h")]
+    pub jwt_max_ttl: String,
+    /// Clock difference tolerated on a token's expiry.
+    #[arg(long, env = "KEYSTILE_JWT_LEEWAY", default_value = "30s")]
+    pub jwt_leeway: String,
+    /// Ed25519 signing key, PKCS#8 PEM (`openssl genpkey -algorithm
+    /// ed25519`); repeat for rotation, the first signs. Unset: keys are
+    /// generated and kept in the store, sealed under the pepper.
+    #[arg(long = "jwt-key-file", env = "KEYSTILE_JWT_KEY_FILES", value_delimiter = ',')]
+    pub jwt_key_files: Vec<PathBuf>,
     /// gRPC address to listen on [default: 0.0.0.0:50051, or
     /// 127.0.0.1:50051 with --dev].
     #[arg(long, env = "KEYSTILE_LISTEN")]
@@ -375,6 +398,7 @@ impl RedisArgs {
 pub struct ServeConfig {
     pub listen: SocketAddr,
     pub metrics_listen: Option<SocketAddr>,
+    pub http_listen: Option<SocketAddr>,
     pub store: StoreConfig,
     pub dev: bool,
     pub engine: EngineSettings,
@@ -388,6 +412,45 @@ pub struct ServeConfig {
 }
 
 impl ServeArgs {
+    /// Token settings (README, "Token exchange"), signing key files read and
+    /// checked; problems go to `errors`.
+    fn token_settings(&self, errors: &mut Vec<String>) -> Option<TokenSettings> {
+        let mut dur = |name: &str, v: &str| duration(v).map_err(|e| errors.push(format!("--{name} {v:?}: {e}"))).ok();
+        let ttl = dur("jwt-ttl", &self.jwt_ttl);
+        let max_ttl = dur("jwt-max-ttl", &self.jwt_max_ttl);
+        let leeway = dur("jwt-leeway", &self.jwt_leeway);
+        if let (Some(t), Some(m)) = (ttl, max_ttl)
+            && (t.is_zero() || t > m || m > Duration::from_secs(24 * 3600))
+        {
+            errors.push("--jwt-ttl must be above 0 and at most --jwt-max-ttl, which is at most 24h".into());
+        }
+        if leeway.is_some_and(|l| l > Duration::from_secs(300)) {
+            errors.push("--jwt-leeway must be at most 5m".into());
+        }
+        let issuer = self.jwt_issuer.trim();
+        if issuer.is_empty() || issuer.len() > 256 {
+            errors.push("--jwt-issuer must be 1 to 256 characters".into());
+        }
+        let mut key_pems = Vec::new();
+        for path in &self.jwt_key_files {
+            if let Some(pem) = read_pem("jwt-key-file", path, "PRIVATE KEY", errors) {
+                let text = String::from_utf8_lossy(&pem).to_string();
+                match crate::token::signing::SigningPair::from_pem(&text) {
+                    Ok(_) => key_pems.push(text),
+                    Err(e) => errors.push(format!("--jwt-key-file {}: {e}", path.display())),
+                }
+            }
+        }
+        Some(TokenSettings {
+            issuer: issuer.to_string(),
+            ttl: ttl.unwrap_or_default(),
+            max_ttl: max_ttl.unwrap_or_default(),
+            leeway: leeway.unwrap_or_default(),
+            key_pems,
+            ..TokenSettings::default()
+        })
+    }
+
     /// Validates everything, reading the pepper files; returns every problem.
     pub fn validate(&self) -> Result<ServeConfig, Vec<String>> {
         let mut errors = Vec::new();
@@ -479,6 +542,17 @@ impl ServeArgs {
         if metrics_listen.is_some() && metrics_listen == listen {
             errors.push("--metrics-listen must differ from --listen".into());
         }
+        let http_listen = match &self.http_listen {
+            Some(h) if !h.trim().is_empty() => h
+                .parse::<SocketAddr>()
+                .map_err(|_| errors.push(format!("--http-listen {h:?} is not an address like 0.0.0.0:8080")))
+                .ok(),
+            _ => None,
+        };
+        if http_listen.is_some() && (http_listen == listen || http_listen == metrics_listen) {
+            errors.push("--http-listen must differ from --listen and --metrics-listen".into());
+        }
+        let tokens = self.token_settings(&mut errors);
         let mut dur = |name: &str, v: &str| duration(v).map_err(|e| errors.push(format!("--{name} {v:?}: {e}"))).ok();
         let cache_ttl = dur("cache-ttl", &self.cache_ttl);
         let negative_ttl = dur("negative-ttl", &self.negative_ttl);
@@ -632,18 +706,20 @@ impl ServeArgs {
             failed_attempts_per_minute: NonZeroU32::new(failed_attempts_per_minute),
             store_timeout: store_timeout.unwrap_or_default(),
             allow_star_scope: self.allow_star_scope,
+            tokens,
         };
         Ok(ServeConfig {
             listen,
             metrics_listen,
+            http_listen,
             store,
             dev: self.dev,
             engine,
             server: ServerOptions {
                 front_ends: if self.no_admin {
-                    vec![FrontEnd::Verifier]
+                    vec![FrontEnd::Verifier, FrontEnd::TokenExchange]
                 } else {
-                    vec![FrontEnd::Verifier, FrontEnd::KeyAdmin]
+                    vec![FrontEnd::Verifier, FrontEnd::KeyAdmin, FrontEnd::TokenExchange]
                 },
                 max_concurrent_streams,
                 max_inflight_per_connection,

@@ -207,6 +207,30 @@ async fn run(config: ServeConfig, workers: usize) -> Result<(), Box<dyn std::err
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     tracing::info!(addr = %listener.local_addr()?, tls = config.server.tls.is_some(), "listening");
+    let http = match config.http_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            tracing::info!(addr = %l.local_addr()?, "HTTP listener (token exchange, JWKS)");
+            Some(l)
+        }
+        None => None,
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown_signal().await;
+            stop.cancel();
+        }
+    });
+    let http_task = http.map(|l| {
+        let (app, stop, timeout) = (app.clone(), stop.clone(), config.server.request_timeout);
+        tokio::spawn(async move {
+            if let Err(e) = keystile::http::serve(app, l, timeout, stop.cancelled_owned()).await {
+                tracing::error!(error = %e, "the HTTP listener failed");
+            }
+        })
+    });
     if config.dev {
         if config.pepper_generated {
             tracing::warn!("dev mode: the pepper is random, keys stop verifying when this process ends");
@@ -217,7 +241,10 @@ async fn run(config: ServeConfig, workers: usize) -> Result<(), Box<dyn std::err
         writeln!(out, "KEYSTILE_ADMIN_KEY={}", minted.key.expose())?;
         out.flush()?;
     }
-    server::serve(app, config.server.clone(), listener, shutdown_signal()).await?;
+    server::serve(app, config.server.clone(), listener, stop.cancelled_owned()).await?;
+    if let Some(t) = http_task {
+        let _ = tokio::time::timeout(config.server.shutdown_grace, t).await;
+    }
     tracing::info!("stopped");
     tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
     Ok(())

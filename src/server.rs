@@ -29,6 +29,7 @@ use crate::app::App;
 use crate::proto;
 use crate::service::MAX_REQUEST_BYTES;
 use crate::service::admin::AdminService;
+use crate::service::exchange::ExchangeService;
 use crate::service::verifier::VerifierService;
 use crate::store::FeedEvent;
 
@@ -46,6 +47,8 @@ pub enum FrontEnd {
     Verifier,
     /// `keystile.v1.KeyAdmin`.
     KeyAdmin,
+    /// `keystile.v1.TokenExchange` (when tokens are on).
+    TokenExchange,
 }
 
 impl FrontEnd {
@@ -54,6 +57,7 @@ impl FrontEnd {
         match self {
             FrontEnd::Verifier => "keystile.v1.Verifier",
             FrontEnd::KeyAdmin => "keystile.v1.KeyAdmin",
+            FrontEnd::TokenExchange => "keystile.v1.TokenExchange",
         }
     }
 
@@ -61,7 +65,7 @@ impl FrontEnd {
     fn health_name(self) -> Option<&'static str> {
         match self {
             FrontEnd::Verifier => Some("keystile.v1.Verifier"),
-            FrontEnd::KeyAdmin => None,
+            FrontEnd::KeyAdmin | FrontEnd::TokenExchange => None,
         }
     }
 }
@@ -121,7 +125,7 @@ pub struct ServerOptions {
 impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
-            front_ends: vec![FrontEnd::Verifier, FrontEnd::KeyAdmin],
+            front_ends: vec![FrontEnd::Verifier, FrontEnd::KeyAdmin, FrontEnd::TokenExchange],
             max_concurrent_streams: 100,
             max_connections: 1024,
             max_inflight: 4096,
@@ -150,7 +154,9 @@ fn routes(
             .with_service_name("grpc.reflection.v1.ServerReflection")
             .with_service_name("grpc.reflection.v1alpha.ServerReflection");
         for front_end in front_ends {
-            builder = builder.with_service_name(front_end.service_name());
+            if *front_end != FrontEnd::TokenExchange || app.tokens.is_some() {
+                builder = builder.with_service_name(front_end.service_name());
+            }
         }
         builder
     };
@@ -179,6 +185,11 @@ fn routes(
                     AdminService::new(app.admin.clone(), app.auth.clone(), app.clock.clone()).into_server(),
                 );
             }
+            FrontEnd::TokenExchange => {
+                if let Some(tokens) = &app.tokens {
+                    routes.add_service(ExchangeService::new(app.auth.clone(), tokens.clone()).into_server());
+                }
+            }
         }
     }
     routes.routes()
@@ -203,6 +214,7 @@ pub async fn serve(
     tokio::spawn(follow_feed(app.clone(), health.clone(), readiness.clone(), stop.clone(), tasks.clone()));
     tokio::spawn(flush_usage(app.clone(), options.last_used_flush, tasks.clone()));
     tokio::spawn(purge(app.clone(), tasks.clone()));
+    tokio::spawn(reload_signing_keys(app.clone(), tasks.clone()));
     {
         let (stop, health, readiness) = (stop.clone(), health.clone(), readiness.clone());
         tokio::spawn(async move {
@@ -335,6 +347,30 @@ async fn flush_usage(app: Arc<App>, every: Duration, tasks: CancellationToken) {
                     tracing::debug!(error = %e, "last-used flush failed; will retry");
                 }
             }
+        }
+    }
+}
+
+/// How often every replica reads the token signing keys again (a rotated
+/// key signs only after [`crate::token::PUBLISH_BEFORE_SIGNING`], longer
+/// than this).
+pub const RELOAD_SIGNING_KEYS_EVERY: Duration = Duration::from_secs(10);
+
+async fn reload_signing_keys(app: Arc<App>, tasks: CancellationToken) {
+    let Some(tokens) = app.tokens.clone() else { return };
+    let mut tick = tokio::time::interval(RELOAD_SIGNING_KEYS_EVERY);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tasks.cancelled() => return,
+            _ = tick.tick() => match tokens.reload().await {
+                Ok(()) => failing = false,
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "reading the token signing keys failed; keeping the ones loaded");
+                }
+                Err(_) => {}
+            },
         }
     }
 }

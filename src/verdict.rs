@@ -198,15 +198,27 @@ pub struct Verdict {
     pub limits: Vec<AppliedLimit>,
     /// Why a key was malformed (for logs; never contains key material).
     pub malformed: Option<Malformed>,
+    /// For a token: the scopes it carries that its key still holds (what
+    /// `x-api-key-scopes` shows instead of the key's).
+    pub token_scopes: Option<Vec<String>>,
 }
 
 impl Verdict {
     pub fn bare(outcome: Outcome) -> Verdict {
-        Verdict { outcome, key: None, rate: None, limits: Vec::new(), malformed: None }
+        Verdict { outcome, key: None, rate: None, limits: Vec::new(), malformed: None, token_scopes: None }
     }
 
     pub fn is_valid(&self) -> bool {
         self.outcome == Outcome::Valid
+    }
+
+    /// The scopes granted to this request's credential.
+    pub fn granted_scopes(&self) -> &[String] {
+        match (&self.token_scopes, &self.key) {
+            (Some(t), _) => t,
+            (None, Some(k)) => &k.record.scopes,
+            (None, None) => &[],
+        }
     }
 
     /// Every limit applied, in the order checked.
@@ -257,12 +269,10 @@ pub fn headers(verdict: &Verdict, now_unix: i64) -> Vec<(&'static str, String)> 
             out.push(("retry-after", r.retry_after_ms.div_ceil(1000).max(1).to_string()));
         }
     }
-    if verdict.outcome == Outcome::Valid
-        && let Some(k) = &verdict.key
-    {
+    if verdict.outcome == Outcome::Valid && verdict.key.is_some() {
         // Joined per answer rather than kept: as cheap as cloning a kept
         // copy, and a cached key stays smaller.
-        out.push(("x-api-key-scopes", k.record.scopes.join(",")));
+        out.push(("x-api-key-scopes", verdict.granted_scopes().join(",")));
     }
     out
 }

@@ -26,6 +26,7 @@ use crate::limit::named::{self, LimitSpec};
 use crate::limit::shedder::FailureShedder;
 use crate::limit::{BucketId, Decision, Limiter, RateLimitPolicy, RateState};
 use crate::metrics::Metrics;
+use crate::token::{TokenSettings, Tokens};
 use crate::verdict::{AppliedLimit, Mode, Outcome, Request, Verdict, VerifyError, most_constraining};
 use source::RecordSource;
 use usage::UsageBatcher;
@@ -52,6 +53,9 @@ pub struct EngineSettings {
     pub store_timeout: Duration,
     /// Whether a granted scope `*` satisfies every scope (README, "Scopes").
     pub allow_star_scope: bool,
+    /// Tokens exchanged for keys (README, "Token exchange"); `None` = a
+    /// token is just a malformed key.
+    pub tokens: Option<TokenSettings>,
 }
 
 impl EngineSettings {
@@ -66,6 +70,7 @@ impl EngineSettings {
             failed_attempts_per_minute: NonZeroU32::new(20),
             store_timeout: Duration::from_millis(50),
             allow_star_scope: false,
+            tokens: Some(TokenSettings::default()),
         }
     }
 }
@@ -81,6 +86,7 @@ pub struct Engine {
     shedder: Option<FailureShedder>,
     records: Arc<RecordSource>,
     limiter: Arc<dyn Limiter>,
+    tokens: Option<Arc<Tokens>>,
     usage: Arc<UsageBatcher>,
     metrics: Metrics,
     clock: Clock,
@@ -91,6 +97,7 @@ impl Engine {
         settings: &EngineSettings,
         records: Arc<RecordSource>,
         limiter: Arc<dyn Limiter>,
+        tokens: Option<Arc<Tokens>>,
         usage: Arc<UsageBatcher>,
         metrics: Metrics,
         clock: Clock,
@@ -103,6 +110,7 @@ impl Engine {
             shedder: settings.failed_attempts_per_minute.map(|n| FailureShedder::new(n, clock.clone())),
             records,
             limiter,
+            tokens,
             usage,
             metrics,
             clock,
@@ -139,13 +147,33 @@ impl Engine {
     }
 
     async fn decide(&self, req: &Request<'_>, shedder: Option<&FailureShedder>) -> Result<Verdict, VerifyError> {
-        // 1. Parse: prefix, shape and checksum, before anything else.
-        let presented = match self.format.parse(req.key) {
-            Ok(p) => p,
-            Err(why) => {
-                count_failure(shedder, req.ip);
-                return Ok(Verdict { malformed: Some(why), ..Verdict::bare(Outcome::Malformed) });
-            }
+        // 1. Parse: prefix, shape and checksum, before anything else; or,
+        // for a token (README, "Token exchange"), its signature, issuer and
+        // expiry, without the store.
+        let token = match &self.tokens {
+            Some(tokens) if crate::token::looks_like_token(req.key) => match tokens.verify(req.key) {
+                Ok(t) if req.mode == Mode::Bearer => Some(t),
+                _ => {
+                    count_failure(shedder, req.ip);
+                    return Ok(Verdict::bare(Outcome::Malformed));
+                }
+            },
+            _ => None,
+        };
+        let presented = match &token {
+            Some(_) => None,
+            None => match self.format.parse(req.key) {
+                Ok(p) => Some(p),
+                Err(why) => {
+                    count_failure(shedder, req.ip);
+                    return Ok(Verdict { malformed: Some(why), ..Verdict::bare(Outcome::Malformed) });
+                }
+            },
+        };
+        let key_id = match (&presented, &token) {
+            (Some(p), _) => p.key_id,
+            (None, Some(t)) => t.key_id,
+            (None, None) => unreachable!("a key or a token"),
         };
         // 2. Shed an address that failed too often: it protects the store,
         // so a key already in the cache is answered whatever its address's
@@ -153,7 +181,7 @@ impl Engine {
         // failures from the victim's address).
         if let (Some(ip), Some(shedder)) = (req.ip, shedder)
             && let Some(retry_after_ms) = shedder.shed(ip)
-            && self.records.cached(presented.key_id).is_none()
+            && self.records.cached(key_id).is_none()
         {
             let rate = RateState {
                 limit: shedder.per_minute(),
@@ -167,11 +195,17 @@ impl Engine {
             return Ok(Verdict { rate: Some(rate), ..Verdict::bare(Outcome::TooManyFailedAttempts) });
         }
 
-        // 3. The record, and the secret checked against it.
-        let key = match self.records.lookup(presented.key_id).await? {
+        // 3. The record, and the secret checked against it (a token's
+        // signature stood for it).
+        let key = match self.records.lookup(key_id).await? {
             Lookup::Present(key)
-                if key.record.env == presented.env
-                    && self.peppers.matches(&key.record.secret_hash, presented.key_id, presented.secret()) =>
+                if match (&presented, &token) {
+                    (Some(p), _) => {
+                        key.record.env == p.env && self.peppers.matches(&key.record.secret_hash, p.key_id, p.secret())
+                    }
+                    (None, Some(t)) => key.record.env.as_str() == t.env,
+                    (None, None) => false,
+                } =>
             {
                 key
             }
@@ -190,7 +224,7 @@ impl Engine {
             Outcome::Expired
         } else if record.disabled {
             Outcome::Disabled
-        } else if record.exchange_only && req.mode != Mode::Exchange {
+        } else if record.exchange_only && req.mode != Mode::Exchange && token.is_none() {
             Outcome::ExchangeOnly
         } else if !req.tenant.is_empty() && req.tenant != record.tenant {
             Outcome::TenantMismatch
@@ -198,7 +232,9 @@ impl Engine {
             && !req.ip.is_some_and(|ip| record.ip_allowlist.iter().any(|net| net.contains(&ip)))
         {
             Outcome::IpNotAllowed
-        } else if !crate::scope::all_granted(&record.scopes, req.scopes, self.allow_star_scope) {
+        } else if !crate::scope::all_granted(&record.scopes, req.scopes, self.allow_star_scope)
+            || token.as_ref().is_some_and(|t| !crate::scope::all_granted(&t.scopes, req.scopes, self.allow_star_scope))
+        {
             Outcome::InsufficientScope
         } else {
             Outcome::Valid
@@ -206,6 +242,11 @@ impl Engine {
         if outcome != Outcome::Valid {
             return Ok(Verdict { outcome, key: Some(key), ..Verdict::bare(outcome) });
         }
+        let token_scopes = token.as_ref().map(|t| {
+            let held =
+                |s: &String| crate::scope::all_granted(&record.scopes, std::slice::from_ref(s), self.allow_star_scope);
+            t.scopes.iter().filter(|s| held(s)).cloned().collect::<Vec<_>>()
+        });
 
         // 5. The limits (README, "Rate limits"): every applicable one is
         // checked, and cells stay taken only if all pass.
@@ -248,6 +289,7 @@ impl Engine {
                     rate: Some(denied),
                     limits: if applied.len() > 1 { applied.to_vec() } else { Vec::new() },
                     malformed: None,
+                    token_scopes,
                 });
             }
             applied.push(AppliedLimit { name: spec.name, state: decision.state });
@@ -258,7 +300,7 @@ impl Engine {
 
         // 6. Valid.
         self.usage.note(&key, now);
-        Ok(Verdict { outcome: Outcome::Valid, key: Some(key), rate, limits, malformed: None })
+        Ok(Verdict { outcome: Outcome::Valid, key: Some(key), rate, limits, malformed: None, token_scopes })
     }
 
     /// Gives back the cells a denied request took.

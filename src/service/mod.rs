@@ -5,6 +5,7 @@
 //! inside the same RPC span ([`span`]).
 
 pub mod admin;
+pub mod exchange;
 pub mod limits;
 pub mod load;
 pub mod span;

@@ -4,6 +4,7 @@ use tonic::{Code, Status};
 
 use crate::admin::AdminError;
 use crate::auth::AuthError;
+use crate::token::exchange::ExchangeError;
 use crate::verdict::VerifyError;
 
 /// `UNAVAILABLE`: the answer needs the store and the store did not answer.
@@ -29,6 +30,17 @@ pub fn from_admin(e: &AdminError) -> Status {
         AdminError::FailedPrecondition(_) => Code::FailedPrecondition,
         AdminError::Conflict => Code::Aborted,
         AdminError::Unavailable(_) => Code::Unavailable,
+    };
+    Status::new(code, e.to_string())
+}
+
+pub fn from_exchange(e: &ExchangeError) -> Status {
+    let code = match e {
+        ExchangeError::Invalid(_) => Code::InvalidArgument,
+        ExchangeError::Unauthenticated => Code::Unauthenticated,
+        ExchangeError::Forbidden(_) => Code::PermissionDenied,
+        ExchangeError::RateLimited | ExchangeError::TooManyFailedAttempts(_) => Code::ResourceExhausted,
+        ExchangeError::Unavailable(_) => Code::Unavailable,
     };
     Status::new(code, e.to_string())
 }

@@ -117,7 +117,7 @@ pub fn to_response(verdict: &Verdict, now_unix: i64) -> (proto::VerifyResponse, 
         resp.name = r.name.clone();
         resp.env = r.env.to_string();
         resp.tenant = r.tenant.clone();
-        resp.scopes = r.scopes.clone();
+        resp.scopes = verdict.granted_scopes().to_vec();
         resp.metadata = r.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         resp.expires_at = r.expires_at.unwrap_or(0);
     }

@@ -153,6 +153,11 @@ impl Engine {
         let token = match &self.tokens {
             Some(tokens) if crate::token::looks_like_token(req.key) => match tokens.verify(req.key) {
                 Ok(t) if req.mode == Mode::Bearer => Some(t),
+                // A token this deployment signed, past its expiry: said so,
+                // as for a key (no key is named).
+                Err(crate::token::TokenRejection::Expired) if req.mode == Mode::Bearer => {
+                    return Ok(Verdict::bare(Outcome::Expired));
+                }
                 _ => {
                     count_failure(shedder, req.ip);
                     return Ok(Verdict::bare(Outcome::Malformed));

@@ -190,12 +190,14 @@ impl Tokens {
     }
 
     /// A signing key: the newest published for long enough, or, when none
-    /// is, the newest; generated and stored when the deployment has none.
+    /// is, the oldest; generated and stored when the deployment has none.
     async fn signer(&self) -> Result<SigningPair, StoreError> {
         let now = self.clock.unix_seconds();
         let pick = |keys: &[SigningPair]| {
             let settled = now - PUBLISH_BEFORE_SIGNING.as_secs() as i64;
-            keys.iter().rev().find(|k| k.created_at <= settled).or(keys.last()).cloned()
+            // None published long enough (a new deployment): the one
+            // published first.
+            keys.iter().rev().find(|k| k.created_at <= settled).or(keys.first()).cloned()
         };
         if let Some(k) = pick(&self.keys()) {
             return Ok(k);

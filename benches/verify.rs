@@ -115,6 +115,53 @@ fn benches(c: &mut Criterion) {
     });
     println!("shared-bucket calls during the fleet bench: {}", shared.buckets().unwrap().calls() - calls);
 
+    // Tokens exchanged for a key (README, "Token exchange"): a cached
+    // token, a first-seen one (signature checked), and the exchange itself.
+    let exchanger = rt
+        .block_on(admin.create(
+            KeySpec {
+                name: "bench exchanger".into(),
+                env: "live".into(),
+                scopes: vec!["token:exchange".into(), "read".into(), "write".into()],
+                ip_allowlist: vec!["10.0.0.0/8".into(), "192.168.0.0/16".into()],
+                ..Default::default()
+            },
+            &Actor::deployment(),
+        ))
+        .unwrap()
+        .key
+        .expose()
+        .to_string();
+    let tokens = app.tokens.clone().unwrap();
+    let exchange_req = keystile::token::exchange::ExchangeRequest {
+        secret: &exchanger,
+        email: "",
+        scopes: &[],
+        ttl_seconds: 0,
+        peer: Some("10.1.2.3".parse().unwrap()),
+    };
+    let issue = || {
+        rt.block_on(keystile::token::exchange::exchange(&app.auth, &tokens, &exchange_req))
+            .unwrap()
+            .token
+            .expose()
+            .to_string()
+    };
+    let token = issue();
+    let token_hit = Request { key: &token, ..hit_unlimited };
+    assert!(rt.block_on(engine.verify(&token_hit)).unwrap().is_valid());
+    c.bench_function("verify_cached_token_scopes_ip_no_limit", |b| {
+        b.to_async(&rt).iter(|| async { engine.verify(black_box(&token_hit)).await.unwrap().is_valid() })
+    });
+    c.bench_function("verify_first_seen_token_signature", |b| {
+        b.iter_batched(issue, |t| tokens.verify(black_box(&t)).is_ok(), criterion::BatchSize::SmallInput)
+    });
+    c.bench_function("exchange_key_for_token", |b| {
+        b.to_async(&rt).iter(|| async {
+            keystile::token::exchange::exchange(&app.auth, &tokens, black_box(&exchange_req)).await.unwrap().expires_in
+        })
+    });
+
     let verdict = rt.block_on(engine.verify(&hit_unlimited)).unwrap();
     c.bench_function("response_build_and_encode", |b| {
         b.iter(|| {

@@ -30,6 +30,10 @@ enum Command {
     Keys(Box<cli::keys::KeysArgs>),
     /// Manage tenants' named limits through KeyAdmin.
     Tenants(Box<cli::tenants::TenantsArgs>),
+    /// Exchange an API key for a short-lived token.
+    Token(Box<cli::token::TokenArgs>),
+    /// Rotate or list the token signing keys (straight in Redis).
+    SigningKeys(Box<cli::token::SigningKeysArgs>),
     /// Ask a server whether a key may do something; prints the verdict and
     /// its headers (exit 0 whatever the verdict).
     Verify(Box<cli::verify::VerifyArgs>),
@@ -96,6 +100,8 @@ fn main() -> ExitCode {
         }
         Command::Keys(args) => client(cli::keys::run(*args)),
         Command::Tenants(args) => client(cli::tenants::run(*args)),
+        Command::Token(args) => client(cli::token::run(*args)),
+        Command::SigningKeys(args) => client(cli::token::signing_keys(*args)),
         Command::Verify(args) => client(cli::verify::run(*args)),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "keystile", &mut std::io::stdout());

@@ -200,7 +200,7 @@ pub struct Verdict {
     pub malformed: Option<Malformed>,
     /// For a token: the scopes it carries that its key still holds (what
     /// `x-api-key-scopes` shows instead of the key's).
-    pub token_scopes: Option<Vec<String>>,
+    pub token_scopes: Option<Arc<[String]>>,
 }
 
 impl Verdict {

@@ -453,3 +453,72 @@ async fn named_limits_through_the_cli() {
     let r = verify("integration");
     assert_eq!(r["code"], "RATE_LIMITED", "the key's own integration limit (1/min) beats the tenant's");
 }
+
+#[tokio::test]
+async fn token_exchange_and_signing_keys_through_the_cli() {
+    let redis = RedisServer::start();
+    let pepper = "6666666666666666666666666666666666666666666666666666666666666666";
+    let signing = |args: &[&str]| {
+        Command::new(BIN)
+            .arg("signing-keys")
+            .args(args)
+            .args(["--redis-url", &redis.url()])
+            .env("KEYSTILE_PEPPER", pepper)
+            .output()
+            .unwrap()
+    };
+    let out = signing(&["list"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no signing keys yet"));
+    let out = signing(&["rotate"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    let kid = listed.split_whitespace().next().unwrap().to_string();
+    // Another pepper cannot add keys beside these.
+    let other = Command::new(BIN)
+        .args(["signing-keys", "rotate", "--redis-url", &redis.url()])
+        .env("KEYSTILE_PEPPER", "7777777777777777777777777777777777777777777777777777777777777777")
+        .output()
+        .unwrap();
+    assert_eq!(other.status.code(), Some(64));
+
+    let mut sidecar = Sidecar::start(&["--redis-url", &redis.url()], &[("KEYSTILE_PEPPER", pepper)]);
+    sidecar.wait_ready().await;
+    let boot = Command::new(BIN)
+        .args(["keys", "bootstrap", "--redis-url", &redis.url()])
+        .env("KEYSTILE_PEPPER", pepper)
+        .output()
+        .unwrap();
+    sidecar.admin_key =
+        String::from_utf8(boot.stdout).unwrap().trim().strip_prefix("KEYSTILE_ADMIN_KEY=").unwrap().to_string();
+    let created =
+        sidecar.keys_json(&["create", "--name", "svc", "--owner", "ops@example.com", "--scope", "token:exchange,read"]);
+    let key = created["key"].as_str().unwrap().to_string();
+    let exchange = |email: &str| {
+        Command::new(BIN)
+            .args(["token", "exchange", "--server", &sidecar.server(), "--email", email, "--scope", "read", "-q"])
+            .env("KEYSTILE_KEY", &key)
+            .output()
+            .unwrap()
+    };
+    let out = exchange("OPS@example.com");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let header = token.split('.').next().unwrap();
+    assert!(
+        String::from_utf8_lossy(
+            &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, header).unwrap()
+        )
+        .contains(&kid),
+        "signed with the key made by rotate"
+    );
+    let verified = Command::new(BIN)
+        .args(["verify", "--server", &sidecar.server(), "--scope", "read", "--json"])
+        .env("KEYSTILE_KEY", format!("Bearer {token}"))
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&verified.stdout).unwrap();
+    assert_eq!(doc["code"], "VALID");
+    assert_eq!(exchange("someone@example.com").status.code(), Some(77), "a wrong email is refused");
+}

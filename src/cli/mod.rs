@@ -10,6 +10,7 @@ pub mod bench;
 pub mod keys;
 pub mod output;
 pub mod tenants;
+pub mod token;
 pub mod verify;
 
 use std::net::IpAddr;

@@ -247,10 +247,16 @@ impl Engine {
         if outcome != Outcome::Valid {
             return Ok(Verdict { outcome, key: Some(key), ..Verdict::bare(outcome) });
         }
+        // A token's scopes that its key still holds: all of them, unless
+        // the key lost some since the exchange (then a copy without them).
         let token_scopes = token.as_ref().map(|t| {
             let held =
                 |s: &String| crate::scope::all_granted(&record.scopes, std::slice::from_ref(s), self.allow_star_scope);
-            t.scopes.iter().filter(|s| held(s)).cloned().collect::<Vec<_>>()
+            if t.scopes.iter().all(held) {
+                t.scopes.clone()
+            } else {
+                t.scopes.iter().filter(|s| held(s)).cloned().collect::<Vec<_>>().into()
+            }
         });
 
         // 5. The limits (README, "Rate limits"): every applicable one is

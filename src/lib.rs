@@ -19,8 +19,12 @@
 //!   (`limit/local.rs`); leases from buckets shared by the fleet, with the
 //!   fallback (`limit/fleet.rs`); failed-attempt shedding
 //!   (`limit/shedder.rs`); policies (`limit/policy.rs`).
-//! - [`auth`]: a presented credential authenticated for a purpose (admin),
-//!   failures counted by transport peer, apart from Verify's.
+//! - [`token`]: tokens exchanged for keys: signing and checking
+//!   (`token/mod.rs`), signing keys sealed under the pepper and the JWKS
+//!   (`token/signing.rs`), the exchange both front ends call
+//!   (`token/exchange.rs`).
+//! - [`auth`]: a presented credential authenticated for a purpose (admin,
+//!   exchange), failures counted by transport peer, apart from Verify's.
 //! - [`admin`]: key lifecycle and the validation of every field, within
 //!   what the acting admin key may manage.
 //! - [`scope`]: what a granted scope (or `resource:*` pattern) satisfies.
@@ -32,9 +36,12 @@
 //!   rate-limit buckets).
 //! - [`key`]: the key format (parse, checksum, generation) and the pepper.
 //! - [`app`]: [`app::App::build`], the one place the engine is wired.
-//! - [`service`]: the gRPC front ends: conversions, the one error → status
-//!   map, the size cap, the RPC span layer and the process-wide limits on
-//!   connections and calls (`service/load.rs`); [`proto`]: generated code.
+//! - [`service`]: the gRPC front ends (Verifier, KeyAdmin, TokenExchange):
+//!   conversions, the one error → status map, the size cap, the RPC span
+//!   layer and the process-wide limits on connections and calls
+//!   (`service/load.rs`); [`proto`]: generated code.
+//! - [`http`]: the HTTP listener (token exchange, JWKS), converting at its
+//!   edge like the gRPC front ends.
 //! - [`server`]: the port composed from a list of front ends, health,
 //!   reflection, background tasks, graceful shutdown.
 //! - [`config`]: flags, environment and file, validated (all errors at

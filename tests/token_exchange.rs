@@ -417,3 +417,44 @@ async fn a_revoked_keys_tokens_die_on_every_replica() {
     println!("a revoked key's token refused by all 3 replicas: p50 {:?}, p99 (max of 20) {:?}", took[10], took[19]);
     assert!(took[19] < Duration::from_millis(500), "generous bound; the README's measured number is tighter");
 }
+
+#[tokio::test]
+async fn the_binary_serves_the_http_listener_with_a_key_from_a_file() {
+    use ed25519_dalek::pkcs8::EncodePrivateKey;
+    let dir = tempfile::tempdir().unwrap();
+    let pem = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]).to_pkcs8_pem(Default::default()).unwrap();
+    let file = dir.path().join("signing.pem");
+    std::fs::write(&file, pem.as_bytes()).unwrap();
+    let kid = SigningPair::from_pem(&pem).unwrap().kid;
+    let http_port = free_port();
+    let s = Sidecar::start(
+        &["--dev", "--http-listen", &format!("127.0.0.1:{http_port}"), "--jwt-key-file", file.to_str().unwrap()],
+        &[],
+    );
+    s.wait_ready().await;
+    let created = s.keys_json(&["create", "--name", "svc", "--scope", "token:exchange,read"]);
+    let key = created["key"].as_str().unwrap().to_string();
+    let http = format!("http://127.0.0.1:{http_port}");
+    let (status, body) = post_token(&http, serde_json::json!({"secret": key})).await;
+    assert_eq!(status, 200, "{body}");
+    let token = body["token"].as_str().unwrap();
+    let header: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(token.split('.').next().unwrap()).unwrap()).unwrap();
+    assert_eq!(header["kid"], kid.as_str(), "signed with the key from the file");
+    let (_, jwks) = get_json(format!("{http}/.well-known/jwks.json")).await;
+    assert_eq!(jwks["keys"][0]["kid"], kid.as_str());
+    let channel = tonic::transport::Channel::from_shared(s.server()).unwrap().connect().await.unwrap();
+    let mut v = proto::verifier_client::VerifierClient::new(channel);
+    assert_eq!(code(&verify(&mut v, with_token(token, &["read"])).await), Code::Valid);
+
+    // A file that is not an Ed25519 key is a configuration error, before
+    // any port is bound.
+    std::fs::write(dir.path().join("bad.pem"), "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+        .unwrap();
+    let out = Command::new(BIN)
+        .args(["config", "check", "--dev", "--jwt-key-file", dir.path().join("bad.pem").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--jwt-key-file"));
+}

@@ -134,11 +134,18 @@ impl Authenticator {
     }
 
     /// Checks that `secret` is a valid key holding `token:exchange`
-    /// (exchange-only keys included, tokens not), presented from `peer`.
-    /// The key's IP allowlist and its automatic rate limits apply.
-    pub async fn authenticate_exchange(&self, secret: &str, peer: Option<IpAddr>) -> Result<Arc<CachedKey>, AuthError> {
+    /// (exchange-only keys included, tokens not), presented from `peer`
+    /// with its owner's `email` when the owner is one. The key's IP
+    /// allowlist and its automatic rate limits apply.
+    pub async fn authenticate_exchange(
+        &self,
+        secret: &str,
+        email: &str,
+        peer: Option<IpAddr>,
+    ) -> Result<Arc<CachedKey>, AuthError> {
         let scopes = [crate::token::exchange::EXCHANGE_SCOPE.to_string()];
-        let request = Request { ip: peer, scopes: &scopes, mode: Mode::Exchange, ..Request::of_key(secret) };
+        let request =
+            Request { ip: peer, scopes: &scopes, mode: Mode::Exchange, owner_email: email, ..Request::of_key(secret) };
         let verdict = self
             .engine
             .verify_with(&request, self.shedder.as_ref())
@@ -155,14 +162,6 @@ impl Authenticator {
                 verdict.rate.map_or(60, |r| r.state.retry_after_ms.div_ceil(1000).max(1)),
             )),
             _ => Err(AuthError::Unauthenticated("the key is not valid")),
-        }
-    }
-
-    /// Counts a failed attempt that only the caller of [`Authenticator`]
-    /// could see (a wrong owner email at exchange).
-    pub fn note_failure(&self, peer: Option<IpAddr>) {
-        if let (Some(ip), Some(shedder)) = (peer, &self.shedder) {
-            shedder.record_failure(ip);
         }
     }
 

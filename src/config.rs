@@ -911,8 +911,24 @@ mod tests {
 
     #[test]
     fn debug_of_the_arguments_shows_no_secret() {
-        let a = args(&["--redis-url", "redis://app:hunter2@redis:6379", "--pepper", &"ab".repeat(32)]);
+        use ed25519_dalek::pkcs8::EncodePrivateKey;
+        let dir = std::env::temp_dir().join(format!("keystile-debug-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pem = ed25519_dalek::SigningKey::from_bytes(&[3u8; 32]).to_pkcs8_pem(Default::default()).unwrap();
+        let file = dir.join("signing.pem");
+        std::fs::write(&file, pem.as_bytes()).unwrap();
+        let a = args(&[
+            "--redis-url",
+            "redis://app:hunter2@redis:6379",
+            "--pepper",
+            &"ab".repeat(32),
+            "--jwt-key-file",
+            file.to_str().unwrap(),
+        ]);
         let shown = format!("{a:?} {:?}", a.validate().unwrap());
+        let pem_body = pem.lines().nth(1).unwrap().to_string();
         assert!(!shown.contains("hunter2") && !shown.contains(&"ab".repeat(32)), "{shown}");
+        assert!(!shown.contains(&pem_body), "no signing key in Debug: {shown}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -217,6 +217,9 @@ async fn run(config: ServeConfig, workers: usize) -> Result<(), Box<dyn std::err
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
             tracing::info!(addr = %l.local_addr()?, "HTTP listener (token exchange, JWKS)");
+            if !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "the HTTP listener speaks plaintext: keep it on the pod network or behind a TLS-terminating proxy");
+            }
             Some(l)
         }
         None => None,

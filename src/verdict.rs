@@ -144,6 +144,10 @@ pub struct Request<'a> {
     pub limits: &'a [String],
     /// What the credential is presented as.
     pub mode: Mode,
+    /// For an exchange: the email the caller named; a key whose owner is an
+    /// email answers NOT_FOUND unless it matches (README, "Token
+    /// exchange"), before anything else can tell a right secret apart.
+    pub owner_email: &'a str,
 }
 
 /// What a credential is presented as (README, "Token exchange").
@@ -163,7 +167,7 @@ pub enum Mode {
 impl<'a> Request<'a> {
     /// A request with only a key (no address, scopes, tenant or limits).
     pub fn of_key(key: &'a str) -> Request<'a> {
-        Request { key, ip: None, scopes: &[], tenant: "", cost: 1, limits: &[], mode: Mode::Bearer }
+        Request { key, ip: None, scopes: &[], tenant: "", cost: 1, limits: &[], mode: Mode::Bearer, owner_email: "" }
     }
 }
 

@@ -193,6 +193,15 @@ async fn exchange_over_grpc_and_http_then_verify_and_check_independently() {
     assert_eq!((status_wrong_secret, &body_wrong_secret), (status, &body), "wrong email and wrong secret look alike");
     let (status, _) = get_json(format!("{}/nothing", s.http)).await;
     assert_eq!(status, 404);
+
+    // Guessing the email with a leaked secret is shed like guessing keys,
+    // although the key is in the cache.
+    let mut last = 0;
+    for _ in 0..25 {
+        let (status, _) = post_token(&s.http, serde_json::json!({"email": "guess@example.com", "secret": key})).await;
+        last = status;
+    }
+    assert_eq!(last, 429, "too many failed attempts from this address");
 }
 
 #[tokio::test]

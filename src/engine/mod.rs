@@ -184,9 +184,11 @@ impl Engine {
         // so a key already in the cache is answered whatever its address's
         // failures (nobody can lock a victim's valid key out by forging
         // failures from the victim's address).
+        // An exchange is shed whatever the cache holds: its secret and
+        // email are what is being guessed.
         if let (Some(ip), Some(shedder)) = (req.ip, shedder)
             && let Some(retry_after_ms) = shedder.shed(ip)
-            && self.records.cached(key_id).is_none()
+            && (req.mode == Mode::Exchange || self.records.cached(key_id).is_none())
         {
             let rate = RateState {
                 limit: shedder.per_minute(),
@@ -219,6 +221,13 @@ impl Engine {
                 return Ok(Verdict::bare(Outcome::NotFound));
             }
         };
+        // An exchange of a key owned by an email names that email: a wrong
+        // one is a wrong credential, answered and counted as such before
+        // any other check or limit could tell the secret was right.
+        if req.mode == Mode::Exchange && !owner_matches(&key.record.owner, req.owner_email) {
+            count_failure(shedder, req.ip);
+            return Ok(Verdict::bare(Outcome::NotFound));
+        }
 
         // 4. The checks, in order of precedence.
         let now = self.clock.unix_seconds();
@@ -340,6 +349,18 @@ fn deployment_limits(settings: &EngineSettings) -> Vec<LimitSpec> {
         limits.push(LimitSpec::from_legacy(p));
     }
     limits
+}
+
+/// Whether `given` names `owner` when the owner is an email (compared
+/// without case, in constant time over hashes); an owner that is no email
+/// needs nothing.
+fn owner_matches(owner: &str, given: &str) -> bool {
+    let owner = owner.trim();
+    if !owner.contains('@') {
+        return true;
+    }
+    let h = |s: &str| *blake3::hash(s.trim().to_ascii_lowercase().as_bytes()).as_bytes();
+    subtle::ConstantTimeEq::ct_eq(&h(owner)[..], &h(given)[..]).into()
 }
 
 fn count_failure(shedder: Option<&FailureShedder>, ip: Option<IpAddr>) {

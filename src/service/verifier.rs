@@ -73,6 +73,7 @@ impl<'a> TryFrom<&'a proto::VerifyRequest> for verdict::Request<'a> {
             cost: r.cost.unwrap_or(1).max(1),
             limits: &r.limits,
             mode: verdict::Mode::Bearer,
+            owner_email: "",
         })
     }
 }

@@ -99,20 +99,15 @@ pub async fn exchange(
     if !problems.is_empty() {
         return Err(ExchangeError::Invalid(problems.join("; ")));
     }
-    let key = auth.authenticate_exchange(req.secret, req.peer).await.map_err(|e| match e {
+    let key = auth.authenticate_exchange(req.secret, req.email, req.peer).await.map_err(|e| match e {
         AuthError::Unauthenticated(_) => ExchangeError::Unauthenticated,
         AuthError::PermissionDenied(why) => ExchangeError::Forbidden(why),
         AuthError::RateLimited => ExchangeError::RateLimited,
         AuthError::TooManyFailedAttempts(s) => ExchangeError::TooManyFailedAttempts(s),
-        AuthError::Unavailable(why) => ExchangeError::Unavailable(why),
+        AuthError::Unavailable(_) => ExchangeError::Unavailable("the key store did not answer in time".into()),
     })?;
+    // The owner's email was checked by the engine, with the secret.
     let record = &key.record;
-    // An owner that is an email must be named, in any case.
-    let owner = record.owner.trim();
-    if owner.contains('@') && !owner.eq_ignore_ascii_case(req.email.trim()) {
-        auth.note_failure(req.peer);
-        return Err(ExchangeError::Unauthenticated);
-    }
     let scopes = if req.scopes.is_empty() {
         record.scopes.clone()
     } else {
@@ -128,10 +123,11 @@ pub async fn exchange(
         0 => settings.ttl,
         s => Duration::from_secs(s as u64).min(settings.max_ttl),
     };
-    let issued = tokens
-        .issue(record.key_id, &record.tenant, record.env.as_str(), scopes, ttl)
-        .await
-        .map_err(|e| ExchangeError::Unavailable(e.to_string()))?;
+    let issued =
+        tokens.issue(record.key_id, &record.tenant, record.env.as_str(), scopes, ttl).await.map_err(|e| match e {
+            crate::store::StoreError::Corrupt(why) => ExchangeError::Invalid(why),
+            _ => ExchangeError::Unavailable("the signing keys could not be read; try again".into()),
+        })?;
     tracing::debug!(key_id = %record.key_id, expires_in = issued.expires_in, "token issued");
     Ok(issued)
 }

@@ -25,8 +25,8 @@ use crate::key::{KeyId, PepperSet};
 use crate::store::{KeyStore, StoreError};
 use signing::SigningPair;
 
-/// How tokens are made and checked.
-#[derive(Debug, Clone)]
+/// How tokens are made and checked. `Debug` leaves the key files out.
+#[derive(Clone)]
 pub struct TokenSettings {
     /// `iss` of every token, and the only one accepted.
     pub issuer: String,
@@ -41,6 +41,18 @@ pub struct TokenSettings {
     pub key_pems: Vec<String>,
     /// Verified tokens remembered.
     pub cache_entries: u64,
+}
+
+impl std::fmt::Debug for TokenSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenSettings")
+            .field("issuer", &self.issuer)
+            .field("ttl", &self.ttl)
+            .field("max_ttl", &self.max_ttl)
+            .field("leeway", &self.leeway)
+            .field("key_files", &self.key_pems.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for TokenSettings {
@@ -210,13 +222,20 @@ impl Tokens {
         if let Some(k) = pick(&self.keys()) {
             return Ok(k);
         }
-        // None yet: another replica may have made one meanwhile.
-        let _ = self.reload().await;
-        if let Some(k) = pick(&self.keys()) {
-            return Ok(k);
+        // None loaded: read the store again (another replica may have made
+        // one). Generate only when it holds none at all: keys it holds but
+        // this sidecar cannot open (another pepper) are an error, not a
+        // reason to add one.
+        let stored = self.store.signing_keys().await?;
+        if !stored.is_empty() {
+            let _ = self.reload().await;
+            return pick(&self.keys()).ok_or_else(|| {
+                StoreError::Corrupt("no signing key in the store can be opened with this sidecar's peppers".into())
+            });
         }
         let fresh = SigningPair::generate(now);
-        self.store.add_signing_key(&fresh.seal(self.peppers.current()), KEEP_SIGNING_KEYS).await?;
+        // Never pruned here: replicas generating at once all keep theirs.
+        self.store.add_signing_key(&fresh.seal(self.peppers.current()), usize::MAX).await?;
         tracing::info!(kid = %fresh.kid, "token signing key generated");
         let _ = self.reload().await;
         Ok(pick(&self.keys()).unwrap_or(fresh))
@@ -250,6 +269,11 @@ impl Tokens {
         header.kid = Some(signer.kid.clone());
         let token = jsonwebtoken::encode(&header, &claims, signer.encoding())
             .map_err(|e| StoreError::Unavailable(format!("signing failed: {e}")))?;
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(StoreError::Corrupt(format!(
+                "the token would be longer than {MAX_TOKEN_BYTES} bytes (too many scopes): ask for fewer"
+            )));
+        }
         Ok(Issued { token: crate::secret::Secret::new(token), expires_in: ttl.as_secs() as u32 })
     }
 

@@ -53,6 +53,7 @@ fn main() {
                     owner: String::new(),
                     disabled: false,
                     exchange_only: false,
+                    tiers: Vec::new(),
                     created_at: 1_800_000_000,
                     expires_at: None,
                     revoked_at: None,

@@ -83,6 +83,8 @@ pub struct KeySpec {
     pub owner: String,
     /// Valid for token exchange only, not as a bearer credential.
     pub exchange_only: bool,
+    /// Tiers the key holds (README, "Tiers").
+    pub tiers: Vec<String>,
 }
 
 /// Changes to a key; `None` leaves a field as it is.
@@ -101,6 +103,8 @@ pub struct KeyPatch {
     /// `Some("")` removes the owner.
     pub owner: Option<String>,
     pub exchange_only: Option<bool>,
+    /// Replaces the key's tiers (`Some(vec![])` removes them).
+    pub tiers: Option<Vec<String>>,
 }
 
 impl KeyPatch {
@@ -115,6 +119,7 @@ impl KeyPatch {
             && self.expires_at.is_none()
             && self.owner.is_none()
             && self.exchange_only.is_none()
+            && self.tiers.is_none()
     }
 }
 
@@ -305,6 +310,7 @@ impl Admin {
             problems.extend(p.problems());
         }
         problems.extend(named::list_problems(&spec.limits));
+        check_tier_names(&spec.tiers, &mut problems);
         check_metadata(&spec.metadata, &mut problems);
         if let Some(at) = spec.expires_at
             && at <= now
@@ -326,6 +332,7 @@ impl Admin {
             metadata: spec.metadata,
             expires_at: spec.expires_at,
             exchange_only: spec.exchange_only,
+            tiers: spec.tiers,
         };
         self.mint(env, fields, now).await
     }
@@ -352,6 +359,7 @@ impl Admin {
                 owner: fields.owner.clone(),
                 disabled: false,
                 exchange_only: fields.exchange_only,
+                tiers: fields.tiers.clone(),
                 created_at: now,
                 expires_at: fields.expires_at,
                 revoked_at: None,
@@ -451,6 +459,9 @@ impl Admin {
         if let Some(l) = &patch.limits {
             problems.extend(named::list_problems(l));
         }
+        if let Some(t) = &patch.tiers {
+            check_tier_names(t, &mut problems);
+        }
         if let Some(m) = &patch.metadata {
             check_metadata(m, &mut problems);
         }
@@ -492,6 +503,9 @@ impl Admin {
             }
             if let Some(x) = patch.exchange_only {
                 r.exchange_only = x;
+            }
+            if let Some(t) = &patch.tiers {
+                r.tiers = t.clone();
             }
             if let Some(o) = &owner {
                 r.owner = o.clone();
@@ -579,6 +593,7 @@ impl Admin {
             metadata: old.metadata.clone(),
             expires_at: old.expires_at,
             exchange_only: old.exchange_only,
+            tiers: old.tiers.clone(),
         };
         let minted = self.mint(old.env, fields, now).await?;
         let end = now.saturating_add(grace as i64);
@@ -671,11 +686,85 @@ impl Admin {
         if !problems.is_empty() {
             return Err(AdminError::Invalid(problems));
         }
-        let policy = TenantPolicy { tenant: tenant.to_string(), limits, updated_at: self.now() };
+        let mut policy = self.store.tenant_policy(tenant).await?.unwrap_or_default();
+        policy.tenant = tenant.to_string();
+        policy.limits = limits;
+        policy.updated_at = self.now();
         self.store.set_tenant_policy(&policy).await?;
         self.records.apply(&crate::store::FeedEvent::TenantChanged(tenant.to_string()));
         tracing::info!(tenant, limits = policy.limits.len(), "tenant policy set");
         Ok(policy)
+    }
+
+    /// Sets tier `name` of `tenant` ("" = deployment-wide) to `scopes`;
+    /// no scopes removes it. Every key holding it sees the change on its
+    /// next Verify, on every sidecar (README, "Tiers").
+    pub async fn set_tier(
+        &self,
+        tenant: &str,
+        name: &str,
+        scopes: Vec<String>,
+        actor: &Actor,
+    ) -> Result<(String, Vec<String>), AdminError> {
+        actor.write()?;
+        if tenant.is_empty() {
+            if actor.tenant.is_some() || actor.test_only {
+                return Err(AdminError::PermissionDenied(
+                    "deployment-wide tiers are set by a live admin key without a tenant".into(),
+                ));
+            }
+        } else {
+            self.may_see_tenant(tenant, actor)?;
+            if actor.test_only {
+                return Err(AdminError::PermissionDenied("a test admin key cannot change tiers".into()));
+            }
+        }
+        let mut problems = Vec::new();
+        check_tier_names(&[name.to_string()], &mut problems);
+        let scopes = check_scopes(&scopes, self.allow_star_scope, &mut problems);
+        if let Some(s) = scopes.iter().find(|s| ADMIN_SCOPES.iter().any(|a| crate::scope::grants(s, a, true))) {
+            problems.push(format!("scope {s:?} grants admin rights and cannot be in a tier"));
+        }
+        if !problems.is_empty() {
+            return Err(AdminError::Invalid(problems));
+        }
+        let mut policy = self.store.tenant_policy(tenant).await?.unwrap_or_default();
+        policy.tenant = tenant.to_string();
+        if scopes.is_empty() {
+            policy.tiers.remove(name);
+        } else {
+            if !policy.tiers.contains_key(name) && policy.tiers.len() >= MAX_TIERS {
+                return Err(AdminError::Invalid(vec![format!("at most {MAX_TIERS} tiers per tenant")]));
+            }
+            policy.tiers.insert(name.to_string(), scopes.clone());
+        }
+        policy.updated_at = self.now();
+        self.store.set_tenant_policy(&policy).await?;
+        self.records.apply(&crate::store::FeedEvent::TenantChanged(tenant.to_string()));
+        tracing::info!(tenant, tier = name, scopes = scopes.len(), "tier set");
+        Ok((name.to_string(), scopes))
+    }
+
+    /// The tiers of `tenant` and the deployment's, as (tenant, name, scopes).
+    pub async fn list_tiers(
+        &self,
+        tenant: &str,
+        actor: &Actor,
+    ) -> Result<Vec<(String, String, Vec<String>)>, AdminError> {
+        if !tenant.is_empty() {
+            self.may_see_tenant(tenant, actor)?;
+        }
+        let mut out = Vec::new();
+        let mut tenants = vec![""];
+        if !tenant.is_empty() {
+            tenants.insert(0, tenant);
+        }
+        for t in tenants {
+            if let Some(p) = self.store.tenant_policy(t).await? {
+                out.extend(p.tiers.into_iter().map(|(name, scopes)| (t.to_string(), name, scopes)));
+            }
+        }
+        Ok(out)
     }
 
     fn may_see_tenant(&self, tenant: &str, actor: &Actor) -> Result<(), AdminError> {
@@ -735,6 +824,7 @@ struct RecordFields {
     metadata: BTreeMap<String, String>,
     expires_at: Option<i64>,
     exchange_only: bool,
+    tiers: Vec<String>,
 }
 
 fn parse_id(id: &str) -> Result<KeyId, AdminError> {
@@ -768,6 +858,26 @@ fn check_owner(owner: &str, problems: &mut Vec<String>) -> String {
         problems.push("owner must be at most 254 characters, without control characters".to_string());
     }
     owner.to_string()
+}
+
+/// Most tiers one tenant (or the deployment) defines, and one key holds.
+pub const MAX_TIERS: usize = 64;
+
+fn check_tier_names(names: &[String], problems: &mut Vec<String>) {
+    if names.len() > 16 {
+        problems.push("a key holds at most 16 tiers".to_string());
+    }
+    for n in names {
+        if n.is_empty()
+            || n.len() > 32
+            || !n.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"_-".contains(&c))
+        {
+            problems.push(format!(
+                "tier {:?} must be 1 to 32 characters of a-z, 0-9, '_' and '-'",
+                n.chars().take(40).collect::<String>()
+            ));
+        }
+    }
 }
 
 fn check_tenant(tenant: &str, problems: &mut Vec<String>) {

@@ -202,8 +202,9 @@ pub struct Verdict {
     pub limits: Vec<AppliedLimit>,
     /// Why a key was malformed (for logs; never contains key material).
     pub malformed: Option<Malformed>,
-    /// For a token: the scopes it carries that its key still holds (what
-    /// `x-api-key-scopes` shows instead of the key's).
+    /// The scopes granted when they are not the key's own: a token's that
+    /// its key still holds, or a key's with its tiers' (what
+    /// `x-api-key-scopes` shows).
     pub token_scopes: Option<Arc<[String]>>,
 }
 

@@ -486,3 +486,73 @@ async fn disable_enable_across_replicas_and_owners() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Tiers (README, "Tiers"): a tenant's tier and a deployment-wide one add
+/// their scopes to the keys holding them; a change reaches every replica
+/// within the revocation bound; who may set them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiers_add_scopes_and_changes_reach_every_replica() {
+    let redis = RedisServer::start();
+    let open = || -> Arc<dyn KeyStore> {
+        Arc::new(RedisStore::open(&redis.url(), "keystile", Duration::from_secs(1)).unwrap())
+    };
+    let a = TestServer::start(open()).await;
+    let b = TestServer::start(open()).await;
+    let mut admin = a.admin().await;
+    let (mut va, mut vb) = (a.verifier().await, b.verifier().await);
+    let tier = |tenant: &str, name: &str, scopes: &[&str]| proto::SetTierRequest {
+        tenant: tenant.into(),
+        name: name.into(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+    };
+    admin.set_tier(tier("", "basic", &["read:analytics"])).await.unwrap();
+    admin.set_tier(tier("acme", "premium", &["read:analytics", "export:data"])).await.unwrap();
+    let held = |name: &str, tenant: &str, tiers: &[&str]| proto::CreateKeyRequest {
+        tenant: tenant.into(),
+        scopes: vec!["profile".into()],
+        tiers: tiers.iter().map(|s| s.to_string()).collect(),
+        ..create_req(name)
+    };
+    let (premium, rec) = create(&mut admin, held("premium", "acme", &["premium"])).await;
+    assert_eq!(rec.tiers, ["premium"]);
+    let (basic, _) = create(&mut admin, held("basic", "globex", &["basic"])).await;
+    let asks = |key: &str, scope: &str| proto::VerifyRequest { scopes: vec![scope.into()], ..verify_req(key) };
+    for v in [&mut va, &mut vb] {
+        let r = verify(v, asks(&premium, "export:data")).await;
+        assert_eq!(code(&r), Code::Valid);
+        assert_eq!(r.headers["x-api-key-scopes"], "profile,read:analytics,export:data", "the effective scopes");
+        assert_eq!(code(&verify(v, asks(&basic, "read:analytics")).await), Code::Valid, "a deployment tier");
+        assert_eq!(code(&verify(v, asks(&basic, "export:data")).await), Code::InsufficientScope);
+    }
+
+    // Premium loses export:data: every replica refuses it within the bound.
+    admin.set_tier(tier("acme", "premium", &["read:analytics"])).await.unwrap();
+    for v in [&mut va, &mut vb] {
+        let t0 = std::time::Instant::now();
+        while code(&verify(v, asks(&premium, "export:data")).await) != Code::InsufficientScope {
+            assert!(t0.elapsed() < Duration::from_secs(1), "the tier change reached every replica");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let listed = admin.list_tiers(proto::ListTiersRequest { tenant: "acme".into() }).await.unwrap().into_inner();
+    let names: Vec<(&str, &str)> = listed.tiers.iter().map(|t| (t.tenant.as_str(), t.name.as_str())).collect();
+    assert_eq!(names, [("acme", "premium"), ("", "basic")]);
+
+    // Who may: a tenant's admin its own tiers only, never the deployment's;
+    // no tier grants admin rights.
+    let (globex_admin, _) = create(
+        &mut admin,
+        proto::CreateKeyRequest { tenant: "globex".into(), scopes: vec!["keystile:admin".into()], ..create_req("g") },
+    )
+    .await;
+    let mut globex = admin_client(a.channel().await, &globex_admin);
+    assert!(globex.set_tier(tier("globex", "gold", &["read:analytics"])).await.is_ok());
+    for denied in [tier("acme", "x", &["a"]), tier("", "x", &["a"])] {
+        let err = globex.set_tier(denied).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    }
+    let err = admin.set_tier(tier("acme", "root", &["keystile:admin"])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let err = admin.set_tier(tier("acme", "Bad Name", &["a"])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}

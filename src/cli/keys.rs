@@ -121,6 +121,10 @@ pub struct CreateArgs {
     /// by Verify as a bearer credential.
     #[arg(long)]
     pub exchange_only: bool,
+    /// A tier the key holds (its scopes add to the key's); repeat or
+    /// separate with commas.
+    #[arg(long = "tier", value_delimiter = ',')]
+    pub tiers: Vec<String>,
     /// Expiry as unix seconds or RFC 3339 (2027-01-01T00:00:00Z).
     #[arg(long, conflicts_with = "expires_in")]
     pub expires_at: Option<String>,
@@ -189,6 +193,12 @@ pub struct UpdateArgs {
     /// Make the key exchange-only (true) or a bearer credential again (false).
     #[arg(long)]
     pub exchange_only: Option<bool>,
+    /// Replace the key's tiers; repeat or separate with commas.
+    #[arg(long = "tier", value_delimiter = ',', conflicts_with = "clear_tiers")]
+    pub tiers: Vec<String>,
+    /// Remove the key's tiers.
+    #[arg(long)]
+    pub clear_tiers: bool,
     /// Replace the metadata with these key=value pairs.
     #[arg(long = "meta")]
     pub metadata: Vec<String>,
@@ -502,6 +512,7 @@ fn create_request(c: CreateArgs) -> Result<proto::CreateKeyRequest, CliError> {
         metadata: parse_meta(&c.metadata)?.into_iter().collect(),
         expires_at,
         exchange_only: c.exchange_only,
+        tiers: nonempty(c.tiers),
     })
 }
 
@@ -537,6 +548,8 @@ fn update_request(u: UpdateArgs) -> Result<proto::UpdateKeyRequest, CliError> {
         metadata,
         expires_at,
         exchange_only: u.exchange_only,
+        tiers: nonempty(u.tiers),
+        clear_tiers: u.clear_tiers,
     };
     let changes_nothing = req.name.is_none()
         && req.owner.is_none()
@@ -547,12 +560,14 @@ fn update_request(u: UpdateArgs) -> Result<proto::UpdateKeyRequest, CliError> {
         && req.limits.is_empty()
         && !req.clear_limits
         && req.exchange_only.is_none()
+        && req.tiers.is_empty()
+        && !req.clear_tiers
         && req.metadata.is_none()
         && req.expires_at.is_none();
     if changes_nothing {
         return Err(CliError::usage(
             "nothing to change: give at least one of --name, --owner, --scope, --allow-ip, --rate-limit, --clear-rate-limit, \
-             --limit, --clear-limits, --exchange-only, --meta, --clear-metadata, --expires-at, --expires-in, --never-expires",
+             --limit, --clear-limits, --exchange-only, --tier, --clear-tiers, --meta, --clear-metadata, --expires-at, --expires-in, --never-expires",
         ));
     }
     Ok(req)

@@ -109,6 +109,7 @@ pub fn record_json(r: &proto::KeyRecord) -> Value {
         "owner": r.owner,
         "disabled": r.disabled,
         "exchange_only": r.exchange_only,
+        "tiers": r.tiers,
         "limits": r.limits.iter().map(limit_json).collect::<Vec<_>>(),
     })
 }
@@ -169,6 +170,7 @@ pub fn print_record(r: &proto::KeyRecord) {
         ("scopes", or_dash(&r.scopes.join(","))),
         ("ip allowlist", or_dash(&r.ip_allowlist.join(","))),
         ("rate limit", rate_text(r)),
+        ("tiers", or_dash(&r.tiers.join(","))),
         ("exchange only", if r.exchange_only { "yes".into() } else { "no".into() }),
         ("limits", or_dash(&r.limits.iter().map(limit_text).collect::<Vec<_>>().join(" "))),
         ("metadata", or_dash(&metadata.join(" "))),

@@ -41,6 +41,18 @@ pub enum TenantsCommand {
         /// The limit's name.
         name: String,
     },
+    /// Set a tier (a named scope bundle) of a tenant; `-` as the tenant sets
+    /// a deployment-wide tier. No --scope removes it.
+    SetTier {
+        tenant: String,
+        /// The tier's name, e.g. premium.
+        name: String,
+        /// A scope of the tier; repeat or separate with commas.
+        #[arg(long = "scope", value_delimiter = ',')]
+        scopes: Vec<String>,
+    },
+    /// List a tenant's tiers and the deployment's (`-`: the deployment's).
+    Tiers { tenant: String },
 }
 
 #[derive(Debug, Args)]
@@ -87,14 +99,45 @@ pub async fn run(args: TenantsArgs) -> Result<(), CliError> {
             name.parse::<keystile::limit::LimitName>().map_err(CliError::usage)?;
             None
         }
-        TenantsCommand::Get { .. } => None,
+        TenantsCommand::Get { .. } | TenantsCommand::SetTier { .. } | TenantsCommand::Tiers { .. } => None,
     };
     let channel = args.server.connect(true).await?;
     let mut client = KeyAdminClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
         req.metadata_mut().insert("authorization", bearer.clone());
         Ok(req)
     });
+    let deployment = |t: &str| if t == "-" { String::new() } else { t.to_string() };
+    let tier_json = |t: &proto::Tier| json!({"tenant": t.tenant, "name": t.name, "scopes": t.scopes});
+    let print_tier = |t: &proto::Tier| {
+        let owner = if t.tenant.is_empty() { "(deployment)".to_string() } else { t.tenant.clone() };
+        println!("{owner:<16} {:<16} {}", t.name, if t.scopes.is_empty() { "-".into() } else { t.scopes.join(",") });
+    };
     let policy = match args.command {
+        TenantsCommand::SetTier { tenant, name, scopes } => {
+            let scopes = scopes.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+            let tier = client
+                .set_tier(proto::SetTierRequest { tenant: deployment(&tenant), name, scopes })
+                .await?
+                .into_inner();
+            if format != Format::Table {
+                output::document(format, &tier_json(&tier));
+            } else {
+                print_tier(&tier);
+            }
+            return Ok(());
+        }
+        TenantsCommand::Tiers { tenant } => {
+            let tiers =
+                client.list_tiers(proto::ListTiersRequest { tenant: deployment(&tenant) }).await?.into_inner().tiers;
+            if format != Format::Table {
+                output::document(format, &json!({"tiers": tiers.iter().map(tier_json).collect::<Vec<_>>()}));
+            } else if tiers.is_empty() {
+                println!("no tiers");
+            } else {
+                tiers.iter().for_each(print_tier);
+            }
+            return Ok(());
+        }
         TenantsCommand::Get { tenant } => {
             client.get_tenant_policy(proto::GetTenantPolicyRequest { tenant }).await?.into_inner()
         }

@@ -229,9 +229,33 @@ impl Engine {
             return Ok(Verdict::bare(Outcome::NotFound));
         }
 
+        // The tenant's policy (limits, tiers), read once when needed.
+        let record = &key.record;
+        let tenant_view = match record.tenant.is_empty() || (record.tiers.is_empty() && req.mode == Mode::Admin) {
+            true => None,
+            false => Some(self.records.tenant_limits(&record.tenant).await?),
+        };
+        // A key's tiers add their scopes (README, "Tiers"): the tenant's tier
+        // of a name, else the deployment's. Only keys with tiers pay for it.
+        let tier_scopes: Option<Arc<[String]>> = if record.tiers.is_empty() {
+            None
+        } else {
+            let deployment = self.records.tenant_limits("").await?;
+            let mut all = record.scopes.clone();
+            for tier in &record.tiers {
+                let bundle = tenant_view.as_ref().and_then(|v| v.tiers.get(tier)).or(deployment.tiers.get(tier));
+                for s in bundle.into_iter().flatten() {
+                    if !all.contains(s) {
+                        all.push(s.clone());
+                    }
+                }
+            }
+            Some(all.into())
+        };
+        let granted: &[String] = tier_scopes.as_deref().unwrap_or(&record.scopes);
+
         // 4. The checks, in order of precedence.
         let now = self.clock.unix_seconds();
-        let record = &key.record;
         let outcome = if record.is_revoked_at(now) {
             Outcome::Revoked
         } else if record.is_expired_at(now) {
@@ -246,7 +270,7 @@ impl Engine {
             && !req.ip.is_some_and(|ip| record.ip_allowlist.iter().any(|net| net.contains(&ip)))
         {
             Outcome::IpNotAllowed
-        } else if !crate::scope::all_granted(&record.scopes, req.scopes, self.allow_star_scope)
+        } else if !crate::scope::all_granted(granted, req.scopes, self.allow_star_scope)
             || token.as_ref().is_some_and(|t| !crate::scope::all_granted(&t.scopes, req.scopes, self.allow_star_scope))
         {
             Outcome::InsufficientScope
@@ -258,25 +282,30 @@ impl Engine {
         }
         // A token's scopes that its key still holds: all of them, unless
         // the key lost some since the exchange (then a copy without them).
-        let token_scopes = token.as_ref().map(|t| {
-            let held =
-                |s: &String| crate::scope::all_granted(&record.scopes, std::slice::from_ref(s), self.allow_star_scope);
-            if t.scopes.iter().all(held) {
-                t.scopes.clone()
-            } else {
-                t.scopes.iter().filter(|s| held(s)).cloned().collect::<Vec<_>>().into()
+        // For a key with tiers: its scopes and its tiers'.
+        let token_scopes = match &token {
+            Some(t) => {
+                let held =
+                    |s: &String| crate::scope::all_granted(granted, std::slice::from_ref(s), self.allow_star_scope);
+                Some(if t.scopes.iter().all(held) {
+                    t.scopes.clone()
+                } else {
+                    t.scopes.iter().filter(|s| held(s)).cloned().collect::<Vec<_>>().into()
+                })
             }
-        });
+            None => tier_scopes.clone(),
+        };
 
         // 5. The limits (README, "Rate limits"): every applicable one is
         // checked, and cells stay taken only if all pass.
-        let tenant_limits = match record.tenant.is_empty() {
-            true => None,
-            false => Some(self.records.tenant_limits(&record.tenant).await?),
+        let tenant_limits = match (tenant_view, record.tenant.is_empty()) {
+            (Some(v), _) => Some(v),
+            (None, true) => None,
+            (None, false) => Some(self.records.tenant_limits(&record.tenant).await?),
         };
         let mut applicable: smallvec::SmallVec<[LimitSpec; 4]> = smallvec::SmallVec::new();
         let legacy = record.rate_limit.as_ref().map(LimitSpec::from_legacy);
-        let tenant_layer = tenant_limits.as_deref().unwrap_or(&[]);
+        let tenant_layer = tenant_limits.as_deref().map_or(&[][..], |v| &v.limits[..]);
         if req.limits.is_empty() && record.limits.is_empty() && tenant_layer.is_empty() && self.limits.is_empty() {
             // The common case: at most the key's own `rate_limit`.
             applicable.extend(legacy);

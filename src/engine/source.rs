@@ -18,7 +18,6 @@ use super::tenants::TenantLimits;
 use crate::cache::{CacheSettings, Cached, CachedKey, KeyCache, Lookup};
 use crate::clock::Clock;
 use crate::key::KeyId;
-use crate::limit::LimitSpec;
 use crate::metrics::Metrics;
 use crate::store::{FeedEvent, KeyStore};
 use crate::verdict::VerifyError;
@@ -143,7 +142,7 @@ impl RecordSource {
     }
 
     /// The named limits of `tenant`'s policy (README, "Rate limits").
-    pub async fn tenant_limits(&self, tenant: &str) -> Result<Arc<[LimitSpec]>, VerifyError> {
+    pub async fn tenant_limits(&self, tenant: &str) -> Result<Arc<super::tenants::TenantView>, VerifyError> {
         let store_down = self.store_down_since.load(Ordering::Relaxed) != 0;
         self.tenants.get(tenant, !self.feed_lost_too_long(), store_down).await
     }

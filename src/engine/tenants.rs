@@ -19,8 +19,15 @@ use crate::verdict::VerifyError;
 /// fast hasher is safe here.
 type Hasher = foldhash::fast::RandomState;
 
+/// What the engine uses of a tenant's policy.
+#[derive(Debug, Default)]
+pub struct TenantView {
+    pub limits: Vec<LimitSpec>,
+    pub tiers: std::collections::BTreeMap<String, Vec<String>>,
+}
+
 struct Entry {
-    limits: Arc<[LimitSpec]>,
+    limits: Arc<TenantView>,
     /// Monotonic nanos of the read.
     fetched: u64,
 }
@@ -53,7 +60,7 @@ impl TenantLimits {
     /// believed; `store_down`: whether the store is known to be down (then
     /// an older copy answers at once). A store that cannot answer is an
     /// error unless an older copy is at hand.
-    pub async fn get(&self, tenant: &str, trusted: bool, store_down: bool) -> Result<Arc<[LimitSpec]>, VerifyError> {
+    pub async fn get(&self, tenant: &str, trusted: bool, store_down: bool) -> Result<Arc<TenantView>, VerifyError> {
         let now = self.clock.mono_nanos();
         let stale = match self.entries.get(tenant) {
             Some(e) if trusted && now.saturating_sub(e.fetched) < self.ttl.as_nanos() as u64 => {
@@ -66,7 +73,8 @@ impl TenantLimits {
         let seen = self.generation.load(Ordering::Acquire);
         match tokio::time::timeout(self.timeout, self.store.tenant_policy(tenant)).await {
             Ok(Ok(policy)) => {
-                let limits: Arc<[LimitSpec]> = policy.map(|p| p.limits).unwrap_or_default().into();
+                let limits =
+                    Arc::new(policy.map(|p| TenantView { limits: p.limits, tiers: p.tiers }).unwrap_or_default());
                 // Checked under the entry's shard lock: an invalidation
                 // bumps the generation before it removes, so either this
                 // sees the bump or the removal comes after the insert.

@@ -81,6 +81,7 @@ pub fn to_proto(r: &KeyRecord, now: i64) -> proto::KeyRecord {
         disabled: r.disabled,
         limits: r.limits.iter().map(limit_to_proto).collect(),
         exchange_only: r.exchange_only,
+        tiers: r.tiers.clone(),
     }
 }
 
@@ -175,6 +176,7 @@ impl TryFrom<proto::CreateKeyRequest> for KeySpec {
             expires_at: expiry(r.expires_at)?,
             owner: r.owner,
             exchange_only: r.exchange_only,
+            tiers: r.tiers,
         })
     }
 }
@@ -204,6 +206,12 @@ impl TryFrom<proto::UpdateKeyRequest> for KeyPatch {
             expires_at: r.expires_at.map(expiry).transpose()?,
             owner: r.owner,
             exchange_only: r.exchange_only,
+            tiers: match (r.clear_tiers, r.tiers.is_empty()) {
+                (true, true) => Some(Vec::new()),
+                (true, false) => return Err(status::invalid("set either tiers or clear_tiers, not both")),
+                (false, true) => None,
+                (false, false) => Some(r.tiers),
+            },
         })
     }
 }
@@ -364,5 +372,36 @@ impl proto::key_admin_server::KeyAdmin for AdminService {
             .await
             .map_err(|e| status::from_admin(&e))?;
         Ok(Response::new(tenant_policy_to_proto(&p)))
+    }
+
+    async fn set_tier(&self, request: Request<proto::SetTierRequest>) -> Result<Response<proto::Tier>, Status> {
+        let (span, actor) = self.authorize(&request).await?;
+        let msg = request.into_inner();
+        if msg.scopes.len() > 64 {
+            return Err(status::invalid("at most 64 scopes per tier"));
+        }
+        let (name, scopes) = self
+            .admin
+            .set_tier(&msg.tenant, &msg.name, msg.scopes, &actor)
+            .instrument(span)
+            .await
+            .map_err(|e| status::from_admin(&e))?;
+        Ok(Response::new(proto::Tier { tenant: msg.tenant, name, scopes }))
+    }
+
+    async fn list_tiers(
+        &self,
+        request: Request<proto::ListTiersRequest>,
+    ) -> Result<Response<proto::ListTiersResponse>, Status> {
+        let (span, actor) = self.authorize(&request).await?;
+        let tiers = self
+            .admin
+            .list_tiers(&request.get_ref().tenant, &actor)
+            .instrument(span)
+            .await
+            .map_err(|e| status::from_admin(&e))?;
+        Ok(Response::new(proto::ListTiersResponse {
+            tiers: tiers.into_iter().map(|(tenant, name, scopes)| proto::Tier { tenant, name, scopes }).collect(),
+        }))
     }
 }

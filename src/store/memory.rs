@@ -192,7 +192,7 @@ impl KeyStore for MemoryStore {
         drop(self.enter()?);
         {
             let mut tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
-            if policy.limits.is_empty() {
+            if policy.limits.is_empty() && policy.tiers.is_empty() {
                 tenants.remove(&policy.tenant);
             } else {
                 tenants.insert(policy.tenant.clone(), policy.clone());

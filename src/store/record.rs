@@ -28,6 +28,10 @@ pub struct KeyRecord {
     /// define more, and a `default` there wins.
     #[serde(default)]
     pub rate_limit: Option<RateLimitPolicy>,
+    /// Tiers the key holds: their scopes add to `scopes` (the tenant's tier
+    /// of a name, else the deployment's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tiers: Vec<String>,
     /// Per-key named limits: override the tenant's of the same name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub limits: Vec<LimitSpec>,
@@ -86,8 +90,12 @@ impl std::fmt::Debug for StoredSigningKey {
 /// shared or per key as each says.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct TenantPolicy {
+    /// "" = the deployment's (tiers only).
     pub tenant: String,
     pub limits: Vec<LimitSpec>,
+    /// Named scope bundles (README, "Tiers"): tier → scopes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tiers: BTreeMap<String, Vec<String>>,
     /// Unix seconds of the last change.
     #[serde(default)]
     pub updated_at: i64,

@@ -403,7 +403,7 @@ impl KeyStore for RedisStore {
 
     async fn set_tenant_policy(&self, policy: &TenantPolicy) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        let json = if policy.limits.is_empty() {
+        let json = if policy.limits.is_empty() && policy.tiers.is_empty() {
             String::new()
         } else {
             serde_json::to_string(policy).map_err(|e| StoreError::Corrupt(e.to_string()))?

@@ -135,14 +135,15 @@ impl Authenticator {
 
     /// Checks that `secret` is a valid key holding `token:exchange`
     /// (exchange-only keys included, tokens not), presented from `peer`
-    /// with its owner's `email` when the owner is one. The key's IP
-    /// allowlist and its automatic rate limits apply.
+    /// with its owner's `email` when the owner is one; returns the key and
+    /// its effective scopes (its tiers' included). The key's IP allowlist
+    /// and its automatic rate limits apply.
     pub async fn authenticate_exchange(
         &self,
         secret: &str,
         email: &str,
         peer: Option<IpAddr>,
-    ) -> Result<Arc<CachedKey>, AuthError> {
+    ) -> Result<(Arc<CachedKey>, Vec<String>), AuthError> {
         let scopes = [crate::token::exchange::EXCHANGE_SCOPE.to_string()];
         let request =
             Request { ip: peer, scopes: &scopes, mode: Mode::Exchange, owner_email: email, ..Request::of_key(secret) };
@@ -152,7 +153,10 @@ impl Authenticator {
             .await
             .map_err(|e| AuthError::Unavailable(e.to_string()))?;
         match verdict.outcome {
-            Outcome::Valid => Ok(verdict.key.expect("a valid verdict names its key")),
+            Outcome::Valid => {
+                let granted = verdict.granted_scopes().to_vec();
+                Ok((verdict.key.expect("a valid verdict names its key"), granted))
+            }
             Outcome::InsufficientScope => Err(AuthError::PermissionDenied("the key lacks the token:exchange scope")),
             Outcome::IpNotAllowed | Outcome::TenantMismatch => {
                 Err(AuthError::PermissionDenied("the key may not be used from this address"))

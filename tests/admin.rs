@@ -555,4 +555,18 @@ async fn tiers_add_scopes_and_changes_reach_every_replica() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     let err = admin.set_tier(tier("acme", "Bad Name", &["a"])).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    // An exchange hands a token the key's effective scopes, tiers included.
+    let exchanging =
+        proto::CreateKeyRequest { scopes: vec!["token:exchange".into()], ..held("exchanging", "acme", &["premium"]) };
+    let (key, _) = create(&mut admin, exchanging).await;
+    let mut ex = proto::token_exchange_client::TokenExchangeClient::new(a.channel().await);
+    let token = ex
+        .exchange(proto::ExchangeRequest { secret: key, scopes: vec!["read:analytics".into()], ..Default::default() })
+        .await
+        .expect("a tier's scope may be asked for")
+        .into_inner()
+        .token;
+    let r = verify(&mut va, asks(&token, "read:analytics")).await;
+    assert_eq!(code(&r), Code::Valid);
 }

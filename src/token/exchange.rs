@@ -99,7 +99,7 @@ pub async fn exchange(
     if !problems.is_empty() {
         return Err(ExchangeError::Invalid(problems.join("; ")));
     }
-    let key = auth.authenticate_exchange(req.secret, req.email, req.peer).await.map_err(|e| match e {
+    let (key, granted) = auth.authenticate_exchange(req.secret, req.email, req.peer).await.map_err(|e| match e {
         AuthError::Unauthenticated(_) => ExchangeError::Unauthenticated,
         AuthError::PermissionDenied(why) => ExchangeError::Forbidden(why),
         AuthError::RateLimited => ExchangeError::RateLimited,
@@ -108,11 +108,12 @@ pub async fn exchange(
     })?;
     // The owner's email was checked by the engine, with the secret.
     let record = &key.record;
+    // The key's effective scopes: its own and its tiers'.
     let scopes = if req.scopes.is_empty() {
-        record.scopes.clone()
+        granted
     } else {
         for s in req.scopes {
-            if !crate::scope::all_granted(&record.scopes, std::slice::from_ref(s), auth.allow_star_scope()) {
+            if !crate::scope::all_granted(&granted, std::slice::from_ref(s), auth.allow_star_scope()) {
                 return Err(ExchangeError::Forbidden("a requested scope is not granted to the key"));
             }
         }

@@ -588,33 +588,11 @@ async fn bootstrap(b: &BootstrapArgs, format: Format, quiet: bool) -> Result<(),
     use keystile::app::App;
     use keystile::clock::Clock;
     use keystile::engine::EngineSettings;
-    use keystile::key::{Env, KeyFormat, Pepper, PepperSet};
-    use keystile::store::StoreConfig;
+    use keystile::key::{Env, KeyFormat, PepperSet};
 
-    let pepper = match (&b.pepper_file, &b.pepper) {
-        (Some(path), None) => keystile::config::read_pepper(path).map_err(CliError::usage)?,
-        (None, Some(hex)) => {
-            Pepper::parse_hex(hex.expose()).map_err(|e| CliError::usage(format!("KEYSTILE_PEPPER: {e}")))?
-        }
-        _ => {
-            return Err(CliError::usage(
-                "give the deployment's pepper by exactly one of --pepper-file or KEYSTILE_PEPPER",
-            ));
-        }
-    };
+    let pepper = super::deployment_pepper(b.pepper_file.as_deref(), b.pepper.as_ref())?;
     let key_format = KeyFormat::new(b.key_prefixes.clone(), &Env::ALL).map_err(|e| CliError::usage(e.join("; ")))?;
-    let mut problems = Vec::new();
-    let store = b.redis.store(Duration::from_secs(5), &mut problems);
-    let where_ = match &store {
-        StoreConfig::Redis { topology, .. } if problems.is_empty() => topology.describe(),
-        StoreConfig::Memory if problems.is_empty() => {
-            return Err(CliError::usage(
-                "bootstrap writes to the deployment's Redis: give --redis-url, --redis-sentinel or --redis-cluster",
-            ));
-        }
-        _ => return Err(CliError::usage(problems.join("; "))),
-    };
-    let store = store.open().map_err(|e| CliError::usage(format!("Redis at {where_}: {e}")))?;
+    let (store, where_) = super::deployment_store(&b.redis, "bootstrap writes to")?;
     let unavailable = |e: &dyn std::fmt::Display| CliError {
         message: format!("cannot write the admin key to Redis at {where_}: {e}"),
         code: exit::UNAVAILABLE,

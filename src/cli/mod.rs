@@ -167,6 +167,44 @@ fn is_loopback(host: &str) -> bool {
     host.eq_ignore_ascii_case("localhost") || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// The deployment's pepper, from exactly one of a file or the variable
+/// (`keys bootstrap`, `signing-keys`).
+pub fn deployment_pepper(
+    file: Option<&std::path::Path>,
+    hex: Option<&keystile::secret::Secret>,
+) -> Result<keystile::key::Pepper, CliError> {
+    match (file, hex) {
+        (Some(path), None) => keystile::config::read_pepper(&path.to_path_buf()).map_err(CliError::usage),
+        (None, Some(hex)) => {
+            keystile::key::Pepper::parse_hex(hex.expose()).map_err(|e| CliError::usage(format!("KEYSTILE_PEPPER: {e}")))
+        }
+        _ => Err(CliError::usage("give the deployment's pepper by exactly one of --pepper-file or KEYSTILE_PEPPER")),
+    }
+}
+
+/// The deployment's Redis, opened for a command that writes to it
+/// directly; `what` says what lives there, for the error without Redis.
+/// Returns the store and a description of where it is (never a password).
+pub fn deployment_store(
+    redis: &keystile::config::RedisArgs,
+    what: &str,
+) -> Result<(std::sync::Arc<dyn keystile::store::KeyStore>, String), CliError> {
+    use keystile::store::StoreConfig;
+    let mut problems = Vec::new();
+    let store = redis.store(Duration::from_secs(5), &mut problems);
+    let where_ = match &store {
+        StoreConfig::Redis { topology, .. } if problems.is_empty() => topology.describe(),
+        StoreConfig::Memory if problems.is_empty() => {
+            return Err(CliError::usage(format!(
+                "{what} the deployment's Redis: give --redis-url, --redis-sentinel or --redis-cluster"
+            )));
+        }
+        _ => return Err(CliError::usage(problems.join("; "))),
+    };
+    let opened = store.open().map_err(|e| CliError::usage(format!("Redis at {where_}: {e}")))?;
+    Ok((opened, where_))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,6 @@
 //! straight in Redis, like `keys bootstrap`). README, "Token exchange".
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use serde_json::json;
@@ -119,34 +118,12 @@ pub enum SigningKeysCommand {
 }
 
 pub async fn signing_keys(args: SigningKeysArgs) -> Result<(), CliError> {
-    use keystile::key::{Pepper, PepperSet};
-    use keystile::store::StoreConfig;
+    use keystile::key::PepperSet;
     use keystile::token::signing::SigningPair;
     use keystile::token::{KEEP_SIGNING_KEYS, PUBLISH_BEFORE_SIGNING};
 
-    let pepper = match (&args.pepper_file, &args.pepper) {
-        (Some(path), None) => keystile::config::read_pepper(path).map_err(CliError::usage)?,
-        (None, Some(hex)) => {
-            Pepper::parse_hex(hex.expose()).map_err(|e| CliError::usage(format!("KEYSTILE_PEPPER: {e}")))?
-        }
-        _ => {
-            return Err(CliError::usage(
-                "give the deployment's pepper by exactly one of --pepper-file or KEYSTILE_PEPPER",
-            ));
-        }
-    };
-    let mut problems = Vec::new();
-    let store = args.redis.store(Duration::from_secs(5), &mut problems);
-    let where_ = match &store {
-        StoreConfig::Redis { topology, .. } if problems.is_empty() => topology.describe(),
-        StoreConfig::Memory if problems.is_empty() => {
-            return Err(CliError::usage(
-                "signing keys live in the deployment's Redis: give --redis-url, --redis-sentinel or --redis-cluster",
-            ));
-        }
-        _ => return Err(CliError::usage(problems.join("; "))),
-    };
-    let store = store.open().map_err(|e| CliError::usage(format!("Redis at {where_}: {e}")))?;
+    let pepper = super::deployment_pepper(args.pepper_file.as_deref(), args.pepper.as_ref())?;
+    let (store, where_) = super::deployment_store(&args.redis, "signing keys live in")?;
     let unavailable =
         |e: &dyn std::fmt::Display| CliError { message: format!("Redis at {where_}: {e}"), code: exit::UNAVAILABLE };
     let peppers = PepperSet::single(pepper.clone());

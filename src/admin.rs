@@ -17,7 +17,7 @@ use crate::engine::source::RecordSource;
 use crate::key::{Env, FullKey, KeyFormat, KeyId, PepperSet, generate};
 use crate::limit::named::{self, LimitSpec};
 use crate::limit::{Limiter, RateLimitPolicy};
-use crate::store::TenantPolicy;
+use crate::store::{AuditEvent, AuditQuery, TenantPolicy};
 use crate::store::{KeyRecord, KeyStore, ListPage, ListQuery, StoreError};
 /// Default grace window of a rotation.
 pub const DEFAULT_GRACE_SECONDS: u64 = 3600;
@@ -175,12 +175,14 @@ pub struct Actor {
     pub test_only: bool,
     pub can_write: bool,
     pub can_grant_admin: bool,
+    /// The admin's transport address, for the audit trail.
+    pub peer: Option<std::net::IpAddr>,
 }
 
 impl Actor {
     /// keystile itself: every key, every right.
     pub fn deployment() -> Actor {
-        Actor { key_id: None, tenant: None, test_only: false, can_write: true, can_grant_admin: true }
+        Actor { key_id: None, tenant: None, test_only: false, can_write: true, can_grant_admin: true, peer: None }
     }
 
     /// The rights of an admin key's record; `None` when it holds no admin
@@ -196,6 +198,7 @@ impl Actor {
             test_only: record.env == Env::Test,
             can_write: holds(ADMIN_SCOPE) || holds("keys:write"),
             can_grant_admin: holds(ADMIN_SCOPE),
+            peer: None,
         })
     }
 
@@ -334,7 +337,9 @@ impl Admin {
             exchange_only: spec.exchange_only,
             tiers: spec.tiers,
         };
-        self.mint(env, fields, now).await
+        let minted = self.mint(env, fields, now).await?;
+        self.audit(actor, "create", Some(&minted.record), &[]).await;
+        Ok(minted)
     }
 
     async fn mint(&self, env: Env, fields: RecordFields, now: i64) -> Result<Minted, AdminError> {
@@ -473,47 +478,67 @@ impl Admin {
         if !problems.is_empty() {
             return Err(AdminError::Invalid(problems));
         }
-        self.mutate(id, actor, |r, now| {
-            if r.is_revoked_at(now) {
-                return Err(AdminError::FailedPrecondition(format!(
-                    "key {} is revoked and cannot be changed",
-                    r.key_id
-                )));
-            }
-            if let Some(n) = &name {
-                r.name = n.clone();
-            }
-            if let Some(s) = &scopes {
-                r.scopes = s.clone();
-            }
-            if let Some(c) = &cidrs {
-                r.ip_allowlist = c.clone();
-            }
-            if let Some(l) = patch.rate_limit {
-                r.rate_limit = l;
-            }
-            if let Some(l) = &patch.limits {
-                r.limits = l.clone();
-            }
-            if let Some(m) = &patch.metadata {
-                r.metadata = m.clone();
-            }
-            if let Some(e) = patch.expires_at {
-                r.expires_at = e;
-            }
-            if let Some(x) = patch.exchange_only {
-                r.exchange_only = x;
-            }
-            if let Some(t) = &patch.tiers {
-                r.tiers = t.clone();
-            }
-            if let Some(o) = &owner {
-                r.owner = o.clone();
-            }
-            Ok(())
-        })
-        .await
-        .inspect(|r| tracing::info!(key_id = %r.key_id, version = r.version, "key updated"))
+        // The audit names the fields changed, never their values.
+        let changed: Vec<String> = [
+            ("name", patch.name.is_some()),
+            ("scopes", patch.scopes.is_some()),
+            ("ip_allowlist", patch.ip_allowlist.is_some()),
+            ("rate_limit", patch.rate_limit.is_some()),
+            ("limits", patch.limits.is_some()),
+            ("metadata", patch.metadata.is_some()),
+            ("expires_at", patch.expires_at.is_some()),
+            ("owner", patch.owner.is_some()),
+            ("exchange_only", patch.exchange_only.is_some()),
+            ("tiers", patch.tiers.is_some()),
+        ]
+        .into_iter()
+        .filter(|(_, set)| *set)
+        .map(|(f, _)| f.to_string())
+        .collect();
+        let updated = self
+            .mutate(id, actor, |r, now| {
+                if r.is_revoked_at(now) {
+                    return Err(AdminError::FailedPrecondition(format!(
+                        "key {} is revoked and cannot be changed",
+                        r.key_id
+                    )));
+                }
+                if let Some(n) = &name {
+                    r.name = n.clone();
+                }
+                if let Some(s) = &scopes {
+                    r.scopes = s.clone();
+                }
+                if let Some(c) = &cidrs {
+                    r.ip_allowlist = c.clone();
+                }
+                if let Some(l) = patch.rate_limit {
+                    r.rate_limit = l;
+                }
+                if let Some(l) = &patch.limits {
+                    r.limits = l.clone();
+                }
+                if let Some(m) = &patch.metadata {
+                    r.metadata = m.clone();
+                }
+                if let Some(e) = patch.expires_at {
+                    r.expires_at = e;
+                }
+                if let Some(x) = patch.exchange_only {
+                    r.exchange_only = x;
+                }
+                if let Some(t) = &patch.tiers {
+                    r.tiers = t.clone();
+                }
+                if let Some(o) = &owner {
+                    r.owner = o.clone();
+                }
+                Ok(())
+            })
+            .await
+            .inspect(|r| tracing::info!(key_id = %r.key_id, version = r.version, "key updated"))?;
+        self.audit(actor, "update", Some(&updated), &changed).await;
+        Ok(updated)
     }
 
     /// Revokes at once. Revoking a revoked key changes nothing.
@@ -549,8 +574,14 @@ impl Admin {
         match record {
             Err(AdminError::FailedPrecondition(s)) if s.is_empty() => self.get(id.as_str(), actor).await,
             other => {
-                if other.is_ok() {
+                if let Ok(r) = &other {
                     tracing::info!(key_id = %id, "{done}");
+                    let action = match done {
+                        "key revoked" => "revoke",
+                        "key disabled" => "disable",
+                        _ => "enable",
+                    };
+                    self.audit(actor, action, Some(r), &[]).await;
                 }
                 other
             }
@@ -615,6 +646,8 @@ impl Admin {
             }
         };
         tracing::info!(key_id = %id, new_key_id = %minted.record.key_id, grace_seconds = grace, "key rotated");
+        let new = format!("new_key_id={}", minted.record.key_id);
+        self.audit(actor, "rotate", Some(&previous), &[new, format!("grace_seconds={grace}")]).await;
         Ok((minted, previous))
     }
 
@@ -642,8 +675,9 @@ impl Admin {
     pub async fn delete(&self, id: &str, actor: &Actor) -> Result<(), AdminError> {
         let id = parse_id(id)?;
         actor.write()?;
-        if let Some(record) = self.store.get(id).await? {
-            actor.manages(&record)?;
+        let existing = self.store.get(id).await?;
+        if let Some(record) = &existing {
+            actor.manages(record)?;
         }
         let removed = self.store.delete(id).await?;
         self.records.invalidate(id);
@@ -652,7 +686,68 @@ impl Admin {
             return Err(AdminError::NotFound(id));
         }
         tracing::info!(key_id = %id, "key deleted");
+        self.audit(actor, "delete", existing.as_ref(), &[]).await;
         Ok(())
+    }
+
+    /// Records a mutation of `record` (README, "Audit"). A store that
+    /// cannot take it does not undo the mutation: it is logged instead.
+    async fn audit(&self, actor: &Actor, action: &str, record: Option<&KeyRecord>, fields: &[String]) {
+        let event = AuditEvent {
+            at: self.now(),
+            actor: actor.key_id.map_or("keystile".to_string(), |k| k.to_string()),
+            peer: actor.peer.map(|p| p.to_string()).unwrap_or_default(),
+            action: action.to_string(),
+            key_id: record.map(|r| r.key_id.to_string()).unwrap_or_default(),
+            tenant: record.map(|r| r.tenant.clone()).unwrap_or_default(),
+            env: record.map(|r| r.env.to_string()).unwrap_or_default(),
+            fields: fields.to_vec(),
+            ..AuditEvent::default()
+        };
+        self.keep(event).await;
+    }
+
+    async fn audit_tenant(&self, actor: &Actor, action: &str, tenant: &str, fields: &[String]) {
+        let event = AuditEvent {
+            at: self.now(),
+            actor: actor.key_id.map_or("keystile".to_string(), |k| k.to_string()),
+            peer: actor.peer.map(|p| p.to_string()).unwrap_or_default(),
+            action: action.to_string(),
+            tenant: tenant.to_string(),
+            fields: fields.to_vec(),
+            ..AuditEvent::default()
+        };
+        self.keep(event).await;
+    }
+
+    async fn keep(&self, event: AuditEvent) {
+        if let Err(e) = self.store.append_audit(&event).await {
+            tracing::warn!(error = %e, action = %event.action, key_id = %event.key_id, "could not keep the audit event");
+        }
+    }
+
+    /// Audit events, newest first, within what `actor` may see: a tenant's
+    /// admin its tenant's, a test admin test keys'.
+    pub async fn audit_events(
+        &self,
+        mut query: AuditQuery,
+        actor: &Actor,
+    ) -> Result<(Vec<AuditEvent>, Option<String>), AdminError> {
+        if let Some(t) = &actor.tenant {
+            match &query.tenant {
+                Some(asked) if asked != t => {
+                    return Err(AdminError::PermissionDenied(format!(
+                        "this admin key sees tenant {t:?}'s events only, not {asked:?}'s"
+                    )));
+                }
+                _ => query.tenant = Some(t.clone()),
+            }
+        }
+        if actor.test_only {
+            query.env = Some("test".into());
+        }
+        query.limit = query.limit.clamp(1, 1000);
+        Ok(self.store.list_audit(&query).await?)
     }
 
     /// A tenant's policy (README, "Rate limits"); an empty one when it has
@@ -693,6 +788,8 @@ impl Admin {
         self.store.set_tenant_policy(&policy).await?;
         self.records.apply(&crate::store::FeedEvent::TenantChanged(tenant.to_string()));
         tracing::info!(tenant, limits = policy.limits.len(), "tenant policy set");
+        let names: Vec<String> = policy.limits.iter().map(|l| l.to_string()).collect();
+        self.audit_tenant(actor, "set_tenant_policy", tenant, &names).await;
         Ok(policy)
     }
 
@@ -742,6 +839,7 @@ impl Admin {
         self.store.set_tenant_policy(&policy).await?;
         self.records.apply(&crate::store::FeedEvent::TenantChanged(tenant.to_string()));
         tracing::info!(tenant, tier = name, scopes = scopes.len(), "tier set");
+        self.audit_tenant(actor, "set_tier", tenant, &[format!("{name}={}", scopes.join(","))]).await;
         Ok((name.to_string(), scopes))
     }
 

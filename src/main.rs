@@ -30,6 +30,8 @@ enum Command {
     Keys(Box<cli::keys::KeysArgs>),
     /// Manage tenants' named limits through KeyAdmin.
     Tenants(Box<cli::tenants::TenantsArgs>),
+    /// Admin mutations, newest first (who, what, when).
+    Audit(Box<cli::audit::AuditArgs>),
     /// Exchange an API key for a short-lived token.
     Token(Box<cli::token::TokenArgs>),
     /// Rotate or list the token signing keys (straight in Redis).
@@ -101,6 +103,7 @@ fn main() -> ExitCode {
         Command::Keys(args) => client(cli::keys::run(*args)),
         Command::Tenants(args) => client(cli::tenants::run(*args)),
         Command::Token(args) => client(cli::token::run(*args)),
+        Command::Audit(args) => client(cli::audit::run(*args)),
         Command::SigningKeys(args) => client(cli::token::signing_keys(*args)),
         Command::Verify(args) => client(cli::verify::run(*args)),
         Command::Completions { shell } => {

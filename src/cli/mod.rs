@@ -6,6 +6,7 @@
 //! Every command exits with one code per kind of outcome (README, "Exit
 //! codes"): see [`exit`].
 
+pub mod audit;
 pub mod bench;
 pub mod keys;
 pub mod output;

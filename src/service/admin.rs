@@ -39,7 +39,9 @@ impl AdminService {
         let principal = self.auth.authenticate(bearer, Purpose::Admin, ip).await.map_err(|e| status::from_auth(&e))?;
         let peer = ip.map(|ip| ip.to_string()).unwrap_or_default();
         let span = tracing::info_span!("admin", actor = %principal.key.record.key_id, peer = %peer);
-        Ok((span, principal.actor))
+        let mut actor = principal.actor;
+        actor.peer = ip;
+        Ok((span, actor))
     }
 
     fn record(&self, r: &KeyRecord) -> proto::KeyRecord {
@@ -402,6 +404,45 @@ impl proto::key_admin_server::KeyAdmin for AdminService {
             .map_err(|e| status::from_admin(&e))?;
         Ok(Response::new(proto::ListTiersResponse {
             tiers: tiers.into_iter().map(|(tenant, name, scopes)| proto::Tier { tenant, name, scopes }).collect(),
+        }))
+    }
+
+    async fn list_audit_events(
+        &self,
+        request: Request<proto::ListAuditEventsRequest>,
+    ) -> Result<Response<proto::ListAuditEventsResponse>, Status> {
+        let (span, actor) = self.authorize(&request).await?;
+        let q = request.into_inner();
+        let some = |s: String| (!s.is_empty()).then_some(s);
+        if q.page_token.len() > 64 {
+            return Err(status::invalid("page_token is not one this server gave"));
+        }
+        let query = crate::store::AuditQuery {
+            tenant: some(q.tenant),
+            key_id: some(q.key_id),
+            actor: some(q.actor),
+            env: None,
+            before: some(q.page_token),
+            limit: if q.page_size == 0 { 100 } else { q.page_size as usize },
+        };
+        let (events, next) =
+            self.admin.audit_events(query, &actor).instrument(span).await.map_err(|e| status::from_admin(&e))?;
+        Ok(Response::new(proto::ListAuditEventsResponse {
+            events: events
+                .into_iter()
+                .map(|e| proto::AuditEvent {
+                    id: e.id,
+                    at: e.at,
+                    actor: e.actor,
+                    peer: e.peer,
+                    action: e.action,
+                    key_id: e.key_id,
+                    tenant: e.tenant,
+                    env: e.env,
+                    fields: e.fields,
+                })
+                .collect(),
+            next_page_token: next.unwrap_or_default(),
         }))
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
+use super::{AUDIT_MAXLEN, AUDIT_SCAN_LIMIT, AuditEvent, AuditQuery, audit_matches};
 use super::{
     FEED_CAPACITY, FeedEvent, KeyRecord, KeyStore, ListPage, ListQuery, StoreError, StoredSigningKey, TenantPolicy,
     page_token,
@@ -24,6 +25,7 @@ pub struct MemoryStore {
     last_used: Mutex<HashMap<KeyId, i64>>,
     tenants: Mutex<HashMap<String, TenantPolicy>>,
     signing: Mutex<Vec<StoredSigningKey>>,
+    audit: Mutex<(u64, std::collections::VecDeque<AuditEvent>)>,
     feed: broadcast::Sender<FeedEvent>,
     calls: AtomicU64,
     failing: std::sync::atomic::AtomicBool,
@@ -45,6 +47,7 @@ impl MemoryStore {
             last_used: Mutex::default(),
             tenants: Mutex::default(),
             signing: Mutex::default(),
+            audit: Mutex::default(),
             feed,
             calls: AtomicU64::new(0),
             failing: Default::default(),
@@ -200,6 +203,35 @@ impl KeyStore for MemoryStore {
         }
         let _ = self.feed.send(FeedEvent::TenantChanged(policy.tenant.clone()));
         Ok(())
+    }
+
+    async fn append_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
+        drop(self.enter()?);
+        let mut audit = self.audit.lock().unwrap_or_else(|e| e.into_inner());
+        audit.0 += 1;
+        let mut e = event.clone();
+        e.id = format!("{:020}", audit.0);
+        audit.1.push_back(e);
+        if audit.1.len() > AUDIT_MAXLEN {
+            audit.1.pop_front();
+        }
+        Ok(())
+    }
+
+    async fn list_audit(&self, query: &AuditQuery) -> Result<(Vec<AuditEvent>, Option<String>), StoreError> {
+        drop(self.enter()?);
+        let audit = self.audit.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for (scanned, e) in audit.1.iter().rev().filter(|e| query.before.as_ref().is_none_or(|b| &e.id < b)).enumerate()
+        {
+            if audit_matches(e, query) {
+                out.push(e.clone());
+            }
+            if out.len() == query.limit || scanned + 1 >= AUDIT_SCAN_LIMIT {
+                return Ok((out, Some(e.id.clone())));
+            }
+        }
+        Ok((out, None))
     }
 
     async fn signing_keys(&self) -> Result<Vec<StoredSigningKey>, StoreError> {

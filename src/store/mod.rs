@@ -14,7 +14,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
-pub use record::{KeyRecord, StoredSigningKey, TenantPolicy};
+pub use record::{AuditEvent, AuditQuery, KeyRecord, StoredSigningKey, TenantPolicy};
 
 pub use crate::limit::RateLimitPolicy;
 
@@ -129,6 +129,13 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Replaces a tenant's policy (no limits = none) and announces it.
     async fn set_tenant_policy(&self, policy: &TenantPolicy) -> Result<(), StoreError>;
 
+    /// Keeps an audit event (the store bounds how many it keeps).
+    async fn append_audit(&self, event: &AuditEvent) -> Result<(), StoreError>;
+
+    /// Audit events matching `query`, newest first, and the token of the
+    /// next page.
+    async fn list_audit(&self, query: &AuditQuery) -> Result<(Vec<AuditEvent>, Option<String>), StoreError>;
+
     /// The token signing keys, oldest first.
     async fn signing_keys(&self) -> Result<Vec<StoredSigningKey>, StoreError>;
 
@@ -147,6 +154,19 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Whether the feed is connected right now (a subscriber that joins
     /// late learns the state here, then follows Connected/Disconnected).
     fn feed_is_live(&self) -> bool;
+}
+
+/// Audit events kept (about: Redis trims its stream approximately).
+pub const AUDIT_MAXLEN: usize = 100_000;
+/// Longest a listing scans for one page of audit events when filters skip.
+pub const AUDIT_SCAN_LIMIT: usize = 10_000;
+
+/// Whether `e` passes `q`'s filters.
+pub fn audit_matches(e: &AuditEvent, q: &AuditQuery) -> bool {
+    q.tenant.as_ref().is_none_or(|t| &e.tenant == t)
+        && q.key_id.as_ref().is_none_or(|k| &e.key_id == k)
+        && q.actor.as_ref().is_none_or(|a| &e.actor == a)
+        && q.env.as_ref().is_none_or(|v| &e.env == v)
 }
 
 /// Capacity of the in-process feed channels. A receiver that lags this far

@@ -86,6 +86,46 @@ impl std::fmt::Debug for StoredSigningKey {
     }
 }
 
+/// One admin mutation, as kept for `ListAuditEvents` (README, "Audit"):
+/// who, what, when; never a secret.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// Set by the store (its order: newer events have greater ids).
+    #[serde(default, skip_serializing)]
+    pub id: String,
+    /// Unix seconds.
+    pub at: i64,
+    /// The acting admin key's id, or `keystile` for the deployment itself.
+    pub actor: String,
+    /// The admin's transport address, when known.
+    #[serde(default)]
+    pub peer: String,
+    /// `create`, `update`, `revoke`, `rotate`, `disable`, `enable`,
+    /// `delete`, `set_tenant_policy`, `set_tier`.
+    pub action: String,
+    #[serde(default)]
+    pub key_id: String,
+    #[serde(default)]
+    pub tenant: String,
+    #[serde(default)]
+    pub env: String,
+    /// What changed: field names, or `name=value` for non-secret values.
+    #[serde(default)]
+    pub fields: Vec<String>,
+}
+
+/// Filters and paging for audit events, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub tenant: Option<String>,
+    pub key_id: Option<String>,
+    pub actor: Option<String>,
+    pub env: Option<String>,
+    /// Events older than this id.
+    pub before: Option<String>,
+    pub limit: usize,
+}
+
 /// A tenant's named limits (README, "Rate limits"): one per API type,
 /// shared or per key as each says.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

@@ -13,7 +13,8 @@
 //! - `<ns>:tenant:<tenant>` — a tenant's policy (JSON), in the partition of
 //!   the tenant's name
 //!
-//! Outside partitions: `<ns>:signing_keys` (token signing keys, the private
+//! Outside partitions: `<ns>:audit` (admin mutations, a stream trimmed to
+//! about [`AUDIT_MAXLEN`]), `<ns>:signing_keys` (token signing keys, the private
 //! halves sealed under the pepper), `<ns>:lim:<bucket>` (one shared rate-limit bucket,
 //! [`buckets`]) and `<ns>:replicas` (the live sidecars, for the fallback's
 //! local share).
@@ -36,6 +37,7 @@ use redis::AsyncCommands;
 use tokio::sync::broadcast;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use super::{AUDIT_MAXLEN, AUDIT_SCAN_LIMIT, AuditEvent, AuditQuery, audit_matches};
 use super::{
     FEED_CAPACITY, FeedEvent, KeyRecord, KeyStore, ListPage, ListQuery, StoreError, StoredSigningKey, TenantPolicy,
     page_token,
@@ -105,6 +107,10 @@ impl Layout {
     /// buckets spread over the shards.
     fn bucket(&self, name: &str) -> String {
         format!("{}:lim:{name}", self.ns)
+    }
+    /// Audit events: one capped stream.
+    fn audit(&self) -> String {
+        format!("{}:audit", self.ns)
     }
     /// The token signing keys: a hash kid → JSON.
     fn signing_keys(&self) -> String {
@@ -422,6 +428,58 @@ impl KeyStore for RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    async fn append_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let json = serde_json::to_string(event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let _: String = redis::cmd("XADD")
+            .arg(self.keys.audit())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(AUDIT_MAXLEN)
+            .arg("*")
+            .arg("e")
+            .arg(json)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn list_audit(&self, query: &AuditQuery) -> Result<(Vec<AuditEvent>, Option<String>), StoreError> {
+        let mut conn = self.conn.clone();
+        let mut out = Vec::new();
+        let mut before = query.before.clone();
+        let mut scanned = 0;
+        loop {
+            let end = before.as_ref().map_or("+".to_string(), |b| format!("({b}"));
+            let batch: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+                .arg(self.keys.audit())
+                .arg(&end)
+                .arg("-")
+                .arg("COUNT")
+                .arg(500)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if batch.ids.is_empty() {
+                return Ok((out, None));
+            }
+            for entry in &batch.ids {
+                scanned += 1;
+                before = Some(entry.id.clone());
+                let Some(json) = entry.get::<String>("e") else { continue };
+                let mut e: AuditEvent = serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                e.id = entry.id.clone();
+                if audit_matches(&e, query) {
+                    out.push(e);
+                }
+                if out.len() == query.limit || scanned >= AUDIT_SCAN_LIMIT {
+                    return Ok((out, before));
+                }
+            }
+        }
     }
 
     async fn signing_keys(&self) -> Result<Vec<StoredSigningKey>, StoreError> {

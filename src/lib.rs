@@ -25,8 +25,9 @@
 //!   (`token/exchange.rs`).
 //! - [`auth`]: a presented credential authenticated for a purpose (admin,
 //!   exchange), failures counted by transport peer, apart from Verify's.
-//! - [`admin`]: key lifecycle and the validation of every field, within
-//!   what the acting admin key may manage.
+//! - [`admin`]: key lifecycle, tenant policies and tiers, the validation of
+//!   every field, within what the acting admin key may manage, and the
+//!   audit trail of every mutation.
 //! - [`scope`]: what a granted scope (or `resource:*` pattern) satisfies.
 //! - [`cache`]: the moka cache with positive, negative and stale entries and
 //!   the generation fence against fill-after-revoke.

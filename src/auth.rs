@@ -98,38 +98,17 @@ impl Authenticator {
         // Any admin scope admits (keys:read reads only); the engine checks
         // the rest: state, IP allowlist, the key's own rate limit.
         let request = Request { ip: peer, mode: Mode::Admin, ..Request::of_key(key) };
-        let verdict = self
-            .engine
-            .verify_with(&request, self.shedder.as_ref())
-            .await
-            .map_err(|e| AuthError::Unavailable(e.to_string()))?;
-        match verdict.outcome {
-            Outcome::Valid => {
-                let key = verdict.key.expect("a valid verdict names its key");
-                let actor = match purpose {
-                    Purpose::Admin => crate::admin::Actor::of_key(&key.record, self.allow_star_scope),
-                };
-                match actor {
-                    Some(actor) => Ok(Principal { key, actor }),
-                    None => Err(AuthError::PermissionDenied(
-                        "the key holds no admin scope (keystile:admin, keys:write or keys:read)",
-                    )),
-                }
-            }
-            Outcome::InsufficientScope => Err(AuthError::PermissionDenied("the key lacks the keystile:admin scope")),
-            Outcome::IpNotAllowed | Outcome::TenantMismatch => {
-                Err(AuthError::PermissionDenied("the admin key may not be used from this address"))
-            }
-            Outcome::RateLimited => Err(AuthError::RateLimited),
-            Outcome::TooManyFailedAttempts => Err(AuthError::TooManyFailedAttempts(
-                verdict.rate.map_or(60, |r| r.state.retry_after_ms.div_ceil(1000).max(1)),
+        let verdict =
+            self.valid(&request, "the key lacks the keystile:admin scope", "the key is not a valid admin key").await?;
+        let key = verdict.key.expect("a valid verdict names its key");
+        let actor = match purpose {
+            Purpose::Admin => crate::admin::Actor::of_key(&key.record, self.allow_star_scope),
+        };
+        match actor {
+            Some(actor) => Ok(Principal { key, actor }),
+            None => Err(AuthError::PermissionDenied(
+                "the key holds no admin scope (keystile:admin, keys:write or keys:read)",
             )),
-            Outcome::Malformed
-            | Outcome::NotFound
-            | Outcome::Revoked
-            | Outcome::Expired
-            | Outcome::Disabled
-            | Outcome::ExchangeOnly => Err(AuthError::Unauthenticated("the key is not a valid admin key")),
         }
     }
 
@@ -147,17 +126,28 @@ impl Authenticator {
         let scopes = [crate::token::exchange::EXCHANGE_SCOPE.to_string()];
         let request =
             Request { ip: peer, scopes: &scopes, mode: Mode::Exchange, owner_email: email, ..Request::of_key(secret) };
+        let verdict = self.valid(&request, "the key lacks the token:exchange scope", "the key is not valid").await?;
+        let granted = verdict.granted_scopes().to_vec();
+        Ok((verdict.key.expect("a valid verdict names its key"), granted))
+    }
+
+    /// The engine's verdict on `request`, failures counted by peer; any
+    /// verdict but VALID as the error a credential gets (`no_scope` when it
+    /// lacks the purpose's scope, `invalid` when it is no valid key).
+    async fn valid(
+        &self,
+        request: &Request<'_>,
+        no_scope: &'static str,
+        invalid: &'static str,
+    ) -> Result<crate::verdict::Verdict, AuthError> {
         let verdict = self
             .engine
-            .verify_with(&request, self.shedder.as_ref())
+            .verify_with(request, self.shedder.as_ref())
             .await
             .map_err(|e| AuthError::Unavailable(e.to_string()))?;
         match verdict.outcome {
-            Outcome::Valid => {
-                let granted = verdict.granted_scopes().to_vec();
-                Ok((verdict.key.expect("a valid verdict names its key"), granted))
-            }
-            Outcome::InsufficientScope => Err(AuthError::PermissionDenied("the key lacks the token:exchange scope")),
+            Outcome::Valid => Ok(verdict),
+            Outcome::InsufficientScope => Err(AuthError::PermissionDenied(no_scope)),
             Outcome::IpNotAllowed | Outcome::TenantMismatch => {
                 Err(AuthError::PermissionDenied("the key may not be used from this address"))
             }
@@ -165,7 +155,12 @@ impl Authenticator {
             Outcome::TooManyFailedAttempts => Err(AuthError::TooManyFailedAttempts(
                 verdict.rate.map_or(60, |r| r.state.retry_after_ms.div_ceil(1000).max(1)),
             )),
-            _ => Err(AuthError::Unauthenticated("the key is not valid")),
+            Outcome::Malformed
+            | Outcome::NotFound
+            | Outcome::Revoked
+            | Outcome::Expired
+            | Outcome::Disabled
+            | Outcome::ExchangeOnly => Err(AuthError::Unauthenticated(invalid)),
         }
     }
 

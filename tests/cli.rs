@@ -177,6 +177,8 @@ fn configuration_errors_are_all_reported_before_binding() {
             "Integration=1/1s",
             "--limit-slack",
             "2",
+            "--limit-lease-idle",
+            "50ms",
         ])
         .env_remove("KEYSTILE_PEPPER")
         .output()
@@ -190,7 +192,7 @@ fn configuration_errors_are_all_reported_before_binding() {
         "--limit: limit name",
         "--limit-slack",
         "pepper is required",
-        "6 problems",
+        "7 problems",
     ] {
         assert!(err.contains(needle), "{needle:?} in {err}");
     }

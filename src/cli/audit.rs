@@ -8,7 +8,6 @@ use super::keys::admin_bearer;
 use super::output::{self, Format, when};
 use super::{CliError, ServerArgs};
 use keystile::proto;
-use keystile::proto::key_admin_client::KeyAdminClient;
 
 #[derive(Debug, Args)]
 pub struct AuditArgs {
@@ -39,10 +38,7 @@ pub struct AuditArgs {
 pub async fn run(args: AuditArgs) -> Result<(), CliError> {
     let bearer = admin_bearer(args.admin_key.as_ref())?;
     let channel = args.server.connect(true).await?;
-    let mut client = KeyAdminClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-        req.metadata_mut().insert("authorization", bearer.clone());
-        Ok(req)
-    });
+    let mut client = super::admin_client(channel, bearer);
     let resp = client
         .list_audit_events(proto::ListAuditEventsRequest {
             tenant: args.tenant.unwrap_or_default(),

@@ -16,7 +16,6 @@ use super::output::{self, Format, print_record, print_table, record_json, state_
 use super::{CliError, ServerArgs, exit};
 use keystile::limit::{LimitSpec, RateLimitPolicy};
 use keystile::proto;
-use keystile::proto::key_admin_client::KeyAdminClient;
 
 #[derive(Debug, Args)]
 pub struct KeysArgs {
@@ -284,10 +283,7 @@ pub async fn run(args: KeysArgs) -> Result<(), CliError> {
     let bearer = admin_bearer(args.admin_key.as_ref())?;
     let prepared = prepare(args.command)?;
     let channel = args.server.connect(true).await?;
-    let mut client = KeyAdminClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-        req.metadata_mut().insert("authorization", bearer.clone());
-        Ok(req)
-    });
+    let mut client = super::admin_client(channel, bearer);
     let quiet = args.quiet;
     match prepared {
         Prepared::Create(req) => {

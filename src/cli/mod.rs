@@ -206,6 +206,34 @@ pub fn deployment_store(
     Ok((opened, where_))
 }
 
+/// A key given on the command line: `-` reads it from stdin (so that it
+/// stays out of the process list).
+pub fn key_argument(key: &keystile::secret::Secret) -> Result<String, CliError> {
+    if key.expose() != "-" {
+        return Ok(key.expose().to_string());
+    }
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).map_err(|e| CliError::usage(format!("reading the key from stdin: {e}")))?;
+    Ok(line.trim().to_string())
+}
+
+/// The interceptor every KeyAdmin client of the CLI sends its admin key with.
+pub type AdminAuth = Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send + Sync>;
+
+/// A KeyAdmin client on `channel` that sends `bearer` with every call.
+pub fn admin_client(
+    channel: Channel,
+    bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+) -> keystile::proto::key_admin_client::KeyAdminClient<
+    tonic::service::interceptor::InterceptedService<Channel, AdminAuth>,
+> {
+    let auth: AdminAuth = Box::new(move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", bearer.clone());
+        Ok(req)
+    });
+    keystile::proto::key_admin_client::KeyAdminClient::with_interceptor(channel, auth)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

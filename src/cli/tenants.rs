@@ -10,7 +10,6 @@ use super::output::{self, Format, limit_json, limit_text};
 use super::{CliError, ServerArgs};
 use keystile::limit::{LimitFallback, LimitScope, LimitSpec};
 use keystile::proto;
-use keystile::proto::key_admin_client::KeyAdminClient;
 
 #[derive(Debug, Args)]
 pub struct TenantsArgs {
@@ -102,10 +101,7 @@ pub async fn run(args: TenantsArgs) -> Result<(), CliError> {
         TenantsCommand::Get { .. } | TenantsCommand::SetTier { .. } | TenantsCommand::Tiers { .. } => None,
     };
     let channel = args.server.connect(true).await?;
-    let mut client = KeyAdminClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-        req.metadata_mut().insert("authorization", bearer.clone());
-        Ok(req)
-    });
+    let mut client = super::admin_client(channel, bearer);
     let deployment = |t: &str| if t == "-" { String::new() } else { t.to_string() };
     let tier_json = |t: &proto::Tier| json!({"tenant": t.tenant, "name": t.name, "scopes": t.scopes});
     let print_tier = |t: &proto::Tier| {

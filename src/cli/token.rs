@@ -51,15 +51,7 @@ pub struct ExchangeArgs {
 
 pub async fn run(args: TokenArgs) -> Result<(), CliError> {
     let TokenCommand::Exchange(a) = args.command;
-    let secret = if a.key.expose() == "-" {
-        let mut line = String::new();
-        std::io::stdin()
-            .read_line(&mut line)
-            .map_err(|e| CliError::usage(format!("reading the key from stdin: {e}")))?;
-        line.trim().to_string()
-    } else {
-        a.key.expose().to_string()
-    };
+    let secret = super::key_argument(&a.key)?;
     let ttl_seconds = match &a.ttl {
         Some(t) => {
             let d = humantime::parse_duration(t).map_err(|e| CliError::usage(format!("--ttl {t:?}: {e}")))?;

@@ -46,15 +46,7 @@ pub async fn run(args: VerifyArgs) -> Result<(), CliError> {
     let format = if args.json { Format::Json } else { args.output };
     // The key goes in the request body; the usual refusal of plaintext to
     // a remote server applies to it as to an admin key.
-    let key = if args.key.expose() == "-" {
-        let mut line = String::new();
-        std::io::stdin()
-            .read_line(&mut line)
-            .map_err(|e| CliError::usage(format!("reading the key from stdin: {e}")))?;
-        line.trim().to_string()
-    } else {
-        args.key.expose().to_string()
-    };
+    let key = super::key_argument(&args.key)?;
     let channel = args.server.connect(true).await?;
     let request = proto::VerifyRequest {
         key,

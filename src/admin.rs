@@ -14,7 +14,7 @@ pub use crate::auth::ADMIN_SCOPE;
 use crate::clock::Clock;
 use crate::engine::EngineSettings;
 use crate::engine::source::RecordSource;
-use crate::key::{Env, FullKey, KeyFormat, KeyId, PepperSet, generate};
+use crate::key::{Env, FullKey, KeyFormat, KeyId, KeyKind, PepperSet, generate_kind};
 use crate::limit::named::{self, LimitSpec};
 use crate::limit::{Limiter, RateLimitPolicy};
 use crate::store::{AuditEvent, AuditQuery, TenantPolicy};
@@ -85,6 +85,10 @@ pub struct KeySpec {
     pub exchange_only: bool,
     /// Tiers the key holds (README, "Tiers").
     pub tiers: Vec<String>,
+    /// Secret (the default), publishable or restricted (README, "Key kinds").
+    pub kind: KeyKind,
+    /// Publishable keys only: the browser origins it answers for.
+    pub allowed_origins: Vec<String>,
 }
 
 /// Changes to a key; `None` leaves a field as it is.
@@ -105,6 +109,9 @@ pub struct KeyPatch {
     pub exchange_only: Option<bool>,
     /// Replaces the key's tiers (`Some(vec![])` removes them).
     pub tiers: Option<Vec<String>>,
+    /// Replaces a publishable key's origin allowlist (`Some(vec![])`
+    /// removes it).
+    pub allowed_origins: Option<Vec<String>>,
 }
 
 impl KeyPatch {
@@ -120,6 +127,7 @@ impl KeyPatch {
             && self.owner.is_none()
             && self.exchange_only.is_none()
             && self.tiers.is_none()
+            && self.allowed_origins.is_none()
     }
 }
 
@@ -314,6 +322,8 @@ impl Admin {
         }
         problems.extend(named::list_problems(&spec.limits));
         check_tier_names(&spec.tiers, &mut problems);
+        let allowed_origins = crate::origin::check(&spec.allowed_origins, &mut problems);
+        check_kind(spec.kind, &scopes, &spec.tiers, &allowed_origins, spec.exchange_only, &mut problems);
         check_metadata(&spec.metadata, &mut problems);
         if let Some(at) = spec.expires_at
             && at <= now
@@ -336,6 +346,8 @@ impl Admin {
             expires_at: spec.expires_at,
             exchange_only: spec.exchange_only,
             tiers: spec.tiers,
+            kind: spec.kind,
+            allowed_origins,
         };
         let minted = self.mint(env, fields, now).await?;
         self.audit(actor, "create", Some(&minted.record), &[]).await;
@@ -346,13 +358,15 @@ impl Admin {
         let format = &self.format;
         // A key_id collision is astronomically unlikely (62^8); retry anyway.
         for _ in 0..3 {
-            let new = generate(format, env);
+            let new = generate_kind(format, env, fields.kind);
             let presented = format.parse(new.key.expose()).expect("a generated key parses");
             let secret_hash = self.peppers.seal(new.key_id, presented.secret());
             let record = KeyRecord {
                 key_id: new.key_id,
-                prefix: format.primary_prefix().to_string(),
+                prefix: format.prefix_for(fields.kind).to_string(),
                 secret_hash,
+                kind: fields.kind,
+                allowed_origins: fields.allowed_origins.clone(),
                 name: fields.name.clone(),
                 env,
                 tenant: fields.tenant.clone(),
@@ -369,6 +383,7 @@ impl Admin {
                 expires_at: fields.expires_at,
                 revoked_at: None,
                 last_used_at: None,
+                usage: Vec::new(),
                 version: 1,
             };
             match self.store.create(&record).await {
@@ -389,6 +404,7 @@ impl Admin {
         let mut record = self.store.get(id).await?.ok_or(AdminError::NotFound(id))?;
         actor.manages(&record)?;
         record.last_used_at = self.store.last_used(id).await?;
+        record.usage = crate::engine::usage::last_day(self.store.as_ref(), id, self.now()).await?;
         Ok(record)
     }
 
@@ -467,6 +483,7 @@ impl Admin {
         if let Some(t) = &patch.tiers {
             check_tier_names(t, &mut problems);
         }
+        let origins = patch.allowed_origins.as_deref().map(|o| crate::origin::check(o, &mut problems));
         if let Some(m) = &patch.metadata {
             check_metadata(m, &mut problems);
         }
@@ -490,6 +507,7 @@ impl Admin {
             ("owner", patch.owner.is_some()),
             ("exchange_only", patch.exchange_only.is_some()),
             ("tiers", patch.tiers.is_some()),
+            ("allowed_origins", patch.allowed_origins.is_some()),
         ]
         .into_iter()
         .filter(|(_, set)| *set)
@@ -532,6 +550,15 @@ impl Admin {
                 }
                 if let Some(o) = &owner {
                     r.owner = o.clone();
+                }
+                if let Some(o) = &origins {
+                    r.allowed_origins = o.clone();
+                }
+                // The kind's rules hold for the key as it now stands.
+                let mut problems = Vec::new();
+                check_kind(r.kind, &r.scopes, &r.tiers, &r.allowed_origins, r.exchange_only, &mut problems);
+                if !problems.is_empty() {
+                    return Err(AdminError::Invalid(problems));
                 }
                 Ok(())
             })
@@ -625,6 +652,8 @@ impl Admin {
             expires_at: old.expires_at,
             exchange_only: old.exchange_only,
             tiers: old.tiers.clone(),
+            kind: old.kind,
+            allowed_origins: old.allowed_origins.clone(),
         };
         let minted = self.mint(old.env, fields, now).await?;
         let end = now.saturating_add(grace as i64);
@@ -923,6 +952,52 @@ struct RecordFields {
     expires_at: Option<i64>,
     exchange_only: bool,
     tiers: Vec<String>,
+    kind: KeyKind,
+    allowed_origins: Vec<String>,
+}
+
+/// What each kind of key may hold (README, "Key kinds"): a publishable key
+/// only `public:` scopes and no tiers, nor exchange; a restricted key an
+/// explicit list of scopes, no patterns and no tiers; origins belong to
+/// publishable keys.
+fn check_kind(
+    kind: KeyKind,
+    scopes: &[String],
+    tiers: &[String],
+    origins: &[String],
+    exchange_only: bool,
+    problems: &mut Vec<String>,
+) {
+    match kind {
+        KeyKind::Publishable => {
+            if let Some(s) = scopes.iter().find(|s| !crate::scope::is_public(s)) {
+                problems.push(format!(
+                    "a publishable key holds only scopes under \"public:\" (it may be seen by anyone); {s:?} is not"
+                ));
+            }
+            if !tiers.is_empty() {
+                problems.push("a publishable key holds no tiers; give it public: scopes".to_string());
+            }
+            if exchange_only {
+                problems.push("a publishable key cannot be exchange-only: it is never exchanged".to_string());
+            }
+        }
+        KeyKind::Restricted => {
+            if scopes.is_empty() {
+                problems.push("a restricted key needs an explicit list of scopes".to_string());
+            }
+            if let Some(s) = scopes.iter().find(|s| s.contains('*')) {
+                problems.push(format!("a restricted key lists its scopes one by one; {s:?} is a pattern"));
+            }
+            if !tiers.is_empty() {
+                problems.push("a restricted key holds no tiers; list its scopes".to_string());
+            }
+        }
+        KeyKind::Secret => {}
+    }
+    if kind != KeyKind::Publishable && !origins.is_empty() {
+        problems.push("allowed_origins is for publishable keys only".to_string());
+    }
 }
 
 fn parse_id(id: &str) -> Result<KeyId, AdminError> {

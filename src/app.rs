@@ -54,7 +54,7 @@ impl App {
             (Some(fleet), Some(shared)) => FleetLimiter::start(shared, fleet, clock.clone()),
             _ => Arc::new(LocalLimiter::new(clock.clone())),
         };
-        let usage = Arc::new(UsageBatcher::new(store.clone(), metrics.clone()));
+        let usage = Arc::new(UsageBatcher::new(store.clone(), metrics.clone(), clock.clone()));
         let tokens = settings.tokens.clone().map(|t| {
             Arc::new(
                 Tokens::new(t, settings.peppers.clone(), store.clone(), clock.clone())

@@ -148,7 +148,7 @@ impl Authenticator {
         match verdict.outcome {
             Outcome::Valid => Ok(verdict),
             Outcome::InsufficientScope => Err(AuthError::PermissionDenied(no_scope)),
-            Outcome::IpNotAllowed | Outcome::TenantMismatch => {
+            Outcome::IpNotAllowed | Outcome::TenantMismatch | Outcome::OriginNotAllowed => {
                 Err(AuthError::PermissionDenied("the key may not be used from this address"))
             }
             Outcome::RateLimited => Err(AuthError::RateLimited),

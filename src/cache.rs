@@ -34,12 +34,26 @@ pub struct CachedKey {
     pub tenant_tag: Option<crate::limit::TenantTag>,
     /// The last unix second this key verified on this sidecar.
     pub last_touch: std::sync::atomic::AtomicI64,
+    /// Verdicts since the last usage flush, by outcome discriminant.
+    pub counts: [std::sync::atomic::AtomicU32; OUTCOMES],
+    /// The unix second the key last registered for a usage flush (0 = not
+    /// registered).
+    pub counted_at: std::sync::atomic::AtomicI64,
 }
+
+/// How many outcomes a key's usage counts keep apart (`verdict::Outcome`).
+pub const OUTCOMES: usize = 13;
 
 impl CachedKey {
     pub fn new(record: KeyRecord) -> CachedKey {
         let tenant_tag = (!record.tenant.is_empty()).then(|| crate::limit::tenant_tag(&record.tenant));
-        CachedKey { record, tenant_tag, last_touch: std::sync::atomic::AtomicI64::new(0) }
+        CachedKey {
+            record,
+            tenant_tag,
+            last_touch: std::sync::atomic::AtomicI64::new(0),
+            counts: Default::default(),
+            counted_at: std::sync::atomic::AtomicI64::new(0),
+        }
     }
 }
 

@@ -98,6 +98,13 @@ pub struct ServeArgs {
     /// Accepted key prefixes; the first one is used for new keys.
     #[arg(long = "key-prefix", env = "KEYSTILE_KEY_PREFIXES", value_delimiter = ',', default_value = "ks")]
     pub key_prefixes: Vec<String>,
+    /// Publishable keys' prefixes (site keys, README "Key kinds"); the first
+    /// is used for new ones. Default kp.
+    #[arg(long = "publishable-key-prefix", env = "KEYSTILE_PUBLISHABLE_KEY_PREFIXES", value_delimiter = ',')]
+    pub publishable_key_prefixes: Vec<String>,
+    /// Restricted keys' prefixes; the first is used for new ones. Default kr.
+    #[arg(long = "restricted-key-prefix", env = "KEYSTILE_RESTRICTED_KEY_PREFIXES", value_delimiter = ',')]
+    pub restricted_key_prefixes: Vec<String>,
     /// Accepted key environments.
     #[arg(long, env = "KEYSTILE_ACCEPT_ENVS", value_delimiter = ',', default_value = "live,test")]
     pub accept_envs: Vec<String>,
@@ -172,7 +179,7 @@ pub struct ServeArgs {
     /// How long in-flight calls may take to finish on SIGTERM.
     #[arg(long, env = "KEYSTILE_SHUTDOWN_GRACE", default_value = "10s")]
     pub shutdown_grace: String,
-    /// How often last-used timestamps are written to the store.
+    /// How often last-used timestamps and usage counts are written to the store.
     #[arg(long, env = "KEYSTILE_LAST_USED_FLUSH", default_value = "10s")]
     pub last_used_flush: String,
     /// Runtime worker threads (default: the CPUs available to the process).
@@ -579,14 +586,22 @@ impl ServeArgs {
         }
         // An env that failed to parse is reported once, above.
         let checked_envs = if envs.len() == self.accept_envs.len() { envs } else { Env::ALL.to_vec() };
-        let format =
-            match KeyFormat::new(self.key_prefixes.iter().map(|p| p.trim().to_string()).collect(), &checked_envs) {
+        let trimmed = |l: &[String]| l.iter().map(|p| p.trim().to_string()).collect::<Vec<_>>();
+        let format = match KeyFormat::new(trimmed(&self.key_prefixes), &checked_envs) {
+            Ok(f) => match f
+                .with_kind_prefixes(trimmed(&self.publishable_key_prefixes), trimmed(&self.restricted_key_prefixes))
+            {
                 Ok(f) => Some(f),
                 Err(es) => {
-                    errors.extend(es.into_iter().map(|e| format!("--key-prefix/--accept-envs: {e}")));
+                    errors.extend(es.into_iter().map(|e| format!("key prefixes: {e}")));
                     None
                 }
-            };
+            },
+            Err(es) => {
+                errors.extend(es.into_iter().map(|e| format!("--key-prefix/--accept-envs: {e}")));
+                None
+            }
+        };
         let default_rate_limit = match &self.default_rate_limit {
             None => None,
             Some(s) if s.trim().is_empty() || s == "none" => None,

@@ -64,6 +64,7 @@ pub mod http;
 pub mod key;
 pub mod limit;
 pub mod metrics;
+pub mod origin;
 pub mod proto;
 pub mod scope;
 pub mod secret;

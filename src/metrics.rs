@@ -31,7 +31,7 @@ pub fn install(addr: SocketAddr) -> Result<(), String> {
 /// The engine's instruments.
 #[derive(Clone)]
 pub struct Metrics {
-    verdicts: [Counter; 12],
+    verdicts: [Counter; Outcome::ALL.len()],
     pub verify_seconds: Histogram,
     pub verify_unavailable: Counter,
     pub limiter_unavailable: Counter,
@@ -43,6 +43,7 @@ pub struct Metrics {
     pub store_timeouts: Counter,
     pub store_errors: Counter,
     pub last_used_writes: Counter,
+    pub usage_writes: Counter,
     pub feed_events_key: Counter,
     pub feed_events_all: Counter,
     pub feed_reconnects: Counter,
@@ -76,6 +77,7 @@ impl Metrics {
             store_timeouts: counter!("keystile_store_errors_total", "kind" => "timeout"),
             store_errors: counter!("keystile_store_errors_total", "kind" => "unavailable"),
             last_used_writes: counter!("keystile_store_requests_total", "op" => "touch_last_used"),
+            usage_writes: counter!("keystile_store_requests_total", "op" => "add_usage"),
             feed_events_key: counter!("keystile_revocation_events_total", "scope" => "key"),
             feed_events_all: counter!("keystile_revocation_events_total", "scope" => "all"),
             feed_reconnects: counter!("keystile_feed_reconnects_total"),

@@ -24,6 +24,16 @@ pub fn all_granted(granted: &[String], wanted: &[String], allow_star: bool) -> b
     wanted.iter().all(|w| granted.iter().any(|g| grants(g, w, allow_star)))
 }
 
+/// Whether a requested scope is one a publishable key may answer for
+/// (README, "Key kinds"): `public:` and something after it.
+#[inline]
+pub fn is_public(scope: &str) -> bool {
+    scope.len() > PUBLIC.len() && scope.starts_with(PUBLIC)
+}
+
+/// The resource every scope of a publishable key lies under.
+pub const PUBLIC: &str = "public:";
+
 /// Why a granted pattern would never match as written, or `None` when it
 /// is a plain scope or a pattern `grants` honours.
 pub fn pattern_problem(scope: &str, allow_star: bool) -> Option<String> {
@@ -64,6 +74,16 @@ mod tests {
         for (g, w, star, want) in table {
             assert_eq!(grants(g, w, star), want, "{g} grants {w} (star {star})");
         }
+    }
+
+    #[test]
+    fn public_scopes() {
+        assert!(is_public("public:read"));
+        assert!(is_public("public:*"));
+        assert!(!is_public("public:"));
+        assert!(!is_public("public"));
+        assert!(!is_public("publicity:read"));
+        assert!(!is_public("read:public"));
     }
 
     #[test]

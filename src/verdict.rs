@@ -35,11 +35,14 @@ pub enum Outcome {
     /// An exchange-only key presented as a bearer credential (checked after
     /// `Disabled`).
     ExchangeOnly,
+    /// A publishable key with an origin allowlist, asked from another origin
+    /// (or none; checked after `IpNotAllowed`).
+    OriginNotAllowed,
 }
 
 impl Outcome {
     /// Every outcome, indexed by discriminant (metrics keep one counter each).
-    pub const ALL: [Outcome; 12] = [
+    pub const ALL: [Outcome; 13] = [
         Outcome::Valid,
         Outcome::Malformed,
         Outcome::TooManyFailedAttempts,
@@ -52,6 +55,7 @@ impl Outcome {
         Outcome::RateLimited,
         Outcome::Disabled,
         Outcome::ExchangeOnly,
+        Outcome::OriginNotAllowed,
     ];
 
     /// The stable wire error string; empty when valid.
@@ -67,6 +71,7 @@ impl Outcome {
             Outcome::RateLimited => "rate_limited",
             Outcome::Disabled => "disabled_api_key",
             Outcome::ExchangeOnly => "exchange_only_api_key",
+            Outcome::OriginNotAllowed => "origin_not_allowed",
         }
     }
 
@@ -78,7 +83,8 @@ impl Outcome {
             | Outcome::IpNotAllowed
             | Outcome::InsufficientScope
             | Outcome::Disabled
-            | Outcome::ExchangeOnly => 403,
+            | Outcome::ExchangeOnly
+            | Outcome::OriginNotAllowed => 403,
             Outcome::TooManyFailedAttempts | Outcome::RateLimited => 429,
         }
     }
@@ -99,6 +105,7 @@ impl Outcome {
             Outcome::ExchangeOnly => {
                 "The API key may only be exchanged for a token (TokenExchange or POST /v1/auth/token); send the token."
             }
+            Outcome::OriginNotAllowed => "The API key may not be used from this origin.",
         }
     }
 
@@ -117,7 +124,41 @@ impl Outcome {
             Outcome::RateLimited => "rate_limited",
             Outcome::Disabled => "disabled",
             Outcome::ExchangeOnly => "exchange_only",
+            Outcome::OriginNotAllowed => "origin_not_allowed",
         }
+    }
+
+    /// The verdict code's name as the API writes it (`VALID`,
+    /// `RATE_LIMITED`, ...): usage counts are kept under it.
+    pub fn code_name(self) -> &'static str {
+        match self {
+            Outcome::Valid => "VALID",
+            Outcome::Malformed => "MALFORMED",
+            Outcome::TooManyFailedAttempts | Outcome::RateLimited => "RATE_LIMITED",
+            Outcome::NotFound => "NOT_FOUND",
+            Outcome::Revoked => "REVOKED",
+            Outcome::Expired => "EXPIRED",
+            Outcome::TenantMismatch => "TENANT_MISMATCH",
+            Outcome::IpNotAllowed => "IP_NOT_ALLOWED",
+            Outcome::InsufficientScope => "INSUFFICIENT_SCOPE",
+            Outcome::Disabled => "DISABLED",
+            Outcome::ExchangeOnly => "EXCHANGE_ONLY",
+            Outcome::OriginNotAllowed => "ORIGIN_NOT_ALLOWED",
+        }
+    }
+
+    /// The code names a key's usage can hold: the outcomes that identify a
+    /// key (README, "Usage").
+    pub fn usage_codes() -> Vec<&'static str> {
+        let mut codes: Vec<&'static str> = Vec::new();
+        for o in Outcome::ALL {
+            if !matches!(o, Outcome::Malformed | Outcome::NotFound | Outcome::TooManyFailedAttempts)
+                && !codes.contains(&o.code_name())
+            {
+                codes.push(o.code_name());
+            }
+        }
+        codes
     }
 
     /// Whether the caller's address is charged a failed attempt.
@@ -148,6 +189,9 @@ pub struct Request<'a> {
     /// email answers NOT_FOUND unless it matches (README, "Token
     /// exchange"), before anything else can tell a right secret apart.
     pub owner_email: &'a str,
+    /// The browser's `Origin` (`scheme://host[:port]`), for publishable keys
+    /// with an origin allowlist; empty = none.
+    pub origin: &'a str,
 }
 
 /// What a credential is presented as (README, "Token exchange").
@@ -167,11 +211,21 @@ pub enum Mode {
 impl<'a> Request<'a> {
     /// A request with only a key (no address, scopes, tenant or limits).
     pub fn of_key(key: &'a str) -> Request<'a> {
-        Request { key, ip: None, scopes: &[], tenant: "", cost: 1, limits: &[], mode: Mode::Bearer, owner_email: "" }
+        Request {
+            key,
+            ip: None,
+            scopes: &[],
+            tenant: "",
+            cost: 1,
+            limits: &[],
+            mode: Mode::Bearer,
+            owner_email: "",
+            origin: "",
+        }
     }
 }
 
-crate::secret::debug_without_key!(Request<'_>, "Request", [ip, scopes, tenant, cost, limits, mode]);
+crate::secret::debug_without_key!(Request<'_>, "Request", [ip, scopes, tenant, cost, limits, mode, origin]);
 
 /// The state of one named limit a request was counted against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -339,6 +393,13 @@ mod tests {
         let h = headers(&with_limits(Outcome::RateLimited, &denied), 1_700_000_000);
         assert_eq!(h[4], ("ratelimit", "\"export\";r=0;t=6".to_string()));
         assert_eq!(h[5], ("retry-after", "6".to_string()));
+    }
+
+    #[test]
+    fn usage_codes_are_the_identifying_ones() {
+        assert_eq!(Outcome::usage_codes().len(), 10);
+        assert!(!Outcome::usage_codes().contains(&"NOT_FOUND"));
+        assert_eq!(Outcome::ALL.len(), crate::cache::OUTCOMES);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 mod common;
 
 use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 use keystile::proto::Code;
@@ -523,4 +524,74 @@ async fn token_exchange_and_signing_keys_through_the_cli() {
     let doc: serde_json::Value = serde_json::from_slice(&verified.stdout).unwrap();
     assert_eq!(doc["code"], "VALID");
     assert_eq!(exchange("someone@example.com").status.code(), Some(77), "a wrong email is refused");
+}
+
+/// Key kinds with Stripe-style prefixes and usage, as an operator sees them
+/// (README, "Key kinds" and "Usage").
+#[tokio::test]
+async fn key_kinds_and_usage_through_the_cli() {
+    let sidecar = Sidecar::start(
+        &[
+            "--dev",
+            "--key-prefix",
+            "sk",
+            "--publishable-key-prefix",
+            "pk",
+            "--restricted-key-prefix",
+            "rk",
+            "--last-used-flush",
+            "1s",
+        ],
+        &[],
+    );
+    sidecar.wait_ready().await;
+    assert!(sidecar.admin_key.starts_with("sk_live_"));
+    let created = sidecar.keys_json(&[
+        "create",
+        "--name",
+        "storefront",
+        "--kind",
+        "publishable",
+        "--tenant",
+        "shop",
+        "--scope",
+        "public:read",
+        "--allow-origin",
+        "https://shop.example",
+    ]);
+    let site = created["key"].as_str().unwrap().to_string();
+    let id = created["record"]["key_id"].as_str().unwrap().to_string();
+    assert!(site.starts_with("pk_live_"));
+    assert_eq!(created["record"]["kind"], "publishable");
+    assert_eq!(created["record"]["allowed_origins"], serde_json::json!(["https://shop.example"]));
+    let verify = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["verify", "--server", &sidecar.server(), "--json"])
+            .args(args)
+            .env("KEYSTILE_KEY", &site)
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["code"].as_str().unwrap().to_string()
+    };
+    assert_eq!(verify(&["--scope", "public:read", "--origin", "https://shop.example"]), "VALID");
+    assert_eq!(verify(&["--scope", "public:read", "--origin", "https://evil.example"]), "ORIGIN_NOT_ALLOWED");
+    assert_eq!(verify(&["--scope", "orders:write", "--origin", "https://shop.example"]), "INSUFFICIENT_SCOPE");
+
+    let out = sidecar.keys(&["create", "--name", "bad", "--kind", "publishable", "--scope", "orders:write"]);
+    assert_eq!(out.status.code(), Some(65), "refused by the server as invalid");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("public:"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Usage reaches `keys get` after a flush.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = sidecar.keys_json(&["get", &id]);
+        if got["usage"]["VALID"] == 1 && got["usage"]["ORIGIN_NOT_ALLOWED"] == 1 {
+            assert_eq!(got["usage"]["INSUFFICIENT_SCOPE"], serde_json::Value::Null, "refused before any lookup");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "usage never shown: {got}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let table = String::from_utf8(sidecar.keys(&["get", &id]).stdout).unwrap();
+    assert!(table.contains("publishable") && table.contains("VALID 1"), "{table}");
 }

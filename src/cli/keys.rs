@@ -124,6 +124,16 @@ pub struct CreateArgs {
     /// separate with commas.
     #[arg(long = "tier", value_delimiter = ',')]
     pub tiers: Vec<String>,
+    /// secret (server side, the default), publishable (a site key that may
+    /// sit in a browser: public: scopes only) or restricted (an explicit
+    /// scope list).
+    #[arg(long, value_parser = ["secret", "publishable", "restricted"], default_value = "secret")]
+    pub kind: String,
+    /// A browser origin a publishable key answers for
+    /// (https://app.example.com, https://*.example.com); repeat or separate
+    /// with commas. None: any origin.
+    #[arg(long = "allow-origin", visible_alias = "allow-origins", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
     /// Expiry as unix seconds or RFC 3339 (2027-01-01T00:00:00Z).
     #[arg(long, conflicts_with = "expires_in")]
     pub expires_at: Option<String>,
@@ -198,6 +208,10 @@ pub struct UpdateArgs {
     /// Remove the key's tiers.
     #[arg(long)]
     pub clear_tiers: bool,
+    /// Replace a publishable key's allowed origins (repeat or separate with
+    /// commas; "" for any origin).
+    #[arg(long = "allow-origin", visible_alias = "allow-origins", value_delimiter = ',', num_args = 1)]
+    pub allowed_origins: Option<Vec<String>>,
     /// Replace the metadata with these key=value pairs.
     #[arg(long = "meta")]
     pub metadata: Vec<String>,
@@ -509,6 +523,12 @@ fn create_request(c: CreateArgs) -> Result<proto::CreateKeyRequest, CliError> {
         expires_at,
         exchange_only: c.exchange_only,
         tiers: nonempty(c.tiers),
+        kind: match c.kind.as_str() {
+            "publishable" => proto::KeyKind::Publishable,
+            "restricted" => proto::KeyKind::Restricted,
+            _ => proto::KeyKind::Secret,
+        } as i32,
+        allowed_origins: nonempty(c.allowed_origins),
     })
 }
 
@@ -546,6 +566,7 @@ fn update_request(u: UpdateArgs) -> Result<proto::UpdateKeyRequest, CliError> {
         exchange_only: u.exchange_only,
         tiers: nonempty(u.tiers),
         clear_tiers: u.clear_tiers,
+        allowed_origins: u.allowed_origins.map(|s| proto::StringList { values: nonempty(s) }),
     };
     let changes_nothing = req.name.is_none()
         && req.owner.is_none()
@@ -558,12 +579,13 @@ fn update_request(u: UpdateArgs) -> Result<proto::UpdateKeyRequest, CliError> {
         && req.exchange_only.is_none()
         && req.tiers.is_empty()
         && !req.clear_tiers
+        && req.allowed_origins.is_none()
         && req.metadata.is_none()
         && req.expires_at.is_none();
     if changes_nothing {
         return Err(CliError::usage(
             "nothing to change: give at least one of --name, --owner, --scope, --allow-ip, --rate-limit, --clear-rate-limit, \
-             --limit, --clear-limits, --exchange-only, --tier, --clear-tiers, --meta, --clear-metadata, --expires-at, --expires-in, --never-expires",
+             --limit, --clear-limits, --exchange-only, --tier, --clear-tiers, --allow-origin, --meta, --clear-metadata, --expires-at, --expires-in, --never-expires",
         ));
     }
     Ok(req)

@@ -111,7 +111,18 @@ pub fn record_json(r: &proto::KeyRecord) -> Value {
         "exchange_only": r.exchange_only,
         "tiers": r.tiers,
         "limits": r.limits.iter().map(limit_json).collect::<Vec<_>>(),
+        "kind": kind_name(r.kind),
+        "allowed_origins": r.allowed_origins,
+        "usage": r.usage.iter().map(|u| (u.code.clone(), u.count)).collect::<BTreeMap<_, _>>(),
     })
+}
+
+fn kind_name(kind: i32) -> &'static str {
+    match proto::KeyKind::try_from(kind) {
+        Ok(proto::KeyKind::Publishable) => "publishable",
+        Ok(proto::KeyKind::Restricted) => "restricted",
+        _ => "secret",
+    }
 }
 
 /// A named limit as scripts see it.
@@ -164,6 +175,7 @@ pub fn print_record(r: &proto::KeyRecord) {
         ("display prefix", r.display_prefix.clone()),
         ("name", r.name.clone()),
         ("state", state_name(r.state).to_string()),
+        ("kind", kind_name(r.kind).to_string()),
         ("env", r.env.clone()),
         ("tenant", or_dash(&r.tenant)),
         ("owner", or_dash(&r.owner)),
@@ -172,10 +184,15 @@ pub fn print_record(r: &proto::KeyRecord) {
         ("rate limit", rate_text(r)),
         ("tiers", or_dash(&r.tiers.join(","))),
         ("exchange only", if r.exchange_only { "yes".into() } else { "no".into() }),
+        ("origins", or_dash(&r.allowed_origins.join(","))),
         ("limits", or_dash(&r.limits.iter().map(limit_text).collect::<Vec<_>>().join(" "))),
         ("metadata", or_dash(&metadata.join(" "))),
         ("created", when(r.created_at)),
         ("last used", if r.last_used_at == 0 { "never".into() } else { when(r.last_used_at) }),
+        (
+            "usage (24h)",
+            or_dash(&r.usage.iter().map(|u| format!("{} {}", u.code, u.count)).collect::<Vec<_>>().join(", ")),
+        ),
         ("expires", if r.expires_at == 0 { "never".into() } else { when(r.expires_at) }),
         ("revoked", revoked),
         ("version", r.version.to_string()),

@@ -32,6 +32,9 @@ pub struct VerifyArgs {
     /// commas (none: the key's automatic limits).
     #[arg(long = "limit", value_delimiter = ',')]
     pub limits: Vec<String>,
+    /// The browser origin the request comes from (for publishable keys).
+    #[arg(long)]
+    pub origin: Option<String>,
     #[command(flatten)]
     pub server: ServerArgs,
     /// How to print: a summary, or the Verify response as json or yaml.
@@ -55,6 +58,7 @@ pub async fn run(args: VerifyArgs) -> Result<(), CliError> {
         tenant: args.tenant.unwrap_or_default(),
         cost: args.cost,
         limits: args.limits.into_iter().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect(),
+        origin: args.origin.unwrap_or_default(),
     };
     let resp = VerifierClient::new(channel).verify(request).await?.into_inner();
     match format {

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use crate::cache::{CacheSettings, Lookup};
 use crate::clock::Clock;
-use crate::key::{KeyFormat, PepperSet};
+use crate::key::{KeyFormat, KeyKind, PepperSet};
 use crate::limit::LimitName;
 use crate::limit::fleet::FleetSettings;
 use crate::limit::named::{self, LimitSpec};
@@ -139,7 +139,12 @@ impl Engine {
         let outcome = self.decide(req, shedder).await;
         self.metrics.verify_seconds.record(started.elapsed().as_secs_f64());
         match &outcome {
-            Ok(v) => self.metrics.verdict(v.outcome),
+            Ok(v) => {
+                self.metrics.verdict(v.outcome);
+                if let Some(key) = &v.key {
+                    self.usage.count(key, v.outcome, self.clock.unix_seconds());
+                }
+            }
             Err(VerifyError::LimiterUnavailable(_)) => self.metrics.limiter_unavailable.increment(1),
             Err(_) => self.metrics.verify_unavailable.increment(1),
         }
@@ -175,6 +180,15 @@ impl Engine {
                 }
             },
         };
+        // A publishable key answers only for public scopes (README, "Key
+        // kinds"): its kind is in its prefix, so anything else is refused
+        // here, before the cache or the store, whatever the key_id.
+        if let Some(p) = &presented
+            && p.kind == KeyKind::Publishable
+            && (req.mode != Mode::Bearer || !req.scopes.iter().all(|s| crate::scope::is_public(s)))
+        {
+            return Ok(Verdict::bare(Outcome::InsufficientScope));
+        }
         let key_id = match (&presented, &token) {
             (Some(p), _) => p.key_id,
             (None, Some(t)) => t.key_id,
@@ -207,8 +221,12 @@ impl Engine {
         let key = match self.records.lookup(key_id).await? {
             Lookup::Present(key)
                 if match (&presented, &token) {
+                    // The kind too: a publishable key's secret is public, so
+                    // re-prefixed as a secret key it must find nothing.
                     (Some(p), _) => {
-                        key.record.env == p.env && self.peppers.matches(&key.record.secret_hash, p.key_id, p.secret())
+                        key.record.env == p.env
+                            && key.record.kind == p.kind
+                            && self.peppers.matches(&key.record.secret_hash, p.key_id, p.secret())
                     }
                     (None, Some(t)) => key.record.env.as_str() == t.env,
                     (None, None) => false,
@@ -270,6 +288,8 @@ impl Engine {
             && !req.ip.is_some_and(|ip| record.ip_allowlist.iter().any(|net| net.contains(&ip)))
         {
             Outcome::IpNotAllowed
+        } else if !record.allowed_origins.is_empty() && !crate::origin::allowed(&record.allowed_origins, req.origin) {
+            Outcome::OriginNotAllowed
         } else if !crate::scope::all_granted(granted, req.scopes, self.allow_star_scope)
             || token.as_ref().is_some_and(|t| !crate::scope::all_granted(&t.scopes, req.scopes, self.allow_star_scope))
         {
@@ -348,7 +368,6 @@ impl Engine {
         let limits = if applied.len() > 1 { applied.to_vec() } else { Vec::new() };
 
         // 6. Valid.
-        self.usage.note(&key, now);
         Ok(Verdict { outcome: Outcome::Valid, key: Some(key), rate, limits, malformed: None, token_scopes })
     }
 

@@ -51,6 +51,60 @@ impl FromStr for Env {
     }
 }
 
+/// What a key may be used for (README, "Key kinds"), told by its prefix
+/// before any lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyKind {
+    /// A server-side key: every check, every scope it holds.
+    #[default]
+    Secret,
+    /// A site key that may sit in a browser: identifies a tenant, answers
+    /// only requests for `public:` scopes (or none), optionally only from
+    /// listed origins.
+    Publishable,
+    /// A secret key limited to an explicit list of scopes: no tiers, no
+    /// wildcard patterns.
+    Restricted,
+}
+
+impl KeyKind {
+    pub const ALL: [KeyKind; 3] = [KeyKind::Secret, KeyKind::Publishable, KeyKind::Restricted];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyKind::Secret => "secret",
+            KeyKind::Publishable => "publishable",
+            KeyKind::Restricted => "restricted",
+        }
+    }
+
+    pub fn is_secret(&self) -> bool {
+        *self == KeyKind::Secret
+    }
+}
+
+impl fmt::Display for KeyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for KeyKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        KeyKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown key kind {s:?}: expected \"secret\", \"publishable\" or \"restricted\""))
+    }
+}
+
+/// The default prefix of each kind; `--key-prefix`,
+/// `--publishable-key-prefix` and `--restricted-key-prefix` replace them.
+pub const DEFAULT_PREFIXES: [(KeyKind, &str); 3] =
+    [(KeyKind::Secret, "ks"), (KeyKind::Publishable, "kp"), (KeyKind::Restricted, "kr")];
+
 /// The public, random 8-character identifier of a key. It names the key in
 /// logs, listings and the admin API; it is not a secret.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -121,6 +175,8 @@ pub enum Malformed {
 #[derive(Clone, Copy)]
 pub struct PresentedKey<'a> {
     pub prefix: &'a str,
+    /// Told by the prefix; the stored record must agree.
+    pub kind: KeyKind,
     pub env: Env,
     pub key_id: KeyId,
     secret: &'a [u8],
@@ -139,18 +195,28 @@ impl fmt::Debug for PresentedKey<'_> {
     }
 }
 
-/// What a deployment accepts: its prefixes (the first is used for new keys)
-/// and environments.
+/// What a deployment accepts: the prefixes of each kind (the first of a
+/// kind is used for new keys of that kind) and environments.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyFormat {
+    /// Secret keys' prefixes.
     prefixes: Vec<String>,
+    publishable: Vec<String>,
+    restricted: Vec<String>,
     accept_live: bool,
     accept_test: bool,
 }
 
 impl Default for KeyFormat {
     fn default() -> Self {
-        KeyFormat { prefixes: vec!["ks".into()], accept_live: true, accept_test: true }
+        let of = |kind| DEFAULT_PREFIXES.iter().filter(|(k, _)| *k == kind).map(|(_, p)| p.to_string()).collect();
+        KeyFormat {
+            prefixes: of(KeyKind::Secret),
+            publishable: of(KeyKind::Publishable),
+            restricted: of(KeyKind::Restricted),
+            accept_live: true,
+            accept_test: true,
+        }
     }
 }
 
@@ -173,12 +239,77 @@ impl KeyFormat {
         if !errors.is_empty() {
             return Err(errors);
         }
-        Ok(KeyFormat { prefixes, accept_live: envs.contains(&Env::Live), accept_test: envs.contains(&Env::Test) })
+        // The other kinds keep their defaults unless a secret prefix took one.
+        let default = KeyFormat::default();
+        let free = |list: Vec<String>| list.into_iter().filter(|p| !prefixes.contains(p)).collect::<Vec<_>>();
+        Ok(KeyFormat {
+            publishable: free(default.publishable),
+            restricted: free(default.restricted),
+            prefixes,
+            accept_live: envs.contains(&Env::Live),
+            accept_test: envs.contains(&Env::Test),
+        })
     }
 
-    /// The prefix new keys are minted with.
+    /// Sets the publishable and restricted keys' prefixes (an empty list
+    /// keeps the default). A prefix names one kind only. Returns every
+    /// problem found.
+    pub fn with_kind_prefixes(
+        mut self,
+        publishable: Vec<String>,
+        restricted: Vec<String>,
+    ) -> Result<KeyFormat, Vec<String>> {
+        let mut errors = Vec::new();
+        for (flag, list) in [("--publishable-key-prefix", &publishable), ("--restricted-key-prefix", &restricted)] {
+            for p in list {
+                if !valid_prefix(p) {
+                    errors.push(format!("{flag} {p:?} must be 2-12 characters of [a-z0-9]"));
+                }
+            }
+        }
+        if !publishable.is_empty() {
+            self.publishable = publishable;
+        }
+        if !restricted.is_empty() {
+            self.restricted = restricted;
+        }
+        let mut seen: Vec<(&str, KeyKind)> = Vec::new();
+        for kind in KeyKind::ALL {
+            for p in self.prefixes_of(kind) {
+                match seen.iter().find(|(q, _)| q == p) {
+                    Some((_, other)) => errors.push(format!(
+                        "key prefix {p:?} is given to {other} and {kind} keys; each kind needs its own prefix"
+                    )),
+                    None => seen.push((p, kind)),
+                }
+            }
+        }
+        if self.publishable.is_empty() || self.restricted.is_empty() {
+            errors.push(
+                "publishable and restricted keys need a prefix of their own: set --publishable-key-prefix and --restricted-key-prefix"
+                    .to_string(),
+            );
+        }
+        if errors.is_empty() { Ok(self) } else { Err(errors) }
+    }
+
+    /// The prefix new secret keys are minted with.
     pub fn primary_prefix(&self) -> &str {
         &self.prefixes[0]
+    }
+
+    /// Every accepted prefix of `kind`, the one new keys get first.
+    pub fn prefixes_of(&self, kind: KeyKind) -> &[String] {
+        match kind {
+            KeyKind::Secret => &self.prefixes,
+            KeyKind::Publishable => &self.publishable,
+            KeyKind::Restricted => &self.restricted,
+        }
+    }
+
+    /// The prefix new keys of `kind` are minted with.
+    pub fn prefix_for(&self, kind: KeyKind) -> &str {
+        self.prefixes_of(kind).first().map_or(self.primary_prefix(), String::as_str)
     }
 
     pub fn accepts_env(&self, env: Env) -> bool {
@@ -216,9 +347,16 @@ impl KeyFormat {
             return Err(Malformed::Structure);
         }
         let prefix = &b[..prefix_end];
-        if !self.prefixes.iter().any(|p| p.as_bytes() == prefix) {
+        let is = |list: &[String]| list.iter().any(|p| p.as_bytes() == prefix);
+        let kind = if is(&self.prefixes) {
+            KeyKind::Secret
+        } else if is(&self.publishable) {
+            KeyKind::Publishable
+        } else if is(&self.restricted) {
+            KeyKind::Restricted
+        } else {
             return Err(Malformed::Prefix);
-        }
+        };
         let env = Env::from_bytes(&b[env_start..id_start - 1]).ok_or(Malformed::Env)?;
         if !self.accepts_env(env) {
             return Err(Malformed::Env);
@@ -230,7 +368,7 @@ impl KeyFormat {
             return Err(Malformed::Checksum);
         }
         let key_id = KeyId::from_bytes(&b[id_start..secret_start - 1]).ok_or(Malformed::Alphabet)?;
-        Ok(PresentedKey { prefix: &s[..prefix_end], env, key_id, secret: &b[secret_start..body_end] })
+        Ok(PresentedKey { prefix: &s[..prefix_end], kind, env, key_id, secret: &b[secret_start..body_end] })
     }
 }
 
@@ -303,6 +441,41 @@ mod tests {
         let acme = generate(&f, Env::Live);
         assert!(acme.key.expose().starts_with("acme_live_"));
         assert!(f.parse(acme.key.expose()).is_ok());
+    }
+
+    #[test]
+    fn the_prefix_tells_the_kind() {
+        let f = KeyFormat::new(vec!["sk".into()], &Env::ALL)
+            .unwrap()
+            .with_kind_prefixes(vec!["pk".into()], vec!["rk".into()])
+            .unwrap();
+        for kind in KeyKind::ALL {
+            let k = crate::key::generate_kind(&f, Env::Live, kind);
+            assert!(k.key.expose().starts_with(&format!("{}_live_", f.prefix_for(kind))));
+            assert_eq!(f.prefix_for(kind).as_bytes()[0], kind.as_str().as_bytes()[0], "sk, pk, rk");
+            assert_eq!(f.parse(k.key.expose()).unwrap().kind, kind);
+        }
+        let default = generate(&fmt(), Env::Live);
+        assert_eq!(f.parse(default.key.expose()).unwrap_err(), Malformed::Prefix, "ks is no longer accepted");
+        assert_eq!(
+            fmt().parse(crate::key::generate_kind(&fmt(), Env::Test, KeyKind::Publishable).key.expose()).unwrap().kind,
+            KeyKind::Publishable
+        );
+    }
+
+    #[test]
+    fn a_prefix_names_one_kind() {
+        let errs = KeyFormat::new(vec!["sk".into()], &Env::ALL)
+            .unwrap()
+            .with_kind_prefixes(vec!["sk".into()], vec!["Rk".into()])
+            .unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(errs.iter().any(|e| e.contains("\"sk\" is given to secret and publishable")), "{errs:?}");
+        // A secret prefix that takes a kind's default leaves that kind without
+        // one, said at start.
+        let errs =
+            KeyFormat::new(vec!["kp".into()], &Env::ALL).unwrap().with_kind_prefixes(vec![], vec![]).unwrap_err();
+        assert!(errs[0].contains("--publishable-key-prefix"), "{errs:?}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::fmt;
 
 use super::format::display_prefix;
-use super::{BASE62, Env, KEY_ID_LEN, KeyFormat, KeyId, SECRET_LEN, checksum};
+use super::{BASE62, Env, KEY_ID_LEN, KeyFormat, KeyId, KeyKind, SECRET_LEN, checksum};
 
 /// A full key as handed to its owner, once. `Debug` and `Display` redact it;
 /// [`FullKey::expose`] is the one way to read it.
@@ -36,9 +36,14 @@ pub struct NewKey {
     pub display_prefix: String,
 }
 
-/// Mints a key with the format's primary prefix.
+/// Mints a secret key with the format's primary prefix.
 pub fn generate(format: &KeyFormat, env: Env) -> NewKey {
-    let prefix = format.primary_prefix();
+    generate_kind(format, env, KeyKind::Secret)
+}
+
+/// Mints a key of `kind` with that kind's first prefix.
+pub fn generate_kind(format: &KeyFormat, env: Env, kind: KeyKind) -> NewKey {
+    let prefix = format.prefix_for(kind);
     let mut id = [0u8; KEY_ID_LEN];
     let mut secret = [0u8; SECRET_LEN];
     fill_base62(&mut id);

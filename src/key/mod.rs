@@ -11,8 +11,8 @@ pub mod format;
 pub mod generate;
 pub mod pepper;
 
-pub use format::{Env, KeyFormat, KeyId, Malformed, PresentedKey};
-pub use generate::{FullKey, NewKey, assemble, generate};
+pub use format::{Env, KeyFormat, KeyId, KeyKind, Malformed, PresentedKey};
+pub use generate::{FullKey, NewKey, assemble, generate, generate_kind};
 pub use pepper::{Pepper, PepperSet, SecretHash};
 
 /// `0-9A-Za-z`: value 0 is `0`, 10 is `A`, 36 is `a`.

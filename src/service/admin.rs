@@ -11,6 +11,7 @@ use super::status;
 use crate::admin::{self, Actor, Admin, KeyPatch, KeySpec, KeyState};
 use crate::auth::{Authenticator, Purpose};
 use crate::clock::Clock;
+use crate::key::KeyKind;
 use crate::limit::named::MAX_LIMITS;
 use crate::limit::{LimitFallback, LimitScope, LimitSpec};
 use crate::proto;
@@ -84,6 +85,26 @@ pub fn to_proto(r: &KeyRecord, now: i64) -> proto::KeyRecord {
         limits: r.limits.iter().map(limit_to_proto).collect(),
         exchange_only: r.exchange_only,
         tiers: r.tiers.clone(),
+        kind: kind_to_proto(r.kind) as i32,
+        allowed_origins: r.allowed_origins.clone(),
+        usage: r.usage.iter().map(|u| proto::UsageCount { code: u.code.clone(), count: u.count }).collect(),
+    }
+}
+
+fn kind_to_proto(k: KeyKind) -> proto::KeyKind {
+    match k {
+        KeyKind::Secret => proto::KeyKind::Secret,
+        KeyKind::Publishable => proto::KeyKind::Publishable,
+        KeyKind::Restricted => proto::KeyKind::Restricted,
+    }
+}
+
+fn kind_from_proto(k: i32) -> Result<KeyKind, Status> {
+    match proto::KeyKind::try_from(k) {
+        Ok(proto::KeyKind::Unspecified | proto::KeyKind::Secret) => Ok(KeyKind::Secret),
+        Ok(proto::KeyKind::Publishable) => Ok(KeyKind::Publishable),
+        Ok(proto::KeyKind::Restricted) => Ok(KeyKind::Restricted),
+        Err(_) => Err(status::invalid(format!("unknown key kind {k}"))),
     }
 }
 
@@ -179,6 +200,8 @@ impl TryFrom<proto::CreateKeyRequest> for KeySpec {
             owner: r.owner,
             exchange_only: r.exchange_only,
             tiers: r.tiers,
+            kind: kind_from_proto(r.kind)?,
+            allowed_origins: r.allowed_origins,
         })
     }
 }
@@ -214,6 +237,7 @@ impl TryFrom<proto::UpdateKeyRequest> for KeyPatch {
                 (false, true) => None,
                 (false, false) => Some(r.tiers),
             },
+            allowed_origins: r.allowed_origins.map(|s| s.values),
         })
     }
 }

@@ -18,6 +18,8 @@ use crate::verdict::{self, Outcome, Verdict};
 const MAX_SCOPES: usize = 64;
 const MAX_SCOPE_LEN: usize = 128;
 const MAX_TENANT_LEN: usize = 128;
+/// Longest `origin` (a scheme, a DNS name and a port fit well within it).
+const MAX_ORIGIN_LEN: usize = 512;
 /// Largest rate-limit `cost` of one request.
 pub const MAX_COST: u32 = 10_000;
 
@@ -62,6 +64,9 @@ impl<'a> TryFrom<&'a proto::VerifyRequest> for verdict::Request<'a> {
         if let Some(bad) = r.limits.iter().find_map(|l| l.parse::<LimitName>().err()) {
             return Err(status::invalid(bad));
         }
+        if r.origin.len() > MAX_ORIGIN_LEN {
+            return Err(status::invalid(format!("origin is longer than {MAX_ORIGIN_LEN} bytes")));
+        }
         if r.tenant.len() > MAX_TENANT_LEN {
             return Err(status::invalid(format!("tenant is longer than {MAX_TENANT_LEN} bytes")));
         }
@@ -74,6 +79,7 @@ impl<'a> TryFrom<&'a proto::VerifyRequest> for verdict::Request<'a> {
             limits: &r.limits,
             mode: verdict::Mode::Bearer,
             owner_email: "",
+            origin: &r.origin,
         })
     }
 }
@@ -91,6 +97,7 @@ fn wire_code(outcome: Outcome) -> proto::Code {
         Outcome::TooManyFailedAttempts | Outcome::RateLimited => proto::Code::RateLimited,
         Outcome::Disabled => proto::Code::Disabled,
         Outcome::ExchangeOnly => proto::Code::ExchangeOnly,
+        Outcome::OriginNotAllowed => proto::Code::OriginNotAllowed,
     }
 }
 

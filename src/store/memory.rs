@@ -13,7 +13,7 @@ use tokio::sync::broadcast;
 use super::{AUDIT_MAXLEN, AUDIT_SCAN_LIMIT, AuditEvent, AuditQuery, audit_matches};
 use super::{
     FEED_CAPACITY, FeedEvent, KeyRecord, KeyStore, ListPage, ListQuery, StoreError, StoredSigningKey, TenantPolicy,
-    page_token,
+    USAGE_HOURS_KEPT, UsageCount, page_token,
 };
 use crate::clock::Clock;
 use crate::key::KeyId;
@@ -23,6 +23,9 @@ use crate::limit::{LimitError, RateLimitPolicy};
 pub struct MemoryStore {
     records: Mutex<HashMap<KeyId, KeyRecord>>,
     last_used: Mutex<HashMap<KeyId, i64>>,
+    /// (key, unix hour, code) → verifications; hours older than a day are
+    /// dropped on every add.
+    usage: Mutex<HashMap<(KeyId, i64, String), u64>>,
     tenants: Mutex<HashMap<String, TenantPolicy>>,
     signing: Mutex<Vec<StoredSigningKey>>,
     audit: Mutex<(u64, std::collections::VecDeque<AuditEvent>)>,
@@ -45,6 +48,7 @@ impl MemoryStore {
         MemoryStore {
             records: Mutex::default(),
             last_used: Mutex::default(),
+            usage: Mutex::default(),
             tenants: Mutex::default(),
             signing: Mutex::default(),
             audit: Mutex::default(),
@@ -183,6 +187,34 @@ impl KeyStore for MemoryStore {
             }
         }
         Ok(())
+    }
+
+    async fn add_usage(&self, hour: i64, batch: &[(KeyId, Vec<UsageCount>)]) -> Result<(), StoreError> {
+        drop(self.enter()?);
+        let mut usage = self.usage.lock().unwrap_or_else(|e| e.into_inner());
+        usage.retain(|(_, h, _), _| *h > hour - USAGE_HOURS_KEPT);
+        for (id, counts) in batch {
+            for c in counts {
+                *usage.entry((*id, hour, c.code.clone())).or_default() += c.count;
+            }
+        }
+        Ok(())
+    }
+
+    async fn usage(&self, id: KeyId, from: i64, to: i64, codes: &[&str]) -> Result<Vec<UsageCount>, StoreError> {
+        drop(self.enter()?);
+        let usage = self.usage.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<UsageCount> = Vec::new();
+        for ((k, h, code), n) in usage.iter() {
+            if *k == id && (from..=to).contains(h) && codes.contains(&code.as_str()) {
+                match out.iter_mut().find(|c| c.code == *code) {
+                    Some(c) => c.count += n,
+                    None => out.push(UsageCount { code: code.clone(), count: *n }),
+                }
+            }
+        }
+        out.sort_by_key(|c| codes.iter().position(|k| *k == c.code));
+        Ok(out)
     }
 
     async fn tenant_policy(&self, tenant: &str) -> Result<Option<TenantPolicy>, StoreError> {

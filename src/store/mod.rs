@@ -14,7 +14,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
-pub use record::{AuditEvent, AuditQuery, KeyRecord, StoredSigningKey, TenantPolicy};
+pub use record::{AuditEvent, AuditQuery, KeyRecord, StoredSigningKey, TenantPolicy, UsageCount};
 
 pub use crate::limit::RateLimitPolicy;
 
@@ -123,6 +123,14 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Writes a batch of last-used timestamps (only ever moves them forward).
     async fn touch_last_used(&self, batch: &[(KeyId, i64)]) -> Result<(), StoreError>;
 
+    /// Adds verification counts by code for the unix `hour` (README,
+    /// "Usage"); the store keeps about a day of hours.
+    async fn add_usage(&self, hour: i64, batch: &[(KeyId, Vec<UsageCount>)]) -> Result<(), StoreError>;
+
+    /// A key's verification counts of `codes` over the hours `from..=to`,
+    /// in the order of `codes` (codes with none left out).
+    async fn usage(&self, id: KeyId, from: i64, to: i64, codes: &[&str]) -> Result<Vec<UsageCount>, StoreError>;
+
     /// A tenant's policy; `None` when it has none.
     async fn tenant_policy(&self, tenant: &str) -> Result<Option<TenantPolicy>, StoreError>;
 
@@ -155,6 +163,9 @@ pub trait KeyStore: Send + Sync + 'static {
     /// late learns the state here, then follows Connected/Disconnected).
     fn feed_is_live(&self) -> bool;
 }
+
+/// Hours of usage counts a store keeps: a day and some slack for clocks.
+pub const USAGE_HOURS_KEPT: i64 = 26;
 
 /// Audit events kept (about: Redis trims its stream approximately).
 pub const AUDIT_MAXLEN: usize = 100_000;

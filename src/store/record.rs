@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
-use crate::key::{Env, KeyId, SecretHash};
+use crate::key::{Env, KeyId, KeyKind, SecretHash};
 use crate::limit::{LimitSpec, RateLimitPolicy};
 
 /// One key, as the store holds it. Times are unix seconds.
@@ -16,6 +16,10 @@ pub struct KeyRecord {
     /// The prefix the key was minted with, for its display prefix.
     pub prefix: String,
     pub secret_hash: SecretHash,
+    /// Secret, publishable or restricted (README, "Key kinds"); a presented
+    /// key's prefix must say the same.
+    #[serde(default, skip_serializing_if = "KeyKind::is_secret")]
+    pub kind: KeyKind,
     pub name: String,
     pub env: Env,
     #[serde(default)]
@@ -51,13 +55,29 @@ pub struct KeyRecord {
     /// An email or external id; empty = none.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub owner: String,
+    /// Publishable keys only: the browser origins (`scheme://host[:port]`,
+    /// `https://*.example.com` for subdomains) it answers for; empty = any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_origins: Vec<String>,
     /// Disabled keys answer DISABLED until enabled again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub disabled: bool,
     /// Kept outside the record in the store; filled in on reads.
     #[serde(skip)]
     pub last_used_at: Option<i64>,
+    /// Verifications over the last day by code; kept outside the record,
+    /// filled in by the admin API's single-key reads only.
+    #[serde(skip)]
+    pub usage: Vec<UsageCount>,
     pub version: u64,
+}
+
+/// How many verifications of a key ended with one code (README, "Usage").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageCount {
+    /// The verdict code's name, e.g. `VALID`.
+    pub code: String,
+    pub count: u64,
 }
 
 /// A token signing key as the store keeps it (README, "Token exchange"):

@@ -40,7 +40,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use super::{AUDIT_MAXLEN, AUDIT_SCAN_LIMIT, AuditEvent, AuditQuery, audit_matches};
 use super::{
     FEED_CAPACITY, FeedEvent, KeyRecord, KeyStore, ListPage, ListQuery, StoreError, StoredSigningKey, TenantPolicy,
-    page_token,
+    USAGE_HOURS_KEPT, UsageCount, page_token,
 };
 use crate::key::KeyId;
 use crate::secret::RedisUrl;
@@ -92,6 +92,11 @@ impl Layout {
     }
     fn last_used(&self, p: u16) -> String {
         format!("{}:last_used", self.base(p))
+    }
+    /// One hour's verification counts of a partition's keys: a hash
+    /// `<key_id>:<CODE>` → count, expiring after a day.
+    fn usage(&self, p: u16, hour: i64) -> String {
+        format!("{}:usage:{hour}", self.base(p))
     }
     fn events(&self, p: u16) -> String {
         format!("{}:events", self.base(p))
@@ -399,6 +404,47 @@ impl KeyStore for RedisStore {
             let _: i64 = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
         }
         Ok(())
+    }
+
+    async fn add_usage(&self, hour: i64, batch: &[(KeyId, Vec<UsageCount>)]) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        // One pipeline per partition: one hash, one slot.
+        for p in self.keys.partitions() {
+            let key = self.keys.usage(p, hour);
+            let mut pipe = redis::pipe();
+            let mut any = false;
+            for (id, counts) in batch.iter().filter(|(id, _)| self.keys.partition_of(*id) == p) {
+                for c in counts {
+                    pipe.hincr(&key, format!("{id}:{}", c.code), c.count).ignore();
+                    any = true;
+                }
+            }
+            if any {
+                pipe.expire(&key, USAGE_HOURS_KEPT * 3600).ignore();
+                let () = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn usage(&self, id: KeyId, from: i64, to: i64, codes: &[&str]) -> Result<Vec<UsageCount>, StoreError> {
+        let mut conn = self.conn.clone();
+        let p = self.keys.partition_of(id);
+        // Only this key's fields of each hour: other keys' counts share the hash.
+        let fields: Vec<String> = codes.iter().map(|c| format!("{id}:{c}")).collect();
+        let mut pipe = redis::pipe();
+        for hour in from..=to {
+            pipe.cmd("HMGET").arg(self.keys.usage(p, hour)).arg(&fields);
+        }
+        let hours: Vec<Vec<Option<u64>>> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        let mut out: Vec<UsageCount> = Vec::new();
+        for (i, code) in codes.iter().enumerate() {
+            let count: u64 = hours.iter().filter_map(|h| h.get(i).copied().flatten()).sum();
+            if count > 0 {
+                out.push(UsageCount { code: code.to_string(), count });
+            }
+        }
+        Ok(out)
     }
 
     async fn tenant_policy(&self, tenant: &str) -> Result<Option<TenantPolicy>, StoreError> {

@@ -12,7 +12,8 @@
 //! - [`engine`]: the decision pipeline (`engine/mod.rs`, only the checks, in
 //!   order), the record source (`engine/source.rs`: cache + store + single
 //!   flight + outage breaker + change feed), tenants' named limits
-//!   (`engine/tenants.rs`) and the last-used batcher (`engine/usage.rs`).
+//!   (`engine/tenants.rs`) and usage, last-used times and counts by code,
+//!   batched to the store (`engine/usage.rs`).
 //! - [`limit`]: the [`limit::Limiter`] trait and bucket ids; named limits
 //!   and which apply (`limit/named.rs`); one GCRA bucket that can give
 //!   cells back (`limit/gcra.rs`); the in-process registry
@@ -28,14 +29,16 @@
 //! - [`admin`]: key lifecycle, tenant policies and tiers, the validation of
 //!   every field, within what the acting admin key may manage, and the
 //!   audit trail of every mutation.
-//! - [`scope`]: what a granted scope (or `resource:*` pattern) satisfies.
+//! - [`scope`]: what a granted scope (or `resource:*` pattern) satisfies;
+//!   [`origin`]: the origins a publishable key answers for.
 //! - [`cache`]: the moka cache with positive, negative and stale entries and
 //!   the generation fence against fill-after-revoke.
 //! - [`store`]: one [`store::KeyStore`] trait, the in-memory store
 //!   (`store/memory.rs`) and Redis (`store/redis/`: the store, named
 //!   scripts, the change-feed follower, the connection, the shared
 //!   rate-limit buckets).
-//! - [`key`]: the key format (parse, checksum, generation) and the pepper.
+//! - [`key`]: the key format (parse, kinds by prefix, checksum,
+//!   generation) and the pepper.
 //! - [`app`]: [`app::App::build`], the one place the engine is wired.
 //! - [`service`]: the gRPC front ends (Verifier, KeyAdmin, TokenExchange):
 //!   conversions, the one error → status map, the size cap, the RPC span

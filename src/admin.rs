@@ -360,7 +360,7 @@ impl Admin {
         for _ in 0..3 {
             let new = generate_kind(format, env, fields.kind);
             let presented = format.parse(new.key.expose()).expect("a generated key parses");
-            let secret_hash = self.peppers.seal(new.key_id, presented.secret());
+            let secret_hash = self.peppers.seal_kind(new.key_id, fields.kind, presented.secret());
             let record = KeyRecord {
                 key_id: new.key_id,
                 prefix: format.prefix_for(fields.kind).to_string(),
@@ -404,7 +404,14 @@ impl Admin {
         let mut record = self.store.get(id).await?.ok_or(AdminError::NotFound(id))?;
         actor.manages(&record)?;
         record.last_used_at = self.store.last_used(id).await?;
-        record.usage = crate::engine::usage::last_day(self.store.as_ref(), id, self.now()).await?;
+        // Usage is a convenience: a key is still shown when it cannot be read.
+        record.usage = match crate::engine::usage::last_day(self.store.as_ref(), id, self.now()).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(key_id = %id, error = %e, "could not read a key's usage counts");
+                Vec::new()
+            }
+        };
         Ok(record)
     }
 

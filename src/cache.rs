@@ -35,7 +35,7 @@ pub struct CachedKey {
     /// The last unix second this key verified on this sidecar.
     pub last_touch: std::sync::atomic::AtomicI64,
     /// Verdicts since the last usage flush, by outcome discriminant.
-    pub counts: [std::sync::atomic::AtomicU32; OUTCOMES],
+    pub counts: [std::sync::atomic::AtomicU64; OUTCOMES],
     /// The unix second the key last registered for a usage flush (0 = not
     /// registered).
     pub counted_at: std::sync::atomic::AtomicI64,

@@ -69,6 +69,7 @@ pub mod limit;
 pub mod metrics;
 pub mod origin;
 pub mod proto;
+pub mod proxy;
 pub mod scope;
 pub mod secret;
 pub mod server;

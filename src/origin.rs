@@ -24,16 +24,21 @@ fn matches(entry: &str, origin: &str) -> bool {
         return entry.eq_ignore_ascii_case(origin);
     };
     // `scheme://*.suffix`: the origin's host must end in `.suffix` with at
-    // least one label before it.
+    // least one DNS label before it. Compared as bytes: the origin is the
+    // caller's text, and may not be ASCII.
     let Some((o_scheme, o_rest)) = origin.split_once("://") else {
         return false;
     };
-    o_scheme.eq_ignore_ascii_case(scheme)
-        && o_rest.len() > rest.len() + 1
-        && o_rest[o_rest.len() - rest.len()..].eq_ignore_ascii_case(rest)
-        && o_rest.as_bytes()[o_rest.len() - rest.len() - 1] == b'.'
-        && !o_rest[..o_rest.len() - rest.len() - 1].is_empty()
-        && !o_rest[..o_rest.len() - rest.len() - 1].contains([':', '/', '@'])
+    let (o, r) = (o_rest.as_bytes(), rest.as_bytes());
+    if !o_scheme.eq_ignore_ascii_case(scheme) || o.len() < r.len() + 2 {
+        return false;
+    }
+    let (sub, dot_suffix) = o.split_at(o.len() - r.len() - 1);
+    dot_suffix[0] == b'.'
+        && dot_suffix[1..].eq_ignore_ascii_case(r)
+        && sub
+            .split(|&c| c == b'.')
+            .all(|l| !l.is_empty() && l.len() <= 63 && l.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-'))
 }
 
 /// Validates and normalises allowlist entries (lower case, no trailing
@@ -120,6 +125,11 @@ mod tests {
             ("https://evil.com/x.example.org", false),
             ("https://user@x.example.org", false),
             ("https://evilexample.org", false),
+            ("https://ééééééé", false),
+            ("https://é.example.org", false),
+            ("https://a?.example.org", false),
+            ("https://a b.example.org", false),
+            ("https://x.example.orG", true),
             ("http://localhost:3000", true),
             ("http://localhost:3001", false),
             ("null", false),

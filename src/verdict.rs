@@ -227,6 +227,14 @@ impl<'a> Request<'a> {
 
 crate::secret::debug_without_key!(Request<'_>, "Request", [ip, scopes, tenant, cost, limits, mode, origin]);
 
+/// A caller-reported client address: empty or unparseable is unknown;
+/// IPv4-mapped IPv6 is IPv4; a port (`1.2.3.4:443`, `[2001:db8::1]:443`) is
+/// stripped (README, "Verdicts"). Every front end reads addresses this way.
+pub fn parse_ip(ip: &str) -> Option<IpAddr> {
+    let ip = ip.trim();
+    ip.parse::<IpAddr>().or_else(|_| ip.parse::<std::net::SocketAddr>().map(|s| s.ip())).ok().map(|a| a.to_canonical())
+}
+
 /// The state of one named limit a request was counted against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AppliedLimit {

@@ -226,7 +226,7 @@ impl Engine {
                     (Some(p), _) => {
                         key.record.env == p.env
                             && key.record.kind == p.kind
-                            && self.peppers.matches(&key.record.secret_hash, p.key_id, p.secret())
+                            && self.peppers.matches_kind(&key.record.secret_hash, p.key_id, p.kind, p.secret())
                     }
                     (None, Some(t)) => key.record.env.as_str() == t.env,
                     (None, None) => false,

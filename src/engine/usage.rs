@@ -39,29 +39,40 @@ impl UsageBatcher {
 
     /// Counts one verdict of an identified key at unix second `now`; a
     /// `VALID` one also moves its last-used time.
+    ///
+    /// The add and the read of `counted_at` are sequentially consistent
+    /// with the flush's clear-then-take, so a count is either in what a
+    /// flush takes or registers the key again.
     #[inline]
     pub fn count(&self, key: &Arc<CachedKey>, outcome: Outcome, now: i64) {
-        key.counts[outcome as usize].fetch_add(1, Ordering::Relaxed);
+        key.counts[outcome as usize].fetch_add(1, Ordering::SeqCst);
         if outcome == Outcome::Valid {
             self.note(key, now);
         }
-        if key.counted_at.load(Ordering::Relaxed) != now && key.counted_at.swap(now, Ordering::Relaxed) != now {
+        if key.counted_at.load(Ordering::SeqCst) != now && key.counted_at.swap(now, Ordering::SeqCst) != now {
             self.register(key);
         }
     }
 
+    /// Puts `key` in the next flush. Several copies of one record can be
+    /// in use at once (the cache refilled while calls held the old one):
+    /// the map keeps the newest, and a copy that is not kept hands its
+    /// counts to the kept one and forgets it registered, so its next count
+    /// registers (and hands over) again.
     #[cold]
     fn register(&self, key: &Arc<CachedKey>) {
         match self.counted.entry(key.record.key_id) {
             dashmap::Entry::Occupied(mut e) => {
-                if !Arc::ptr_eq(e.get(), key) {
-                    // The cache holds a newer copy of the record: carry the
-                    // older copy's counts over so none is lost.
-                    let old = e.insert(key.clone());
-                    for (from, to) in old.counts.iter().zip(key.counts.iter()) {
-                        to.fetch_add(from.swap(0, Ordering::Relaxed), Ordering::Relaxed);
-                    }
+                if Arc::ptr_eq(e.get(), key) {
+                    return;
                 }
+                let (kept, other) = if key.record.version >= e.get().record.version {
+                    let old = e.insert(key.clone());
+                    (key.clone(), old)
+                } else {
+                    (e.get().clone(), key.clone())
+                };
+                hand_over(&other, &kept);
             }
             dashmap::Entry::Vacant(e) => {
                 e.insert(key.clone());
@@ -110,13 +121,13 @@ impl UsageBatcher {
             let Some((_, key)) = self.counted.remove(&id) else { continue };
             // Cleared before the counts are taken: a verdict from here on
             // registers the key again, one before is in what is taken.
-            key.counted_at.store(0, Ordering::Relaxed);
+            key.counted_at.store(0, Ordering::SeqCst);
             let counts: Vec<UsageCount> = Outcome::ALL
                 .iter()
                 .zip(key.counts.iter())
                 .filter_map(|(o, c)| {
-                    let n = c.swap(0, Ordering::Relaxed);
-                    (n > 0).then(|| UsageCount { code: o.code_name().to_string(), count: n as u64 })
+                    let n = c.swap(0, Ordering::SeqCst);
+                    (n > 0).then(|| UsageCount { code: o.code_name().to_string(), count: n })
                 })
                 .collect();
             if !counts.is_empty() {
@@ -129,19 +140,31 @@ impl UsageBatcher {
         }
         self.metrics.usage_writes.increment(1);
         let hour = self.clock.unix_seconds().div_euclid(3600);
-        if let Err(e) = self.store.add_usage(hour, &batch).await {
-            // Put them back for the next flush.
-            for (key, (_, counts)) in keys.iter().zip(&batch) {
+        if let Err(failed) = self.store.add_usage(hour, &batch).await {
+            // Put back what was not written, for the next flush.
+            for (key, (id, counts)) in keys.iter().zip(&batch) {
+                if failed.written.contains(id) {
+                    continue;
+                }
                 for c in counts {
                     if let Some(i) = Outcome::ALL.iter().position(|o| o.code_name() == c.code) {
-                        key.counts[i].fetch_add(c.count as u32, Ordering::Relaxed);
+                        key.counts[i].fetch_add(c.count, Ordering::SeqCst);
                     }
                 }
                 self.register(key);
             }
-            return Err(e);
+            return Err(failed.error);
         }
         Ok(batch.len())
+    }
+}
+
+/// Moves `from`'s counts to `to`; `from` forgets it registered first, so a
+/// count it takes after the move registers it again.
+fn hand_over(from: &CachedKey, to: &CachedKey) {
+    from.counted_at.store(0, Ordering::SeqCst);
+    for (f, t) in from.counts.iter().zip(to.counts.iter()) {
+        t.fetch_add(f.swap(0, Ordering::SeqCst), Ordering::SeqCst);
     }
 }
 
@@ -150,4 +173,64 @@ impl UsageBatcher {
 pub async fn last_day(store: &dyn KeyStore, id: KeyId, now: i64) -> Result<Vec<UsageCount>, StoreError> {
     let hour = now.div_euclid(3600);
     store.usage(id, hour - (USAGE_HOURS - 1), hour, &Outcome::usage_codes()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    fn copy(version: u64) -> Arc<CachedKey> {
+        let key_id: KeyId = "AAAAAAAA".parse().unwrap();
+        let record = crate::store::KeyRecord {
+            key_id,
+            prefix: "ks".into(),
+            secret_hash: crate::key::PepperSet::new(crate::key::Pepper::new([7; 32]), vec![]).seal(key_id, b"x"),
+            kind: Default::default(),
+            name: "k".into(),
+            env: crate::key::Env::Live,
+            tenant: String::new(),
+            scopes: vec![],
+            ip_allowlist: vec![],
+            rate_limit: None,
+            tiers: vec![],
+            limits: vec![],
+            metadata: Default::default(),
+            created_at: 0,
+            expires_at: None,
+            exchange_only: false,
+            revoked_at: None,
+            owner: String::new(),
+            allowed_origins: vec![],
+            disabled: false,
+            last_used_at: None,
+            usage: vec![],
+            version,
+        };
+        Arc::new(CachedKey::new(record))
+    }
+
+    /// Two copies of one record in use at once (a refill while calls held
+    /// the old one), counting in the same second and after: nothing lost,
+    /// nothing counted twice.
+    #[tokio::test]
+    async fn copies_of_one_record_lose_no_count() {
+        let store = Arc::new(MemoryStore::new());
+        let clock = Clock::manual(1_800_000_000);
+        let usage = UsageBatcher::new(store.clone(), Metrics::new(), clock.clone());
+        let (old, new) = (copy(1), copy(2));
+        usage.count(&old, Outcome::Valid, 5);
+        usage.count(&new, Outcome::Valid, 5);
+        usage.count(&old, Outcome::Valid, 5);
+        usage.count(&old, Outcome::RateLimited, 5);
+        usage.count(&new, Outcome::Valid, 6);
+        usage.count(&old, Outcome::Valid, 6);
+        assert_eq!(usage.flush().await.unwrap(), 1);
+        usage.count(&old, Outcome::Valid, 7);
+        usage.flush().await.unwrap();
+        let id = old.record.key_id;
+        let got = store.usage(id, 0, i64::MAX, &Outcome::usage_codes()).await.unwrap();
+        let n = |c: &str| got.iter().find(|u| u.code == c).map_or(0, |u| u.count);
+        assert_eq!((n("VALID"), n("RATE_LIMITED")), (6, 1), "{got:?}");
+    }
 }

@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use super::KeyId;
+use super::{KeyId, KeyKind};
 
 /// A 32-byte server secret. `Debug` shows only its id.
 #[derive(Clone)]
@@ -81,8 +81,22 @@ impl Pepper {
     /// hash cannot be moved from one record to another.
     #[inline]
     pub fn hash(&self, key_id: KeyId, secret: &[u8]) -> blake3::Hash {
+        self.hash_of(key_id, KeyKind::Secret, secret)
+    }
+
+    /// The keyed hash of a key of `kind`: a publishable or restricted key's
+    /// kind is hashed in (README, "Key kinds"), so its secret, re-prefixed
+    /// as another kind's, matches nothing even where the stored kind were
+    /// not compared. A secret key's hash is as it always was.
+    #[inline]
+    pub fn hash_of(&self, key_id: KeyId, kind: KeyKind, secret: &[u8]) -> blake3::Hash {
         let mut h = blake3::Hasher::new_keyed(&self.key);
         h.update(key_id.as_bytes());
+        if kind != KeyKind::Secret {
+            h.update(b"\0kind:");
+            h.update(kind.as_str().as_bytes());
+            h.update(b"\0");
+        }
         h.update(secret);
         h.finalize()
     }
@@ -120,12 +134,23 @@ impl PepperSet {
 
     /// Hashes a new secret under the current pepper.
     pub fn seal(&self, key_id: KeyId, secret: &[u8]) -> SecretHash {
-        SecretHash { pepper_id: self.current.id.clone(), hash: self.current.hash(key_id, secret) }
+        self.seal_kind(key_id, KeyKind::Secret, secret)
+    }
+
+    /// [`PepperSet::seal`] for a key of `kind`.
+    pub fn seal_kind(&self, key_id: KeyId, kind: KeyKind, secret: &[u8]) -> SecretHash {
+        SecretHash { pepper_id: self.current.id.clone(), hash: self.current.hash_of(key_id, kind, secret) }
     }
 
     /// Whether `secret` matches `stored`, in constant time.
     #[inline]
     pub fn matches(&self, stored: &SecretHash, key_id: KeyId, secret: &[u8]) -> bool {
+        self.matches_kind(stored, key_id, KeyKind::Secret, secret)
+    }
+
+    /// Whether a presented key of `kind` matches `stored`, in constant time.
+    #[inline]
+    pub fn matches_kind(&self, stored: &SecretHash, key_id: KeyId, kind: KeyKind, secret: &[u8]) -> bool {
         let pepper = if stored.pepper_id == self.current.id {
             &self.current
         } else {
@@ -135,7 +160,7 @@ impl PepperSet {
             }
         };
         // blake3::Hash's PartialEq is constant-time.
-        pepper.hash(key_id, secret) == stored.hash
+        pepper.hash_of(key_id, kind, secret) == stored.hash
     }
 }
 
@@ -192,6 +217,12 @@ mod tests {
         assert!(rotated.matches(&sealed, id, b"secret"));
         let unknown = PepperSet::single(Pepper::parse(&[3u8; 32]).unwrap());
         assert!(!unknown.matches(&sealed, id, b"secret"));
+        // The kind is hashed in for publishable and restricted keys.
+        let publishable = old.seal_kind(id, crate::key::KeyKind::Publishable, b"secret");
+        assert!(old.matches_kind(&publishable, id, crate::key::KeyKind::Publishable, b"secret"));
+        assert!(!old.matches(&publishable, id, b"secret"), "not as a secret key");
+        assert!(!old.matches_kind(&publishable, id, crate::key::KeyKind::Restricted, b"secret"));
+        assert_eq!(old.seal_kind(id, crate::key::KeyKind::Secret, b"secret"), sealed, "secret keys' hashes unchanged");
         assert_eq!(SecretHash::decode(&sealed.encode()).unwrap(), sealed);
     }
 }

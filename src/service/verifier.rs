@@ -2,7 +2,6 @@
 //! verdict and its headers into the response and its metadata (README,
 //! "Verdicts" and "Headers").
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
@@ -37,13 +36,7 @@ impl VerifierService {
     }
 }
 
-/// An empty or unparseable address is unknown; IPv4-mapped IPv6 is IPv4;
-/// a port (`1.2.3.4:443`, `[2001:db8::1]:443`) is stripped (README,
-/// "Verdicts").
-pub fn parse_ip(ip: &str) -> Option<IpAddr> {
-    let ip = ip.trim();
-    ip.parse::<IpAddr>().or_else(|_| ip.parse::<std::net::SocketAddr>().map(|s| s.ip())).ok().map(|a| a.to_canonical())
-}
+pub use crate::verdict::parse_ip;
 
 impl<'a> TryFrom<&'a proto::VerifyRequest> for verdict::Request<'a> {
     type Error = Status;
@@ -128,6 +121,7 @@ pub fn to_response(verdict: &Verdict, now_unix: i64) -> (proto::VerifyResponse, 
         resp.scopes = verdict.granted_scopes().to_vec();
         resp.metadata = r.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         resp.expires_at = r.expires_at.unwrap_or(0);
+        resp.kind = r.kind.as_str().to_string();
     }
     resp.limits = verdict
         .applied()

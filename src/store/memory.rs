@@ -13,7 +13,7 @@ use tokio::sync::broadcast;
 use super::{AUDIT_MAXLEN, AUDIT_SCAN_LIMIT, AuditEvent, AuditQuery, audit_matches};
 use super::{
     FEED_CAPACITY, FeedEvent, KeyRecord, KeyStore, ListPage, ListQuery, StoreError, StoredSigningKey, TenantPolicy,
-    USAGE_HOURS_KEPT, UsageCount, page_token,
+    USAGE_HOURS_KEPT, UsageCount, UsageWriteError, page_token,
 };
 use crate::clock::Clock;
 use crate::key::KeyId;
@@ -189,7 +189,7 @@ impl KeyStore for MemoryStore {
         Ok(())
     }
 
-    async fn add_usage(&self, hour: i64, batch: &[(KeyId, Vec<UsageCount>)]) -> Result<(), StoreError> {
+    async fn add_usage(&self, hour: i64, batch: &[(KeyId, Vec<UsageCount>)]) -> Result<(), UsageWriteError> {
         drop(self.enter()?);
         let mut usage = self.usage.lock().unwrap_or_else(|e| e.into_inner());
         usage.retain(|(_, h, _), _| *h > hour - USAGE_HOURS_KEPT);

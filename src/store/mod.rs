@@ -124,8 +124,9 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn touch_last_used(&self, batch: &[(KeyId, i64)]) -> Result<(), StoreError>;
 
     /// Adds verification counts by code for the unix `hour` (README,
-    /// "Usage"); the store keeps about a day of hours.
-    async fn add_usage(&self, hour: i64, batch: &[(KeyId, Vec<UsageCount>)]) -> Result<(), StoreError>;
+    /// "Usage"); the store keeps about a day of hours. On failure, says
+    /// which keys' counts were written all the same (never to be re-sent).
+    async fn add_usage(&self, hour: i64, batch: &[(KeyId, Vec<UsageCount>)]) -> Result<(), UsageWriteError>;
 
     /// A key's verification counts of `codes` over the hours `from..=to`,
     /// in the order of `codes` (codes with none left out).
@@ -162,6 +163,20 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Whether the feed is connected right now (a subscriber that joins
     /// late learns the state here, then follows Connected/Disconnected).
     fn feed_is_live(&self) -> bool;
+}
+
+/// A usage write that failed part way.
+#[derive(Debug)]
+pub struct UsageWriteError {
+    pub error: StoreError,
+    /// Keys whose counts were written before the failure.
+    pub written: Vec<KeyId>,
+}
+
+impl From<StoreError> for UsageWriteError {
+    fn from(error: StoreError) -> Self {
+        UsageWriteError { error, written: Vec::new() }
+    }
 }
 
 /// Hours of usage counts a store keeps: a day and some slack for clocks.

@@ -40,7 +40,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use super::{AUDIT_MAXLEN, AUDIT_SCAN_LIMIT, AuditEvent, AuditQuery, audit_matches};
 use super::{
     FEED_CAPACITY, FeedEvent, KeyRecord, KeyStore, ListPage, ListQuery, StoreError, StoredSigningKey, TenantPolicy,
-    USAGE_HOURS_KEPT, UsageCount, page_token,
+    USAGE_HOURS_KEPT, UsageCount, UsageWriteError, page_token,
 };
 use crate::key::KeyId;
 use crate::secret::RedisUrl;
@@ -406,23 +406,30 @@ impl KeyStore for RedisStore {
         Ok(())
     }
 
-    async fn add_usage(&self, hour: i64, batch: &[(KeyId, Vec<UsageCount>)]) -> Result<(), StoreError> {
+    async fn add_usage(&self, hour: i64, batch: &[(KeyId, Vec<UsageCount>)]) -> Result<(), UsageWriteError> {
         let mut conn = self.conn.clone();
-        // One pipeline per partition: one hash, one slot.
+        let mut written = Vec::new();
+        // One transaction per partition (one hash, one slot): a partition's
+        // counts are written whole or not at all, with the hash's expiry.
         for p in self.keys.partitions() {
             let key = self.keys.usage(p, hour);
+            let mine: Vec<&(KeyId, Vec<UsageCount>)> =
+                batch.iter().filter(|(id, _)| self.keys.partition_of(*id) == p).collect();
+            if mine.is_empty() {
+                continue;
+            }
             let mut pipe = redis::pipe();
-            let mut any = false;
-            for (id, counts) in batch.iter().filter(|(id, _)| self.keys.partition_of(*id) == p) {
+            pipe.atomic();
+            for (id, counts) in &mine {
                 for c in counts {
                     pipe.hincr(&key, format!("{id}:{}", c.code), c.count).ignore();
-                    any = true;
                 }
             }
-            if any {
-                pipe.expire(&key, USAGE_HOURS_KEPT * 3600).ignore();
-                let () = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            pipe.expire(&key, USAGE_HOURS_KEPT * 3600).ignore();
+            if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+                return Err(UsageWriteError { error: unavailable(e), written });
             }
+            written.extend(mine.iter().map(|(id, _)| *id));
         }
         Ok(())
     }

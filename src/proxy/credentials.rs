@@ -1,0 +1,232 @@
+//! Where a proxied request carries its credential (`--credential-sources`;
+//! README, "Protect an API without code"): `authorization` (with `Bearer`
+//! in any case, or no scheme), any header by name, matched without case,
+//! and `query:NAME`, off unless listed. Two different credentials in one
+//! request are refused, whichever sources they came from.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// The default: the conventions of the API-token systems keystile serves.
+pub const DEFAULT_SOURCES: &str = "authorization,x-api-key,x-api-token";
+
+/// One place a credential may be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// `Authorization: Bearer <credential>` or `Authorization: <credential>`;
+    /// another scheme (`Basic …`) is not a credential for keystile.
+    Authorization,
+    /// A header, lower case.
+    Header(String),
+    /// A query parameter.
+    Query(String),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Authorization => f.write_str("authorization"),
+            Source::Header(h) => f.write_str(h),
+            Source::Query(q) => write!(f, "query:{q}"),
+        }
+    }
+}
+
+/// The sources, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialSources(Vec<Source>);
+
+impl Default for CredentialSources {
+    fn default() -> Self {
+        DEFAULT_SOURCES.parse().expect("the default parses")
+    }
+}
+
+impl FromStr for CredentialSources {
+    type Err = Vec<String>;
+    fn from_str(s: &str) -> Result<Self, Vec<String>> {
+        let mut out = Vec::new();
+        let mut problems = Vec::new();
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let token = |t: &str| {
+                !t.is_empty() && t.len() <= 64 && t.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_".contains(&c))
+            };
+            let source = match item.strip_prefix("query:") {
+                Some(q) if token(q) => Source::Query(q.to_string()),
+                Some(_) => {
+                    problems.push(format!("{item:?}: a query parameter name is 1-64 characters of [A-Za-z0-9_-]"));
+                    continue;
+                }
+                None if item.eq_ignore_ascii_case("authorization") => Source::Authorization,
+                None if token(item) => Source::Header(item.to_ascii_lowercase()),
+                None => {
+                    problems.push(format!("{item:?}: expected authorization, a header name or query:NAME"));
+                    continue;
+                }
+            };
+            if !out.contains(&source) {
+                out.push(source);
+            }
+        }
+        if out.is_empty() && problems.is_empty() {
+            problems.push("at least one credential source is needed".to_string());
+        }
+        if problems.is_empty() { Ok(CredentialSources(out)) } else { Err(problems) }
+    }
+}
+
+impl fmt::Display for CredentialSources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, s) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{s}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A request's headers as each front end holds them.
+pub trait RequestHeaders {
+    /// Every value of header `name` (given in lower case; matched without
+    /// case).
+    fn values<'s>(&'s self, name: &str) -> impl Iterator<Item = &'s str>;
+    /// Every header name, as sent.
+    fn names(&self) -> impl Iterator<Item = &str>;
+}
+
+/// What the sources found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found<'a> {
+    None,
+    /// One credential (possibly sent in several places), and the first
+    /// source it was found in.
+    One(&'a str, usize),
+    /// Two different credentials.
+    Conflict,
+}
+
+impl CredentialSources {
+    pub fn sources(&self) -> &[Source] {
+        &self.0
+    }
+
+    /// The credential of a request with `headers` and `query` (the part
+    /// after `?`, as sent).
+    pub fn find<'a, H: RequestHeaders>(&self, headers: &'a H, query: &'a str) -> Found<'a> {
+        let mut found: Option<(&'a str, usize)> = None;
+        let mut conflict = false;
+        let mut take = |value: &'a str, i: usize| {
+            let v = bare(value);
+            if v.is_empty() {
+                return;
+            }
+            match found {
+                None => found = Some((v, i)),
+                Some((seen, _)) if seen == v => {}
+                Some(_) => conflict = true,
+            }
+        };
+        for (i, source) in self.0.iter().enumerate() {
+            match source {
+                Source::Authorization => {
+                    for v in headers.values("authorization") {
+                        if let Some(credential) = from_authorization(v) {
+                            take(credential, i);
+                        }
+                    }
+                }
+                Source::Header(name) => {
+                    for v in headers.values(name) {
+                        take(v, i);
+                    }
+                }
+                Source::Query(name) => {
+                    for pair in query.split('&') {
+                        if let Some((k, v)) = pair.split_once('=')
+                            && k == name
+                        {
+                            take(v, i);
+                        }
+                    }
+                }
+            }
+        }
+        match (found, conflict) {
+            (_, true) => Found::Conflict,
+            (Some((v, i)), false) => Found::One(v, i),
+            (None, false) => Found::None,
+        }
+    }
+}
+
+/// The credential of an `Authorization` value: after `Bearer` (any case),
+/// or the whole value when it has no scheme.
+fn from_authorization(value: &str) -> Option<&str> {
+    let v = value.trim();
+    match v.split_once(|c: char| c.is_ascii_whitespace()) {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => Some(rest.trim()),
+        Some(_) => None,
+        None => Some(v),
+    }
+}
+
+/// A value without surrounding blanks and a leading `Bearer ` (any case).
+fn bare(value: &str) -> &str {
+    let v = value.trim();
+    match v.split_once(|c: char| c.is_ascii_whitespace()) {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+        _ => v,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Map(Vec<(&'static str, &'static str)>);
+    impl RequestHeaders for Map {
+        fn values<'s>(&'s self, name: &str) -> impl Iterator<Item = &'s str> {
+            let name = name.to_string();
+            self.0.iter().filter(move |(k, _)| k.eq_ignore_ascii_case(&name)).map(|(_, v)| *v)
+        }
+        fn names(&self) -> impl Iterator<Item = &str> {
+            self.0.iter().map(|(k, _)| *k)
+        }
+    }
+
+    #[test]
+    fn sources_parse_and_report_every_problem() {
+        let s: CredentialSources = "authorization, X-Api-Key ,query:api_key".parse().unwrap();
+        assert_eq!(s.to_string(), "authorization,x-api-key,query:api_key");
+        let errs = "authorization,bad header,query:".parse::<CredentialSources>().unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!("".parse::<CredentialSources>().is_err());
+    }
+
+    #[test]
+    fn the_seed_conventions_are_found() {
+        let s = CredentialSources::default();
+        let cases: [(Vec<(&str, &str)>, Found); 7] = [
+            (vec![("Authorization", "Bearer ks_a")], Found::One("ks_a", 0)),
+            (vec![("authorization", "bEaReR   ks_a ")], Found::One("ks_a", 0)),
+            (vec![("Authorization", "ks_a")], Found::One("ks_a", 0)),
+            (vec![("Authorization", "Basic dXNlcjpwdw==")], Found::None),
+            (vec![("X-API-TOKEN", "Bearer ks_b")], Found::One("ks_b", 2)),
+            (vec![("x-api-key", "ks_a"), ("authorization", "Bearer ks_a")], Found::One("ks_a", 0)),
+            (vec![("x-api-key", "ks_a"), ("x-api-token", "ks_b")], Found::Conflict),
+        ];
+        for (headers, want) in cases {
+            assert_eq!(s.find(&Map(headers.clone()), ""), want, "{headers:?}");
+        }
+    }
+
+    #[test]
+    fn a_query_parameter_only_when_listed() {
+        let on: CredentialSources = "authorization,query:api_key".parse().unwrap();
+        assert_eq!(on.find(&Map(vec![]), "a=1&api_key=ks_q"), Found::One("ks_q", 1));
+        assert_eq!(CredentialSources::default().find(&Map(vec![]), "api_key=ks_q"), Found::None);
+        assert_eq!(on.find(&Map(vec![("authorization", "ks_h")]), "api_key=ks_q"), Found::Conflict);
+    }
+}

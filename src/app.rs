@@ -37,6 +37,8 @@ pub struct App {
     pub auth: Arc<Authenticator>,
     /// Key lifecycle.
     pub admin: Arc<Admin>,
+    /// The proxy front ends' engine (ext_authz, forward-auth).
+    pub gate: Arc<crate::proxy::Gate>,
 }
 
 impl App {
@@ -77,7 +79,8 @@ impl App {
             clock.clone(),
         ));
         let admin = Arc::new(Admin::new(store.clone(), records.clone(), limiter.clone(), &settings, clock.clone()));
-        App { settings, clock, metrics, store, records, limiter, tokens, usage, engine, auth, admin }
+        let gate = Arc::new(crate::proxy::Gate::new(engine.clone(), settings.proxy.clone()));
+        App { settings, clock, metrics, store, records, limiter, tokens, usage, engine, auth, admin, gate }
     }
 
     /// Mints a key with the admin scope (the dev key, `keys bootstrap`, the

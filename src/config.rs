@@ -46,9 +46,38 @@ pub struct ServeArgs {
     #[arg(long, env = "KEYSTILE_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
     /// Address of the HTTP listener (`POST /v1/auth/token`,
-    /// `/.well-known/jwks.json`); unset = off.
+    /// `/.well-known/jwks.json`, forward-auth on `/authz`); unset = off.
     #[arg(long, env = "KEYSTILE_HTTP_LISTEN")]
     pub http_listen: Option<String>,
+    /// Serve Envoy's ext_authz (`envoy.service.auth.v3.Authorization`) on
+    /// the gRPC port.
+    #[arg(long, env = "KEYSTILE_EXT_AUTHZ")]
+    pub ext_authz: bool,
+    /// Largest ext_authz CheckRequest (it carries every header).
+    #[arg(long, env = "KEYSTILE_EXT_AUTHZ_MAX_REQUEST_BYTES", default_value = "65536")]
+    pub ext_authz_max_request_bytes: String,
+    /// Where proxied requests carry their credential, in order:
+    /// `authorization` (Bearer or no scheme), header names, `query:NAME`.
+    #[arg(long, env = "KEYSTILE_CREDENTIAL_SOURCES", default_value = crate::proxy::credentials::DEFAULT_SOURCES)]
+    pub credential_sources: String,
+    /// TOML route table for the proxy front ends: hosts to tenants, method
+    /// and path prefix to scopes and limits.
+    #[arg(long, env = "KEYSTILE_ROUTES")]
+    pub routes: Option<PathBuf>,
+    /// Template of the proxy front ends' deny body, with {code}, {error},
+    /// {message}, {status} and {path}.
+    #[arg(long, env = "KEYSTILE_ERROR_BODY")]
+    pub error_body: Option<PathBuf>,
+    /// Remove the credential from the upstream request (ext_authz).
+    #[arg(long, env = "KEYSTILE_STRIP_CREDENTIAL")]
+    pub strip_credential: bool,
+    /// Proxies whose X-Forwarded-For entries are trusted: 0 = the client is
+    /// the connection's peer (ext_authz: Envoy's source address).
+    #[arg(long, env = "KEYSTILE_TRUSTED_HOPS", default_value = "0")]
+    pub trusted_hops: String,
+    /// The realm of the proxy front ends' WWW-Authenticate.
+    #[arg(long, env = "KEYSTILE_AUTH_REALM", default_value = "api")]
+    pub auth_realm: String,
     /// `iss` of the tokens this deployment issues, and the only one it
     /// accepts.
     #[arg(long, env = "KEYSTILE_JWT_ISSUER", default_value = "keystile")]
@@ -421,6 +450,63 @@ pub struct ServeConfig {
 impl ServeArgs {
     /// Token settings (README, "Token exchange"), signing key files read and
     /// checked; problems go to `errors`.
+    /// The proxy front ends' settings (README, "Protect an API without
+    /// code"): every problem of the sources, the routes file and the error
+    /// body reported, with the file it is in.
+    fn proxy_settings(&self, errors: &mut Vec<String>) -> crate::proxy::ProxySettings {
+        let mut proxy = crate::proxy::ProxySettings::default();
+        match self.credential_sources.parse() {
+            Ok(s) => proxy.sources = s,
+            Err(es) => errors.extend(es.into_iter().map(|e| format!("--credential-sources {e}"))),
+        }
+        let read = |flag: &str, path: &PathBuf, errors: &mut Vec<String>| -> Option<String> {
+            match std::fs::metadata(path) {
+                Ok(m) if m.len() > 1024 * 1024 => {
+                    errors.push(format!("--{flag} {}: larger than 1 MiB", path.display()));
+                    None
+                }
+                Ok(_) => std::fs::read_to_string(path)
+                    .map_err(|e| errors.push(format!("--{flag} {}: {e}", path.display())))
+                    .ok(),
+                Err(e) => {
+                    errors.push(format!("--{flag} {}: {e}", path.display()));
+                    None
+                }
+            }
+        };
+        if let Some(path) = &self.routes
+            && let Some(text) = read("routes", path, errors)
+        {
+            match crate::proxy::RouteTable::parse(&text) {
+                Ok(t) => proxy.routes = t,
+                Err(es) => errors.extend(es.into_iter().map(|e| format!("--routes {}: {e}", path.display()))),
+            }
+        }
+        if let Some(path) = &self.error_body
+            && let Some(text) = read("error-body", path, errors)
+        {
+            match crate::proxy::ErrorBody::parse(&text) {
+                Ok(b) => proxy.error_body = b,
+                Err(es) => errors.extend(es.into_iter().map(|e| format!("--error-body {}: {e}", path.display()))),
+            }
+        }
+        match self.trusted_hops.trim().parse::<u8>() {
+            Ok(n) if n <= 16 => proxy.trusted_hops = n,
+            _ => errors.push(format!("--trusted-hops {:?} must be a number from 0 to 16", self.trusted_hops)),
+        }
+        let realm = self.auth_realm.trim();
+        if realm.is_empty()
+            || realm.len() > 64
+            || !realm.bytes().all(|c| (b' '..=b'~').contains(&c) && c != b'"' && c != b'\\')
+        {
+            errors.push(format!("--auth-realm {realm:?} must be 1-64 printable ASCII characters without quotes"));
+        } else {
+            proxy.realm = realm.to_string();
+        }
+        proxy.strip_credential = self.strip_credential;
+        proxy
+    }
+
     fn token_settings(&self, errors: &mut Vec<String>) -> Option<TokenSettings> {
         let mut dur = |name: &str, v: &str| duration(v).map_err(|e| errors.push(format!("--{name} {v:?}: {e}"))).ok();
         let ttl = dur("jwt-ttl", &self.jwt_ttl);
@@ -560,6 +646,17 @@ impl ServeArgs {
             errors.push("--http-listen must differ from --listen and --metrics-listen".into());
         }
         let tokens = self.token_settings(&mut errors);
+        let proxy = self.proxy_settings(&mut errors);
+        let ext_authz_max_request_bytes = match self.ext_authz_max_request_bytes.trim().parse::<usize>() {
+            Ok(n) if (1024..=4 * 1024 * 1024).contains(&n) => n,
+            _ => {
+                errors.push(format!(
+                    "--ext-authz-max-request-bytes {:?} must be a number of bytes from 1024 to 4194304",
+                    self.ext_authz_max_request_bytes
+                ));
+                0
+            }
+        };
         let mut dur = |name: &str, v: &str| duration(v).map_err(|e| errors.push(format!("--{name} {v:?}: {e}"))).ok();
         let cache_ttl = dur("cache-ttl", &self.cache_ttl);
         let negative_ttl = dur("negative-ttl", &self.negative_ttl);
@@ -722,6 +819,7 @@ impl ServeArgs {
             store_timeout: store_timeout.unwrap_or_default(),
             allow_star_scope: self.allow_star_scope,
             tokens,
+            proxy,
         };
         Ok(ServeConfig {
             listen,
@@ -731,11 +829,16 @@ impl ServeArgs {
             dev: self.dev,
             engine,
             server: ServerOptions {
-                front_ends: if self.no_admin {
-                    vec![FrontEnd::Verifier, FrontEnd::TokenExchange]
-                } else {
-                    vec![FrontEnd::Verifier, FrontEnd::KeyAdmin, FrontEnd::TokenExchange]
-                },
+                front_ends: [
+                    Some(FrontEnd::Verifier),
+                    (!self.no_admin).then_some(FrontEnd::KeyAdmin),
+                    Some(FrontEnd::TokenExchange),
+                    self.ext_authz.then_some(FrontEnd::ExtAuthz),
+                ]
+                .into_iter()
+                .flatten()
+                .collect(),
+                ext_authz_max_request_bytes,
                 max_concurrent_streams,
                 max_inflight_per_connection,
                 max_connections: max_connections.unwrap_or(1),

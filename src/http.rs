@@ -6,6 +6,13 @@
 //!   `{"error", "message"}` with 400/401/403/429/503. The same exchange as
 //!   gRPC `TokenExchange`.
 //! - `GET /.well-known/jwks.json`: the published signing keys.
+//! - any method on `/authz` and below: forward-auth for nginx
+//!   `auth_request`, Traefik `ForwardAuth`, Caddy `forward_auth` and
+//!   Envoy's HTTP ext_authz (README, "Protect an API without code"), over
+//!   [`crate::proxy::Gate`]: the original method, host and URI from
+//!   `X-Original-Method`/`X-Original-URI` (nginx), `X-Forwarded-Method`/
+//!   `-Host`/`-Uri` (Traefik, Caddy) or the request itself (Envoy, which
+//!   appends the original path to `/authz`).
 //!
 //! Bodies are capped at 16 KiB; a call may take at most the request
 //! timeout. Converts at its edge, like the gRPC front ends.
@@ -17,14 +24,15 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::app::App;
+use crate::proxy::{Decision, Deny, Overrides, ProxyRequest, RequestHeaders};
 use crate::service::MAX_REQUEST_BYTES;
 use crate::token::exchange::{ExchangeError, ExchangeRequest, exchange};
 
@@ -111,7 +119,90 @@ async fn jwks(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn not_found() -> Response {
-    error(StatusCode::NOT_FOUND, "not_found", "no such endpoint: POST /v1/auth/token, GET /.well-known/jwks.json")
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint: POST /v1/auth/token, GET /.well-known/jwks.json, any method on /authz",
+    )
+}
+
+/// An axum request's headers, as the proxy core reads them.
+struct HttpHeaders<'a>(&'a HeaderMap);
+
+impl RequestHeaders for HttpHeaders<'_> {
+    fn values<'s>(&'s self, name: &str) -> impl Iterator<Item = &'s str> {
+        self.0.get_all(name).iter().filter_map(|v| v.to_str().ok())
+    }
+
+    fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(HeaderName::as_str)
+    }
+}
+
+/// The status and body of a deny travel in headers too: nginx's
+/// `auth_request` keeps only the headers of a subrequest's answer (and
+/// turns a 429 or 503 into its own 500), so its `error_page` location
+/// answers from `x-keystile-status` and `x-keystile-body` (`deploy/nginx/`).
+const STATUS_HEADER: &str = "x-keystile-status";
+const BODY_HEADER: &str = "x-keystile-body";
+
+fn deny_response(deny: Deny) -> Response {
+    let status = StatusCode::from_u16(deny.status).unwrap_or(StatusCode::FORBIDDEN);
+    let mut r = Response::new(axum::body::Body::from(deny.body.clone()));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    for (name, value) in deny.headers {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.append(HeaderName::from_static(name), v);
+        }
+    }
+    h.insert(STATUS_HEADER, HeaderValue::from(deny.status));
+    let flat: String = deny.body.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if let Ok(v) = HeaderValue::from_str(&flat) {
+        h.insert(BODY_HEADER, v);
+    }
+    r
+}
+
+async fn authz(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let first = |names: &[&str]| names.iter().find_map(|n| headers.get(*n).and_then(|v| v.to_str().ok()));
+    let own_path = match (uri.path().strip_prefix("/authz").unwrap_or(""), uri.query()) {
+        ("", None) => "/".to_string(),
+        ("", Some(q)) => format!("/?{q}"),
+        (p, None) => p.to_string(),
+        (p, Some(q)) => format!("{p}?{q}"),
+    };
+    let original_method = first(&["x-original-method", "x-forwarded-method"]).unwrap_or(method.as_str());
+    let path = first(&["x-original-uri", "x-forwarded-uri"]).unwrap_or(&own_path);
+    let host = first(&["x-forwarded-host", "host"]).unwrap_or("");
+    let view = HttpHeaders(&headers);
+    let req = ProxyRequest {
+        method: original_method,
+        host,
+        path,
+        headers: &view,
+        peer: Some(peer.ip().to_canonical()),
+        overrides: Overrides::default(),
+    };
+    match app.gate.check(&req).await {
+        Ok(Decision::Allow(allow)) => {
+            let mut r = StatusCode::OK.into_response();
+            let h = r.headers_mut();
+            for (name, value) in allow.upstream.into_iter().chain(allow.response) {
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    h.insert(HeaderName::from_static(name), v);
+                }
+            }
+            r
+        }
+        Ok(Decision::Deny(deny)) | Err(deny) => deny_response(deny),
+    }
 }
 
 /// The listener's routes.
@@ -119,6 +210,8 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/v1/auth/token", post(token))
         .route("/.well-known/jwks.json", get(jwks))
+        .route("/authz", any(authz))
+        .route("/authz/{*rest}", any(authz))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(app)

@@ -49,6 +49,8 @@ pub enum FrontEnd {
     KeyAdmin,
     /// `keystile.v1.TokenExchange` (when tokens are on).
     TokenExchange,
+    /// `envoy.service.auth.v3.Authorization` (`--ext-authz`).
+    ExtAuthz,
 }
 
 impl FrontEnd {
@@ -58,6 +60,7 @@ impl FrontEnd {
             FrontEnd::Verifier => "keystile.v1.Verifier",
             FrontEnd::KeyAdmin => "keystile.v1.KeyAdmin",
             FrontEnd::TokenExchange => "keystile.v1.TokenExchange",
+            FrontEnd::ExtAuthz => "envoy.service.auth.v3.Authorization",
         }
     }
 
@@ -65,6 +68,7 @@ impl FrontEnd {
     fn health_name(self) -> Option<&'static str> {
         match self {
             FrontEnd::Verifier => Some("keystile.v1.Verifier"),
+            FrontEnd::ExtAuthz => Some("envoy.service.auth.v3.Authorization"),
             FrontEnd::KeyAdmin | FrontEnd::TokenExchange => None,
         }
     }
@@ -120,6 +124,8 @@ pub struct ServerOptions {
     pub last_used_flush: Duration,
     /// TLS; `None` = plaintext.
     pub tls: Option<ServerTls>,
+    /// Largest ext_authz CheckRequest (it carries every header).
+    pub ext_authz_max_request_bytes: usize,
 }
 
 impl Default for ServerOptions {
@@ -134,6 +140,7 @@ impl Default for ServerOptions {
             shutdown_grace: Duration::from_secs(10),
             last_used_flush: Duration::from_secs(10),
             tls: None,
+            ext_authz_max_request_bytes: crate::service::ext_authz::DEFAULT_MAX_CHECK_BYTES,
         }
     }
 }
@@ -143,6 +150,7 @@ impl Default for ServerOptions {
 fn routes(
     app: &App,
     front_ends: &[FrontEnd],
+    ext_authz_max_request_bytes: usize,
     health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
 ) -> Routes {
     // Reflection lists what this port serves, and nothing it does not.
@@ -153,7 +161,8 @@ fn routes(
             .with_service_name("grpc.health.v1.Health")
             .with_service_name("grpc.reflection.v1.ServerReflection")
             .with_service_name("grpc.reflection.v1alpha.ServerReflection");
-        for front_end in front_ends {
+        // Envoy's descriptors are not embedded: ext_authz is not listed.
+        for front_end in front_ends.iter().filter(|f| **f != FrontEnd::ExtAuthz) {
             if *front_end != FrontEnd::TokenExchange || app.tokens.is_some() {
                 builder = builder.with_service_name(front_end.service_name());
             }
@@ -189,6 +198,12 @@ fn routes(
                 if let Some(tokens) = &app.tokens {
                     routes.add_service(ExchangeService::new(app.auth.clone(), tokens.clone()).into_server());
                 }
+            }
+            FrontEnd::ExtAuthz => {
+                routes.add_service(
+                    crate::service::ext_authz::ExtAuthzService::new(app.gate.clone())
+                        .into_server(ext_authz_max_request_bytes),
+                );
             }
         }
     }
@@ -249,7 +264,7 @@ pub async fn serve(
         .layer(crate::service::limits::StreamCapLayer)
         .layer(crate::service::load::EndWatchesLayer::new(stop.clone()))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_routes(routes(&app, &options.front_ends, health_service));
+        .add_routes(routes(&app, &options.front_ends, options.ext_authz_max_request_bytes, health_service));
 
     let served = router.serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
     let grace = options.shutdown_grace;

@@ -56,6 +56,9 @@ pub struct EngineSettings {
     /// Tokens exchanged for keys (README, "Token exchange"); `None` = a
     /// token is just a malformed key.
     pub tokens: Option<TokenSettings>,
+    /// How the proxy front ends (ext_authz, forward-auth) read requests and
+    /// answer (README, "Protect an API without code").
+    pub proxy: crate::proxy::ProxySettings,
 }
 
 impl EngineSettings {
@@ -71,6 +74,7 @@ impl EngineSettings {
             store_timeout: Duration::from_millis(50),
             allow_star_scope: false,
             tokens: Some(TokenSettings::default()),
+            proxy: crate::proxy::ProxySettings::default(),
         }
     }
 }

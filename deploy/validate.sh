@@ -225,6 +225,64 @@ EOF2
   echo "OK sentinel/: ${#overlay_objects[@]} object file(s) valid, patches target the base"
 )
 
+# --- the Istio overlay ---------------------------------------------------------
+# Istio's objects are custom resources the bundled schemas do not know: each
+# is checked for the kind, apiVersion and fields keystile relies on (the
+# ServiceEntry to the in-pod sidecar, a CUSTOM AuthorizationPolicy naming
+# the provider, the provider itself failing closed), and the kustomization
+# like the Sentinel one's.
+echo "== istio/ overlay"
+(
+  cd istio
+  "$PY" - <<'EOF3' || die "istio overlay: check failed"
+import glob, os, sys, yaml
+errors = []
+def load(name):
+    with open(name) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+k = load("kustomization.yaml")[0]
+resources = k.get("resources") or []
+for r in resources:
+    if r != "../" and not os.path.isfile(r):
+        errors.append(f"istio/kustomization.yaml: {r} does not exist")
+for p in (x.get("path") for x in k.get("patches") or []):
+    if not os.path.isfile(p):
+        errors.append(f"istio/kustomization.yaml: patch {p} does not exist")
+expect = {
+    "serviceentry.yaml": ("networking.istio.io/v1", "ServiceEntry"),
+    "authorizationpolicy.yaml": ("security.istio.io/v1", "AuthorizationPolicy"),
+}
+for name, (api, kind) in expect.items():
+    if name not in resources:
+        errors.append(f"istio/kustomization.yaml: does not list {name}")
+    (doc,) = load(name)
+    if (doc.get("apiVersion"), doc.get("kind")) != (api, kind):
+        errors.append(f"istio/{name}: expected {api} {kind}")
+    if "namespace" in (doc.get("metadata") or {}):
+        errors.append(f"istio/{name}: sets a namespace")
+se = load("serviceentry.yaml")[0]["spec"]
+if se.get("hosts") != ["keystile.local"] or se.get("resolution") != "STATIC" \
+        or [e.get("address") for e in se.get("endpoints", [])] != ["127.0.0.1"] \
+        or [p.get("number") for p in se.get("ports", [])] != [50051]:
+    errors.append("istio/serviceentry.yaml: keystile.local must resolve STATIC to 127.0.0.1:50051")
+ap = load("authorizationpolicy.yaml")[0]["spec"]
+if ap.get("action") != "CUSTOM" or (ap.get("provider") or {}).get("name") != "keystile":
+    errors.append("istio/authorizationpolicy.yaml: action CUSTOM with provider keystile")
+mesh = load("meshconfig.yaml")[0]
+providers = {p["name"]: p for p in mesh["spec"]["meshConfig"]["extensionProviders"]}
+grpc = (providers.get("keystile") or {}).get("envoyExtAuthzGrpc") or {}
+if (grpc.get("service"), grpc.get("port"), grpc.get("failOpen"), grpc.get("timeout")) != ("keystile.local", 50051, False, "0.5s"):
+    errors.append("istio/meshconfig.yaml: provider keystile: envoyExtAuthzGrpc keystile.local:50051, timeout 0.5s, failOpen false")
+patch = load("configmap.patch.yaml")[0]
+if (patch.get("kind"), patch["metadata"]["name"], patch["data"].get("KEYSTILE_EXT_AUTHZ")) != ("ConfigMap", "keystile-config", "true"):
+    errors.append("istio/configmap.patch.yaml: must turn KEYSTILE_EXT_AUTHZ on in keystile-config")
+for e in errors:
+    print("ERROR", e)
+sys.exit(1 if errors else 0)
+EOF3
+  echo "OK istio/: ServiceEntry, AuthorizationPolicy, provider and patch as keystile needs them"
+)
+
 # --- canary: strict mode must reject an unknown field -----------------------
 echo "== canary: a misspelled field must be rejected"
 canary_dir="$(mktemp -d)"

@@ -595,3 +595,68 @@ async fn key_kinds_and_usage_through_the_cli() {
     let table = String::from_utf8(sidecar.keys(&["get", &id]).stdout).unwrap();
     assert!(table.contains("publishable") && table.contains("VALID 1"), "{table}");
 }
+
+/// The proxy front ends through the binary (README, "Protect an API
+/// without code"): every bad setting reported at once, quoting its value;
+/// then ext_authz and forward-auth served.
+#[tokio::test]
+async fn proxy_front_ends_through_the_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad_routes = dir.path().join("bad.toml");
+    std::fs::write(&bad_routes, "[[hosts]]\npattern = \"a_b.example.com\"\n[[routes]]\npath_prefix = \"v1\"\n")
+        .unwrap();
+    let bad_body = dir.path().join("bad.json");
+    std::fs::write(&bad_body, r#"{"oops": "{stauts}"}"#).unwrap();
+    let out = Command::new(BIN)
+        .args(["config", "check", "--dev", "--ext-authz", "--routes"])
+        .arg(&bad_routes)
+        .arg("--error-body")
+        .arg(&bad_body)
+        .args(["--credential-sources", "authorization,bad header", "--trusted-hops", "99"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in ["a_b", "\"v1\"", "{stauts}", "bad header", "--trusted-hops \"99\"", "5 problems"] {
+        assert!(err.contains(needle), "{needle:?} in {err}");
+    }
+
+    let routes = dir.path().join("routes.toml");
+    std::fs::write(
+        &routes,
+        "[[routes]]\npath_prefix = \"/admin\"\nscopes = [\"keystile:admin\"]\n[default]\nscopes = [\"api:read\"]\n",
+    )
+    .unwrap();
+    let http_port = free_port();
+    let http_listen = format!("127.0.0.1:{http_port}");
+    let sidecar = Sidecar::start(
+        &["--dev", "--ext-authz", "--http-listen", &http_listen, "--routes", routes.to_str().unwrap()],
+        &[],
+    );
+    sidecar.wait_ready().await;
+    let admin = sidecar.admin_key.clone();
+    let bearer = format!("Bearer {admin}");
+    let ask = |uri: &str| {
+        http(
+            &http_listen,
+            "GET",
+            "/authz",
+            &[("X-Original-URI", uri), ("X-Original-Method", "GET"), ("Authorization", &bearer)],
+        )
+    };
+    let r = ask("/admin/keys");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.header("x-keystile-key-id").is_some());
+    let r = ask("/v1/users");
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (403, Some("insufficient_scope")),
+        "the default route needs api:read"
+    );
+
+    // ext_authz answers on the gRPC port.
+    let channel = channel(&sidecar).await;
+    let mut client = envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::new(channel);
+    let r = client.check(envoy_types::ext_authz::v3::pb::CheckRequest::default()).await.unwrap_err();
+    assert_eq!(r.code(), tonic::Code::InvalidArgument, "a CheckRequest without an HTTP request");
+}

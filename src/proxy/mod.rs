@@ -228,12 +228,13 @@ impl Gate {
             upstream.push((TENANT, key_tenant.clone()));
         }
         for name in req.headers.names() {
-            let lower = name.to_ascii_lowercase();
-            if lower.starts_with(IDENTITY_PREFIX)
-                && !upstream.iter().any(|(n, _)| *n == lower)
-                && !remove_upstream.contains(&lower)
-            {
-                remove_upstream.push(lower);
+            let identity = name.len() > IDENTITY_PREFIX.len()
+                && name.as_bytes()[..IDENTITY_PREFIX.len()].eq_ignore_ascii_case(IDENTITY_PREFIX.as_bytes());
+            if identity {
+                let lower = name.to_ascii_lowercase();
+                if !upstream.iter().any(|(n, _)| *n == lower) && !remove_upstream.contains(&lower) {
+                    remove_upstream.push(lower);
+                }
             }
         }
         let mut remove_query = None;

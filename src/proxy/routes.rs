@@ -242,8 +242,12 @@ fn requirement_problems(at: &str, needs: &Requirements, problems: &mut Vec<Strin
 /// `..` segments resolved (also when written `%2e`), repeated slashes
 /// collapsed, so `/v1/public/../../admin` is matched as `/admin`, as the
 /// upstream will read it.
-pub fn normalise_path(raw: &str) -> String {
+pub fn normalise_path(raw: &str) -> std::borrow::Cow<'_, str> {
     let path = raw.split(['?', '#']).next().unwrap_or("");
+    // The common case has nothing to resolve: no copy.
+    if path.starts_with('/') && !path.contains("//") && !path.contains("/.") && !path.contains('%') {
+        return std::borrow::Cow::Borrowed(path);
+    }
     let mut out: Vec<String> = Vec::new();
     for seg in path.split('/') {
         let decoded = seg.replace("%2e", ".").replace("%2E", ".");
@@ -263,7 +267,7 @@ pub fn normalise_path(raw: &str) -> String {
     if p.is_empty() || (path.ends_with('/') && !out.is_empty()) {
         p.push('/');
     }
-    p
+    std::borrow::Cow::Owned(p)
 }
 
 #[cfg(test)]

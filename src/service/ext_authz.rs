@@ -51,10 +51,17 @@ struct CheckHeaders<'a> {
 
 impl RequestHeaders for CheckHeaders<'_> {
     fn values<'s>(&'s self, name: &str) -> impl Iterator<Item = &'s str> {
-        let wanted = name.to_string();
-        let from_map = self.map.iter().filter(move |(k, _)| k.eq_ignore_ascii_case(&wanted)).map(|(_, v)| v.as_str());
-        let wanted = name.to_string();
-        let from_raw = self.raw.iter().filter(move |h| h.key.eq_ignore_ascii_case(&wanted)).filter_map(|h| {
+        // Envoy writes header names in lower case: one lookup, and a scan
+        // without case only for a map written by someone else.
+        let exact = self.map.get(name).map(String::as_str);
+        let other_case = exact.is_none() && self.map.keys().any(|k| k.bytes().any(|c| c.is_ascii_uppercase()));
+        let from_map = exact.into_iter().chain(
+            self.map
+                .iter()
+                .filter(move |(k, _)| other_case && k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str()),
+        );
+        let from_raw = self.raw.iter().filter(move |h| h.key.eq_ignore_ascii_case(name)).filter_map(|h| {
             // raw_value is bytes; only UTF-8 values can be credentials.
             if h.value.is_empty() { std::str::from_utf8(&h.raw_value).ok() } else { Some(h.value.as_str()) }
         });

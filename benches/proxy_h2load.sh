@@ -8,7 +8,8 @@
 #   2. ext_authz Check with a cached key: a CheckRequest as Envoy sends it
 #      (source address, method, host, path and 12 headers, the key in
 #      `authorization`);
-#   3. forward-auth GET /authz over HTTP/1.1 keep-alive, as nginx asks.
+#   3. forward-auth GET /authz over HTTP/1.1 keep-alive, as nginx asks;
+#   4. keystile.v1.Verifier/Verify of the same key, for comparison.
 #
 # For each: h2load's summary and the server CPU per call from
 # /proc/PID/stat; at the end, Check ÷ Health in requests per second and in
@@ -24,16 +25,16 @@ B="${B:-target/release/keystile}"
 N="${N:-50000}"; C="${C:-4}"; M="${M:-16}"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 port="$(free_port)"; hport="$(free_port)"
-out="$(mktemp)"; check="$(mktemp)"; health="$(mktemp)"; results="$(mktemp)"
+out="$(mktemp)"; check="$(mktemp)"; health="$(mktemp)"; verify="$(mktemp)"; results="$(mktemp)"
 taskset -c 0 "$B" serve --dev --workers 1 --listen "127.0.0.1:$port" --http-listen "127.0.0.1:$hport" \
   --ext-authz --failed-attempts-per-minute 0 >"$out" 2>/dev/null &
 pid=$!
-trap 'kill $pid 2>/dev/null; rm -f "$out" "$check" "$health" "$results"' EXIT
+trap 'kill $pid 2>/dev/null; rm -f "$out" "$check" "$health" "$verify" "$results"' EXIT
 for _ in $(seq 100); do [ -s "$out" ] && break; sleep 0.05; done
 export KEYSTILE_ADMIN_KEY="$(head -n 1 "$out" | cut -d= -f2)"
 key="$("$B" keys create --server "http://127.0.0.1:$port" --name api-client --scope api:read --quiet)"
 
-python3 - "$key" "$check" "$health" <<'PY'
+python3 - "$key" "$check" "$health" "$verify" <<'PY'
 import struct, sys
 
 def varint(n):
@@ -67,6 +68,8 @@ attributes = field(1, source) + field(4, field(2, http))
 msg = field(1, attributes)
 open(sys.argv[2], "wb").write(b"\x00" + struct.pack(">I", len(msg)) + msg)
 open(sys.argv[3], "wb").write(b"\x00" + struct.pack(">I", 0))
+verify = s(1, key) + s(2, "203.0.113.9") + s(3, "api:read")
+open(sys.argv[4], "wb").write(b"\x00" + struct.pack(">I", len(verify)) + verify)
 print(f"CheckRequest: {len(msg)} bytes")
 PY
 
@@ -87,6 +90,8 @@ run check "${grpc[@]}" -d "$check" "http://127.0.0.1:$port/envoy.service.auth.v3
 echo "== 3. forward-auth GET /authz, HTTP/1.1 keep-alive"
 run authz --h1 -n "$N" -c "$C" -H "x-api-key: $key" -H 'x-original-uri: /v1/users' -H 'x-original-method: GET' \
   -H 'x-forwarded-host: api.example.com' "http://127.0.0.1:$hport/authz" 2>&1 | grep -E "finished in|requests:|status codes" || true
+echo "== 4. keystile.v1.Verifier/Verify, cached key (for comparison)"
+run verify "${grpc[@]}" -d "$verify" "http://127.0.0.1:$port/keystile.v1.Verifier/Verify" 2>&1 | grep -E "finished in|requests:|status codes" || true
 
 python3 - "$results" <<'PY'
 import sys
@@ -98,4 +103,5 @@ for line in open(sys.argv[1]):
 for name in rps:
     print(f"{name:7} {rps[name]:>10.0f} req/s   server CPU per call {cpu[name]:6.1f} µs")
 print(f"Check ÷ Health: {rps['check'] / rps['health']:.2f} in req/s, {cpu['health'] / cpu['check']:.2f} in CPU per call (inverse)")
+print(f"Verify ÷ Health: {rps['verify'] / rps['health']:.2f} in req/s")
 PY

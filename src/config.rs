@@ -75,6 +75,15 @@ pub struct ServeArgs {
     /// the connection's peer (ext_authz: Envoy's source address).
     #[arg(long, env = "KEYSTILE_TRUSTED_HOPS", default_value = "0")]
     pub trusted_hops: String,
+    /// Forward-auth peers (the proxy in front) whose X-Forwarded-For is
+    /// believed with --trusted-hops; CIDRs or addresses.
+    #[arg(long, env = "KEYSTILE_TRUSTED_PROXIES", value_delimiter = ',', default_value = "127.0.0.0/8,::1/128")]
+    pub trusted_proxies: Vec<String>,
+    /// Which headers name the original request on /authz: x-original
+    /// (nginx), x-forwarded (Traefik, Caddy) or request (Envoy's HTTP
+    /// ext_authz).
+    #[arg(long, env = "KEYSTILE_FORWARD_AUTH_HEADERS", default_value = "x-original")]
+    pub forward_auth_headers: String,
     /// The realm of the proxy front ends' WWW-Authenticate.
     #[arg(long, env = "KEYSTILE_AUTH_REALM", default_value = "api")]
     pub auth_realm: String,
@@ -504,6 +513,18 @@ impl ServeArgs {
             proxy.realm = realm.to_string();
         }
         proxy.strip_credential = self.strip_credential;
+        match self.forward_auth_headers.parse() {
+            Ok(h) => proxy.forward_auth_headers = h,
+            Err(e) => errors.push(format!("--forward-auth-headers {e}")),
+        }
+        let mut proxies = Vec::new();
+        for p in self.trusted_proxies.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
+            match p.parse::<ipnet::IpNet>().or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from)) {
+                Ok(net) => proxies.push(net),
+                Err(_) => errors.push(format!("--trusted-proxies {p:?} is not a CIDR or an address")),
+            }
+        }
+        proxy.trusted_proxies = proxies;
         proxy
     }
 
@@ -744,6 +765,17 @@ impl ServeArgs {
         // An empty KEYSTILE_PEPPER is no pepper (a template left blank).
         let inline = self.pepper.as_ref().filter(|p| !p.expose().trim().is_empty());
         let mut warnings = Vec::new();
+        if http_listen.is_some()
+            && self.routes.is_some()
+            && proxy.trusted_hops == 0
+            && proxy.forward_auth_headers != crate::proxy::ForwardAuthHeaders::Request
+        {
+            warnings.push(
+                "forward-auth on /authz sees the proxy's own address as every client's (IP allowlists and \
+                 failed-attempt shedding apply to the proxy): behind nginx, Traefik or Caddy run with --trusted-hops 1"
+                    .to_string(),
+            );
+        }
         if let Some(p) = inline
             && std::env::var("KEYSTILE_PEPPER").ok().as_deref() != Some(p.expose())
         {

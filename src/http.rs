@@ -32,7 +32,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::app::App;
-use crate::proxy::{Decision, Deny, Overrides, ProxyRequest, RequestHeaders};
+use crate::proxy::{Decision, Deny, ForwardAuthHeaders, Overrides, ProxyRequest, RequestHeaders};
 use crate::service::MAX_REQUEST_BYTES;
 use crate::token::exchange::{ExchangeError, ExchangeRequest, exchange};
 
@@ -171,23 +171,36 @@ async fn authz(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let first = |names: &[&str]| names.iter().find_map(|n| headers.get(*n).and_then(|v| v.to_str().ok()));
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let own_path = match (uri.path().strip_prefix("/authz").unwrap_or(""), uri.query()) {
         ("", None) => "/".to_string(),
         ("", Some(q)) => format!("/?{q}"),
         (p, None) => p.to_string(),
         (p, Some(q)) => format!("{p}?{q}"),
     };
-    let original_method = first(&["x-original-method", "x-forwarded-method"]).unwrap_or(method.as_str());
-    let path = first(&["x-original-uri", "x-forwarded-uri"]).unwrap_or(&own_path);
-    let host = first(&["x-forwarded-host", "host"]).unwrap_or("");
+    // One header set, the one the configured proxy writes itself.
+    let (original_method, path, host) = match app.gate.settings().forward_auth_headers {
+        ForwardAuthHeaders::XOriginal => (
+            header("x-original-method").unwrap_or(method.as_str()),
+            header("x-original-uri").unwrap_or(&own_path),
+            header("x-forwarded-host").or(header("host")).unwrap_or(""),
+        ),
+        ForwardAuthHeaders::XForwarded => (
+            header("x-forwarded-method").unwrap_or(method.as_str()),
+            header("x-forwarded-uri").unwrap_or(&own_path),
+            header("x-forwarded-host").or(header("host")).unwrap_or(""),
+        ),
+        ForwardAuthHeaders::Request => (method.as_str(), own_path.as_str(), header("host").unwrap_or("")),
+    };
     let view = HttpHeaders(&headers);
+    let peer = peer.ip().to_canonical();
     let req = ProxyRequest {
         method: original_method,
         host,
         path,
         headers: &view,
-        peer: Some(peer.ip().to_canonical()),
+        peer: Some(peer),
+        peer_is_proxy: app.gate.is_trusted_proxy(peer),
         overrides: Overrides::default(),
     };
     match app.gate.check(&req).await {

@@ -201,14 +201,35 @@ async fn ext_authz_allows_with_identity_and_denies_with_the_verdicts_status() {
     let (status, _, body) = denied(&r);
     assert_eq!((status, body["error"].as_str()), (403, Some("wrong_tenant")));
 
-    // No credential, and a malformed one: 401 with WWW-Authenticate.
-    for headers in [vec![], vec![("authorization", "Bearer nope")]] {
+    // No credential, and a malformed one: 401 with WWW-Authenticate
+    // (RFC 6750: no error code when none was sent).
+    for (headers, challenge) in [
+        (vec![], "Bearer realm=\"api\""),
+        (vec![("authorization", "Bearer nope")], "Bearer realm=\"api\", error=\"invalid_token\""),
+    ] {
         let r = check(&s.server, check_request("GET", host, "/v1/users", &headers, &[])).await.unwrap();
         let (status, h, body) = denied(&r);
         assert_eq!((status, body["error"].as_str()), (401, Some("invalid_api_key")));
-        assert_eq!(h["www-authenticate"], "Bearer realm=\"api\", error=\"invalid_token\"");
+        assert_eq!(h["www-authenticate"], challenge);
         assert_eq!(r.status.as_ref().unwrap().code, tonic::Code::Unauthenticated as i32);
     }
+
+    // Paths are matched as the API reads them: encoded letters, `;`
+    // parameters and dot segments do not dodge the export route's scope;
+    // an encoded slash is refused.
+    for path in ["/v1/%65xport", "/v1/public/..;/export", "/v1/x/../export/", "/v1//export"] {
+        let r = check(&s.server, check_request("POST", host, path, &[("x-api-key", &key)], &[])).await.unwrap();
+        let (status, _, body) = denied(&r);
+        assert_eq!((status, body["error"].as_str()), (403, Some("insufficient_scope")), "{path}");
+    }
+    let r = check(&s.server, check_request("POST", host, "/v1%2Fexport", &[("x-api-key", &key)], &[])).await.unwrap();
+    let (status, _, body) = denied(&r);
+    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_request")));
+    // A host no pattern places names no tenant: refused, not "any tenant".
+    let r = check(&s.server, check_request("GET", "x.acme.api.example.com", "/v1/users", &[("x-api-key", &key)], &[]))
+        .await
+        .unwrap();
+    assert_eq!(denied(&r).2["error"], "wrong_tenant");
 
     // The seed's headers: X-API-TOKEN in upper case with Bearer.
     let r = check(&s.server, check_request("GET", host, "/v1/users", &[("X-API-TOKEN", &bearer)], &[])).await.unwrap();
@@ -244,6 +265,23 @@ async fn ext_authz_allows_with_identity_and_denies_with_the_verdicts_status() {
 async fn ext_authz_has_its_own_size_cap_and_strips_credentials() {
     let s = setup(ProxySettings { strip_credential: true, ..routed() }).await;
     let (key, _) = acme_key(&s.server, &["api:read"]).await;
+    // The same key in two places: both stripped.
+    let bearer = format!("Bearer {key}");
+    let two = [("x-api-key", key.as_str()), ("authorization", bearer.as_str())];
+    let r = check(&s.server, check_request("GET", "acme.api.example.com", "/v1/a", &two, &[])).await.unwrap();
+    let Some(HttpResponse::OkResponse(ok)) = &r.http_response else { panic!("{r:?}") };
+    assert!(ok.headers_to_remove.contains(&"x-api-key".to_string()), "{:?}", ok.headers_to_remove);
+    assert!(ok.headers_to_remove.contains(&"authorization".to_string()), "{:?}", ok.headers_to_remove);
+    // A key without scopes: the empty scopes header is removed, not set.
+    let mut admin = s.server.admin().await;
+    let (bare, _) = create(&mut admin, proto::CreateKeyRequest { tenant: "acme".into(), ..create_req("bare") }).await;
+    let ext = [("keystile.scopes", "")];
+    let r = check(&s.server, check_request("GET", "acme.api.example.com", "/v1/a", &[("x-api-key", &bare)], &ext))
+        .await
+        .unwrap();
+    let Some(HttpResponse::OkResponse(ok)) = &r.http_response else { panic!("{r:?}") };
+    assert!(ok.headers_to_remove.contains(&"x-keystile-scopes".to_string()));
+    assert!(!headers_of(&ok.headers).contains_key("x-keystile-scopes"));
     // 40 KiB of headers: over the 16 KiB of keystile's own services, within
     // ext_authz's 64 KiB.
     let big = "x".repeat(40 * 1024);
@@ -265,7 +303,12 @@ async fn ext_authz_has_its_own_size_cap_and_strips_credentials() {
 /// costs no store access.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forward_auth_with_traefik_headers() {
-    let s = setup(ProxySettings { trusted_hops: 1, ..routed() }).await;
+    let s = setup(ProxySettings {
+        trusted_hops: 1,
+        forward_auth_headers: keystile::proxy::ForwardAuthHeaders::XForwarded,
+        ..routed()
+    })
+    .await;
     let mut admin = s.server.admin().await;
     let req = proto::CreateKeyRequest {
         tenant: "acme".into(),
@@ -288,6 +331,59 @@ async fn forward_auth_with_traefik_headers() {
     assert_eq!(outside.json()["error"], "ip_not_allowed");
     assert_eq!(outside.header("x-keystile-status"), Some("403"));
     assert_eq!(outside.header("content-type"), Some("application/json"));
+
+    // A client cannot name another path in the header set Traefik does
+    // not write: X-Original-URI is not read in x-forwarded mode.
+    let addr = s.http.clone();
+    let key3 = key.clone();
+    let forged = tokio::task::spawn_blocking(move || {
+        http(
+            &addr,
+            "GET",
+            "/authz",
+            &[
+                ("X-Forwarded-Method", "POST"),
+                ("X-Forwarded-Host", "acme.api.example.com"),
+                ("X-Forwarded-Uri", "/v1/export"),
+                ("X-Forwarded-For", "198.51.100.7"),
+                ("X-Original-URI", "/health"),
+                ("X-Original-Method", "GET"),
+                ("X-Api-Key", &key3),
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!((forged.status, forged.json()["error"].as_str()), (403, Some("insufficient_scope")));
+
+    // Requests with no credential at all are no failed attempts: many of
+    // them from one address leave that address's unknown keys unshed.
+    let addr = s.http.clone();
+    tokio::task::spawn_blocking(move || {
+        for _ in 0..40 {
+            let r = http(
+                &addr,
+                "OPTIONS",
+                "/authz",
+                &[("X-Forwarded-Uri", "/v1/users"), ("X-Forwarded-For", "198.51.100.9")],
+            );
+            assert_eq!(r.status, 401);
+            assert_eq!(r.header("www-authenticate"), Some("Bearer realm=\"api\""));
+        }
+    })
+    .await
+    .unwrap();
+    let (fresh, _) = {
+        let mut admin = s.server.admin().await;
+        let req = proto::CreateKeyRequest {
+            tenant: "acme".into(),
+            scopes: vec!["api:read".into()],
+            ..create_req("not yet cached")
+        };
+        create(&mut admin, req).await
+    };
+    let ok = ask(fresh, "198.51.100.9", "/v1/users").await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
 
     // Envoy's HTTP ext_authz: the original path appended to /authz.
     let addr = s.http.clone();
@@ -531,4 +627,40 @@ async fn a_configured_error_body_shapes_every_deny() {
     assert_eq!(body["data"]["httpStatus"], 401);
     assert_eq!(body["data"]["path"], "/v1/users", "the path, never the query");
     assert_eq!(r.header("x-keystile-body").map(|b| serde_json::from_str::<serde_json::Value>(b).unwrap()), Some(body));
+}
+
+/// X-Forwarded-For is believed only from a trusted proxy: from anyone else
+/// the peer's own address is the client's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_only_from_trusted_proxies() {
+    let s = setup(ProxySettings { trusted_hops: 1, trusted_proxies: vec![], ..routed() }).await;
+    let mut admin = s.server.admin().await;
+    let req = proto::CreateKeyRequest {
+        tenant: "acme".into(),
+        scopes: vec!["api:read".into()],
+        ip_allowlist: vec!["198.51.100.0/24".into()],
+        ..create_req("office only")
+    };
+    let (key, _) = create(&mut admin, req).await;
+    let addr = s.http.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        http(
+            &addr,
+            "GET",
+            "/authz",
+            &[
+                ("X-Original-URI", "/v1/users"),
+                ("X-Forwarded-Host", "acme.api.example.com"),
+                ("X-Forwarded-For", "198.51.100.7"),
+                ("X-Api-Key", &key),
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (403, Some("ip_not_allowed")),
+        "the peer (127.0.0.1) is the client"
+    );
 }

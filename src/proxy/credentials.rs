@@ -71,6 +71,9 @@ impl FromStr for CredentialSources {
         if out.is_empty() && problems.is_empty() {
             problems.push("at least one credential source is needed".to_string());
         }
+        if out.len() > 16 {
+            problems.push("at most 16 credential sources".to_string());
+        }
         if problems.is_empty() { Ok(CredentialSources(out)) } else { Err(problems) }
     }
 }
@@ -100,9 +103,9 @@ pub trait RequestHeaders {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Found<'a> {
     None,
-    /// One credential (possibly sent in several places), and the first
-    /// source it was found in.
-    One(&'a str, usize),
+    /// One credential (possibly sent in several places), and the sources
+    /// it was found in (bit `i` = source `i`).
+    One(&'a str, u64),
     /// Two different credentials.
     Conflict,
 }
@@ -115,16 +118,17 @@ impl CredentialSources {
     /// The credential of a request with `headers` and `query` (the part
     /// after `?`, as sent).
     pub fn find<'a, H: RequestHeaders>(&self, headers: &'a H, query: &'a str) -> Found<'a> {
-        let mut found: Option<(&'a str, usize)> = None;
+        let mut found: Option<(&'a str, u64)> = None;
         let mut conflict = false;
         let mut take = |value: &'a str, i: usize| {
             let v = bare(value);
             if v.is_empty() {
                 return;
             }
-            match found {
-                None => found = Some((v, i)),
-                Some((seen, _)) if seen == v => {}
+            let bit = 1u64 << i.min(63);
+            match &mut found {
+                None => found = Some((v, bit)),
+                Some((seen, mask)) if *seen == v => *mask |= bit,
                 Some(_) => conflict = true,
             }
         };
@@ -155,7 +159,7 @@ impl CredentialSources {
         }
         match (found, conflict) {
             (_, true) => Found::Conflict,
-            (Some((v, i)), false) => Found::One(v, i),
+            (Some((v, mask)), false) => Found::One(v, mask),
             (None, false) => Found::None,
         }
     }
@@ -209,12 +213,12 @@ mod tests {
     fn the_seed_conventions_are_found() {
         let s = CredentialSources::default();
         let cases: [(Vec<(&str, &str)>, Found); 7] = [
-            (vec![("Authorization", "Bearer ks_a")], Found::One("ks_a", 0)),
-            (vec![("authorization", "bEaReR   ks_a ")], Found::One("ks_a", 0)),
-            (vec![("Authorization", "ks_a")], Found::One("ks_a", 0)),
+            (vec![("Authorization", "Bearer ks_a")], Found::One("ks_a", 0b1)),
+            (vec![("authorization", "bEaReR   ks_a ")], Found::One("ks_a", 0b1)),
+            (vec![("Authorization", "ks_a")], Found::One("ks_a", 0b1)),
             (vec![("Authorization", "Basic dXNlcjpwdw==")], Found::None),
-            (vec![("X-API-TOKEN", "Bearer ks_b")], Found::One("ks_b", 2)),
-            (vec![("x-api-key", "ks_a"), ("authorization", "Bearer ks_a")], Found::One("ks_a", 0)),
+            (vec![("X-API-TOKEN", "Bearer ks_b")], Found::One("ks_b", 0b100)),
+            (vec![("x-api-key", "ks_a"), ("authorization", "Bearer ks_a")], Found::One("ks_a", 0b11)),
             (vec![("x-api-key", "ks_a"), ("x-api-token", "ks_b")], Found::Conflict),
         ];
         for (headers, want) in cases {
@@ -225,7 +229,7 @@ mod tests {
     #[test]
     fn a_query_parameter_only_when_listed() {
         let on: CredentialSources = "authorization,query:api_key".parse().unwrap();
-        assert_eq!(on.find(&Map(vec![]), "a=1&api_key=ks_q"), Found::One("ks_q", 1));
+        assert_eq!(on.find(&Map(vec![]), "a=1&api_key=ks_q"), Found::One("ks_q", 0b10));
         assert_eq!(CredentialSources::default().find(&Map(vec![]), "api_key=ks_q"), Found::None);
         assert_eq!(on.find(&Map(vec![("authorization", "ks_h")]), "api_key=ks_q"), Found::Conflict);
     }

@@ -49,6 +49,42 @@ pub struct ProxySettings {
     pub trusted_hops: u8,
     /// The realm of `WWW-Authenticate: Bearer realm="…"`.
     pub realm: String,
+    /// Forward-auth peers whose `X-Forwarded-For` is believed (the proxy
+    /// in front); anyone else's address is the client's.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Which headers name the original request on `/authz`.
+    pub forward_auth_headers: ForwardAuthHeaders,
+}
+
+/// Where forward-auth reads the original method, host and URI
+/// (`--forward-auth-headers`). One set only: a proxy that passes its
+/// client's headers on (Traefik, Caddy) would otherwise let a client name
+/// another path in the set the proxy does not write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ForwardAuthHeaders {
+    /// nginx: `X-Original-Method`, `X-Original-URI`, `X-Forwarded-Host`
+    /// (as `deploy/nginx/keystile.conf` sets them).
+    #[default]
+    XOriginal,
+    /// Traefik, Caddy: `X-Forwarded-Method`, `-Uri`, `-Host`.
+    XForwarded,
+    /// Envoy's HTTP ext_authz: the request itself (the path after `/authz`,
+    /// its method and Host).
+    Request,
+}
+
+impl std::str::FromStr for ForwardAuthHeaders {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "x-original" => Ok(ForwardAuthHeaders::XOriginal),
+            "x-forwarded" => Ok(ForwardAuthHeaders::XForwarded),
+            "request" => Ok(ForwardAuthHeaders::Request),
+            other => {
+                Err(format!("{other:?}: expected x-original (nginx), x-forwarded (Traefik, Caddy) or request (Envoy)"))
+            }
+        }
+    }
 }
 
 impl Default for ProxySettings {
@@ -60,6 +96,8 @@ impl Default for ProxySettings {
             strip_credential: false,
             trusted_hops: 0,
             realm: "api".to_string(),
+            trusted_proxies: vec!["127.0.0.0/8".parse().expect("a CIDR"), "::1/128".parse().expect("a CIDR")],
+            forward_auth_headers: ForwardAuthHeaders::default(),
         }
     }
 }
@@ -84,6 +122,9 @@ pub struct ProxyRequest<'a, H> {
     pub headers: &'a H,
     /// The address the front end sees the request from.
     pub peer: Option<IpAddr>,
+    /// Whether the peer is a proxy whose `X-Forwarded-For` may be believed
+    /// (ext_authz: Envoy itself; forward-auth: a `--trusted-proxies` peer).
+    pub peer_is_proxy: bool,
     pub overrides: Overrides<'a>,
 }
 
@@ -96,8 +137,8 @@ pub struct Allow {
     /// headers keystile does not set, and the credential's header with
     /// `--strip-credential`.
     pub remove_upstream: Vec<String>,
-    /// The credential's query parameter, with `--strip-credential`.
-    pub remove_query: Option<String>,
+    /// The credential's query parameters, with `--strip-credential`.
+    pub remove_query: Vec<String>,
     /// Added to the answer to the client (rate-limit headers).
     pub response: Vec<(&'static str, String)>,
     pub key_id: String,
@@ -144,10 +185,25 @@ impl Gate {
             Some((p, q)) => (p, q.split('#').next().unwrap_or("")),
             None => (req.path, ""),
         };
-        let path = routes::normalise_path(path);
-        let (credential, source) = match self.settings.sources.find(req.headers, query) {
-            Found::One(c, i) => (c, Some(&self.settings.sources.sources()[i])),
-            Found::None => ("", None),
+        let path = match routes::normalise_path(path) {
+            Ok(p) => p,
+            Err(why) => {
+                let mut d = self.render(400, "INVALID_REQUEST", "invalid_request", why, "");
+                d.headers.push(("www-authenticate", self.www_authenticate(Some("invalid_request"))));
+                return Ok(Decision::Deny(d));
+            }
+        };
+        let (credential, found_in) = match self.settings.sources.find(req.headers, query) {
+            Found::One(c, mask) => (c, mask),
+            // Nothing sent is no guess: answered without the engine, so it
+            // never counts as a failed attempt of the address (a proxy's,
+            // a browser's preflight).
+            Found::None => {
+                let o = Outcome::Malformed;
+                let mut d = self.render(401, o.code_name(), o.error(), "The request carries no API key.", &path);
+                d.headers.push(("www-authenticate", self.www_authenticate(None)));
+                return Ok(Decision::Deny(d));
+            }
             Found::Conflict => {
                 return Ok(Decision::Deny(self.deny_request(
                     &path,
@@ -180,7 +236,17 @@ impl Gate {
             }
             None => &needs.limits,
         };
-        let tenant = req.overrides.tenant.unwrap_or_else(|| self.settings.routes.tenant_of(req.host));
+        let tenant = match req.overrides.tenant {
+            Some(t) => t,
+            None => match self.settings.routes.tenant_of(req.host) {
+                Some(t) => t,
+                None => {
+                    let o = Outcome::TenantMismatch;
+                    let message = "The request's host names no tenant this deployment serves.";
+                    return Ok(Decision::Deny(self.render(403, o.code_name(), o.error(), message, &path)));
+                }
+            },
+        };
         let ip = self.client_ip(req);
         let origin = req.headers.values("origin").next().unwrap_or("");
         let request = Request { ip, scopes, tenant, limits, origin, ..Request::of_key(credential) };
@@ -205,7 +271,7 @@ impl Gate {
             let o = verdict.outcome;
             let mut deny = self.render(o.http_status(), o.code_name(), o.error(), o.message(), &path);
             if o.http_status() == 401 {
-                deny.headers.push(("www-authenticate", self.www_authenticate("invalid_token")));
+                deny.headers.push(("www-authenticate", self.www_authenticate(Some("invalid_token"))));
             }
             deny.headers.extend(headers);
             return Ok(Decision::Deny(deny));
@@ -215,17 +281,22 @@ impl Gate {
         let key_tenant = record.map(|r| r.tenant.clone()).unwrap_or_default();
         let env = record.map(|r| r.env.to_string()).unwrap_or_default();
         let kind = record.map_or("secret", |r| r.kind.as_str());
-        let mut upstream = vec![
+        // An empty value is removed rather than set, so that no proxy has
+        // to overwrite a client's copy with nothing.
+        let mut upstream = Vec::with_capacity(5);
+        let mut remove_upstream = Vec::new();
+        for (name, value) in [
             (KEY_ID, key_id.clone()),
+            (TENANT, key_tenant.clone()),
             (ENV, env.clone()),
             (SCOPES, granted.unwrap_or_default()),
             (KIND, kind.to_string()),
-        ];
-        let mut remove_upstream = Vec::new();
-        if key_tenant.is_empty() {
-            remove_upstream.push(TENANT.to_string());
-        } else {
-            upstream.push((TENANT, key_tenant.clone()));
+        ] {
+            if value.is_empty() {
+                remove_upstream.push(name.to_string());
+            } else {
+                upstream.push((name, value));
+            }
         }
         for name in req.headers.names() {
             let identity = name.len() > IDENTITY_PREFIX.len()
@@ -237,13 +308,18 @@ impl Gate {
                 }
             }
         }
-        let mut remove_query = None;
+        let mut remove_query = Vec::new();
         if self.settings.strip_credential {
-            match source {
-                Some(Source::Authorization) => remove_upstream.push("authorization".to_string()),
-                Some(Source::Header(h)) => remove_upstream.push(h.clone()),
-                Some(Source::Query(q)) => remove_query = Some(q.clone()),
-                None => {}
+            // Every place the credential was sent, not just the first.
+            for (i, source) in self.settings.sources.sources().iter().enumerate() {
+                if found_in & (1u64 << i.min(63)) == 0 {
+                    continue;
+                }
+                match source {
+                    Source::Authorization => remove_upstream.push("authorization".to_string()),
+                    Source::Header(h) => remove_upstream.push(h.clone()),
+                    Source::Query(q) => remove_query.push(q.clone()),
+                }
             }
         }
         Ok(Decision::Allow(Allow {
@@ -257,12 +333,13 @@ impl Gate {
         }))
     }
 
-    /// The client's address: the peer, or with `--trusted-hops N` the Nth
-    /// `X-Forwarded-For` entry from the right (the peer when there are
-    /// fewer).
+    /// The client's address: the peer, or with `--trusted-hops N` and a
+    /// peer that is a trusted proxy the Nth `X-Forwarded-For` entry from
+    /// the right (the peer when there are fewer, or that entry is no
+    /// address).
     fn client_ip<H: RequestHeaders>(&self, req: &ProxyRequest<'_, H>) -> Option<IpAddr> {
         let hops = self.settings.trusted_hops as usize;
-        if hops == 0 {
+        if hops == 0 || !req.peer_is_proxy {
             return req.peer.map(|ip| ip.to_canonical());
         }
         let mut entries: Vec<&str> = Vec::new();
@@ -272,16 +349,27 @@ impl Gate {
         if entries.len() < hops {
             return req.peer.map(|ip| ip.to_canonical());
         }
-        verdict::parse_ip(entries[entries.len() - hops])
+        verdict::parse_ip(entries[entries.len() - hops]).or(req.peer.map(|ip| ip.to_canonical()))
     }
 
-    fn www_authenticate(&self, error: &str) -> String {
-        format!("Bearer realm=\"{}\", error=\"{error}\"", self.settings.realm)
+    /// Whether forward-auth believes `peer`'s `X-Forwarded-For`.
+    pub fn is_trusted_proxy(&self, peer: IpAddr) -> bool {
+        let peer = peer.to_canonical();
+        self.settings.trusted_proxies.iter().any(|net| net.contains(&peer))
+    }
+
+    /// `Bearer realm="…"`, with `error="…"` when a credential was sent
+    /// (RFC 6750: none for a request that carried none).
+    fn www_authenticate(&self, error: Option<&str>) -> String {
+        match error {
+            Some(e) => format!("Bearer realm=\"{}\", error=\"{e}\"", self.settings.realm),
+            None => format!("Bearer realm=\"{}\"", self.settings.realm),
+        }
     }
 
     fn deny_request(&self, path: &str, error: &str, message: &str) -> Deny {
         let mut d = self.render(401, "INVALID_REQUEST", error, message, path);
-        d.headers.push(("www-authenticate", self.www_authenticate("invalid_request")));
+        d.headers.push(("www-authenticate", self.www_authenticate(Some("invalid_request"))));
         d
     }
 

@@ -129,26 +129,32 @@ impl RouteTable {
         if problems.is_empty() { Ok(RouteTable { hosts, routes, default }) } else { Err(problems) }
     }
 
-    /// The tenant `host` names: the first matching host pattern's, or none
-    /// (`""`: any tenant) when no pattern matches.
-    pub fn tenant_of<'h>(&'h self, host: &'h str) -> &'h str {
-        let host = host_only(host);
-        for rule in &self.hosts {
-            if let Some(tenant) = rule.matches(host) {
-                return tenant;
-            }
+    /// The tenant `host` names: the first matching host pattern's (`""`
+    /// for a pattern without one). Without host patterns every host names
+    /// none (`Some("")`: any tenant); with them, a host none matches is
+    /// `None`, refused: a host keystile cannot place never passes any
+    /// tenant's key.
+    pub fn tenant_of<'h>(&'h self, host: &'h str) -> Option<&'h str> {
+        if self.hosts.is_empty() {
+            return Some("");
         }
-        ""
+        let host = host_only(host);
+        self.hosts.iter().find_map(|rule| rule.matches(host))
     }
 
     /// What `method` on `path` (already normalised) needs: the first
-    /// matching route's, else the default.
+    /// matching route's, else the default. A prefix matches whole
+    /// segments (`/v1/export` matches `/v1/export` and `/v1/export/x`, not
+    /// `/v1/exports`); a route for GET also takes HEAD.
     pub fn needs(&self, method: &str, path: &str) -> &Requirements {
         self.routes
             .iter()
             .find(|r| {
-                path.starts_with(&r.path_prefix)
-                    && (r.methods.is_empty() || r.methods.iter().any(|m| m.eq_ignore_ascii_case(method)))
+                under(path, &r.path_prefix)
+                    && (r.methods.is_empty()
+                        || r.methods.iter().any(|m| {
+                            m.eq_ignore_ascii_case(method) || (m == "GET" && method.eq_ignore_ascii_case("HEAD"))
+                        }))
             })
             .map_or(&self.default, |r| &r.needs)
     }
@@ -172,6 +178,12 @@ impl HostRule {
         }
         labels.next().is_none().then_some(tenant)
     }
+}
+
+/// Whether `path` lies under `prefix`, at a segment boundary.
+fn under(path: &str, prefix: &str) -> bool {
+    path.starts_with(prefix)
+        && (prefix.ends_with('/') || path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/')
 }
 
 /// The host without its port or a trailing dot.
@@ -238,25 +250,36 @@ fn requirement_problems(at: &str, needs: &Requirements, problems: &mut Vec<Strin
     }
 }
 
-/// The path a route is matched against: no query or fragment, `.` and
-/// `..` segments resolved (also when written `%2e`), repeated slashes
-/// collapsed, so `/v1/public/../../admin` is matched as `/admin`, as the
-/// upstream will read it.
-pub fn normalise_path(raw: &str) -> std::borrow::Cow<'_, str> {
+/// Why a path is refused before any route is matched: what upstreams
+/// read in different ways.
+pub const AMBIGUOUS_PATH: &str =
+    "The request path holds an encoded slash, backslash or NUL, which servers read in different ways.";
+
+/// The path a route is matched against, read as the upstream will: no
+/// query or fragment; escapes of unreserved characters decoded (`%65` is
+/// `e`); `;parameters` of a segment dropped (as Java servers do); `.` and
+/// `..` segments resolved and repeated slashes collapsed, so
+/// `/v1/public/..;/%65xport` is matched as `/v1/export`. An encoded slash,
+/// a backslash (raw or encoded) or a NUL is refused ([`AMBIGUOUS_PATH`]).
+pub fn normalise_path(raw: &str) -> Result<std::borrow::Cow<'_, str>, &'static str> {
     let path = raw.split(['?', '#']).next().unwrap_or("");
     // The common case has nothing to resolve: no copy.
-    if path.starts_with('/') && !path.contains("//") && !path.contains("/.") && !path.contains('%') {
-        return std::borrow::Cow::Borrowed(path);
+    if path.starts_with('/') && !path.contains("//") && !path.contains("/.") && !path.contains(['%', ';', '\\', '\0']) {
+        return Ok(std::borrow::Cow::Borrowed(path));
+    }
+    if path.contains(['\\', '\0']) {
+        return Err(AMBIGUOUS_PATH);
     }
     let mut out: Vec<String> = Vec::new();
     for seg in path.split('/') {
-        let decoded = seg.replace("%2e", ".").replace("%2E", ".");
+        let seg = seg.split(';').next().unwrap_or("");
+        let decoded = decode_unreserved(seg)?;
         match decoded.as_str() {
             "" | "." => {}
             ".." => {
                 out.pop();
             }
-            _ => out.push(seg.to_string()),
+            _ => out.push(decoded),
         }
     }
     let mut p = String::with_capacity(path.len() + 1);
@@ -267,7 +290,34 @@ pub fn normalise_path(raw: &str) -> std::borrow::Cow<'_, str> {
     if p.is_empty() || (path.ends_with('/') && !out.is_empty()) {
         p.push('/');
     }
-    std::borrow::Cow::Owned(p)
+    Ok(std::borrow::Cow::Owned(p))
+}
+
+/// Decodes `%XX` escapes of unreserved characters (letters, digits,
+/// `-._~`); other escapes stay as written, except `/`, `\` and NUL, which
+/// are refused.
+fn decode_unreserved(seg: &str) -> Result<String, &'static str> {
+    let b = seg.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = ((b[i + 1] as char).to_digit(16), (b[i + 2] as char).to_digit(16))
+        {
+            let c = (h * 16 + l) as u8;
+            match c {
+                b'/' | b'\\' | 0 => return Err(AMBIGUOUS_PATH),
+                c if c.is_ascii_alphanumeric() || b"-._~".contains(&c) => out.push(c),
+                _ => out.extend_from_slice(&b[i..i + 3]),
+            }
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Ok(String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
 }
 
 #[cfg(test)]
@@ -297,17 +347,22 @@ scopes = []
     #[test]
     fn the_readme_example_matches_as_documented() {
         let t = RouteTable::parse(EXAMPLE).unwrap();
-        assert_eq!(t.tenant_of("acme.api.example.com"), "acme");
-        assert_eq!(t.tenant_of("ACME.api.example.com:8443"), "ACME");
-        assert_eq!(t.tenant_of("partner.example.org"), "partner");
-        assert_eq!(t.tenant_of("x.acme.api.example.com"), "");
-        assert_eq!(t.tenant_of("api.example.com"), "");
-        assert_eq!(t.tenant_of("evil.com"), "");
+        assert_eq!(t.tenant_of("acme.api.example.com"), Some("acme"));
+        assert_eq!(t.tenant_of("ACME.api.example.com:8443"), Some("ACME"));
+        assert_eq!(t.tenant_of("partner.example.org"), Some("partner"));
+        for unknown in ["x.acme.api.example.com", "api.example.com", "evil.com", "acme.api.example.com:x", ""] {
+            assert_eq!(t.tenant_of(unknown), None, "{unknown}");
+        }
+        assert_eq!(RouteTable::default().tenant_of("anything"), Some(""), "no host patterns: no tenant");
         assert_eq!(t.needs("POST", "/v1/export/daily").scopes, ["export:data"]);
         assert_eq!(t.needs("post", "/v1/export").limits, ["analytics"]);
         assert_eq!(t.needs("GET", "/v1/export").scopes, ["api:read"], "method filters");
+        assert_eq!(t.needs("POST", "/v1/exports").scopes, ["api:read"], "whole segments only");
         assert_eq!(t.needs("GET", "/v1/users").scopes, ["api:read"]);
         assert!(t.needs("GET", "/health").scopes.is_empty(), "the default");
+        let get =
+            RouteTable::parse("[[routes]]\nmethods = [\"GET\"]\npath_prefix = \"/a\"\nscopes = [\"r\"]\n").unwrap();
+        assert_eq!(get.needs("HEAD", "/a").scopes, ["r"], "HEAD goes with GET");
     }
 
     #[test]
@@ -337,7 +392,14 @@ limits = ["Bad Name"]
 
     #[test]
     fn paths_are_matched_as_the_upstream_reads_them() {
+        for bad in ["/v1%2Fexport", "/v1/%5cexport", "/v1\\export", "/v1/%00x", "/v1/a%2f"] {
+            assert_eq!(normalise_path(bad), Err(AMBIGUOUS_PATH), "{bad}");
+        }
         for (raw, want) in [
+            ("/v1/%65xport", "/v1/export"),
+            ("/v1/public/..;/export", "/v1/export"),
+            ("/v1/export;jsessionid=1/x", "/v1/export/x"),
+            ("/v1/a%20b", "/v1/a%20b"),
             ("/v1/users?x=1", "/v1/users"),
             ("/v1/public/../admin", "/v1/admin"),
             ("/v1/public/../../admin", "/admin"),
@@ -348,7 +410,7 @@ limits = ["Bad Name"]
             ("", "/"),
             ("/./v1/./x", "/v1/x"),
         ] {
-            assert_eq!(normalise_path(raw), want, "{raw}");
+            assert_eq!(normalise_path(raw).unwrap(), want, "{raw}");
         }
     }
 }

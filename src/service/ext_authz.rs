@@ -56,10 +56,7 @@ impl RequestHeaders for CheckHeaders<'_> {
         let exact = self.map.get(name).map(String::as_str);
         let other_case = exact.is_none() && self.map.keys().any(|k| k.bytes().any(|c| c.is_ascii_uppercase()));
         let from_map = exact.into_iter().chain(
-            self.map
-                .iter()
-                .filter(move |(k, _)| other_case && k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str()),
+            self.map.iter().filter(move |(k, _)| other_case && k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str()),
         );
         let from_raw = self.raw.iter().filter(move |h| h.key.eq_ignore_ascii_case(name)).filter_map(|h| {
             // raw_value is bytes; only UTF-8 values can be credentials.
@@ -110,6 +107,8 @@ impl Authorization for ExtAuthzService {
             path: &http.path,
             headers: &headers,
             peer,
+            // Envoy wrote the X-Forwarded-For it sends.
+            peer_is_proxy: true,
             overrides: Overrides {
                 tenant: ext.get(TENANT_EXTENSION).map(String::as_str),
                 scopes: ext.get(SCOPES_EXTENSION).map(String::as_str),
@@ -138,13 +137,14 @@ impl Authorization for ExtAuthzService {
                         headers: allow.upstream.into_iter().map(|(n, v)| set(n, v)).collect(),
                         headers_to_remove: allow.remove_upstream,
                         response_headers_to_add: allow.response.into_iter().map(|(n, v)| set(n, v)).collect(),
-                        query_parameters_to_remove: allow.remove_query.into_iter().collect(),
+                        query_parameters_to_remove: allow.remove_query,
                         ..Default::default()
                     })),
                 }
             }
             Decision::Deny(deny) => {
                 let code = match deny.status {
+                    400 => tonic::Code::InvalidArgument,
                     401 => tonic::Code::Unauthenticated,
                     429 => tonic::Code::ResourceExhausted,
                     _ => tonic::Code::PermissionDenied,

@@ -272,6 +272,19 @@ async fn ext_authz_has_its_own_size_cap_and_strips_credentials() {
     let Some(HttpResponse::OkResponse(ok)) = &r.http_response else { panic!("{r:?}") };
     assert!(ok.headers_to_remove.contains(&"x-api-key".to_string()), "{:?}", ok.headers_to_remove);
     assert!(ok.headers_to_remove.contains(&"authorization".to_string()), "{:?}", ok.headers_to_remove);
+    // Envoy's raw header values (header_map), as sent with
+    // encode_raw_headers: read like the map.
+    let mut raw = check_request("GET", "acme.api.example.com", "/v1/a", &[], &[]);
+    let http = raw.attributes.as_mut().unwrap().request.as_mut().unwrap().http.as_mut().unwrap();
+    http.header_map = Some(envoy_types::pb::envoy::config::core::v3::HeaderMap {
+        headers: vec![envoy_types::ext_authz::v3::pb::HeaderValue {
+            key: "x-api-key".into(),
+            value: String::new(),
+            raw_value: key.clone().into_bytes(),
+        }],
+    });
+    let r = check(&s.server, raw).await.unwrap();
+    assert!(matches!(r.http_response, Some(HttpResponse::OkResponse(_))), "{r:?}");
     // A key without scopes: the empty scopes header is removed, not set.
     let mut admin = s.server.admin().await;
     let (bare, _) = create(&mut admin, proto::CreateKeyRequest { tenant: "acme".into(), ..create_req("bare") }).await;

@@ -40,12 +40,18 @@
 //! - [`key`]: the key format (parse, kinds by prefix, checksum,
 //!   generation) and the pepper.
 //! - [`app`]: [`app::App::build`], the one place the engine is wired.
-//! - [`service`]: the gRPC front ends (Verifier, KeyAdmin, TokenExchange):
+//! - [`service`]: the gRPC front ends (Verifier, KeyAdmin, TokenExchange,
+//!   Envoy's ext_authz):
 //!   conversions, the one error → status map, the size cap, the RPC span
 //!   layer and the process-wide limits on connections and calls
 //!   (`service/load.rs`); [`proto`]: generated code.
-//! - [`http`]: the HTTP listener (token exchange, JWKS), converting at its
-//!   edge like the gRPC front ends.
+//! - [`proxy`]: the proxy front ends' common ground ([`proxy::Gate`]): a
+//!   proxied request (credential sources, route table) in, an allow with
+//!   identity headers or a deny with a templated body out; Envoy's
+//!   ext_authz (`service/ext_authz.rs`) and forward-auth (`http.rs`)
+//!   convert at their edges.
+//! - [`http`]: the HTTP listener (token exchange, JWKS, forward-auth on
+//!   `/authz`), converting at its edge like the gRPC front ends.
 //! - [`server`]: the port composed from a list of front ends, health,
 //!   reflection, background tasks, graceful shutdown.
 //! - [`config`]: flags, environment and file, validated (all errors at

@@ -87,18 +87,15 @@ fn benches(c: &mut Criterion) {
     c.bench_function("ext_authz_decode_envoy_check_request", |b| {
         b.iter(|| CheckRequest::decode(black_box(encoded.clone())).unwrap())
     });
-    c.bench_function("ext_authz_decode_wire_check_request", |b| {
-        b.iter(|| wire::CheckRequest::decode(black_box(encoded.clone())).unwrap())
+    c.bench_function("ext_authz_read_check_request_in_place", |b| {
+        b.iter(|| wire::RawCheck(black_box(encoded.clone())).view().unwrap().headers.len())
     });
     let service = ExtAuthzService::new(app.gate.clone());
-    let decoded = wire::CheckRequest::decode(encoded.clone()).unwrap();
-    let answer = rt.block_on(service.check(decoded.clone())).unwrap();
+    let answer = rt.block_on(service.check(wire::RawCheck(encoded.clone()))).unwrap();
     assert_eq!(answer.status.as_ref().unwrap().code, 0, "allowed: {answer:?}");
     // Decode, gate, engine and answer: all of a Check but the transport.
     c.bench_function("ext_authz_check_call", |b| {
-        b.to_async(&rt).iter(|| async {
-            service.check(wire::CheckRequest::decode(black_box(encoded.clone())).unwrap()).await.unwrap()
-        })
+        b.to_async(&rt).iter(|| async { service.check(wire::RawCheck(black_box(encoded.clone()))).await.unwrap() })
     });
     c.bench_function("ext_authz_encode_check_response", |b| b.iter(|| black_box(&answer).encode_to_vec()));
 }

@@ -17,12 +17,13 @@
 #
 #   cargo build --release && bash benches/proxy_h2load.sh
 #
-# Environment: B (binary), N (requests, default 50000), C (connections,
-# default 4), M (streams per connection, default 16).
+# Environment: B (binary), N (requests per step, default 20000), C
+# (connections, default 4), M (streams per connection, default 16), ROUNDS
+# (default 5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B="${B:-target/release/keystile}"
-N="${N:-50000}"; C="${C:-4}"; M="${M:-16}"
+N="${N:-20000}"; C="${C:-4}"; M="${M:-16}"; ROUNDS="${ROUNDS:-5}"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 port="$(free_port)"; hport="$(free_port)"
 out="$(mktemp)"; check="$(mktemp)"; health="$(mktemp)"; verify="$(mktemp)"; results="$(mktemp)"
@@ -83,25 +84,33 @@ run() {  # name, then h2load arguments
   echo
 }
 grpc=(-n "$N" -c "$C" -m "$M" -H 'content-type: application/grpc' -H 'te: trailers')
-echo "== 1. grpc.health.v1.Health/Check (baseline)"
-run health "${grpc[@]}" -d "$health" "http://127.0.0.1:$port/grpc.health.v1.Health/Check" 2>&1 | grep -E "finished in|requests:|status codes" || true
-echo "== 2. envoy.service.auth.v3.Authorization/Check, cached key"
-run check "${grpc[@]}" -d "$check" "http://127.0.0.1:$port/envoy.service.auth.v3.Authorization/Check" 2>&1 | grep -E "finished in|requests:|status codes" || true
-echo "== 3. forward-auth GET /authz, HTTP/1.1 keep-alive"
-run authz --h1 -n "$N" -c "$C" -H "x-api-key: $key" -H 'x-original-uri: /v1/users' -H 'x-original-method: GET' \
-  -H 'x-forwarded-host: api.example.com' "http://127.0.0.1:$hport/authz" 2>&1 | grep -E "finished in|requests:|status codes" || true
-echo "== 4. keystile.v1.Verifier/Verify, cached key (for comparison)"
-run verify "${grpc[@]}" -d "$verify" "http://127.0.0.1:$port/keystile.v1.Verifier/Verify" 2>&1 | grep -E "finished in|requests:|status codes" || true
+# The machine's noise drifts over seconds: the steps take turns, ROUNDS
+# times, and the medians are compared.
+for round in $(seq "$ROUNDS"); do
+  echo "== round $round: 1. grpc.health.v1.Health/Check (baseline)"
+  run health "${grpc[@]}" -d "$health" "http://127.0.0.1:$port/grpc.health.v1.Health/Check" 2>&1 | grep -E "finished in|status codes" || true
+  echo "== round $round: 2. envoy.service.auth.v3.Authorization/Check, cached key"
+  run check "${grpc[@]}" -d "$check" "http://127.0.0.1:$port/envoy.service.auth.v3.Authorization/Check" 2>&1 | grep -E "finished in|status codes" || true
+  echo "== round $round: 3. forward-auth GET /authz, HTTP/1.1 keep-alive"
+  run authz --h1 -n "$N" -c "$C" -H "x-api-key: $key" -H 'x-original-uri: /v1/users' -H 'x-original-method: GET' \
+    -H 'x-forwarded-host: api.example.com' "http://127.0.0.1:$hport/authz" 2>&1 | grep -E "finished in|status codes" || true
+  echo "== round $round: 4. keystile.v1.Verifier/Verify, cached key (for comparison)"
+  run verify "${grpc[@]}" -d "$verify" "http://127.0.0.1:$port/keystile.v1.Verifier/Verify" 2>&1 | grep -E "finished in|status codes" || true
+done
 
 python3 - "$results" <<'PY'
-import sys
+import statistics, sys
 rps, cpu = {}, {}
-for line in open(sys.argv[1]):
-    name, value = line.split()
-    v = float(value.replace("req/s", ""))
-    (cpu if name in rps else rps)[name] = v
+lines = [l.split() for l in open(sys.argv[1])]
+# Each step leaves two lines: its req/s, then its CPU per call.
+for (name, r), (_, c) in zip(lines[0::2], lines[1::2]):
+    rps.setdefault(name, []).append(float(r.replace("req/s", "")))
+    cpu.setdefault(name, []).append(float(c))
 for name in rps:
-    print(f"{name:7} {rps[name]:>10.0f} req/s   server CPU per call {cpu[name]:6.1f} µs")
-print(f"Check ÷ Health: {rps['check'] / rps['health']:.2f} in req/s, {cpu['health'] / cpu['check']:.2f} in CPU per call (inverse)")
-print(f"Verify ÷ Health: {rps['verify'] / rps['health']:.2f} in req/s")
+    print(f"{name:7} median {statistics.median(rps[name]):>8.0f} req/s (rounds: {', '.join(f'{x:.0f}' for x in rps[name])})"
+          f"   server CPU per call median {statistics.median(cpu[name]):5.1f} µs")
+ratios = [c / h for c, h in zip(rps["check"], rps["health"])]
+print(f"Check ÷ Health per round: {', '.join(f'{x:.2f}' for x in ratios)}; median {statistics.median(ratios):.2f}")
+vr = [v / h for v, h in zip(rps["verify"], rps["health"])]
+print(f"Verify ÷ Health per round: {', '.join(f'{x:.2f}' for x in vr)}; median {statistics.median(vr):.2f}")
 PY

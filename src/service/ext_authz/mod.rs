@@ -7,11 +7,10 @@
 //! never an allow.
 //!
 //! The answer is Envoy's own `CheckResponse` (envoy-types). The request is
-//! read through [`wire::CheckRequest`], wire compatible with Envoy's but
-//! holding only the fields keystile reads, as slices of the received
-//! buffer: Envoy's type decodes every header into a `HashMap<String,
-//! String>` and a dozen fields never used, which cost more than the whole
-//! verification (BENCHMARKS.md, "Proxy front ends").
+//! read in place ([`wire`]): only the fields keystile reads, as slices of
+//! the received buffer. Envoy's type decodes every header into a
+//! `HashMap<String, String>` and a dozen fields never used, which cost more
+//! than the whole verification (BENCHMARKS.md, "Proxy front ends").
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -40,95 +39,7 @@ pub const LIMITS_EXTENSION: &str = "keystile.limits";
 pub const SERVICE_NAME: &str = "envoy.service.auth.v3.Authorization";
 const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
 
-/// The fields of Envoy's `envoy.service.auth.v3.CheckRequest` keystile
-/// reads, with Envoy's field numbers; the rest is skipped unread. Text is
-/// kept as bytes (the same wire type as a string), sliced from the
-/// received buffer without a copy, and checked as UTF-8 where it is read.
-pub mod wire {
-    use prost::bytes::Bytes;
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct CheckRequest {
-        #[prost(message, optional, tag = "1")]
-        pub attributes: Option<AttributeContext>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct AttributeContext {
-        #[prost(message, optional, tag = "1")]
-        pub source: Option<Peer>,
-        #[prost(message, optional, tag = "4")]
-        pub request: Option<Request>,
-        /// A `map<string, string>`: on the wire, repeated entries.
-        #[prost(message, repeated, tag = "10")]
-        pub context_extensions: Vec<Entry>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Peer {
-        #[prost(message, optional, tag = "1")]
-        pub address: Option<Address>,
-    }
-
-    /// `envoy.config.core.v3.Address`: only its `socket_address` (1).
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Address {
-        #[prost(message, optional, tag = "1")]
-        pub socket_address: Option<SocketAddress>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct SocketAddress {
-        #[prost(bytes = "bytes", tag = "2")]
-        pub address: Bytes,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Request {
-        #[prost(message, optional, tag = "2")]
-        pub http: Option<HttpRequest>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct HttpRequest {
-        #[prost(bytes = "bytes", tag = "2")]
-        pub method: Bytes,
-        /// A `map<string, string>` with lower-case names.
-        #[prost(message, repeated, tag = "3")]
-        pub headers: Vec<Entry>,
-        #[prost(bytes = "bytes", tag = "4")]
-        pub path: Bytes,
-        #[prost(bytes = "bytes", tag = "5")]
-        pub host: Bytes,
-        /// Set instead of `headers` when Envoy sends raw header values.
-        #[prost(message, optional, tag = "13")]
-        pub header_map: Option<HeaderMap>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Entry {
-        #[prost(bytes = "bytes", tag = "1")]
-        pub key: Bytes,
-        #[prost(bytes = "bytes", tag = "2")]
-        pub value: Bytes,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct HeaderMap {
-        #[prost(message, repeated, tag = "1")]
-        pub headers: Vec<HeaderValue>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct HeaderValue {
-        #[prost(bytes = "bytes", tag = "1")]
-        pub key: Bytes,
-        #[prost(bytes = "bytes", tag = "2")]
-        pub value: Bytes,
-        #[prost(bytes = "bytes", tag = "3")]
-        pub raw_value: Bytes,
-    }
-}
+pub mod wire;
 
 fn text(b: &[u8]) -> &str {
     std::str::from_utf8(b).unwrap_or("")
@@ -148,29 +59,20 @@ impl ExtAuthzService {
     }
 }
 
-/// Envoy's headers: the `headers` entries (lower-case names) and the
-/// `header_map` ones.
-struct CheckHeaders<'a> {
-    map: &'a [wire::Entry],
-    raw: &'a [wire::HeaderValue],
-}
+/// Envoy's headers, as the view holds them: `headers` entries (lower-case
+/// names) and `header_map` values.
+struct CheckHeaders<'a>(&'a [(&'a [u8], &'a [u8])]);
 
 impl RequestHeaders for CheckHeaders<'_> {
     fn values<'s>(&'s self, name: &str) -> impl Iterator<Item = &'s str> {
-        let from_map = self
-            .map
+        self.0
             .iter()
-            .filter(move |e| e.key.eq_ignore_ascii_case(name.as_bytes()))
-            .filter_map(|e| std::str::from_utf8(&e.value).ok());
-        let from_raw = self.raw.iter().filter(move |h| h.key.eq_ignore_ascii_case(name.as_bytes())).filter_map(|h| {
-            // raw_value is bytes; only UTF-8 values can be credentials.
-            std::str::from_utf8(if h.value.is_empty() { &h.raw_value } else { &h.value }).ok()
-        });
-        from_map.chain(from_raw)
+            .filter(move |(k, _)| k.eq_ignore_ascii_case(name.as_bytes()))
+            .filter_map(|(_, v)| std::str::from_utf8(v).ok())
     }
 
     fn names(&self) -> impl Iterator<Item = &str> {
-        self.map.iter().map(|e| text(&e.key)).chain(self.raw.iter().map(|h| text(&h.key)))
+        self.0.iter().map(|(k, _)| text(k))
     }
 }
 
@@ -188,30 +90,23 @@ fn string(s: String) -> Value {
 
 impl ExtAuthzService {
     /// Answers one Check. Public for the in-process benches.
-    pub async fn check(&self, check: wire::CheckRequest) -> Result<CheckResponse, Status> {
-        let attributes = check.attributes.unwrap_or_default();
-        let Some(http) = attributes.request.as_ref().and_then(|r| r.http.as_ref()) else {
+    pub async fn check(&self, check: wire::RawCheck) -> Result<CheckResponse, Status> {
+        let view = check.view().map_err(Status::invalid_argument)?;
+        if !view.has_http {
             return Err(Status::invalid_argument("CheckRequest has no attributes.request.http"));
-        };
-        let peer = attributes
-            .source
-            .as_ref()
-            .and_then(|p| p.address.as_ref())
-            .and_then(|a| a.socket_address.as_ref())
-            .and_then(|s| crate::verdict::parse_ip(text(&s.address)));
-        let raw: &[wire::HeaderValue] = http.header_map.as_ref().map_or(&[], |m| &m.headers);
-        let headers = CheckHeaders { map: &http.headers, raw };
-        let extension = |name: &str| {
-            attributes.context_extensions.iter().find(|e| e.key == name.as_bytes()).map(|e| text(&e.value))
-        };
-        let host = match text(&http.host) {
+        }
+        let peer = crate::verdict::parse_ip(text(view.source_address));
+        let headers = CheckHeaders(&view.headers);
+        let extension =
+            |name: &str| view.context_extensions.iter().find(|(k, _)| *k == name.as_bytes()).map(|(_, v)| text(v));
+        let host = match text(view.host) {
             "" => headers.values(":authority").next().unwrap_or(""),
             h => h,
         };
         let req = ProxyRequest {
-            method: text(&http.method),
+            method: text(view.method),
             host,
-            path: text(&http.path),
+            path: text(view.path),
             headers: &headers,
             peer,
             // Envoy wrote the X-Forwarded-For it sends.
@@ -275,9 +170,42 @@ impl ExtAuthzService {
     }
 }
 
+/// Envoy's CheckResponse out (prost), the CheckRequest's bytes in, kept
+/// as received for [`wire::RawCheck::view`].
+#[derive(Clone, Copy, Default)]
+struct CheckCodec;
+
+struct RawDecoder;
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = wire::RawCheck;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<wire::RawCheck>, Status> {
+        use prost::bytes::Buf;
+        let len = buf.remaining();
+        Ok(Some(wire::RawCheck(buf.copy_to_bytes(len))))
+    }
+}
+
+impl tonic::codec::Codec for CheckCodec {
+    type Encode = CheckResponse;
+    type Decode = wire::RawCheck;
+    type Encoder = tonic_prost::ProstEncoder<CheckResponse>;
+    type Decoder = RawDecoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::default()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawDecoder
+    }
+}
+
 /// The tonic service for `envoy.service.auth.v3.Authorization`, written
-/// out as tonic's generated servers are, with [`wire::CheckRequest`] as
-/// the request type.
+/// out as tonic's generated servers are, with [`wire::RawCheck`] as the
+/// request type.
 #[derive(Clone)]
 pub struct ExtAuthzServer {
     inner: Arc<ExtAuthzService>,
@@ -290,11 +218,11 @@ impl tonic::server::NamedService for ExtAuthzServer {
 
 struct CheckCall(Arc<ExtAuthzService>);
 
-impl tonic::server::UnaryService<wire::CheckRequest> for CheckCall {
+impl tonic::server::UnaryService<wire::RawCheck> for CheckCall {
     type Response = CheckResponse;
     type Future = BoxFuture<Response<CheckResponse>, Status>;
 
-    fn call(&mut self, request: Request<wire::CheckRequest>) -> Self::Future {
+    fn call(&mut self, request: Request<wire::RawCheck>) -> Self::Future {
         let inner = self.0.clone();
         Box::pin(async move { inner.check(request.into_inner()).await.map(Response::new) })
     }
@@ -319,7 +247,7 @@ where
         }
         let (inner, max) = (self.inner.clone(), self.max_request_bytes);
         Box::pin(async move {
-            let codec = tonic_prost::ProstCodec::<CheckResponse, wire::CheckRequest>::default();
+            let codec = CheckCodec;
             let mut grpc = tonic::server::Grpc::new(codec).apply_max_message_size_config(Some(max), None);
             Ok(grpc.unary(CheckCall(inner), req).await)
         })

@@ -1,0 +1,255 @@
+//! Envoy's `envoy.service.auth.v3.CheckRequest`, read in place: the message
+//! as received ([`RawCheck`], one reference to tonic's buffer) and a view
+//! of the few fields keystile reads ([`CheckView`]), borrowed from it, with
+//! Envoy's field numbers. Nothing is copied or allocated for a request of
+//! up to [`INLINE_HEADERS`] headers, and fields keystile does not read are
+//! skipped, not decoded: decoding into Envoy's own type (every header into
+//! a `HashMap<String, String>`) cost more than the verification itself
+//! (BENCHMARKS.md, "Proxy front ends").
+//!
+//! Field numbers (envoy/service/auth/v3/{external_auth,attribute_context}.proto):
+//! CheckRequest.attributes = 1; AttributeContext.source = 1, request = 4,
+//! context_extensions = 10 (map); Peer.address = 1; Address.socket_address
+//! = 1; SocketAddress.address = 2; Request.http = 2; HttpRequest.method =
+//! 2, headers = 3 (map), path = 4, host = 5, header_map = 13;
+//! HeaderMap.headers = 1; HeaderValue.key = 1, value = 2, raw_value = 3.
+
+use prost::bytes::Bytes;
+use smallvec::SmallVec;
+
+/// Headers kept without an allocation; more spill to the heap.
+pub const INLINE_HEADERS: usize = 32;
+
+/// A CheckRequest as received.
+#[derive(Debug, Clone)]
+pub struct RawCheck(pub Bytes);
+
+/// Why a CheckRequest cannot be read.
+pub const MALFORMED: &str = "the CheckRequest is not a valid protobuf message";
+
+/// The fields keystile reads, borrowed from a [`RawCheck`]. Text fields are
+/// bytes, checked as UTF-8 where they are read.
+#[derive(Debug, Default)]
+pub struct CheckView<'a> {
+    pub has_http: bool,
+    pub source_address: &'a [u8],
+    pub method: &'a [u8],
+    pub path: &'a [u8],
+    pub host: &'a [u8],
+    /// `headers` map entries and `header_map` values, in order.
+    pub headers: SmallVec<[(&'a [u8], &'a [u8]); INLINE_HEADERS]>,
+    pub context_extensions: SmallVec<[(&'a [u8], &'a [u8]); 4]>,
+}
+
+impl RawCheck {
+    /// The view of the fields keystile reads; [`MALFORMED`] when the bytes
+    /// are not a protobuf message.
+    pub fn view(&self) -> Result<CheckView<'_>, &'static str> {
+        let mut v = CheckView::default();
+        for field in Fields(&self.0) {
+            if let (1, attributes) = field? {
+                read_attributes(attributes, &mut v)?;
+            }
+        }
+        Ok(v)
+    }
+}
+
+fn read_attributes<'a>(b: &'a [u8], v: &mut CheckView<'a>) -> Result<(), &'static str> {
+    for field in Fields(b) {
+        match field? {
+            (1, peer) => {
+                for f in Fields(peer) {
+                    if let (1, address) = f? {
+                        for f in Fields(address) {
+                            if let (1, socket) = f? {
+                                for f in Fields(socket) {
+                                    if let (2, a) = f? {
+                                        v.source_address = a;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            (4, request) => {
+                for f in Fields(request) {
+                    if let (2, http) = f? {
+                        v.has_http = true;
+                        read_http(http, v)?;
+                    }
+                }
+            }
+            (10, entry) => v.context_extensions.push(pair(entry, 1, 2)?),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn read_http<'a>(b: &'a [u8], v: &mut CheckView<'a>) -> Result<(), &'static str> {
+    for field in Fields(b) {
+        match field? {
+            (2, m) => v.method = m,
+            (3, entry) => v.headers.push(pair(entry, 1, 2)?),
+            (4, p) => v.path = p,
+            (5, h) => v.host = h,
+            (13, map) => {
+                for f in Fields(map) {
+                    if let (1, header) = f? {
+                        let (mut key, mut value, mut raw): (&[u8], &[u8], &[u8]) = (b"", b"", b"");
+                        for f in Fields(header) {
+                            match f? {
+                                (1, k) => key = k,
+                                (2, x) => value = x,
+                                (3, r) => raw = r,
+                                _ => {}
+                            }
+                        }
+                        v.headers.push((key, if value.is_empty() { raw } else { value }));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A map entry (or any two-field message): its fields `k` and `v`.
+fn pair(b: &[u8], k: u32, v: u32) -> Result<(&[u8], &[u8]), &'static str> {
+    let (mut key, mut value): (&[u8], &[u8]) = (b"", b"");
+    for f in Fields(b) {
+        match f? {
+            (n, x) if n == k => key = x,
+            (n, x) if n == v => value = x,
+            _ => {}
+        }
+    }
+    Ok((key, value))
+}
+
+/// The length-delimited fields of a message, as (number, bytes); fields of
+/// other wire types are skipped. A truncated or ill-formed message yields
+/// one error and ends.
+struct Fields<'a>(&'a [u8]);
+
+impl<'a> Iterator for Fields<'a> {
+    type Item = Result<(u32, &'a [u8]), &'static str>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if self.0.is_empty() {
+                return None;
+            }
+            let step = (|| {
+                let key = prost::encoding::decode_varint(&mut self.0).map_err(|_| MALFORMED)?;
+                let (number, wire_type) = ((key >> 3) as u32, key & 7);
+                let skip = match wire_type {
+                    0 => {
+                        prost::encoding::decode_varint(&mut self.0).map_err(|_| MALFORMED)?;
+                        0
+                    }
+                    1 => 8,
+                    5 => 4,
+                    2 => {
+                        let len = prost::encoding::decode_varint(&mut self.0).map_err(|_| MALFORMED)?;
+                        let len = usize::try_from(len).map_err(|_| MALFORMED)?;
+                        if len > self.0.len() {
+                            return Err(MALFORMED);
+                        }
+                        let (value, rest) = self.0.split_at(len);
+                        self.0 = rest;
+                        return Ok(Some((number, value)));
+                    }
+                    // Groups (3, 4) are in none of these messages.
+                    _ => return Err(MALFORMED),
+                };
+                if skip > self.0.len() {
+                    return Err(MALFORMED);
+                }
+                self.0 = &self.0[skip..];
+                Ok(None)
+            })();
+            match step {
+                Ok(Some(field)) => return Some(Ok(field)),
+                Ok(None) => continue,
+                Err(e) => {
+                    self.0 = &[];
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::ext_authz::v3::pb::CheckRequest;
+    use envoy_types::pb::envoy::config::core::v3::{Address, HeaderMap, HeaderValue, SocketAddress, address};
+    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
+    use prost::Message;
+
+    #[test]
+    fn reads_what_envoy_sends_and_skips_the_rest() {
+        let request = CheckRequest {
+            attributes: Some(AttributeContext {
+                source: Some(Peer {
+                    address: Some(Address {
+                        address: Some(address::Address::SocketAddress(SocketAddress {
+                            address: "203.0.113.9".into(),
+                            ..Default::default()
+                        })),
+                    }),
+                    principal: "spiffe://x".into(),
+                    ..Default::default()
+                }),
+                request: Some(Request {
+                    http: Some(HttpRequest {
+                        id: "1".into(),
+                        method: "POST".into(),
+                        headers: [("x-api-key".to_string(), "k".to_string())].into_iter().collect(),
+                        header_map: Some(HeaderMap {
+                            headers: vec![HeaderValue {
+                                key: "authorization".into(),
+                                value: String::new(),
+                                raw_value: b"Bearer r".to_vec(),
+                            }],
+                        }),
+                        path: "/v1/x?y=1".into(),
+                        host: "api.example.com".into(),
+                        size: 42,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                context_extensions: [("keystile.tenant".to_string(), "acme".to_string())].into_iter().collect(),
+                ..Default::default()
+            }),
+        };
+        let raw = RawCheck(request.encode_to_vec().into());
+        let v = raw.view().unwrap();
+        assert!(v.has_http);
+        assert_eq!(v.source_address, b"203.0.113.9");
+        assert_eq!((v.method, v.path, v.host), (&b"POST"[..], &b"/v1/x?y=1"[..], &b"api.example.com"[..]));
+        assert_eq!(v.headers.as_slice(), [(&b"x-api-key"[..], &b"k"[..]), (&b"authorization"[..], &b"Bearer r"[..])]);
+        assert_eq!(v.context_extensions.as_slice(), [(&b"keystile.tenant"[..], &b"acme"[..])]);
+    }
+
+    #[test]
+    fn a_broken_message_is_refused_without_panicking() {
+        let good = CheckRequest::default().encode_to_vec();
+        assert!(RawCheck(good.into()).view().is_ok());
+        for bad in
+            [&[0x0a, 0x05, 0x0a][..], &[0x0b], &[0x0a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]]
+        {
+            assert_eq!(RawCheck(Bytes::copy_from_slice(bad)).view().unwrap_err(), MALFORMED, "{bad:?}");
+        }
+        proptest::proptest!(|(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256))| {
+            let _ = RawCheck(bytes.into()).view();
+        });
+    }
+}

@@ -48,7 +48,7 @@
 //! - [`proxy`]: the proxy front ends' common ground ([`proxy::Gate`]): a
 //!   proxied request (credential sources, route table) in, an allow with
 //!   identity headers or a deny with a templated body out; Envoy's
-//!   ext_authz (`service/ext_authz.rs`) and forward-auth (`http.rs`)
+//!   ext_authz (`service/ext_authz/`) and forward-auth (`http.rs`)
 //!   convert at their edges.
 //! - [`http`]: the HTTP listener (token exchange, JWKS, forward-auth on
 //!   `/authz`), converting at its edge like the gRPC front ends.

@@ -3,7 +3,7 @@
 //! client address) becomes a Verify of the same engine, and the verdict an
 //! answer a proxy forwards: identity headers upstream and rate-limit
 //! headers to the client on allow; the verdict's status, headers and a JSON
-//! body from a template on deny. Envoy's ext_authz (`service/ext_authz.rs`)
+//! body from a template on deny. Envoy's ext_authz (`service/ext_authz/`)
 //! and HTTP forward-auth (`http.rs`, `/authz`) convert at their edges; this
 //! module knows neither.
 //!

@@ -93,6 +93,9 @@ pub struct CacheSettings {
     /// How long cached entries stay trusted after the change feed is lost:
     /// past it, lookups read through to the store until the feed is back.
     pub feed_grace: Duration,
+    /// Key_ids the known-key filter is sized for (README, forged keys);
+    /// 0 = no filter, every unknown key_id reads the store.
+    pub known_keys: usize,
 }
 
 impl Default for CacheSettings {
@@ -103,6 +106,7 @@ impl Default for CacheSettings {
             stale_window: Duration::from_secs(60),
             max_entries: 1_000_000,
             feed_grace: Duration::from_secs(2),
+            known_keys: 1_000_000,
         }
     }
 }
@@ -226,6 +230,7 @@ mod tests {
                 stale_window: Duration::from_secs(30),
                 max_entries: 100,
                 feed_grace: Duration::from_secs(2),
+                known_keys: 0,
             },
             clock.clone(),
             metrics::Counter::noop(),

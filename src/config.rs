@@ -162,6 +162,11 @@ pub struct ServeArgs {
     /// Most keys held in the cache.
     #[arg(long, env = "KEYSTILE_CACHE_MAX_ENTRIES", default_value = "1000000")]
     pub cache_max_entries: String,
+    /// Key_ids the known-key filter is sized for (about 1.2 MB per
+    /// million; 1 % false positives at that size): unknown key_ids are
+    /// answered without the store. 0 turns it off.
+    #[arg(long, env = "KEYSTILE_KNOWN_KEYS", default_value = "1000000")]
+    pub known_keys: String,
     /// How long a Verify waits for the store before answering UNAVAILABLE.
     #[arg(long, env = "KEYSTILE_STORE_TIMEOUT", default_value = "50ms")]
     pub store_timeout: String,
@@ -667,6 +672,13 @@ impl ServeArgs {
             errors.push("--http-listen must differ from --listen and --metrics-listen".into());
         }
         let tokens = self.token_settings(&mut errors);
+        let known_keys = match self.known_keys.trim().parse::<usize>() {
+            Ok(n) if n <= 100_000_000 => n,
+            _ => {
+                errors.push(format!("--known-keys {:?} must be a number of keys from 0 to 100000000", self.known_keys));
+                0
+            }
+        };
         let proxy = self.proxy_settings(&mut errors);
         let ext_authz_max_request_bytes = match self.ext_authz_max_request_bytes.trim().parse::<usize>() {
             Ok(n) if (1024..=4 * 1024 * 1024).contains(&n) => n,
@@ -839,6 +851,7 @@ impl ServeArgs {
                 stale_window: stale_window.unwrap_or_default(),
                 max_entries: cache_max_entries,
                 feed_grace: feed_grace.unwrap_or_default(),
+                known_keys,
             },
             default_rate_limit,
             limits,

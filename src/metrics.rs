@@ -38,6 +38,8 @@ pub struct Metrics {
     pub cache_hits: Counter,
     pub cache_stale_hits: Counter,
     pub cache_misses: Counter,
+    /// Lookups the known-key filter answered: no such key_id, no store read.
+    pub known_key_misses: Counter,
     pub cache_evictions: Counter,
     pub store_reads: Counter,
     pub store_timeouts: Counter,
@@ -72,6 +74,7 @@ impl Metrics {
             cache_hits: counter!("keystile_cache_lookups_total", "result" => "hit"),
             cache_stale_hits: counter!("keystile_cache_lookups_total", "result" => "stale"),
             cache_misses: counter!("keystile_cache_lookups_total", "result" => "miss"),
+            known_key_misses: counter!("keystile_cache_lookups_total", "result" => "unknown_key_id"),
             cache_evictions: counter!("keystile_cache_evictions_total"),
             store_reads: counter!("keystile_store_requests_total", "op" => "get"),
             store_timeouts: counter!("keystile_store_errors_total", "kind" => "timeout"),

@@ -297,6 +297,10 @@ async fn follow_feed(
     let metrics = &app.metrics;
     // Subscribed first, then asked: no transition can fall between.
     let mut down_since = (!app.store.feed_is_live()).then(tokio::time::Instant::now);
+    if down_since.is_none() {
+        // Live already: no Connected will come, so load the known key_ids now.
+        app.records.apply(&FeedEvent::Connected);
+    }
     metrics.feed_connected.set(if down_since.is_none() { 1.0 } else { 0.0 });
     let mut ready = false;
     let mut tick = tokio::time::interval(Duration::from_millis(250));

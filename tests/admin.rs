@@ -438,6 +438,7 @@ async fn disable_enable_across_replicas_and_owners() {
     let mine = proto::CreateKeyRequest { owner: "Dev@Example.com".into(), ..create_req("mine") };
     let (key, rec) = create(&mut admin, mine).await;
     create(&mut admin, proto::CreateKeyRequest { owner: "other@example.com".into(), ..create_req("theirs") }).await;
+    wait_known_everywhere(&[va.clone(), vb.clone()], &key).await;
     for v in [&mut va, &mut vb] {
         assert_eq!(code(&verify(v, verify_req(&key)).await), Code::Valid);
     }
@@ -516,6 +517,8 @@ async fn tiers_add_scopes_and_changes_reach_every_replica() {
     let (premium, rec) = create(&mut admin, held("premium", "acme", &["premium"])).await;
     assert_eq!(rec.tiers, ["premium"]);
     let (basic, _) = create(&mut admin, held("basic", "globex", &["basic"])).await;
+    wait_known_everywhere(&[va.clone(), vb.clone()], &premium).await;
+    wait_known_everywhere(&[va.clone(), vb.clone()], &basic).await;
     let asks = |key: &str, scope: &str| proto::VerifyRequest { scopes: vec![scope.into()], ..verify_req(key) };
     for v in [&mut va, &mut vb] {
         let r = verify(v, asks(&premium, "export:data")).await;

@@ -233,6 +233,13 @@ async fn usage_counts_by_code_are_written_in_batches() {
     let scoped = proto::CreateKeyRequest { scopes: vec!["read".into()], ..create_req("busy") };
     let (key, rec) = create(&mut admin, scoped).await;
     let (mut va, mut vb) = (a.verifier().await, b.verifier().await);
+    // b learns of the key from the change feed (a probe would count usage).
+    let id: keystile::key::KeyId = rec.key_id.parse().unwrap();
+    let t0 = std::time::Instant::now();
+    while !b.app.records.may_exist(id) {
+        assert!(t0.elapsed() < Duration::from_secs(5), "b never learned of the key");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 
     // The admin calls so far counted the admin key's use: written first.
     a.app.usage.flush().await.unwrap();

@@ -253,6 +253,7 @@ async fn a_tenant_limit_holds_across_three_sidecars_even_and_skewed() {
             .await
             .unwrap();
         let (key, _) = create(&mut admin, keyed(tenant, tenant, "live", &[])).await;
+        wait_known_everywhere(&clients, &key).await;
         let before = redis.command_calls();
         let t0 = Instant::now();
         let run = drive(&clients, &key, &weights, 1500).await;
@@ -294,6 +295,7 @@ async fn redis_down_limits_fall_back_as_configured_and_recover() {
         .await
         .unwrap();
     let (key, _) = create(&mut admin, keyed("k", "acme", "live", &[])).await;
+    wait_known_everywhere(&clients, &key).await;
     for l in ["share", "free", "strict"] {
         assert_eq!(code(&verify(&mut clients[0], named(&key, &[l])).await), Code::Valid);
     }

@@ -483,6 +483,7 @@ async fn cluster_spreads_keys_revokes_everywhere_and_survives_a_failover() {
             .unwrap();
         let req = keystile::proto::CreateKeyRequest { tenant, ..create_req("limited") };
         let key = create(&mut keys_admin, req).await.0;
+        wait_known_everywhere(&clients, &key).await;
         let run = drive(&clients, &key, &[34, 33, 33], 450).await;
         let total: u64 = run.valid.iter().sum();
         assert_eq!(run.other, 0);

@@ -90,6 +90,7 @@ async fn three_sidecars_refuse_a_revoked_key_within_one_second() {
     let mut times = Vec::new();
     for i in 0..25 {
         let (key, rec) = create(&mut admin, create_req(&format!("propagation {i}"))).await;
+        wait_known_everywhere(&clients, &key).await;
         for c in clients.iter_mut() {
             assert_eq!(code(&verify(c, verify_req(&key)).await), Code::Valid, "warm every cache");
         }
@@ -114,6 +115,7 @@ async fn a_cut_off_subscriber_catches_up_from_the_stream() {
     let (sidecars, mut clients, mut admin) = replicas(&redis, 2).await;
     for round in 0..5 {
         let (key, rec) = create(&mut admin, create_req(&format!("cut {round}"))).await;
+        wait_known_everywhere(&clients, &key).await;
         for c in clients.iter_mut() {
             assert_eq!(code(&verify(c, verify_req(&key)).await), Code::Valid);
         }
@@ -134,6 +136,7 @@ async fn a_restarted_redis_is_resynced() {
     let mut redis = RedisServer::start();
     let (sidecars, mut clients, mut admin) = replicas(&redis, 2).await;
     let (key, rec) = create(&mut admin, create_req("survives a restart")).await;
+    wait_known_everywhere(&clients, &key).await;
     for c in clients.iter_mut() {
         assert_eq!(code(&verify(c, verify_req(&key)).await), Code::Valid);
     }

@@ -43,9 +43,11 @@ async fn malformed_keys_never_reach_the_memory_store() {
         assert_eq!(code(&r), Code::Malformed, "{key:?}");
     }
     assert_eq!(store.calls(), before, "no store call for a malformed key");
-    // The counter does count: an unknown well-formed key is one read.
-    let unknown = generate(&KeyFormat::default(), Env::Live);
-    verify(&mut v, verify_req(unknown.key.expose())).await;
+    // The counter does count: a key not yet cached is one read.
+    let mut admin = s.admin().await;
+    let (fresh, _) = create(&mut admin, create_req("not yet cached")).await;
+    let before = store.calls();
+    assert_eq!(code(&verify(&mut v, verify_req(&fresh)).await), Code::Valid);
     assert_eq!(store.calls(), before + 1);
     s.stop().await;
 }
@@ -79,6 +81,7 @@ async fn malformed_keys_issue_no_redis_command_and_a_miss_issues_one() {
     let redis = RedisServer::start();
     let store = RedisStore::open(&redis.url(), "keystile", Duration::from_secs(1)).unwrap();
     let s = counted_server(store).await;
+    wait_known_keys(&s).await;
     let mut v = s.verifier().await;
     let before = redis.command_calls();
     for _ in 0..20 {
@@ -89,13 +92,18 @@ async fn malformed_keys_issue_no_redis_command_and_a_miss_issues_one() {
     let after = redis.command_calls();
     assert_eq!(data_commands(&after), data_commands(&before), "before {before:?}\nafter {after:?}");
 
+    // An unknown key_id: the known-key filter answers, no command.
     let unknown = generate(&KeyFormat::default(), Env::Live);
-    verify(&mut v, verify_req(unknown.key.expose())).await;
+    assert_eq!(code(&verify(&mut v, verify_req(unknown.key.expose())).await), Code::NotFound);
+    assert_eq!(data_commands(&redis.command_calls()), data_commands(&after), "no command for an unknown key_id");
+    // A key not yet cached: one command.
+    let mut admin = s.admin().await;
+    let (fresh, _) = create(&mut admin, create_req("not yet cached")).await;
+    let after = redis.command_calls();
+    assert_eq!(code(&verify(&mut v, verify_req(&fresh)).await), Code::Valid);
     let once = redis.command_calls();
     assert_eq!(data_commands(&once), data_commands(&after) + 1, "a cold miss is one command: {once:?}");
     assert_eq!(once.get("hget").copied().unwrap_or(0), after.get("hget").copied().unwrap_or(0) + 1);
-    verify(&mut v, verify_req(unknown.key.expose())).await;
-    assert_eq!(data_commands(&redis.command_calls()), data_commands(&once), "the unknown key_id is negative-cached");
     s.stop().await;
 }
 
@@ -167,6 +175,7 @@ async fn a_revocation_reaches_another_replica_through_redis() {
     let mut va = a.verifier().await;
     let mut vb = b.verifier().await;
     let (key, record) = create(&mut admin, create_req("shared")).await;
+    wait_known_everywhere(&[va.clone(), vb.clone()], &key).await;
     assert_eq!(code(&verify(&mut va, verify_req(&key)).await), Code::Valid);
     assert_eq!(code(&verify(&mut vb, verify_req(&key)).await), Code::Valid, "b caches it");
 
@@ -332,4 +341,58 @@ async fn shutdown_drains_calls_in_flight() {
     }
     stopped.await.unwrap();
     assert!(t0.elapsed() < Duration::from_secs(5), "drained well within the grace");
+}
+
+/// The known-key filter (README, "Storage, cache and revocation"): forged
+/// well-formed keys, whatever their `ip`, cost no store read and no cache
+/// entry; a key created on another replica verifies within a second; a
+/// lost feed turns the filter off until it has reloaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_key_ids_reach_neither_the_store_nor_the_cache() {
+    let redis = RedisServer::start();
+    let open = || RedisStore::open(&redis.url(), "keystile", Duration::from_secs(1)).unwrap();
+    let a = counted_server(open()).await;
+    let b = counted_server(open()).await;
+    wait_known_keys(&b).await;
+    let mut vb = b.verifier().await;
+    let hgets = || redis.command_calls().get("hget").copied().unwrap_or(0);
+    let (before, cached) = (hgets(), b.app.records.cache().len());
+    let format = KeyFormat::default();
+    for i in 0..600u32 {
+        let forged = generate(&format, Env::Live);
+        let ip = match i % 3 {
+            0 => format!("198.51.{}.{}", i / 256, i % 256),
+            1 => format!("2001:db8:{i:x}::1"),
+            _ => format!("203.0.{}.{}:{}", i / 256, i % 256, 1024 + i),
+        };
+        let r = verify(&mut vb, proto::VerifyRequest { ip, ..verify_req(forged.key.expose()) }).await;
+        assert_eq!(code(&r), Code::NotFound);
+    }
+    assert_eq!(hgets(), before, "no store read for 600 forged key_ids");
+    assert_eq!(b.app.records.cache().len(), cached, "and no cache entry");
+
+    // Created on a, known on b within the revocation bound.
+    let mut admin = a.admin().await;
+    let (fresh, _) = create(&mut admin, create_req("made on a")).await;
+    let t0 = Instant::now();
+    while code(&verify(&mut vb, verify_req(&fresh)).await) != Code::Valid {
+        assert!(t0.elapsed() < Duration::from_secs(1), "a key created on a verifies on b within 1 s");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+
+    // The feed cut: b stops ruling key_ids out until it has reloaded.
+    let killed: i64 = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query(&mut redis.conn()).unwrap();
+    assert!(killed >= 2);
+    let t0 = Instant::now();
+    while b.app.records.known_keys_ready() {
+        assert!(t0.elapsed() < Duration::from_secs(2), "the cut was noticed");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let forged = generate(&format, Env::Live);
+    let before = hgets();
+    assert_eq!(code(&verify(&mut vb, verify_req(forged.key.expose())).await), Code::NotFound);
+    assert!(hgets() > before || b.app.records.known_keys_ready(), "without the filter the store is asked");
+    wait_known_keys(&b).await;
+    a.stop().await;
+    b.stop().await;
 }

@@ -256,7 +256,10 @@ async fn every_code_on_redis() {
 #[tokio::test]
 async fn unavailable_when_the_memory_store_fails_and_nothing_is_negative_cached() {
     let store = Arc::new(MemoryStore::new());
-    let s = server(store.clone()).await;
+    // The store path itself: no known-key filter to answer the unknown key.
+    let mut settings = EngineSettings::new(test_pepper());
+    settings.cache.known_keys = 0;
+    let s = TestServer::start_with(store.clone(), settings, ServerOptions::default(), Clock::manual(START)).await;
     let mut admin = s.admin().await;
     let mut v = s.verifier().await;
     let (cached, _) = create(&mut admin, create_req("cached")).await;
@@ -334,6 +337,9 @@ async fn resource_exhausted_when_the_server_sheds_load() {
 async fn a_spent_quota_survives_eviction_by_forged_keys() {
     let mut settings = EngineSettings::new(test_pepper());
     settings.cache.max_entries = 300;
+    // Without the known-key filter, which would keep forged keys out of the
+    // cache altogether (tested in store_behaviour.rs).
+    settings.cache.known_keys = 0;
     let s =
         TestServer::start_with(Arc::new(MemoryStore::new()), settings, ServerOptions::default(), Clock::manual(START))
             .await;

@@ -8,6 +8,7 @@
 //! last-used timestamps go to [`usage::UsageBatcher`]. Knows nothing of gRPC:
 //! front ends convert at their edge.
 
+pub mod known;
 pub mod source;
 pub mod tenants;
 pub mod usage;

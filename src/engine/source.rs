@@ -14,6 +14,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::sync::OnceCell;
 
+use super::known::KnownKeys;
 use super::tenants::TenantLimits;
 use crate::cache::{CacheSettings, Cached, CachedKey, KeyCache, Lookup};
 use crate::clock::Clock;
@@ -48,6 +49,8 @@ pub struct RecordSource {
     /// live (or before it first connected).
     feed_down_since: AtomicU64,
     tenants: TenantLimits,
+    /// Which key_ids exist; `None` when switched off.
+    known: Option<Arc<KnownKeys>>,
     /// When the store was last tried during an outage.
     last_probe: AtomicU64,
     metrics: Metrics,
@@ -65,6 +68,7 @@ impl RecordSource {
         RecordSource {
             cache: KeyCache::new(cache, clock.clone(), metrics.cache_evictions.clone()),
             tenants: TenantLimits::new(store.clone(), cache.ttl, timeout, clock.clone()),
+            known: (cache.known_keys > 0).then(|| Arc::new(KnownKeys::new(cache.known_keys))),
             store,
             inflight: DashMap::new(),
             timeout,
@@ -110,6 +114,15 @@ impl RecordSource {
             Cached::Stale(key) => Some(key),
             Cached::Missing => None,
         };
+        // A key_id no one created: NOT_FOUND without the store, and nothing
+        // cached for it (README, forged keys).
+        if stale.is_none()
+            && let Some(known) = &self.known
+            && known.rules_out(id)
+        {
+            self.metrics.known_key_misses.increment(1);
+            return Ok(Lookup::Absent);
+        }
         self.metrics.cache_misses.increment(1);
         // While the store is known to be down, one call at a time probes it
         // (at most every PROBE_EVERY); the rest answer at once instead of
@@ -235,11 +248,19 @@ impl RecordSource {
                 self.tenants.invalidate_all();
                 self.cache.invalidate_all();
                 self.inflight.clear();
+                // Events were lost: creations among them.
+                self.reload_known();
             }
-            FeedEvent::Connected => self.feed_down_since.store(0, Ordering::Relaxed),
+            FeedEvent::Connected => {
+                self.feed_down_since.store(0, Ordering::Relaxed);
+                self.reload_known();
+            }
             FeedEvent::Disconnected => {
                 let now = self.clock.mono_nanos().max(1);
                 let _ = self.feed_down_since.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+                if let Some(known) = &self.known {
+                    known.distrust();
+                }
             }
         }
     }
@@ -247,7 +268,31 @@ impl RecordSource {
     /// Drops `id` from the cache and from the loads in flight, so that a
     /// lookup starting now reads the store afresh.
     pub fn invalidate(&self, id: KeyId) {
+        if let Some(known) = &self.known {
+            known.add(id);
+        }
         self.cache.invalidate(id);
         self.inflight.remove(&id);
+    }
+
+    /// Loads the known key_ids again in the background (the feed is live,
+    /// or had a gap); until it completes, nothing is ruled out.
+    fn reload_known(&self) {
+        let Some(known) = &self.known else { return };
+        known.distrust();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(known.clone().load(self.store.clone()));
+        }
+    }
+
+    /// Whether `id` may exist as far as the known-key filter can tell (always,
+    /// while it is not loaded).
+    pub fn may_exist(&self, id: KeyId) -> bool {
+        !self.known.as_ref().is_some_and(|k| k.rules_out(id))
+    }
+
+    /// Whether the known-key filter rules key_ids out now.
+    pub fn known_keys_ready(&self) -> bool {
+        self.known.as_ref().is_some_and(|k| k.is_ready())
     }
 }

@@ -172,6 +172,16 @@ impl KeyStore for MemoryStore {
         Ok(ListPage { records, next })
     }
 
+    async fn key_ids(&self, cursor: &str, limit: usize) -> Result<(Vec<KeyId>, Option<String>), StoreError> {
+        let map = self.enter()?;
+        let mut ids: Vec<KeyId> = map.keys().copied().filter(|id| id.as_str() > cursor).collect();
+        ids.sort();
+        let more = ids.len() > limit;
+        ids.truncate(limit);
+        let next = if more { ids.last().map(|id| id.to_string()) } else { None };
+        Ok((ids, next))
+    }
+
     async fn last_used(&self, id: KeyId) -> Result<Option<i64>, StoreError> {
         drop(self.enter()?);
         Ok(self.last_used.lock().unwrap_or_else(|e| e.into_inner()).get(&id).copied())

@@ -117,6 +117,11 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Records ordered by creation, filtered and paged.
     async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError>;
 
+    /// A page of every key_id the store holds (tombstones included), in
+    /// no particular order, after `cursor` (`""` = from the start), and
+    /// the cursor of the next page (`None` after the last).
+    async fn key_ids(&self, cursor: &str, limit: usize) -> Result<(Vec<KeyId>, Option<String>), StoreError>;
+
     /// When the key was last used, as far as the sidecars have reported.
     async fn last_used(&self, id: KeyId) -> Result<Option<i64>, StoreError>;
 

@@ -579,3 +579,33 @@ pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> H
     };
     HttpReply { status, headers, body }
 }
+
+/// Waits until the server's known-key filter is loaded (unknown key_ids
+/// are then answered without the store).
+pub async fn wait_known_keys(s: &TestServer) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s.app.records.known_keys_ready() {
+        assert!(Instant::now() < deadline, "the known key_ids never loaded");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until `key` (just created on another replica) is known to every
+/// client's sidecar: the change feed announces it within milliseconds,
+/// and until then an unknown key_id is NOT_FOUND. Asks with a scope no key
+/// holds, so no limit is counted.
+pub async fn wait_known_everywhere(clients: &[VerifierClient<Channel>], key: &str) {
+    for client in clients {
+        let mut c = client.clone();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let req = proto::VerifyRequest { scopes: vec!["probe:never-granted".into()], ..verify_req(key) };
+            let code = proto::Code::try_from(c.verify(req).await.expect("Verify answers").into_inner().code).unwrap();
+            if code != proto::Code::NotFound {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the key never became known");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}

@@ -383,6 +383,40 @@ impl KeyStore for RedisStore {
         }
     }
 
+    async fn key_ids(&self, cursor: &str, limit: usize) -> Result<(Vec<KeyId>, Option<String>), StoreError> {
+        // The cursor is `<partition>|<last index token>`: each partition's
+        // index is read in order, one after the other.
+        let mut conn = self.conn.clone();
+        let (mut p, mut after) = match cursor.split_once('|') {
+            Some((p, t)) => (p.parse::<u16>().map_err(|_| StoreError::Corrupt("bad cursor".into()))?, t.to_string()),
+            None => (0, String::new()),
+        };
+        let limit = limit.clamp(1, 10_000);
+        let mut ids = Vec::new();
+        while p < self.keys.partitions().end {
+            let min = if after.is_empty() { "-".to_string() } else { format!("({after}") };
+            let tokens: Vec<String> = redis::cmd("ZRANGEBYLEX")
+                .arg(self.keys.index(p))
+                .arg(&min)
+                .arg("+")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit - ids.len())
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            let full = tokens.len() == limit - ids.len();
+            ids.extend(tokens.iter().filter_map(|t| t.split_once(':').and_then(|(_, id)| id.parse::<KeyId>().ok())));
+            if full {
+                let last = tokens.last().cloned().unwrap_or_default();
+                return Ok((ids, Some(format!("{p}|{last}"))));
+            }
+            p += 1;
+            after.clear();
+        }
+        Ok((ids, None))
+    }
+
     async fn last_used(&self, id: KeyId) -> Result<Option<i64>, StoreError> {
         let mut conn = self.conn.clone();
         let p = self.keys.partition_of(id);

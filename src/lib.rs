@@ -11,7 +11,8 @@
 //!   metric label in one place), the headers. A leaf: imports no engine.
 //! - [`engine`]: the decision pipeline (`engine/mod.rs`, only the checks, in
 //!   order), the record source (`engine/source.rs`: cache + store + single
-//!   flight + outage breaker + change feed), tenants' named limits
+//!   flight + outage breaker + change feed), the known-key filter that
+//!   answers forged key_ids without the store (`engine/known.rs`), tenants' named limits
 //!   (`engine/tenants.rs`) and usage, last-used times and counts by code,
 //!   batched to the store (`engine/usage.rs`).
 //! - [`limit`]: the [`limit::Limiter`] trait and bucket ids; named limits

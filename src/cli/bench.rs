@@ -36,7 +36,8 @@ pub enum Scenario {
     Health,
     /// Verify with valid keys, all cached (cycles over --keys keys).
     Hit,
-    /// Verify with keys the server has never seen: one store read each.
+    /// Verify with keys the server has never seen: forged key_ids, answered
+    /// by the known-key filter once it is loaded (no store read).
     Miss,
     /// Verify with malformed keys: rejected before cache or store.
     Malformed,

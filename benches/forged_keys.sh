@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Forged well-formed keys against a release sidecar on Redis (README,
 # "Storage, cache and revocation", forged keys): `keystile bench --scenario
-# miss` sends keys with random key_ids and no IP for DURATION; this prints
+# forged` sends keys with random key_ids and no IP for DURATION; this prints
 # how many Verify calls were made, how many Redis reads (HGET) they caused,
 # and the sidecar's RSS before and after.
 #
@@ -27,13 +27,15 @@ KEYSTILE_PEPPER="$pepper" taskset -c 0 "$B" serve --redis-url "redis://127.0.0.1
 pid=$!
 for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
 sleep 1
+KEYSTILE_ADMIN_KEY="$(KEYSTILE_PEPPER="$pepper" "$B" keys bootstrap --redis-url "redis://127.0.0.1:$rport" --quiet 2>/dev/null)"
+export KEYSTILE_ADMIN_KEY
 hgets() { redis-cli -p "$rport" info commandstats | sed -n 's/^cmdstat_hget:calls=\([0-9]*\).*/\1/p' | tr -d '\r' | sed 's/^$/0/'; }
 rss() { awk '/VmRSS/ {print $2}' "/proc/$pid/status"; }
 h0="$(hgets)"; h0="${h0:-0}"; r0="$(rss)"
-out="$(taskset -c 1 "$B" bench --server "http://127.0.0.1:$port" --scenario miss --duration "$DURATION" --warmup 0s --concurrency 64 2>&1)"
+out="$(taskset -c 1 "$B" bench --server "http://127.0.0.1:$port" --scenario forged --duration "$DURATION" --warmup 0s --concurrency 64 2>&1)"
 h1="$(hgets)"; h1="${h1:-0}"; r1="$(rss)"
-echo "$out" | grep -E "miss"
-calls="$(echo "$out" | awk '/^miss/ {print $2}')"
+echo "$out" | grep -E "^forged"
+calls="$(echo "$out" | awk '/^forged/ {print $2}')"
 python3 -c "
 calls, reads = $calls, $h1 - $h0
 print(f'{calls} forged keys, {reads} Redis reads: {reads / max(calls, 1):.4f} per request; RSS {$r0 / 1024:.1f} -> {$r1 / 1024:.1f} MiB (--known-keys $KNOWN_KEYS)')

@@ -43,6 +43,10 @@ pub enum Scenario {
     Malformed,
     /// 90 % hits, 5 % malformed, 5 % unknown key_ids.
     Mix,
+    /// Verify with forged keys: well-formed, a fresh random key_id each,
+    /// no IP (never shed): NOT_FOUND, from the known-key filter once it is
+    /// loaded. Not in the default list.
+    Forged,
 }
 
 /// What the keys of the scenarios look like.
@@ -418,6 +422,12 @@ async fn one(target: &mut Target, scenario: Scenario, w: &Workload, i: usize) ->
                 Scenario::Miss => {
                     let n = w.next_miss.fetch_add(1, Ordering::Relaxed);
                     (verify(w.miss.get(n).ok_or(())?), Some(proto::Code::Valid))
+                }
+                Scenario::Forged => {
+                    let forged =
+                        keystile::key::generate(&keystile::key::KeyFormat::default(), keystile::key::Env::Live);
+                    let req = proto::VerifyRequest { key: forged.key.into_exposed(), ..Default::default() };
+                    (req, Some(proto::Code::NotFound))
                 }
                 Scenario::Mix => match i % 20 {
                     0 => (verify(&w.malformed[i % w.malformed.len()]), None),

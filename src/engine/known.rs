@@ -17,7 +17,8 @@
 //! starts afresh.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use fastbloom::AtomicBloomFilter;
 
@@ -31,11 +32,11 @@ const FALSE_POSITIVES: f64 = 0.01;
 
 pub struct KnownKeys {
     filter: AtomicBloomFilter,
-    /// Complete and kept current: may rule key_ids out.
-    ready: AtomicBool,
-    /// Bumped whenever the feed is lost or has a gap: a load that began
-    /// before it does not make the filter ready.
-    epoch: AtomicU64,
+    /// `epoch << 1 | ready`. Ready: complete and kept current, may rule
+    /// key_ids out. The epoch moves whenever the feed is lost or has a
+    /// gap, so a load that began before never makes the filter ready: one
+    /// word, so that "still the same epoch" and "ready" are set together.
+    state: AtomicU64,
 }
 
 impl KnownKeys {
@@ -43,8 +44,7 @@ impl KnownKeys {
     pub fn new(capacity: usize) -> KnownKeys {
         KnownKeys {
             filter: AtomicBloomFilter::with_false_pos(FALSE_POSITIVES).expected_items(capacity.max(1000)),
-            ready: AtomicBool::new(false),
-            epoch: AtomicU64::new(0),
+            state: AtomicU64::new(0),
         }
     }
 
@@ -55,27 +55,33 @@ impl KnownKeys {
     /// Whether `id` certainly does not exist.
     #[inline]
     pub fn rules_out(&self, id: KeyId) -> bool {
-        self.ready.load(Ordering::Acquire) && !self.filter.contains(id.as_bytes())
+        self.is_ready() && !self.filter.contains(id.as_bytes())
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.state.load(Ordering::Acquire) & 1 == 1
     }
 
     /// The feed is lost or missed events: stop ruling out until a load
-    /// completes again.
-    pub fn distrust(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-        self.ready.store(false, Ordering::Release);
+    /// that starts after this completes. Returns the new epoch, for that
+    /// load.
+    pub fn distrust(&self) -> u64 {
+        let prev = self.state.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| Some((s + 2) & !1));
+        (prev.unwrap_or(0) + 2) & !1
     }
 
-    /// Adds every key_id the store holds; ready afterwards unless the
-    /// feed was lost meanwhile. Feed events keep adding while it runs.
-    pub async fn load(self: Arc<Self>, store: Arc<dyn KeyStore>) {
-        let epoch = self.epoch.load(Ordering::Acquire);
+    /// Adds every key_id the store holds, then becomes ready if the epoch
+    /// is still `epoch` (from [`KnownKeys::distrust`]). Feed events keep
+    /// adding while it runs. A failed page is tried again (backing off up
+    /// to 10 s) for as long as the epoch holds.
+    pub async fn load(self: Arc<Self>, store: Arc<dyn KeyStore>, epoch: u64) {
         let mut cursor = String::new();
         let mut count = 0usize;
+        let mut backoff = Duration::from_millis(250);
         loop {
+            if self.state.load(Ordering::Acquire) != epoch {
+                return;
+            }
             match store.key_ids(&cursor, PAGE).await {
                 Ok((ids, next)) => {
                     for id in &ids {
@@ -88,17 +94,38 @@ impl KnownKeys {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "could not load the known key_ids; every unknown key reads the store");
-                    return;
+                    tracing::warn!(error = %e, retry_in = ?backoff, "could not load the known key_ids; every unknown key reads the store meanwhile");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
-            if self.epoch.load(Ordering::Acquire) != epoch {
-                return;
-            }
         }
-        if self.epoch.load(Ordering::Acquire) == epoch {
-            self.ready.store(true, Ordering::Release);
+        if self.state.compare_exchange(epoch, epoch | 1, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             tracing::info!(keys = count, "known key_ids loaded; unknown key_ids are answered without the store");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    /// A load that began before the feed was lost never makes the filter
+    /// ready, however it interleaves.
+    #[tokio::test]
+    async fn a_load_from_an_older_epoch_never_makes_it_ready() {
+        let store: Arc<dyn KeyStore> = Arc::new(MemoryStore::new());
+        let known = Arc::new(KnownKeys::new(1000));
+        let old = known.distrust();
+        let newer = known.distrust();
+        known.clone().load(store.clone(), old).await;
+        assert!(!known.is_ready(), "a stale load");
+        known.clone().load(store.clone(), newer).await;
+        assert!(known.is_ready());
+        known.distrust();
+        assert!(!known.is_ready());
+        let id: KeyId = "AAAAAAAA".parse().unwrap();
+        assert!(!known.rules_out(id), "not ready: nothing ruled out");
     }
 }

@@ -279,9 +279,11 @@ impl RecordSource {
     /// or had a gap); until it completes, nothing is ruled out.
     fn reload_known(&self) {
         let Some(known) = &self.known else { return };
-        known.distrust();
+        // The epoch is taken here, not when the task first runs: a
+        // Disconnected applied before then must stop this load.
+        let epoch = known.distrust();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(known.clone().load(self.store.clone()));
+            runtime.spawn(known.clone().load(self.store.clone(), epoch));
         }
     }
 

@@ -322,14 +322,7 @@ async fn forward_auth_with_traefik_headers() {
         ..routed()
     })
     .await;
-    let mut admin = s.server.admin().await;
-    let req = proto::CreateKeyRequest {
-        tenant: "acme".into(),
-        scopes: vec!["api:read".into()],
-        ip_allowlist: vec!["198.51.100.0/24".into()],
-        ..create_req("office only")
-    };
-    let (key, rec) = create(&mut admin, req).await;
+    let (key, rec) = office_key(&s.server).await;
     let front = s.http.clone();
     let ask = move |key: String, xff: &'static str, uri: &'static str| {
         let front = front.clone();
@@ -439,6 +432,18 @@ async fn forward_auth_with_traefik_headers() {
     .await
     .unwrap();
     assert_eq!(s.store.calls(), before, "zero store commands for malformed credentials");
+}
+
+/// An acme key with `api:read`, usable from 198.51.100.0/24 only.
+async fn office_key(s: &TestServer) -> (String, proto::KeyRecord) {
+    let mut admin = s.admin().await;
+    let req = proto::CreateKeyRequest {
+        tenant: "acme".into(),
+        scopes: vec!["api:read".into()],
+        ip_allowlist: vec!["198.51.100.0/24".into()],
+        ..create_req("office only")
+    };
+    create(&mut admin, req).await
 }
 
 fn http_request_traefik(addr: &str, key: &str, xff: &str, uri: &str) -> HttpReply {
@@ -647,14 +652,7 @@ async fn a_configured_error_body_shapes_every_deny() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_for_only_from_trusted_proxies() {
     let s = setup(ProxySettings { trusted_hops: 1, trusted_proxies: vec![], ..routed() }).await;
-    let mut admin = s.server.admin().await;
-    let req = proto::CreateKeyRequest {
-        tenant: "acme".into(),
-        scopes: vec!["api:read".into()],
-        ip_allowlist: vec!["198.51.100.0/24".into()],
-        ..create_req("office only")
-    };
-    let (key, _) = create(&mut admin, req).await;
+    let (key, _) = office_key(&s.server).await;
     let addr = s.http.clone();
     let r = tokio::task::spawn_blocking(move || {
         http(

@@ -22,25 +22,8 @@ use keystile::proxy::{ErrorBody, ProxySettings, RouteTable};
 use keystile::server::{FrontEnd, ServerOptions};
 use keystile::store::memory::MemoryStore;
 
-const ROUTES: &str = r#"
-[[hosts]]
-pattern = "{tenant}.api.example.com"
-[[hosts]]
-pattern = "partner.example.org"
-tenant = "partner"
-
-[[routes]]
-methods = ["POST", "PUT"]
-path_prefix = "/v1/export"
-scopes = ["export:data"]
-limits = ["analytics"]
-[[routes]]
-path_prefix = "/v1/"
-scopes = ["api:read"]
-
-[default]
-scopes = []
-"#;
+/// The README's route table, as shipped.
+const ROUTES: &str = include_str!("../deploy/routes.example.toml");
 
 struct Setup {
     server: TestServer,

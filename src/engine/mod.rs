@@ -141,13 +141,15 @@ impl Engine {
         shedder: Option<&FailureShedder>,
     ) -> Result<Verdict, VerifyError> {
         let started = std::time::Instant::now();
-        let outcome = self.decide(req, shedder).await;
+        // One clock read per Verify: the checks and the usage count share it.
+        let now = self.clock.unix_seconds();
+        let outcome = self.decide(req, shedder, now).await;
         self.metrics.verify_seconds.record(started.elapsed().as_secs_f64());
         match &outcome {
             Ok(v) => {
                 self.metrics.verdict(v.outcome);
                 if let Some(key) = &v.key {
-                    self.usage.count(key, v.outcome, self.clock.unix_seconds());
+                    self.usage.count(key, v.outcome, now);
                 }
             }
             Err(VerifyError::LimiterUnavailable(_)) => self.metrics.limiter_unavailable.increment(1),
@@ -156,7 +158,12 @@ impl Engine {
         outcome
     }
 
-    async fn decide(&self, req: &Request<'_>, shedder: Option<&FailureShedder>) -> Result<Verdict, VerifyError> {
+    async fn decide(
+        &self,
+        req: &Request<'_>,
+        shedder: Option<&FailureShedder>,
+        now: i64,
+    ) -> Result<Verdict, VerifyError> {
         // 1. Parse: prefix, shape and checksum, before anything else; or,
         // for a token (README, "Token exchange"), its signature, issuer and
         // expiry, without the store.
@@ -278,7 +285,6 @@ impl Engine {
         let granted: &[String] = tier_scopes.as_deref().unwrap_or(&record.scopes);
 
         // 4. The checks, in order of precedence.
-        let now = self.clock.unix_seconds();
         let outcome = if record.is_revoked_at(now) {
             Outcome::Revoked
         } else if record.is_expired_at(now) {

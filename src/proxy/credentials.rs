@@ -99,8 +99,8 @@ pub trait RequestHeaders {
     fn names(&self) -> impl Iterator<Item = &str>;
 }
 
-/// What the sources found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the sources found. Its `Debug` never shows the credential.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Found<'a> {
     None,
     /// One credential (possibly sent in several places), and the sources
@@ -108,6 +108,16 @@ pub enum Found<'a> {
     One(&'a str, u64),
     /// Two different credentials.
     Conflict,
+}
+
+impl std::fmt::Debug for Found<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Found::None => f.write_str("None"),
+            Found::One(_, mask) => write!(f, "One({}, sources {mask:#b})", crate::secret::REDACTED),
+            Found::Conflict => f.write_str("Conflict"),
+        }
+    }
 }
 
 impl CredentialSources {
@@ -224,6 +234,7 @@ mod tests {
         for (headers, want) in cases {
             assert_eq!(s.find(&Map(headers.clone()), ""), want, "{headers:?}");
         }
+        assert!(!format!("{:?}", Found::One("ks_secret", 1)).contains("ks_secret"), "no credential in Debug");
     }
 
     #[test]

@@ -324,25 +324,7 @@ fn decode_unreserved(seg: &str) -> Result<String, &'static str> {
 mod tests {
     use super::*;
 
-    const EXAMPLE: &str = r#"
-[[hosts]]
-pattern = "{tenant}.api.example.com"
-[[hosts]]
-pattern = "partner.example.org"
-tenant = "partner"
-
-[[routes]]
-methods = ["POST", "PUT"]
-path_prefix = "/v1/export"
-scopes = ["export:data"]
-limits = ["analytics"]
-[[routes]]
-path_prefix = "/v1/"
-scopes = ["api:read"]
-
-[default]
-scopes = []
-"#;
+    const EXAMPLE: &str = include_str!("../../deploy/routes.example.toml");
 
     #[test]
     fn the_readme_example_matches_as_documented() {

@@ -28,7 +28,10 @@ fn main() {
         std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect::<Vec<_>>().into_iter().collect();
     let sizes = if sizes.is_empty() { vec![1_000, 100_000, 1_000_000] } else { sizes };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    println!("{:>10} {:>14} {:>14} {:>16}", "keys", "rss before", "rss cached", "bytes per key");
+    println!(
+        "{:>10} {:>14} {:>14} {:>16} {:>16}",
+        "keys", "rss before", "rss cached", "bytes per key", "weighed per key"
+    );
     for n in sizes {
         let peppers = PepperSet::single(Pepper::parse(&[9u8; 32]).unwrap());
         let format = KeyFormat::default();
@@ -68,7 +71,8 @@ fn main() {
             }
         });
         let mut settings = EngineSettings::new(peppers);
-        settings.cache.max_entries = n as u64 * 2;
+        settings.cache.max_entries = n as u64 * 1000;
+        settings.cache.max_bytes = (n as u64 * 4096).max(1 << 20);
         let app = App::build(settings, store.clone(), Clock::system());
         let engine = app.engine.clone();
         let before = rss_kib();
@@ -82,13 +86,15 @@ fn main() {
             }
         });
         let cached = app.records.cache().len();
+        let weighed = app.records.cache().weighed_bytes();
         let after = rss_kib();
         println!(
-            "{:>10} {:>11} KiB {:>11} KiB {:>16.0}",
+            "{:>10} {:>11} KiB {:>11} KiB {:>16.0} {:>16.0}",
             cached,
             before,
             after,
-            (after.saturating_sub(before) * 1024) as f64 / n as f64
+            (after.saturating_sub(before) * 1024) as f64 / n as f64,
+            weighed as f64 / cached.max(1) as f64
         );
         drop((engine, app));
         drop(store);

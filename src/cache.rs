@@ -6,9 +6,15 @@
 //! pushes them out) so that they can still answer while the store is down,
 //! for as long as the engine's stale window allows. Negative entries
 //! (no such key_id) are fresh for `negative_ttl` and never served stale.
-//! Freshness is judged by the injectable [`Clock`], on read; moka only
-//! bounds the number of entries (no moka time-to-live: it would cost every
-//! read a second clock check and every write an extra queue).
+//! Freshness is judged by the injectable [`Clock`], on read.
+//!
+//! Memory is bounded in bytes (README, "Memory budget"): positive entries
+//! live in a moka cache weighed by what each record holds, negative ones
+//! in a map of their own with an eighth of the budget, purged of expired
+//! entries every second ([`KeyCache::purge_expired`]), so neither kind can
+//! crowd the other out and a forged-key flood cannot keep memory past its
+//! TTL. `max_entries` stays a second bound: no entry weighs less than its
+//! share of the budget at that count.
 //!
 //! Every key_id maps to one of [`STRIPES`] generation counters. An
 //! invalidation bumps the counter under its lock; a loader inserts only if
@@ -72,8 +78,25 @@ pub enum Lookup {
 
 #[derive(Clone)]
 struct Entry {
-    lookup: Lookup,
+    key: Arc<CachedKey>,
     loaded_at: u64,
+}
+
+/// What a cached key costs beyond its record's own bytes: the moka entry,
+/// its node in the eviction order and the allocator's rounding (measured
+/// with `cargo bench --bench footprint`, README "Memory budget").
+pub const ENTRY_OVERHEAD_BYTES: usize = 500;
+/// What a negative entry costs: the key_id, its load time and the map's
+/// slack.
+pub const NEGATIVE_ENTRY_BYTES: u64 = 48;
+/// The part of the byte budget negative entries may use: one eighth.
+const NEGATIVE_SHARE: u64 = 8;
+
+impl CachedKey {
+    /// Bytes this key is counted for in the cache's budget.
+    pub fn weight(&self) -> usize {
+        std::mem::size_of::<CachedKey>() + self.record.heap_bytes() + ENTRY_OVERHEAD_BYTES
+    }
 }
 
 /// Freshness of a cached entry.
@@ -90,6 +113,9 @@ pub struct CacheSettings {
     pub negative_ttl: Duration,
     pub stale_window: Duration,
     pub max_entries: u64,
+    /// Bytes the cache may hold, positive and negative entries together
+    /// (README, "Memory budget").
+    pub max_bytes: u64,
     /// How long cached entries stay trusted after the change feed is lost:
     /// past it, lookups read through to the store until the feed is back.
     pub feed_grace: Duration,
@@ -105,14 +131,23 @@ impl Default for CacheSettings {
             negative_ttl: Duration::from_secs(5),
             stale_window: Duration::from_secs(60),
             max_entries: 1_000_000,
+            max_bytes: DEFAULT_MAX_BYTES,
             feed_grace: Duration::from_secs(2),
             known_keys: 1_000_000,
         }
     }
 }
 
+/// The default byte budget: 32 MiB, which with the process's own ~15 MiB
+/// fits the 64 MiB memory request of `deploy/` (README, "Memory budget").
+pub const DEFAULT_MAX_BYTES: u64 = 32 << 20;
+
 pub struct KeyCache {
     entries: moka::sync::Cache<KeyId, Entry>,
+    /// key_id → when it was found absent (monotonic nanos).
+    negative: dashmap::DashMap<KeyId, u64>,
+    /// Most negative entries held: past it, absences are not cached.
+    max_negative: usize,
     generations: Box<[Mutex<u64>]>,
     /// Bumped by `invalidate_all`, read together with the stripe.
     epoch: AtomicU64,
@@ -129,15 +164,24 @@ pub struct Generation(u64, u64);
 impl KeyCache {
     /// `evictions` counts entries pushed out by the size bound.
     pub fn new(settings: CacheSettings, clock: Clock, evictions: metrics::Counter) -> KeyCache {
+        let negative_bytes = settings.max_bytes / NEGATIVE_SHARE;
+        let positive_bytes = settings.max_bytes - negative_bytes;
+        // The entry bound, as a least weight: `max_entries` entries fill
+        // the byte budget even when each is smaller than that.
+        let least_weight = positive_bytes.div_ceil(settings.max_entries.max(1)).min(u32::MAX as u64) as u32;
+        let max_negative = (negative_bytes / NEGATIVE_ENTRY_BYTES).min(settings.max_entries / NEGATIVE_SHARE);
         KeyCache {
             entries: moka::sync::Cache::builder()
-                .max_capacity(settings.max_entries)
+                .max_capacity(positive_bytes)
+                .weigher(move |_, entry: &Entry| (entry.key.weight().min(u32::MAX as usize) as u32).max(least_weight))
                 .eviction_listener(move |_, _, cause| {
                     if cause == moka::notification::RemovalCause::Size {
                         evictions.increment(1);
                     }
                 })
                 .build(),
+            negative: dashmap::DashMap::new(),
+            max_negative: max_negative as usize,
             generations: (0..STRIPES).map(|_| Mutex::new(0)).collect(),
             epoch: AtomicU64::new(0),
             ttl_nanos: settings.ttl.as_nanos() as u64,
@@ -160,12 +204,22 @@ impl KeyCache {
 
     #[inline]
     pub fn get(&self, id: KeyId) -> Cached {
-        let Some(entry) = self.entries.get(&id) else { return Cached::Missing };
-        let age = self.clock.mono_nanos().saturating_sub(entry.loaded_at);
-        match entry.lookup {
-            Lookup::Present(key) if age < self.ttl_nanos => Cached::Fresh(Lookup::Present(key)),
-            Lookup::Present(key) => Cached::Stale(key),
-            Lookup::Absent if age < self.negative_nanos => Cached::Fresh(Lookup::Absent),
+        if let Some(entry) = self.entries.get(&id) {
+            let age = self.clock.mono_nanos().saturating_sub(entry.loaded_at);
+            return match age < self.ttl_nanos {
+                true => Cached::Fresh(Lookup::Present(entry.key)),
+                false => Cached::Stale(entry.key),
+            };
+        }
+        self.get_negative(id)
+    }
+
+    #[cold]
+    fn get_negative(&self, id: KeyId) -> Cached {
+        match self.negative.get(&id) {
+            Some(at) if self.clock.mono_nanos().saturating_sub(*at) < self.negative_nanos => {
+                Cached::Fresh(Lookup::Absent)
+            }
             _ => Cached::Missing,
         }
     }
@@ -183,11 +237,44 @@ impl KeyCache {
         if Generation(*stripe, self.epoch.load(Ordering::SeqCst)) != seen {
             return false;
         }
-        if matches!(lookup, Lookup::Absent) && self.negative_nanos == 0 {
-            return false;
+        let now = self.clock.mono_nanos();
+        match lookup {
+            Lookup::Present(key) => {
+                self.negative.remove(&id);
+                self.entries.insert(id, Entry { key, loaded_at: now });
+                true
+            }
+            // A key that is gone must not stay behind as a stale entry.
+            Lookup::Absent => {
+                self.entries.invalidate(&id);
+                if self.negative_nanos == 0
+                    || (self.negative.len() >= self.max_negative && !self.negative.contains_key(&id))
+                {
+                    return false;
+                }
+                self.negative.insert(id, now);
+                true
+            }
         }
-        self.entries.insert(id, Entry { lookup, loaded_at: self.clock.mono_nanos() });
-        true
+    }
+
+    /// Drops negative entries past their TTL, so that their memory goes
+    /// when they expire, not when something else pushes them out. Run
+    /// every second by the server.
+    pub fn purge_expired(&self) {
+        let now = self.clock.mono_nanos();
+        let before = self.negative.len();
+        self.negative.retain(|_, at| now.saturating_sub(*at) < self.negative_nanos);
+        if self.negative.len() < before / 2 {
+            self.negative.shrink_to_fit();
+        }
+    }
+
+    /// Bytes the cache counts itself as holding (positive weights and
+    /// negative entries).
+    pub fn weighed_bytes(&self) -> u64 {
+        self.entries.run_pending_tasks();
+        self.entries.weighted_size() + self.negative.len() as u64 * NEGATIVE_ENTRY_BYTES
     }
 
     /// Drops `id` (positive or negative) and fences off loads in flight.
@@ -195,6 +282,7 @@ impl KeyCache {
         let mut stripe = self.stripe(id).lock().unwrap_or_else(|e| e.into_inner());
         *stripe += 1;
         self.entries.invalidate(&id);
+        self.negative.remove(&id);
     }
 
     /// Drops everything and fences off every load in flight. Holds every
@@ -204,13 +292,15 @@ impl KeyCache {
         let guards: Vec<_> = self.generations.iter().map(|g| g.lock().unwrap_or_else(|e| e.into_inner())).collect();
         self.epoch.fetch_add(1, Ordering::SeqCst);
         self.entries.invalidate_all();
+        self.negative.clear();
+        self.negative.shrink_to_fit();
         drop(guards);
     }
 
     /// Entries held (approximate; for metrics and tests).
     pub fn len(&self) -> u64 {
         self.entries.run_pending_tasks();
-        self.entries.entry_count()
+        self.entries.entry_count() + self.negative.len() as u64
     }
 
     pub fn is_empty(&self) -> bool {
@@ -229,6 +319,7 @@ mod tests {
                 negative_ttl: Duration::from_secs(5),
                 stale_window: Duration::from_secs(30),
                 max_entries: 100,
+                max_bytes: 1 << 20,
                 feed_grace: Duration::from_secs(2),
                 known_keys: 0,
             },
@@ -239,6 +330,123 @@ mod tests {
 
     fn id() -> KeyId {
         "abcdEFGH".parse().unwrap()
+    }
+
+    fn nth_id(n: u32) -> KeyId {
+        const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+        let mut bytes = [b'0'; 8];
+        let mut n = n as u64;
+        for b in bytes.iter_mut().rev() {
+            *b = ALPHABET[(n % 62) as usize];
+            n /= 62;
+        }
+        std::str::from_utf8(&bytes).unwrap().parse().unwrap()
+    }
+
+    fn key(id: KeyId, name_len: usize) -> Lookup {
+        let record = KeyRecord {
+            key_id: id,
+            prefix: "ks".into(),
+            secret_hash: crate::key::PepperSet::new(crate::key::Pepper::new([7; 32]), vec![]).seal(id, b"x"),
+            kind: Default::default(),
+            name: "n".repeat(name_len),
+            env: crate::key::Env::Live,
+            tenant: String::new(),
+            scopes: vec![],
+            ip_allowlist: vec![],
+            rate_limit: None,
+            tiers: vec![],
+            limits: vec![],
+            metadata: Default::default(),
+            created_at: 0,
+            expires_at: None,
+            exchange_only: false,
+            revoked_at: None,
+            owner: String::new(),
+            allowed_origins: vec![],
+            disabled: false,
+            last_used_at: None,
+            usage: vec![],
+            version: 1,
+        };
+        Lookup::Present(Arc::new(CachedKey::new(record)))
+    }
+
+    fn sized(clock: &Clock, max_bytes: u64, max_entries: u64) -> KeyCache {
+        let settings = CacheSettings { max_bytes, max_entries, known_keys: 0, ..CacheSettings::default() };
+        KeyCache::new(settings, clock.clone(), metrics::Counter::noop())
+    }
+
+    /// README, "Memory budget": the cache holds what its byte budget
+    /// allows, weighed by what each record holds, and the entry count
+    /// stays a second bound.
+    #[test]
+    fn the_cache_is_bounded_in_bytes_and_in_entries() {
+        let clock = Clock::manual(0);
+        let c = sized(&clock, 1 << 20, 1_000_000);
+        for n in 0..5_000 {
+            c.insert_if_current(nth_id(n), c.generation(nth_id(n)), key(nth_id(n), 10));
+        }
+        let held = c.weighed_bytes();
+        assert!(held <= (1 << 20) * 7 / 8, "{held} bytes held over the positive share");
+        let small = c.len();
+        assert!(small > 100 && small < 5_000, "{small} small keys");
+        // Keys ten times larger: about a tenth as many fit.
+        let c = sized(&clock, 1 << 20, 1_000_000);
+        for n in 0..5_000 {
+            c.insert_if_current(nth_id(n), c.generation(nth_id(n)), key(nth_id(n), 12_000));
+        }
+        assert!(c.weighed_bytes() <= (1 << 20) * 7 / 8);
+        assert!(c.len() * 5 < small, "{} large keys vs {small} small", c.len());
+        // The entry bound, whatever the bytes allow.
+        let c = sized(&clock, 1 << 30, 100);
+        for n in 0..1_000 {
+            c.insert_if_current(nth_id(n), c.generation(nth_id(n)), key(nth_id(n), 10));
+        }
+        assert!(c.len() <= 100 + 100 / 8, "{} entries", c.len());
+    }
+
+    /// Negative entries have a share of their own: a flood of absences
+    /// neither evicts cached keys nor outgrows its share, and expired ones
+    /// leave memory at the next purge.
+    #[test]
+    fn negative_entries_cannot_crowd_out_keys_and_leave_memory_when_they_expire() {
+        let clock = Clock::manual(0);
+        let c = sized(&clock, 1 << 20, 1_000_000);
+        for n in 0..200 {
+            c.insert_if_current(nth_id(n), c.generation(nth_id(n)), key(nth_id(n), 10));
+        }
+        for n in 1_000..200_000 {
+            c.insert_if_current(nth_id(n), c.generation(nth_id(n)), Lookup::Absent);
+        }
+        for n in 0..200 {
+            assert!(matches!(c.get(nth_id(n)), Cached::Fresh(Lookup::Present(_))), "key {n} was pushed out");
+        }
+        let negatives = c.len() - 200;
+        assert_eq!(negatives, (1 << 20) / 8 / NEGATIVE_ENTRY_BYTES, "negatives fill their share and no more");
+        clock.advance(Duration::from_secs(4));
+        c.purge_expired();
+        assert_eq!(c.len() - 200, negatives, "not yet expired");
+        clock.advance(Duration::from_secs(1));
+        c.purge_expired();
+        assert_eq!(c.len(), 200, "expired negatives are gone");
+        assert!(c.weighed_bytes() < (1 << 20) * 7 / 8);
+    }
+
+    /// A key found gone does not linger as a stale entry behind its
+    /// absence, and a key found again replaces its absence.
+    #[test]
+    fn presence_and_absence_replace_each_other() {
+        let clock = Clock::manual(0);
+        let c = cache(&clock);
+        c.insert_if_current(id(), c.generation(id()), key(id(), 1));
+        clock.advance(Duration::from_secs(61));
+        assert!(matches!(c.get(id()), Cached::Stale(_)));
+        c.insert_if_current(id(), c.generation(id()), Lookup::Absent);
+        assert!(matches!(c.get(id()), Cached::Fresh(Lookup::Absent)));
+        c.insert_if_current(id(), c.generation(id()), key(id(), 1));
+        assert!(matches!(c.get(id()), Cached::Fresh(Lookup::Present(_))));
+        assert_eq!(c.len(), 1);
     }
 
     #[test]

@@ -162,6 +162,10 @@ pub struct ServeArgs {
     /// Most keys held in the cache.
     #[arg(long, env = "KEYSTILE_CACHE_MAX_ENTRIES", default_value = "1000000")]
     pub cache_max_entries: String,
+    /// Memory the cache may use, positive and negative entries together:
+    /// bytes, or with a unit (`32MiB`, `512KiB`, `1GiB`).
+    #[arg(long, env = "KEYSTILE_CACHE_MAX_BYTES", default_value = "32MiB")]
+    pub cache_max_bytes: String,
     /// Key_ids the known-key filter is sized for (about 1.2 MB per
     /// million; 1 % false positives at that size): unknown key_ids are
     /// answered without the store. 0 turns it off.
@@ -249,6 +253,22 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// Parses a number setting, or says what is wrong with it.
+/// A size in bytes: a whole number, optionally followed by `KiB`, `MiB`
+/// or `GiB` (or `Ki`/`Mi`/`Gi`, as Kubernetes writes them).
+fn bytes(value: &str) -> Option<u64> {
+    let value = value.trim();
+    let digits = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let (n, unit) = value.split_at(digits);
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "KiB" | "Ki" => 10,
+        "MiB" | "Mi" => 20,
+        "GiB" | "Gi" => 30,
+        _ => return None,
+    };
+    n.parse::<u64>().ok()?.checked_mul(1 << shift)
+}
+
 fn number<T: std::str::FromStr>(flag: &str, value: &str, errors: &mut Vec<String>) -> Option<T> {
     value.trim().parse::<T>().map_err(|_| errors.push(format!("--{flag} {value:?} must be a whole number"))).ok()
 }
@@ -626,6 +646,20 @@ impl ServeArgs {
             }
         };
         let cache_max_entries = number::<u64>("cache-max-entries", &self.cache_max_entries, &mut errors);
+        let cache_max_bytes = match bytes(&self.cache_max_bytes) {
+            Some(n) if (1 << 20..=1 << 40).contains(&n) => Some(n),
+            Some(_) => {
+                errors.push(format!("--cache-max-bytes {:?} must be between 1MiB and 1TiB", self.cache_max_bytes));
+                None
+            }
+            None => {
+                errors.push(format!(
+                    "--cache-max-bytes {:?} must be a number of bytes, optionally with KiB, MiB or GiB",
+                    self.cache_max_bytes
+                ));
+                None
+            }
+        };
         let failed_attempts_per_minute =
             number::<u32>("failed-attempts-per-minute", &self.failed_attempts_per_minute, &mut errors);
         let max_concurrent_streams = number::<u32>("max-concurrent-streams", &self.max_concurrent_streams, &mut errors);
@@ -850,6 +884,7 @@ impl ServeArgs {
                 negative_ttl: negative_ttl.unwrap_or_default(),
                 stale_window: stale_window.unwrap_or_default(),
                 max_entries: cache_max_entries,
+                max_bytes: cache_max_bytes.unwrap_or(crate::cache::DEFAULT_MAX_BYTES),
                 feed_grace: feed_grace.unwrap_or_default(),
                 known_keys,
             },

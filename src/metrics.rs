@@ -53,6 +53,8 @@ pub struct Metrics {
     pub ready: Gauge,
     /// 1 while the store counts as down (lookups do not wait for it).
     pub breaker_open: Gauge,
+    /// Bytes the key cache counts itself as holding (README, "Memory budget").
+    pub cache_bytes: Gauge,
     /// Connections closed on accept: the process holds its limit.
     pub connections_refused: Counter,
     pub shed: Counter,
@@ -87,6 +89,7 @@ impl Metrics {
             feed_connected: gauge!("keystile_feed_connected"),
             ready: gauge!("keystile_ready"),
             breaker_open: gauge!("keystile_store_breaker_open"),
+            cache_bytes: gauge!("keystile_cache_bytes"),
             connections_refused: counter!("keystile_connections_refused_total"),
             shed: counter!("keystile_shed_requests_total", "reason" => "failed_attempts"),
         }

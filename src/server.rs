@@ -398,11 +398,19 @@ async fn reload_signing_keys(app: Arc<App>, tasks: CancellationToken) {
 pub const PURGE_EVERY: Duration = Duration::from_secs(10);
 
 async fn purge(app: Arc<App>, tasks: CancellationToken) {
-    let mut tick = tokio::time::interval(PURGE_EVERY);
-    loop {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let every = PURGE_EVERY.as_secs().max(1);
+    for n in 0u64.. {
         tokio::select! {
             _ = tasks.cancelled() => return,
-            _ = tick.tick() => app.purge(),
+            _ = tick.tick() => {
+                // Expired negative entries leave memory within a second
+                // (README, "Memory budget"); the rest less often.
+                app.engine.purge_expired();
+                if n % every == every - 1 {
+                    app.purge();
+                }
+            }
         }
     }
 }

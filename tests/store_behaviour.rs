@@ -396,3 +396,222 @@ async fn forged_key_ids_reach_neither_the_store_nor_the_cache() {
     a.stop().await;
     b.stop().await;
 }
+
+/// README, "Rate limits": a store read is charged to the caller's address
+/// before it is made, so misses sent all at once from one address read no
+/// more than its allowance (the known-key filter is off here: this is the
+/// shedding's own bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_forged_keys_from_one_address_read_no_more_than_its_allowance() {
+    let store = Arc::new(MemoryStore::new());
+    let mut settings = keystile::engine::EngineSettings::new(test_pepper());
+    settings.cache.known_keys = 0;
+    let allowance = settings.failed_attempts_per_minute.unwrap().get() as u64;
+    let s = TestServer::start_with(
+        store.clone(),
+        settings,
+        keystile::server::ServerOptions::default(),
+        keystile::clock::Clock::system(),
+    )
+    .await;
+    let mut admin = s.admin().await;
+    let (good, _) = create(&mut admin, create_req("not yet verified")).await;
+    store.set_latency(Duration::from_millis(5));
+    let before = store.calls();
+    let mut channels = Vec::new();
+    for _ in 0..8 {
+        channels.push(s.channel().await);
+    }
+    let format = KeyFormat::default();
+    let forged: Arc<Vec<String>> =
+        Arc::new((0..4_000).map(|_| generate(&format, Env::Live).key.into_exposed()).collect());
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..512)
+        .map(|i| {
+            let mut v = keystile::proto::verifier_client::VerifierClient::new(channels[i % channels.len()].clone());
+            let (forged, next) = (forged.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut codes = Vec::new();
+                loop {
+                    let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(key) = forged.get(n) else { return codes };
+                    let req = proto::VerifyRequest { ip: "198.51.100.23:443".into(), ..verify_req(key) };
+                    codes.push(code(&verify(&mut v, req).await));
+                }
+            })
+        })
+        .collect();
+    let mut codes = std::collections::BTreeMap::new();
+    for t in tasks {
+        for c in t.await.unwrap() {
+            *codes.entry(format!("{c:?}")).or_insert(0u64) += 1;
+        }
+    }
+    let reads = store.calls() - before;
+    println!(
+        "4,000 forged keys from one address at concurrency 512: {codes:?}, {reads} store reads (allowance {allowance})"
+    );
+    assert!(reads <= allowance + 5, "{reads} store reads for an allowance of {allowance}");
+    assert_eq!(codes.get("NotFound").copied().unwrap_or(0), reads, "every read was a failure charged");
+    assert_eq!(codes.values().sum::<u64>(), 4_000);
+    // The address is shed; a key it never used is refused too, and is
+    // answered from any other address.
+    let mut v = s.verifier().await;
+    let shed = verify(&mut v, proto::VerifyRequest { ip: "198.51.100.23".into(), ..verify_req(&good) }).await;
+    assert_eq!(code(&shed), Code::RateLimited);
+    let ok = verify(&mut v, proto::VerifyRequest { ip: "198.51.100.24".into(), ..verify_req(&good) }).await;
+    assert_eq!(code(&ok), Code::Valid);
+    // A valid key's charge is given back: an address that verifies its
+    // own keys is never shed by them.
+    for _ in 0..3 * allowance {
+        s.app.records.cache().invalidate_all();
+        let r = verify(&mut v, proto::VerifyRequest { ip: "198.51.100.25".into(), ..verify_req(&good) }).await;
+        assert_eq!(code(&r), Code::Valid);
+    }
+    s.stop().await;
+}
+
+/// Flood the sidecar with calls that never touch Redis (Health checks and
+/// malformed keys) on connections of their own; meanwhile verify keys it
+/// has never seen. A healthy Redis is never reported down: the breaker
+/// counts failed store calls, not a busy runtime (README, "Storage, cache
+/// and revocation").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_that_never_touches_redis_never_makes_it_unavailable() {
+    let redis = RedisServer::start();
+    let store = RedisStore::open(&redis.url(), "keystile", Duration::from_secs(1)).unwrap();
+    let s = counted_server(store).await;
+    let mut admin = s.admin().await;
+    let mut keys = Vec::new();
+    for i in 0..200 {
+        keys.push(create(&mut admin, create_req(&format!("never seen {i}"))).await.0);
+    }
+    wait_known_keys(&s).await;
+    s.app.records.cache().invalidate_all();
+    wait_known_keys(&s).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooded = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut channels = Vec::new();
+    for _ in 0..4 {
+        channels.push(s.channel().await);
+    }
+    let flood: Vec<_> = (0..256)
+        .map(|i| {
+            let channel = channels[i % channels.len()].clone();
+            let (stop, flooded) = (stop.clone(), flooded.clone());
+            tokio::spawn(async move {
+                let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+                let mut v = keystile::proto::verifier_client::VerifierClient::new(channel);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if i % 2 == 0 {
+                        let _ = health.check(tonic_health::pb::HealthCheckRequest::default()).await;
+                    } else {
+                        let _ = v.verify(verify_req("ks_live_0000000000000000000000000000000000000000000000")).await;
+                    }
+                    flooded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut v = s.verifier().await;
+    let mut unavailable = 0;
+    for key in &keys {
+        match v.verify(verify_req(key)).await {
+            Ok(r) => assert_eq!(code(&r.into_inner()), Code::Valid),
+            Err(status) if status.code() == tonic::Code::Unavailable => unavailable += 1,
+            Err(status) => panic!("{status:?}"),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for f in flood {
+        f.await.unwrap();
+    }
+    let flooded = flooded.load(std::sync::atomic::Ordering::Relaxed);
+    println!("200 never-seen keys during a flood of {flooded} Health/malformed calls: {unavailable} UNAVAILABLE");
+    assert!(flooded > 1_000, "the flood ran ({flooded} calls)");
+    assert_eq!(unavailable, 0);
+    s.stop().await;
+}
+
+/// One 75 ms Redis stall under load: calls that need Redis answer
+/// UNAVAILABLE while it lasts (each after the 50 ms store budget at most),
+/// and answer again as soon as it ends: the breaker's probes are waiting
+/// when Redis comes back (README, "Storage, cache and revocation").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_redis_stall_is_unavailable_only_while_it_lasts() {
+    let redis = RedisServer::start_with(&["--enable-debug-command".into(), "local".into()]);
+    let store = RedisStore::open(&redis.url(), "keystile", Duration::from_secs(1)).unwrap();
+    let settings = keystile::engine::EngineSettings {
+        fleet: None,
+        cache: keystile::cache::CacheSettings { known_keys: 0, ..Default::default() },
+        ..keystile::engine::EngineSettings::new(test_pepper())
+    };
+    let s = TestServer::start_with(
+        Arc::new(store),
+        settings,
+        keystile::server::ServerOptions::default(),
+        keystile::clock::Clock::system(),
+    )
+    .await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut channels = Vec::new();
+    for _ in 0..2 {
+        channels.push(s.channel().await);
+    }
+    // Forged keys with no address: every call is a Redis read.
+    let load: Vec<_> = (0..16)
+        .map(|i| {
+            let mut v = keystile::proto::verifier_client::VerifierClient::new(channels[i % 2].clone());
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let format = KeyFormat::default();
+                let mut unavailable = Vec::new();
+                let mut answered = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let key = generate(&format, Env::Live).key.into_exposed();
+                    match v.verify(verify_req(&key)).await {
+                        Ok(_) => answered += 1,
+                        Err(status) if status.code() == tonic::Code::Unavailable => unavailable.push(Instant::now()),
+                        Err(status) => panic!("{status:?}"),
+                    }
+                }
+                (answered, unavailable)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut conn = redis.conn();
+    let (stall_start, stall_end) = tokio::task::spawn_blocking(move || {
+        let t0 = Instant::now();
+        let _: () = redis::cmd("DEBUG").arg("SLEEP").arg("0.075").query(&mut conn).unwrap();
+        (t0, Instant::now())
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut answered, mut unavailable) = (0, Vec::new());
+    for l in load {
+        let (a, u) = l.await.unwrap();
+        answered += a;
+        unavailable.extend(u);
+    }
+    unavailable.sort();
+    let (first, last) = (unavailable.first().copied(), unavailable.last().copied());
+    println!(
+        "75 ms stall ({:?} measured): {answered} answered, {} UNAVAILABLE, from {:?} after the stall began to {:?} after it ended",
+        stall_end - stall_start,
+        unavailable.len(),
+        first.map(|f| f - stall_start),
+        last.map(|l| l.saturating_duration_since(stall_end)),
+    );
+    assert!(answered > 100, "the load ran");
+    let first = first.expect("a stall longer than the store budget shows");
+    assert!(first >= stall_start, "nothing UNAVAILABLE before the stall");
+    // 50 ms past the stall is the guarantee (BENCHMARKS.md); a shared
+    // test machine gets a generous bound.
+    let last = last.unwrap();
+    assert!(last <= stall_end + Duration::from_millis(150), "UNAVAILABLE {:?} after the stall", last - stall_end);
+    s.stop().await;
+}

@@ -111,6 +111,11 @@ pub struct BenchArgs {
     /// median of each (the ratio too): shared machines are noisy.
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
+    /// The `ip` of the forged scenario's requests: `none`, `random-v4`,
+    /// `random-v6`, `random-port` (a random IPv4 with a port) or one
+    /// address for all of them (shed once it has failed too often).
+    #[arg(long, default_value = "none", value_parser = parse_forged_ip)]
+    pub forged_ip: ForgedIp,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -154,6 +159,49 @@ impl Report {
     }
 }
 
+/// Where the forged scenario's requests say they come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForgedIp {
+    None,
+    RandomV4,
+    RandomV6,
+    RandomPort,
+    Fixed(std::net::IpAddr),
+}
+
+fn parse_forged_ip(s: &str) -> Result<ForgedIp, String> {
+    Ok(match s {
+        "none" => ForgedIp::None,
+        "random-v4" => ForgedIp::RandomV4,
+        "random-v6" => ForgedIp::RandomV6,
+        "random-port" => ForgedIp::RandomPort,
+        other => ForgedIp::Fixed(
+            other
+                .parse()
+                .map_err(|_| format!("{other:?} is none, random-v4, random-v6, random-port or an IP address"))?,
+        ),
+    })
+}
+
+impl ForgedIp {
+    /// The `i`-th request's address: distinct for every request (a mix of
+    /// `i`'s bits) unless fixed.
+    fn nth(&self, i: usize) -> String {
+        let mut x = (i as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 31;
+        let v4 = std::net::Ipv4Addr::from((x as u32) | 0x0100_0000);
+        match self {
+            ForgedIp::None => String::new(),
+            ForgedIp::RandomV4 => v4.to_string(),
+            ForgedIp::RandomV6 => std::net::Ipv6Addr::from(((x as u128) << 64) | 0x2001_0db8 << 96 | 1).to_string(),
+            ForgedIp::RandomPort => format!("{v4}:{}", 1024 + (x >> 48) % 60_000),
+            ForgedIp::Fixed(ip) => ip.to_string(),
+        }
+    }
+}
+
 struct Workload {
     hit: Vec<String>,
     miss: Vec<String>,
@@ -161,6 +209,7 @@ struct Workload {
     unknown: Vec<String>,
     /// The address requests come from (the realistic profile's allowlist).
     ip: String,
+    forged_ip: ForgedIp,
     next_miss: AtomicUsize,
 }
 
@@ -225,8 +274,10 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, String> {
     }
 
     let needs_miss = args.scenario.contains(&Scenario::Miss);
-    let workload =
-        Arc::new(prepare(&channels[0], &admin_key, keys, if needs_miss { keys } else { 0 }, args.profile).await?);
+    let workload = Arc::new(Workload {
+        forged_ip: args.forged_ip.clone(),
+        ..prepare(&channels[0], &admin_key, keys, if needs_miss { keys } else { 0 }, args.profile).await?
+    });
     let mut reports = Vec::new();
     let rounds = if args.smoke { 1 } else { args.rounds.max(1) };
     for _ in 0..rounds {
@@ -380,7 +431,7 @@ async fn prepare(
         .collect();
     let unknown = (0..64).map(|_| generate(&format, Env::Live).key.into_exposed()).collect();
     let ip = if profile == Profile::Realistic { "10.1.2.3".to_string() } else { String::new() };
-    Ok(Workload { hit, miss, malformed, unknown, ip, next_miss: AtomicUsize::new(0) })
+    Ok(Workload { hit, miss, malformed, unknown, ip, forged_ip: ForgedIp::None, next_miss: AtomicUsize::new(0) })
 }
 
 async fn futures_join<F>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
@@ -426,8 +477,17 @@ async fn one(target: &mut Target, scenario: Scenario, w: &Workload, i: usize) ->
                 Scenario::Forged => {
                     let forged =
                         keystile::key::generate(&keystile::key::KeyFormat::default(), keystile::key::Env::Live);
-                    let req = proto::VerifyRequest { key: forged.key.into_exposed(), ..Default::default() };
-                    (req, Some(proto::Code::NotFound))
+                    let req = proto::VerifyRequest {
+                        key: forged.key.into_exposed(),
+                        ip: w.forged_ip.nth(i),
+                        ..Default::default()
+                    };
+                    // From one address, shed once it has failed too often.
+                    let expect = match w.forged_ip {
+                        ForgedIp::Fixed(_) => None,
+                        _ => Some(proto::Code::NotFound),
+                    };
+                    (req, expect)
                 }
                 Scenario::Mix => match i % 20 {
                     0 => (verify(&w.malformed[i % w.malformed.len()]), None),

@@ -216,21 +216,51 @@ impl Engine {
             && let Some(retry_after_ms) = shedder.shed(ip)
             && (req.mode == Mode::Exchange || self.records.cached(key_id).is_none())
         {
-            let rate = RateState {
-                limit: shedder.per_minute(),
-                remaining: 0,
-                reset_seconds: retry_after_ms.div_ceil(1000),
-                window_seconds: 60,
-                retry_after_ms,
-            };
-            self.metrics.shed.increment(1);
-            let rate = AppliedLimit { name: LimitName::DEFAULT, state: rate };
-            return Ok(Verdict { rate: Some(rate), ..Verdict::bare(Outcome::TooManyFailedAttempts) });
+            return Ok(self.shed(shedder, retry_after_ms));
         }
 
         // 3. The record, and the secret checked against it (a token's
-        // signature stood for it).
-        let key = match self.records.lookup(key_id).await? {
+        // signature stood for it). A read of the store is charged to the
+        // caller's address before it is made and given back if the key is
+        // good (README, "Rate limits"): many misses sent at once cannot
+        // read more than the address's allowance.
+        let charge_to = req.ip.zip(shedder);
+        let (mut charged, mut refused) = (false, None);
+        let found = self
+            .records
+            .lookup(key_id, || match charge_to {
+                None => true,
+                Some((ip, shedder)) => match shedder.charge(ip) {
+                    Ok(()) => {
+                        charged = true;
+                        true
+                    }
+                    Err(ms) => {
+                        refused = Some(ms);
+                        false
+                    }
+                },
+            })
+            .await;
+        let settle = |failed: bool| match (charge_to, charged, failed) {
+            (Some((ip, shedder)), true, false) => shedder.refund(ip),
+            (Some((ip, shedder)), false, true) => shedder.record_failure(ip),
+            _ => {}
+        };
+        if let (Some((_, shedder)), Some(ms)) = (charge_to, refused) {
+            return Ok(self.shed(shedder, ms));
+        }
+        let found = match found {
+            Ok(found) => found,
+            Err(e) => {
+                // The store failed, not the caller.
+                if charged {
+                    settle(false);
+                }
+                return Err(e);
+            }
+        };
+        let key = match found {
             Lookup::Present(key)
                 if match (&presented, &token) {
                     // The kind too: a publishable key's secret is public, so
@@ -247,7 +277,7 @@ impl Engine {
                 key
             }
             _ => {
-                count_failure(shedder, req.ip);
+                settle(true);
                 return Ok(Verdict::bare(Outcome::NotFound));
             }
         };
@@ -255,9 +285,10 @@ impl Engine {
         // one is a wrong credential, answered and counted as such before
         // any other check or limit could tell the secret was right.
         if req.mode == Mode::Exchange && !owner_matches(&key.record.owner, req.owner_email) {
-            count_failure(shedder, req.ip);
+            settle(true);
             return Ok(Verdict::bare(Outcome::NotFound));
         }
+        settle(false);
 
         // The tenant's policy (limits, tiers), read once when needed.
         let record = &key.record;
@@ -382,11 +413,32 @@ impl Engine {
         Ok(Verdict { outcome: Outcome::Valid, key: Some(key), rate, limits, malformed: None, token_scopes })
     }
 
+    /// The answer to an address that failed too often: 429 with when it
+    /// may try again.
+    fn shed(&self, shedder: &FailureShedder, retry_after_ms: u64) -> Verdict {
+        let rate = RateState {
+            limit: shedder.per_minute(),
+            remaining: 0,
+            reset_seconds: retry_after_ms.div_ceil(1000),
+            window_seconds: 60,
+            retry_after_ms,
+        };
+        self.metrics.shed.increment(1);
+        let rate = AppliedLimit { name: LimitName::DEFAULT, state: rate };
+        Verdict { rate: Some(rate), ..Verdict::bare(Outcome::TooManyFailedAttempts) }
+    }
+
     /// Gives back the cells a denied request took.
     fn refund(&self, taken: &[(BucketId, Decision)], cost: u32) {
         for (bucket, decision) in taken {
             self.limiter.refund(bucket, decision, cost);
         }
+    }
+
+    /// Drops the cache's expired negative entries (every second).
+    pub fn purge_expired(&self) {
+        self.records.cache().purge_expired();
+        self.metrics.cache_bytes.set(self.records.cache().weighed_bytes() as f64);
     }
 
     /// Periodic housekeeping: forget addresses that stopped failing.

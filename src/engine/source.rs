@@ -25,8 +25,10 @@ use crate::verdict::VerifyError;
 
 type Flight = Arc<OnceCell<Result<Lookup, VerifyError>>>;
 
-/// During a store outage, how often one lookup may try the store again.
-const PROBE_EVERY: Duration = Duration::from_millis(200);
+/// During a store outage, how often one lookup may try the store again:
+/// often enough that a probe is always waiting when a stall ends, so the
+/// breaker closes with the stall rather than up to a probe later.
+const PROBE_EVERY: Duration = Duration::from_millis(20);
 /// Store reads that must fail in a row before the store counts as down (and
 /// lookups stop waiting for it): one slow answer on a busy machine is not an
 /// outage (README, "Storage, cache and revocation").
@@ -96,7 +98,11 @@ impl RecordSource {
 
     /// The record for `id` from the cache, or from the store on a miss (one
     /// read, shared by every concurrent miss for the same key_id).
-    pub async fn lookup(&self, id: KeyId) -> Result<Lookup, VerifyError> {
+    ///
+    /// `charge` is called once before a miss reads the store (not for a
+    /// stale key being refreshed); when it says no, nothing is read and the
+    /// answer is `Absent`, which the caller must not take as the store's.
+    pub async fn lookup(&self, id: KeyId, charge: impl FnOnce() -> bool) -> Result<Lookup, VerifyError> {
         let down_since = self.store_down_since.load(Ordering::Relaxed);
         let failing = self.failing_since.load(Ordering::Relaxed) != 0;
         let untrusted = self.feed_lost_too_long();
@@ -129,6 +135,8 @@ impl RecordSource {
         // each waiting out the store budget.
         let result = if down_since != 0 && !self.may_probe() {
             Err(VerifyError::StoreUnavailable)
+        } else if stale.is_none() && !charge() {
+            return Ok(Lookup::Absent);
         } else {
             let flight = self.inflight.entry(id).or_default().clone();
             let result = flight.get_or_init(|| self.load(id)).await.clone();
@@ -211,7 +219,22 @@ impl RecordSource {
         let seen = self.cache.generation(id);
         let budget = self.timeout;
         self.metrics.store_reads.increment(1);
-        let record = match tokio::time::timeout(budget, self.store.get(id)).await {
+        let read = self.store.get(id);
+        tokio::pin!(read);
+        let answer = match tokio::time::timeout(budget, &mut read).await {
+            Ok(answer) => Ok(answer),
+            // The budget is the store's, not a busy runtime's: an answer
+            // that has arrived and waits for its connection task to run is
+            // taken (README, "Storage, cache and revocation").
+            Err(elapsed) => {
+                tokio::task::yield_now().await;
+                match tokio::time::timeout(Duration::ZERO, &mut read).await {
+                    Ok(answer) => Ok(answer),
+                    Err(_) => Err(elapsed),
+                }
+            }
+        };
+        let record = match answer {
             Err(_) => {
                 self.metrics.store_timeouts.increment(1);
                 self.store_failed(&format_args!("no answer within {budget:?}"));

@@ -7,14 +7,8 @@ use std::net::IpAddr;
 use std::num::NonZeroU32;
 
 use dashmap::DashMap;
-use governor::middleware::NoOpMiddleware;
-use governor::nanos::Nanos;
-use governor::state::keyed::DashMapStateStore;
-use governor::{Quota, RateLimiter};
 
 use crate::clock::Clock;
-
-type Keyed<K> = RateLimiter<K, DashMapStateStore<K>, Clock, NoOpMiddleware<Nanos>>;
 
 /// The group an address is counted in: itself for IPv4 (and IPv4-mapped
 /// IPv6), its /64 for IPv6.
@@ -36,24 +30,38 @@ impl From<IpAddr> for IpBucket {
     }
 }
 
-/// Sheds callers that fail too often. Failures take cells from the IP's
-/// bucket; once a failure finds the bucket empty, the IP is blocked until a
-/// cell is back. Both maps are purged on a timer, so memory follows the
-/// number of recently failing IPs, not of all IPs ever seen.
+/// Sheds callers that fail too often: `per_minute` failures a minute per
+/// address group, all of them at once, one back every `60 s / per_minute`
+/// (a GCRA per group: the group's "theoretical arrival time" of its next
+/// failure, in monotonic nanos).
+///
+/// A lookup that will read the store is charged as a failure *before* the
+/// read and refunded when the key turns out valid (README, "Rate limits"),
+/// so a caller cannot get more reads than its allowance by sending many at
+/// once: the charge that finds the group's allowance spent is refused and
+/// that request reads nothing. Groups whose allowance is whole again are
+/// purged on a timer, so memory follows the number of recently failing
+/// groups, not of all addresses ever seen.
 pub struct FailureShedder {
     per_minute: NonZeroU32,
-    failures: Keyed<IpBucket>,
-    blocked: DashMap<IpBucket, u64>,
+    /// Nanos one failure takes to come back.
+    interval: u64,
+    /// How far ahead of now a group's arrival time may be and still admit a
+    /// failure: `(per_minute - 1) * interval`.
+    tolerance: u64,
+    arrivals: DashMap<IpBucket, u64>,
     clock: Clock,
 }
 
 impl FailureShedder {
     /// At most `per_minute` failures a minute, all of them at once.
     pub fn new(per_minute: NonZeroU32, clock: Clock) -> FailureShedder {
+        let interval = 60_000_000_000 / per_minute.get() as u64;
         FailureShedder {
             per_minute,
-            failures: RateLimiter::dashmap_with_clock(Quota::per_minute(per_minute), clock.clone()),
-            blocked: DashMap::new(),
+            interval,
+            tolerance: interval * (per_minute.get() as u64 - 1),
+            arrivals: DashMap::new(),
             clock,
         }
     }
@@ -63,34 +71,63 @@ impl FailureShedder {
         self.per_minute.get() as u64
     }
 
-    /// Whether `ip` is shed now; when it is, the milliseconds until it is not.
+    /// Whether `ip` is shed now (its allowance is spent); when it is, the
+    /// milliseconds until a failure is allowed again.
     #[inline]
     pub fn shed(&self, ip: IpAddr) -> Option<u64> {
-        let until = *self.blocked.get(&IpBucket::from(ip))?;
-        let now = self.clock.mono_nanos();
-        (until > now).then(|| (until - now).div_ceil(1_000_000))
+        let arrival = *self.arrivals.get(&IpBucket::from(ip))?;
+        self.wait(arrival, self.clock.mono_nanos())
     }
 
-    /// Counts a failed attempt from `ip`.
-    pub fn record_failure(&self, ip: IpAddr) {
-        let bucket = IpBucket::from(ip);
-        if let Err(not_until) = self.failures.check_key(&bucket) {
-            self.blocked.insert(bucket, u64::from(not_until.earliest_possible()));
+    /// Nanos past `now` the group with `arrival` must wait, as milliseconds.
+    fn wait(&self, arrival: u64, now: u64) -> Option<u64> {
+        let free_at = arrival.saturating_sub(self.tolerance);
+        (free_at > now).then(|| (free_at - now).div_ceil(1_000_000))
+    }
+
+    /// Takes one failure from `ip`'s allowance before work that may fail
+    /// (a store read). `Err` carries the milliseconds until one is back:
+    /// the allowance is spent and the work must not be done.
+    pub fn charge(&self, ip: IpAddr) -> Result<(), u64> {
+        let now = self.clock.mono_nanos();
+        let mut arrival = self.arrivals.entry(IpBucket::from(ip)).or_insert(0);
+        let base = (*arrival).max(now);
+        if let Some(ms) = self.wait(base, now) {
+            return Err(ms);
+        }
+        *arrival = base + self.interval;
+        Ok(())
+    }
+
+    /// Gives back a failure [`charge`](Self::charge)d for work that did not
+    /// fail (the key was valid).
+    pub fn refund(&self, ip: IpAddr) {
+        if let Some(mut arrival) = self.arrivals.get_mut(&IpBucket::from(ip)) {
+            *arrival = arrival.saturating_sub(self.interval);
         }
     }
 
-    /// Forgets IPs whose buckets are full again and blocks that have ended.
-    pub fn purge(&self) {
-        self.failures.retain_recent();
-        self.failures.shrink_to_fit();
+    /// Counts a failed attempt from `ip` that was not charged beforehand
+    /// (a malformed key; a key the cache answered). Once the allowance is
+    /// spent this keeps the group shed for the next failure's interval.
+    pub fn record_failure(&self, ip: IpAddr) {
         let now = self.clock.mono_nanos();
-        self.blocked.retain(|_, until| *until > now);
-        self.blocked.shrink_to_fit();
+        let mut arrival = self.arrivals.entry(IpBucket::from(ip)).or_insert(0);
+        // Never more than one interval past a spent allowance: a flood of
+        // failures cannot block an address for hours.
+        *arrival = ((*arrival).max(now) + self.interval).min(now + self.tolerance + self.interval);
     }
 
-    /// How many IP groups are tracked (for tests and metrics).
+    /// Forgets groups whose allowance is whole again.
+    pub fn purge(&self) {
+        let now = self.clock.mono_nanos();
+        self.arrivals.retain(|_, arrival| *arrival > now);
+        self.arrivals.shrink_to_fit();
+    }
+
+    /// How many address groups are tracked (for tests and metrics).
     pub fn tracked(&self) -> usize {
-        self.failures.len() + self.blocked.len()
+        self.arrivals.len()
     }
 }
 
@@ -106,12 +143,14 @@ mod tests {
         let shed = FailureShedder::new(NonZeroU32::new(3).unwrap(), clock.clone());
         let a: IpAddr = "203.0.113.7".parse().unwrap();
         let b: IpAddr = "203.0.113.8".parse().unwrap();
-        for _ in 0..3 {
+        for _ in 0..2 {
             shed.record_failure(a);
             assert!(shed.shed(a).is_none());
         }
         shed.record_failure(a);
-        assert_eq!(shed.shed(a), Some(20_000), "one failure back every 20 s");
+        assert_eq!(shed.shed(a), Some(20_000), "three failures spend the allowance; one back every 20 s");
+        shed.record_failure(a);
+        assert_eq!(shed.shed(a), Some(20_000), "failing on while shed never blocks longer than one interval");
         assert!(shed.shed(b).is_none());
         let mapped: IpAddr = "::ffff:203.0.113.7".parse().unwrap();
         assert!(shed.shed(mapped).is_some(), "IPv4-mapped IPv6 is the IPv4 address");
@@ -119,7 +158,7 @@ mod tests {
         let v6a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
         let v6b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
         let v6c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        for _ in 0..4 {
+        for _ in 0..3 {
             shed.record_failure(v6a);
         }
         assert!(shed.shed(v6b).is_some(), "same /64");

@@ -162,6 +162,31 @@ pub struct TenantPolicy {
 }
 
 impl KeyRecord {
+    /// Bytes the record holds on the heap (strings, lists, metadata),
+    /// as the cache weighs it: lengths rounded up to the allocator's
+    /// 16-byte steps, plus each element's inline size.
+    pub fn heap_bytes(&self) -> usize {
+        fn text(s: &str) -> usize {
+            s.len().next_multiple_of(16)
+        }
+        fn list<T>(v: &[T], each: impl Fn(&T) -> usize) -> usize {
+            std::mem::size_of_val(v).next_multiple_of(16) + v.iter().map(each).sum::<usize>()
+        }
+        text(&self.prefix)
+            + text(&self.name)
+            + text(&self.tenant)
+            + text(&self.owner)
+            + list(&self.scopes, |s| text(s))
+            + list(&self.ip_allowlist, |_| 0)
+            + list(&self.tiers, |s| text(s))
+            + list(&self.limits, |_| 0)
+            + list(&self.allowed_origins, |s| text(s))
+            + list(&self.usage, |u| text(&u.code))
+            // A B-tree node per ~11 entries, ~ 550 bytes each.
+            + self.metadata.len().div_ceil(11) * 550
+            + self.metadata.iter().map(|(k, v)| text(k) + text(v)).sum::<usize>()
+    }
+
     pub fn display_prefix(&self) -> String {
         crate::key::format::display_prefix(&self.prefix, self.env, self.key_id)
     }

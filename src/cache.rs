@@ -21,7 +21,7 @@
 //! the counter is what it was before the store read began. So a lookup that
 //! started before a revocation can never put the revoked record back.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -146,6 +146,9 @@ pub struct KeyCache {
     entries: moka::sync::Cache<KeyId, Entry>,
     /// key_id → when it was found absent (monotonic nanos).
     negative: dashmap::DashMap<KeyId, u64>,
+    /// Entries in `negative`, kept beside it: a map's own count locks
+    /// every shard.
+    negative_len: AtomicUsize,
     /// Most negative entries held: past it, absences are not cached.
     max_negative: usize,
     generations: Box<[Mutex<u64>]>,
@@ -181,6 +184,7 @@ impl KeyCache {
                 })
                 .build(),
             negative: dashmap::DashMap::new(),
+            negative_len: AtomicUsize::new(0),
             max_negative: max_negative as usize,
             generations: (0..STRIPES).map(|_| Mutex::new(0)).collect(),
             epoch: AtomicU64::new(0),
@@ -240,21 +244,37 @@ impl KeyCache {
         let now = self.clock.mono_nanos();
         match lookup {
             Lookup::Present(key) => {
-                self.negative.remove(&id);
+                self.remove_negative(id);
                 self.entries.insert(id, Entry { key, loaded_at: now });
                 true
             }
             // A key that is gone must not stay behind as a stale entry.
             Lookup::Absent => {
                 self.entries.invalidate(&id);
-                if self.negative_nanos == 0
-                    || (self.negative.len() >= self.max_negative && !self.negative.contains_key(&id))
-                {
+                if self.negative_nanos == 0 {
                     return false;
                 }
-                self.negative.insert(id, now);
+                // A place is taken before the insert, so concurrent loads
+                // cannot overshoot the cap.
+                if let Some(mut at) = self.negative.get_mut(&id) {
+                    *at = now;
+                    return true;
+                }
+                if self.negative_len.fetch_add(1, Ordering::Relaxed) >= self.max_negative {
+                    self.negative_len.fetch_sub(1, Ordering::Relaxed);
+                    return false;
+                }
+                if self.negative.insert(id, now).is_some() {
+                    self.negative_len.fetch_sub(1, Ordering::Relaxed);
+                }
                 true
             }
+        }
+    }
+
+    fn remove_negative(&self, id: KeyId) {
+        if self.negative.remove(&id).is_some() {
+            self.negative_len.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -263,9 +283,14 @@ impl KeyCache {
     /// every second by the server.
     pub fn purge_expired(&self) {
         let now = self.clock.mono_nanos();
-        let before = self.negative.len();
-        self.negative.retain(|_, at| now.saturating_sub(*at) < self.negative_nanos);
-        if self.negative.len() < before / 2 {
+        let mut removed = 0;
+        self.negative.retain(|_, at| {
+            let keep = now.saturating_sub(*at) < self.negative_nanos;
+            removed += usize::from(!keep);
+            keep
+        });
+        let before = self.negative_len.fetch_sub(removed, Ordering::Relaxed);
+        if removed > 0 && removed >= before / 2 {
             self.negative.shrink_to_fit();
         }
     }
@@ -274,7 +299,7 @@ impl KeyCache {
     /// negative entries).
     pub fn weighed_bytes(&self) -> u64 {
         self.entries.run_pending_tasks();
-        self.entries.weighted_size() + self.negative.len() as u64 * NEGATIVE_ENTRY_BYTES
+        self.entries.weighted_size() + self.negative_len.load(Ordering::Relaxed) as u64 * NEGATIVE_ENTRY_BYTES
     }
 
     /// Drops `id` (positive or negative) and fences off loads in flight.
@@ -282,7 +307,7 @@ impl KeyCache {
         let mut stripe = self.stripe(id).lock().unwrap_or_else(|e| e.into_inner());
         *stripe += 1;
         self.entries.invalidate(&id);
-        self.negative.remove(&id);
+        self.remove_negative(id);
     }
 
     /// Drops everything and fences off every load in flight. Holds every
@@ -292,7 +317,12 @@ impl KeyCache {
         let guards: Vec<_> = self.generations.iter().map(|g| g.lock().unwrap_or_else(|e| e.into_inner())).collect();
         self.epoch.fetch_add(1, Ordering::SeqCst);
         self.entries.invalidate_all();
-        self.negative.clear();
+        let mut removed = 0;
+        self.negative.retain(|_, _| {
+            removed += 1;
+            false
+        });
+        self.negative_len.fetch_sub(removed, Ordering::Relaxed);
         self.negative.shrink_to_fit();
         drop(guards);
     }
@@ -300,7 +330,7 @@ impl KeyCache {
     /// Entries held (approximate; for metrics and tests).
     pub fn len(&self) -> u64 {
         self.entries.run_pending_tasks();
-        self.entries.entry_count() + self.negative.len() as u64
+        self.entries.entry_count() + self.negative_len.load(Ordering::Relaxed) as u64
     }
 
     pub fn is_empty(&self) -> bool {

@@ -56,6 +56,8 @@ pub struct Metrics {
     /// Bytes the key cache counts itself as holding (README, "Memory budget").
     pub cache_bytes: Gauge,
     /// Connections closed on accept: the process holds its limit.
+    /// Calls answered RESOURCE_EXHAUSTED by the process-wide cap.
+    pub calls_refused: Counter,
     pub connections_refused: Counter,
     pub shed: Counter,
 }
@@ -91,6 +93,7 @@ impl Metrics {
             breaker_open: gauge!("keystile_store_breaker_open"),
             cache_bytes: gauge!("keystile_cache_bytes"),
             connections_refused: counter!("keystile_connections_refused_total"),
+            calls_refused: counter!("keystile_calls_refused_total"),
             shed: counter!("keystile_shed_requests_total", "reason" => "failed_attempts"),
         }
     }

@@ -230,10 +230,13 @@ pub async fn serve(
     tokio::spawn(flush_usage(app.clone(), options.last_used_flush, tasks.clone()));
     tokio::spawn(purge(app.clone(), tasks.clone()));
     tokio::spawn(reload_signing_keys(app.clone(), tasks.clone()));
+    let stopped_at = Arc::new(std::sync::OnceLock::new());
     {
         let (stop, health, readiness) = (stop.clone(), health.clone(), readiness.clone());
+        let stopped_at = stopped_at.clone();
         tokio::spawn(async move {
             shutdown.await;
+            let _ = stopped_at.set(tokio::time::Instant::now());
             for &name in &readiness {
                 health.set_service_status(name, ServingStatus::NotServing).await;
             }
@@ -258,7 +261,7 @@ pub async fn serve(
         .concurrency_limit_per_connection(options.max_inflight_per_connection)
         .load_shed(true)
         .timeout(options.request_timeout)
-        .layer(crate::service::load::InflightCapLayer::new(options.max_inflight))
+        .layer(crate::service::load::InflightCapLayer::new(options.max_inflight, app.metrics.calls_refused.clone()))
         .layer(crate::service::limits::oversize_is_invalid_argument())
         .layer(crate::service::span::RpcSpanLayer)
         .layer(crate::service::limits::StreamCapLayer)
@@ -276,11 +279,33 @@ pub async fn serve(
         }
     };
     tasks.cancel();
-    match app.usage.flush().await {
-        Ok(n) => tracing::info!(keys = n, "last-used timestamps flushed"),
-        Err(e) => tracing::warn!(error = %e, "could not flush last-used timestamps"),
-    }
+    let until = stopped_at.get().copied().unwrap_or_else(tokio::time::Instant::now) + grace;
+    flush_usage_before(&app, until).await;
     outcome
+}
+
+/// The last flush of last-used times and usage counts, tried again until
+/// `until` (the end of the shutdown grace) while the store fails: a Redis
+/// that hiccups during a rollout loses nothing (README, "Shutdown").
+async fn flush_usage_before(app: &App, until: tokio::time::Instant) {
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match app.usage.flush().await {
+            Ok(n) => {
+                tracing::info!(keys = n, "last-used timestamps flushed");
+                return;
+            }
+            Err(e) if tokio::time::Instant::now() + pause < until => {
+                tracing::warn!(error = %e, retry_in = ?pause, "could not flush last-used timestamps; retrying within the shutdown grace");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not flush last-used timestamps within the shutdown grace; they are lost");
+                return;
+            }
+        }
+    }
 }
 
 /// Applies the store's change feed to the cache and turns its state into

@@ -24,12 +24,12 @@ use crate::key::{KeyFormat, KeyKind, PepperSet};
 use crate::limit::LimitName;
 use crate::limit::fleet::FleetSettings;
 use crate::limit::named::{self, LimitSpec};
-use crate::limit::shedder::FailureShedder;
+use crate::limit::shedder::{Charged, FailureShedder};
 use crate::limit::{BucketId, Decision, Limiter, RateLimitPolicy, RateState};
 use crate::metrics::Metrics;
 use crate::token::{TokenSettings, Tokens};
 use crate::verdict::{AppliedLimit, Mode, Outcome, Request, Verdict, VerifyError, most_constraining};
-use source::RecordSource;
+use source::{Admit, RecordSource};
 use usage::UsageBatcher;
 
 /// Everything the engine is built from.
@@ -224,42 +224,35 @@ impl Engine {
         // caller's address before it is made and given back if the key is
         // good (README, "Rate limits"): many misses sent at once cannot
         // read more than the address's allowance.
-        let charge_to = req.ip.zip(shedder);
-        let (mut charged, mut refused) = (false, None);
+        let mut charge = None;
+        let mut shed_for = None;
         let found = self
             .records
-            .lookup(key_id, || match charge_to {
-                None => true,
+            .lookup(key_id, || match req.ip.zip(shedder) {
+                None => Admit::Read,
                 Some((ip, shedder)) => match shedder.charge(ip) {
-                    Ok(()) => {
-                        charged = true;
-                        true
+                    Charged::Yes(c) => {
+                        charge = Some(c);
+                        Admit::Read
                     }
-                    Err(ms) => {
-                        refused = Some(ms);
-                        false
+                    Charged::Shed(ms) => {
+                        shed_for = Some(ms);
+                        Admit::Refuse
                     }
+                    Charged::Busy => Admit::Wait,
                 },
             })
             .await;
-        let settle = |failed: bool| match (charge_to, charged, failed) {
-            (Some((ip, shedder)), true, false) => shedder.refund(ip),
-            (Some((ip, shedder)), false, true) => shedder.record_failure(ip),
-            _ => {}
-        };
-        if let (Some((_, shedder)), Some(ms)) = (charge_to, refused) {
+        if let (Some(shedder), Some(ms)) = (shedder, shed_for) {
             return Ok(self.shed(shedder, ms));
         }
-        let found = match found {
-            Ok(found) => found,
-            Err(e) => {
-                // The store failed, not the caller.
-                if charged {
-                    settle(false);
-                }
-                return Err(e);
-            }
+        // The charge is given back when dropped (a valid key, a store
+        // error, a caller gone); a failure keeps it.
+        let mut failed = || match charge.take() {
+            Some(c) => c.failed(),
+            None => count_failure(shedder, req.ip),
         };
+        let found = found?;
         let key = match found {
             Lookup::Present(key)
                 if match (&presented, &token) {
@@ -277,7 +270,7 @@ impl Engine {
                 key
             }
             _ => {
-                settle(true);
+                failed();
                 return Ok(Verdict::bare(Outcome::NotFound));
             }
         };
@@ -285,10 +278,10 @@ impl Engine {
         // one is a wrong credential, answered and counted as such before
         // any other check or limit could tell the secret was right.
         if req.mode == Mode::Exchange && !owner_matches(&key.record.owner, req.owner_email) {
-            settle(true);
+            failed();
             return Ok(Verdict::bare(Outcome::NotFound));
         }
-        settle(false);
+        drop(charge);
 
         // The tenant's policy (limits, tiers), read once when needed.
         let record = &key.record;

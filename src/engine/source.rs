@@ -34,6 +34,16 @@ const PROBE_EVERY: Duration = Duration::from_millis(20);
 /// outage (README, "Storage, cache and revocation").
 const BREAKER_AFTER: u32 = 3;
 
+/// How often a lookup waiting for its address's reads in flight asks again.
+const ADMIT_POLL: Duration = Duration::from_millis(1);
+
+/// Whether a lookup may read the store now (see [`RecordSource::lookup`]).
+pub enum Admit {
+    Read,
+    Refuse,
+    Wait,
+}
+
 pub struct RecordSource {
     store: Arc<dyn KeyStore>,
     cache: KeyCache,
@@ -88,10 +98,11 @@ impl RecordSource {
         &self.cache
     }
 
-    /// The record for `id` if the cache holds it fresh; never reads the store.
+    /// The record for `id` if the cache holds it fresh and trusted (not
+    /// while the feed has been lost past its grace); never reads the store.
     pub fn cached(&self, id: KeyId) -> Option<std::sync::Arc<CachedKey>> {
         match self.cache.get(id) {
-            Cached::Fresh(Lookup::Present(key)) => Some(key),
+            Cached::Fresh(Lookup::Present(key)) if !self.feed_lost_too_long() => Some(key),
             _ => None,
         }
     }
@@ -99,10 +110,12 @@ impl RecordSource {
     /// The record for `id` from the cache, or from the store on a miss (one
     /// read, shared by every concurrent miss for the same key_id).
     ///
-    /// `charge` is called once before a miss reads the store (not for a
-    /// stale key being refreshed); when it says no, nothing is read and the
-    /// answer is `Absent`, which the caller must not take as the store's.
-    pub async fn lookup(&self, id: KeyId, charge: impl FnOnce() -> bool) -> Result<Lookup, VerifyError> {
+    /// `charge` is asked before the store is read (README, "Rate limits"):
+    /// [`Admit::Refuse`] reads nothing and answers `Absent`, which the
+    /// caller must not take as the store's; [`Admit::Wait`] asks again
+    /// shortly, for at most the store budget (then the store is too slow
+    /// for this caller: `UNAVAILABLE`).
+    pub async fn lookup(&self, id: KeyId, mut charge: impl FnMut() -> Admit) -> Result<Lookup, VerifyError> {
         let down_since = self.store_down_since.load(Ordering::Relaxed);
         let failing = self.failing_since.load(Ordering::Relaxed) != 0;
         let untrusted = self.feed_lost_too_long();
@@ -133,10 +146,19 @@ impl RecordSource {
         // While the store is known to be down, one call at a time probes it
         // (at most every PROBE_EVERY); the rest answer at once instead of
         // each waiting out the store budget.
+        let waited = self.clock.mono_nanos();
+        loop {
+            match charge() {
+                Admit::Read => break,
+                Admit::Refuse => return Ok(Lookup::Absent),
+                Admit::Wait if self.clock.mono_nanos().saturating_sub(waited) >= self.timeout.as_nanos() as u64 => {
+                    return Err(VerifyError::StoreTimeout(self.timeout));
+                }
+                Admit::Wait => tokio::time::sleep(ADMIT_POLL).await,
+            }
+        }
         let result = if down_since != 0 && !self.may_probe() {
             Err(VerifyError::StoreUnavailable)
-        } else if stale.is_none() && !charge() {
-            return Ok(Lookup::Absent);
         } else {
             let flight = self.inflight.entry(id).or_default().clone();
             let result = flight.get_or_init(|| self.load(id)).await.clone();
@@ -228,9 +250,10 @@ impl RecordSource {
             // taken (README, "Storage, cache and revocation").
             Err(elapsed) => {
                 tokio::task::yield_now().await;
-                match tokio::time::timeout(Duration::ZERO, &mut read).await {
-                    Ok(answer) => Ok(answer),
-                    Err(_) => Err(elapsed),
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                match std::future::Future::poll(read.as_mut(), &mut cx) {
+                    std::task::Poll::Ready(answer) => Ok(answer),
+                    std::task::Poll::Pending => Err(elapsed),
                 }
             }
         };

@@ -30,18 +30,31 @@ impl From<IpAddr> for IpBucket {
     }
 }
 
+/// Most address groups tracked at once: past it, a new group's failures
+/// are not counted (the known-key filter still keeps forged keys from the
+/// store), so memory stays bounded whatever addresses callers claim
+/// (README, "Memory budget"). About 64 bytes each.
+pub const MAX_TRACKED: usize = 262_144;
+
+/// One address group: its failures (a GCRA "theoretical arrival time" in
+/// monotonic nanos) and its store reads still in flight.
+#[derive(Debug, Clone, Copy, Default)]
+struct Group {
+    arrival: u64,
+    pending: u32,
+}
+
 /// Sheds callers that fail too often: `per_minute` failures a minute per
-/// address group, all of them at once, one back every `60 s / per_minute`
-/// (a GCRA per group: the group's "theoretical arrival time" of its next
-/// failure, in monotonic nanos).
+/// address group, all of them at once, one back every `60 s / per_minute`.
 ///
-/// A lookup that will read the store is charged as a failure *before* the
-/// read and refunded when the key turns out valid (README, "Rate limits"),
-/// so a caller cannot get more reads than its allowance by sending many at
-/// once: the charge that finds the group's allowance spent is refused and
-/// that request reads nothing. Groups whose allowance is whole again are
-/// purged on a timer, so memory follows the number of recently failing
-/// groups, not of all addresses ever seen.
+/// A lookup that will read the store takes a [`Charge`] first (README,
+/// "Rate limits"): reads in flight count against what is left of the
+/// allowance, so an address sending many misses at once cannot get more
+/// reads than its allowance. A read beyond it waits for those in flight to
+/// settle (a valid key gives its charge back, so a client that sends many
+/// good keys at once is slowed, never refused); only failures that have
+/// happened shed an address. Groups whose allowance is whole again are
+/// purged on a timer.
 pub struct FailureShedder {
     per_minute: NonZeroU32,
     /// Nanos one failure takes to come back.
@@ -49,8 +62,49 @@ pub struct FailureShedder {
     /// How far ahead of now a group's arrival time may be and still admit a
     /// failure: `(per_minute - 1) * interval`.
     tolerance: u64,
-    arrivals: DashMap<IpBucket, u64>,
+    groups: DashMap<IpBucket, Group>,
     clock: Clock,
+}
+
+/// What [`FailureShedder::charge`] decided.
+pub enum Charged<'a> {
+    /// Read; settle with [`Charge::failed`], or drop to give it back.
+    Yes(Charge<'a>),
+    /// The address is shed: milliseconds until it may try again.
+    Shed(u64),
+    /// Its allowance is taken by reads in flight: try again shortly.
+    Busy,
+}
+
+/// A store read charged to an address. Dropped, it is given back (the key
+/// was valid, the store failed, or the caller went away); [`failed`]
+/// keeps it as a failure.
+///
+/// [`failed`]: Charge::failed
+#[must_use]
+pub struct Charge<'a> {
+    shedder: &'a FailureShedder,
+    bucket: IpBucket,
+    failed: bool,
+}
+
+impl Charge<'_> {
+    /// The read found no key (or a wrong secret): it counts as a failure.
+    pub fn failed(mut self) {
+        self.failed = true;
+    }
+}
+
+impl Drop for Charge<'_> {
+    fn drop(&mut self) {
+        let now = self.shedder.clock.mono_nanos();
+        if let Some(mut group) = self.shedder.groups.get_mut(&self.bucket) {
+            group.pending = group.pending.saturating_sub(1);
+            if self.failed {
+                group.arrival = self.shedder.after_failure(group.arrival, now);
+            }
+        }
+    }
 }
 
 impl FailureShedder {
@@ -61,7 +115,7 @@ impl FailureShedder {
             per_minute,
             interval,
             tolerance: interval * (per_minute.get() as u64 - 1),
-            arrivals: DashMap::new(),
+            groups: DashMap::new(),
             clock,
         }
     }
@@ -71,11 +125,11 @@ impl FailureShedder {
         self.per_minute.get() as u64
     }
 
-    /// Whether `ip` is shed now (its allowance is spent); when it is, the
-    /// milliseconds until a failure is allowed again.
+    /// Whether `ip` is shed now (its allowance is spent by failures); when
+    /// it is, the milliseconds until a failure is allowed again.
     #[inline]
     pub fn shed(&self, ip: IpAddr) -> Option<u64> {
-        let arrival = *self.arrivals.get(&IpBucket::from(ip))?;
+        let arrival = self.groups.get(&IpBucket::from(ip))?.arrival;
         self.wait(arrival, self.clock.mono_nanos())
     }
 
@@ -85,49 +139,60 @@ impl FailureShedder {
         (free_at > now).then(|| (free_at - now).div_ceil(1_000_000))
     }
 
-    /// Takes one failure from `ip`'s allowance before work that may fail
-    /// (a store read). `Err` carries the milliseconds until one is back:
-    /// the allowance is spent and the work must not be done.
-    pub fn charge(&self, ip: IpAddr) -> Result<(), u64> {
+    /// Failures still counted against a group with `arrival` at `now`.
+    fn used(&self, arrival: u64, now: u64) -> u64 {
+        arrival.saturating_sub(now).div_ceil(self.interval)
+    }
+
+    /// The arrival time after one more failure: never more than one
+    /// interval past a spent allowance, so failing on cannot block an
+    /// address for hours.
+    fn after_failure(&self, arrival: u64, now: u64) -> u64 {
+        (arrival.max(now) + self.interval).min(now + self.tolerance + self.interval)
+    }
+
+    /// Asks to read the store for `ip` (README, "Rate limits").
+    pub fn charge(&self, ip: IpAddr) -> Charged<'_> {
+        let bucket = IpBucket::from(ip);
         let now = self.clock.mono_nanos();
-        let mut arrival = self.arrivals.entry(IpBucket::from(ip)).or_insert(0);
-        let base = (*arrival).max(now);
-        if let Some(ms) = self.wait(base, now) {
-            return Err(ms);
+        if self.groups.len() >= MAX_TRACKED && !self.groups.contains_key(&bucket) {
+            // Not tracked: read without a charge.
+            return Charged::Yes(Charge { shedder: self, bucket, failed: false });
         }
-        *arrival = base + self.interval;
-        Ok(())
+        let mut group = self.groups.entry(bucket).or_default();
+        if let Some(ms) = self.wait(group.arrival, now) {
+            return Charged::Shed(ms);
+        }
+        if self.used(group.arrival, now) + group.pending as u64 >= self.per_minute() {
+            return Charged::Busy;
+        }
+        group.pending += 1;
+        Charged::Yes(Charge { shedder: self, bucket, failed: false })
     }
 
-    /// Gives back a failure [`charge`](Self::charge)d for work that did not
-    /// fail (the key was valid).
-    pub fn refund(&self, ip: IpAddr) {
-        if let Some(mut arrival) = self.arrivals.get_mut(&IpBucket::from(ip)) {
-            *arrival = arrival.saturating_sub(self.interval);
-        }
-    }
-
-    /// Counts a failed attempt from `ip` that was not charged beforehand
-    /// (a malformed key; a key the cache answered). Once the allowance is
-    /// spent this keeps the group shed for the next failure's interval.
+    /// Counts a failed attempt from `ip` that read nothing (a malformed
+    /// key; a key_id the filter or the cache knows is absent).
     pub fn record_failure(&self, ip: IpAddr) {
+        let bucket = IpBucket::from(ip);
+        if self.groups.len() >= MAX_TRACKED && !self.groups.contains_key(&bucket) {
+            return;
+        }
         let now = self.clock.mono_nanos();
-        let mut arrival = self.arrivals.entry(IpBucket::from(ip)).or_insert(0);
-        // Never more than one interval past a spent allowance: a flood of
-        // failures cannot block an address for hours.
-        *arrival = ((*arrival).max(now) + self.interval).min(now + self.tolerance + self.interval);
+        let mut group = self.groups.entry(bucket).or_default();
+        group.arrival = self.after_failure(group.arrival, now);
     }
 
-    /// Forgets groups whose allowance is whole again.
+    /// Forgets groups whose allowance is whole again and that have no read
+    /// in flight.
     pub fn purge(&self) {
         let now = self.clock.mono_nanos();
-        self.arrivals.retain(|_, arrival| *arrival > now);
-        self.arrivals.shrink_to_fit();
+        self.groups.retain(|_, g| g.arrival > now || g.pending > 0);
+        self.groups.shrink_to_fit();
     }
 
     /// How many address groups are tracked (for tests and metrics).
     pub fn tracked(&self) -> usize {
-        self.arrivals.len()
+        self.groups.len()
     }
 }
 
@@ -175,9 +240,42 @@ mod tests {
         for i in 0..1_000_000u32 {
             shed.record_failure(IpAddr::from(i.to_be_bytes()));
         }
-        assert_eq!(shed.tracked(), 1_000_000);
+        assert_eq!(shed.tracked(), MAX_TRACKED, "no more groups than the bound, whatever addresses callers claim");
         clock.advance(Duration::from_secs(61));
         shed.purge();
         assert_eq!(shed.tracked(), 0, "a purge forgets every IP whose bucket is whole again");
+    }
+
+    /// Reads in flight count against the allowance; a valid key's charge
+    /// comes back, a failure's stays; a dropped charge is given back.
+    #[test]
+    fn charges_in_flight_count_and_only_failures_shed() {
+        let clock = Clock::manual(1_000_000_000);
+        let shed = FailureShedder::new(NonZeroU32::new(3).unwrap(), clock.clone());
+        let a: IpAddr = "203.0.113.7".parse().unwrap();
+        fn yes(c: Charged<'_>) -> Option<Charge<'_>> {
+            match c {
+                Charged::Yes(c) => Some(c),
+                _ => None,
+            }
+        }
+        let first = yes(shed.charge(a)).unwrap();
+        let second = yes(shed.charge(a)).unwrap();
+        let third = yes(shed.charge(a)).unwrap();
+        assert!(matches!(shed.charge(a), Charged::Busy), "three reads in flight take the allowance");
+        assert!(shed.shed(a).is_none(), "nothing has failed yet");
+        drop(first); // a valid key
+        let fourth = yes(shed.charge(a)).expect("a charge given back makes room");
+        second.failed();
+        third.failed();
+        fourth.failed();
+        assert!(matches!(shed.charge(a), Charged::Shed(20_000)), "three failures shed the address");
+        assert!(shed.shed(a).is_some());
+        clock.advance(Duration::from_secs(20));
+        let again = yes(shed.charge(a)).expect("one failure is back after 20 s");
+        assert!(matches!(shed.charge(a), Charged::Busy));
+        drop(again);
+        shed.purge();
+        assert_eq!(shed.tracked(), 1, "a group with failures still counted is kept");
     }
 }

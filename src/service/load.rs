@@ -24,11 +24,13 @@ use tower::{Layer, Service};
 pub struct InflightCapLayer {
     permits: Arc<Semaphore>,
     cap: usize,
+    refused: metrics::Counter,
 }
 
 impl InflightCapLayer {
-    pub fn new(cap: usize) -> InflightCapLayer {
-        InflightCapLayer { permits: Arc::new(Semaphore::new(cap)), cap }
+    /// `refused` counts the calls answered `RESOURCE_EXHAUSTED`.
+    pub fn new(cap: usize, refused: metrics::Counter) -> InflightCapLayer {
+        InflightCapLayer { permits: Arc::new(Semaphore::new(cap)), cap, refused }
     }
 }
 
@@ -36,7 +38,7 @@ impl<S> Layer<S> for InflightCapLayer {
     type Service = InflightCap<S>;
 
     fn layer(&self, inner: S) -> InflightCap<S> {
-        InflightCap { inner, permits: self.permits.clone(), cap: self.cap }
+        InflightCap { inner, permits: self.permits.clone(), cap: self.cap, refused: self.refused.clone() }
     }
 }
 
@@ -45,6 +47,7 @@ pub struct InflightCap<S> {
     inner: S,
     permits: Arc<Semaphore>,
     cap: usize,
+    refused: metrics::Counter,
 }
 
 impl<S> Service<http::Request<Body>> for InflightCap<S>
@@ -63,6 +66,7 @@ where
         match self.permits.clone().try_acquire_owned() {
             Ok(permit) => InflightFuture::Admitted { inner: self.inner.call(request), permit: Some(permit) },
             Err(_) => {
+                self.refused.increment(1);
                 let status = tonic::Status::resource_exhausted(format!(
                     "this sidecar has {} calls in progress, its limit; retry with backoff",
                     self.cap

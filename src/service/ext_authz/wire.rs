@@ -143,6 +143,43 @@ fn pair(b: &[u8], k: u32, v: u32) -> Result<(&[u8], &[u8]), &'static str> {
 /// one error and ends.
 struct Fields<'a>(&'a [u8]);
 
+/// How deep unknown groups may nest (prost's own recursion limit).
+const MAX_GROUP_DEPTH: u32 = 100;
+
+/// Skips an unknown group's fields up to its end tag (`number`, wire type
+/// 4), nested groups included.
+fn skip_group(buf: &mut &[u8], number: u64, depth: u32) -> Result<(), &'static str> {
+    if depth >= MAX_GROUP_DEPTH {
+        return Err(MALFORMED);
+    }
+    loop {
+        let key = prost::encoding::decode_varint(buf).map_err(|_| MALFORMED)?;
+        let (inner, wire_type) = (key >> 3, key & 7);
+        let skip = match wire_type {
+            0 => {
+                prost::encoding::decode_varint(buf).map_err(|_| MALFORMED)?;
+                0
+            }
+            1 => 8,
+            5 => 4,
+            2 => {
+                let len = prost::encoding::decode_varint(buf).map_err(|_| MALFORMED)?;
+                usize::try_from(len).map_err(|_| MALFORMED)?
+            }
+            3 => {
+                skip_group(buf, inner, depth + 1)?;
+                0
+            }
+            4 if inner == number => return Ok(()),
+            _ => return Err(MALFORMED),
+        };
+        if skip > buf.len() {
+            return Err(MALFORMED);
+        }
+        *buf = &buf[skip..];
+    }
+}
+
 impl<'a> Iterator for Fields<'a> {
     type Item = Result<(u32, &'a [u8]), &'static str>;
 
@@ -171,7 +208,12 @@ impl<'a> Iterator for Fields<'a> {
                         self.0 = rest;
                         return Ok(Some((number, value)));
                     }
-                    // Groups (3, 4) are in none of these messages.
+                    // Groups are in none of these messages, but a decoder
+                    // skips unknown ones whole, as Envoy's own does.
+                    3 => {
+                        skip_group(&mut self.0, u64::from(number), 0)?;
+                        0
+                    }
                     _ => return Err(MALFORMED),
                 };
                 if skip > self.0.len() {

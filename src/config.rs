@@ -206,8 +206,9 @@ pub struct ServeArgs {
     /// Do not serve KeyAdmin on this sidecar.
     #[arg(long, env = "KEYSTILE_NO_ADMIN")]
     pub no_admin: bool,
-    /// HTTP/2 streams per connection.
-    #[arg(long, env = "KEYSTILE_MAX_CONCURRENT_STREAMS", default_value = "100")]
+    /// HTTP/2 streams per connection (README, "Limits": few streams per
+    /// connection keep one flooding connection from delaying the others).
+    #[arg(long, env = "KEYSTILE_MAX_CONCURRENT_STREAMS", default_value = "4")]
     pub max_concurrent_streams: String,
     /// Connections open at once; more are closed as soon as they are
     /// accepted.
@@ -219,6 +220,10 @@ pub struct ServeArgs {
     /// Longest a call may take before it is cancelled.
     #[arg(long, env = "KEYSTILE_REQUEST_TIMEOUT", default_value = "30s")]
     pub request_timeout: String,
+    /// A connection nothing has been read from for this long is closed
+    /// (live HTTP/2 clients answer keepalive pings every 30 s); 0 = never.
+    #[arg(long, env = "KEYSTILE_IDLE_TIMEOUT", default_value = "90s")]
+    pub idle_timeout: String,
     /// Calls in progress per connection beyond which new ones get
     /// RESOURCE_EXHAUSTED.
     #[arg(long, env = "KEYSTILE_MAX_INFLIGHT_PER_CONNECTION", default_value = "100")]
@@ -670,6 +675,21 @@ impl ServeArgs {
         let request_timeout = duration(&self.request_timeout)
             .map_err(|e| errors.push(format!("--request-timeout {:?}: {e}", self.request_timeout)))
             .ok();
+        let idle_timeout = match duration(&self.idle_timeout) {
+            Ok(d) if d.is_zero() => Some(None),
+            Ok(d) if d < Duration::from_secs(35) => {
+                errors.push(format!(
+                    "--idle-timeout {:?} must be 0 (never) or more than 35s: live clients are only pinged every 30s",
+                    self.idle_timeout
+                ));
+                None
+            }
+            Ok(d) => Some(Some(d)),
+            Err(e) => {
+                errors.push(format!("--idle-timeout {:?}: {e}", self.idle_timeout));
+                None
+            }
+        };
         if max_connections == Some(0) || max_inflight == Some(0) {
             errors.push("--max-connections and --max-inflight must be more than 0".into());
         }
@@ -924,6 +944,7 @@ impl ServeArgs {
                 max_connections: max_connections.unwrap_or(1),
                 max_inflight: max_inflight.unwrap_or(1),
                 request_timeout: request_timeout.unwrap_or(Duration::from_secs(30)),
+                idle_timeout: idle_timeout.flatten(),
                 tls,
                 shutdown_grace: shutdown_grace.unwrap_or_default(),
                 last_used_flush: last_used_flush.unwrap_or_default(),

@@ -109,6 +109,9 @@ pub struct ServerOptions {
     pub front_ends: Vec<FrontEnd>,
     /// HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
+    /// A connection nothing has been read from for this long is closed
+    /// (README, "Limits"); `None` = never.
+    pub idle_timeout: Option<Duration>,
     /// Connections open at once; more are closed when accepted.
     pub max_connections: usize,
     /// Calls in progress in the whole process; more get RESOURCE_EXHAUSTED.
@@ -132,7 +135,8 @@ impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
             front_ends: vec![FrontEnd::Verifier, FrontEnd::KeyAdmin, FrontEnd::TokenExchange],
-            max_concurrent_streams: 100,
+            max_concurrent_streams: 4,
+            idle_timeout: Some(Duration::from_secs(90)),
             max_connections: 1024,
             max_inflight: 4096,
             request_timeout: Duration::from_secs(30),
@@ -250,6 +254,7 @@ pub async fn serve(
     let incoming = crate::service::load::capped_incoming(
         incoming,
         options.max_connections,
+        options.idle_timeout,
         app.metrics.connections_refused.clone(),
     );
     let mut builder = tonic::transport::Server::builder();

@@ -314,7 +314,13 @@ async fn shutdown_drains_calls_in_flight() {
     let store = Arc::new(MemoryStore::new());
     let mut settings = keystile::engine::EngineSettings::new(test_pepper());
     settings.store_timeout = Duration::from_secs(5);
-    let options = keystile::server::ServerOptions { shutdown_grace: Duration::from_secs(5), ..Default::default() };
+    // Twenty calls accepted on one connection (the default of 4 streams
+    // would hold the rest back at the client, and those are not accepted).
+    let options = keystile::server::ServerOptions {
+        shutdown_grace: Duration::from_secs(5),
+        max_concurrent_streams: 32,
+        ..Default::default()
+    };
     let s = TestServer::start_with(store.clone(), settings, options, keystile::clock::Clock::system()).await;
     let mut admin = s.admin().await;
     let mut keys = Vec::new();

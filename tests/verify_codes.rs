@@ -499,3 +499,50 @@ async fn process_wide_limits_and_undecodable_requests() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     s.stop().await;
 }
+
+/// README, "Limits": a connection that sends nothing (a socket opened to
+/// hold one of the connection slots) is closed after the idle timeout, and
+/// its slot is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_after_the_idle_timeout() {
+    use tokio::io::AsyncReadExt;
+    let options = ServerOptions {
+        max_connections: 2,
+        idle_timeout: Some(Duration::from_millis(500)),
+        ..ServerOptions::default()
+    };
+    let s = TestServer::start_with(
+        Arc::new(MemoryStore::new()),
+        EngineSettings::new(test_pepper()),
+        options,
+        Clock::system(),
+    )
+    .await;
+    // The readiness check's connection is gone; two silent sockets take
+    // both slots.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(tokio::net::TcpStream::connect(s.addr).await.unwrap());
+    }
+    let t0 = std::time::Instant::now();
+    for mut socket in silent {
+        let mut buf = [0u8; 64];
+        // The server's HTTP/2 settings may come first; then the close.
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut buf))
+                .await
+                .expect("closed within the bound")
+                .unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+        }
+    }
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_millis(400), "closed after {waited:?}, before the idle timeout");
+    // The slots are free: a real client is served.
+    let mut v = s.verifier().await;
+    assert_eq!(code(&verify(&mut v, verify_req("ks_live_nope")).await), Code::Malformed);
+    s.stop().await;
+}

@@ -13,6 +13,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -105,11 +106,17 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// An accepted connection holding one of the connection permits.
+    /// An accepted connection holding one of the connection permits, closed
+    /// when nothing has been read from it for the idle timeout.
     pub struct CappedConnection<IO> {
         #[pin]
         io: IO,
         _permit: OwnedSemaphorePermit,
+        idle: Option<Duration>,
+        last_read: tokio::time::Instant,
+        // Boxed: the connection must stay `Unpin`; made once, when the
+        // connection first waits.
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
     }
 }
 
@@ -123,7 +130,35 @@ impl<IO: Connected<ConnectInfo = TcpConnectInfo>> Connected for CappedConnection
 
 impl<IO: AsyncRead> AsyncRead for CappedConnection<IO> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        self.project().io.poll_read(cx, buf)
+        let this = self.project();
+        match this.io.poll_read(cx, buf) {
+            Poll::Pending => {}
+            ready => {
+                *this.last_read = tokio::time::Instant::now();
+                return ready;
+            }
+        }
+        // Nothing to read: the idle timer. A live HTTP/2 client answers
+        // the server's keepalive pings (every 30 s), so only a peer that
+        // sends nothing at all (a socket opened to hold a connection
+        // slot, a dead peer) reaches it (README, "Limits").
+        let Some(idle) = *this.idle else { return Poll::Pending };
+        loop {
+            let deadline = *this.last_read + idle;
+            match this.timer.as_mut() {
+                None => *this.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                Some(timer) if timer.deadline() != deadline => timer.as_mut().reset(deadline),
+                Some(timer) => {
+                    return match timer.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "nothing read for the idle timeout",
+                        ))),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            }
+        }
     }
 }
 
@@ -163,6 +198,7 @@ impl<IO: AsyncWrite> AsyncWrite for CappedConnection<IO> {
 pub fn capped_incoming<S, IO, E>(
     incoming: S,
     cap: usize,
+    idle: Option<Duration>,
     refused: metrics::Counter,
 ) -> impl tokio_stream::Stream<Item = Result<CappedConnection<IO>, E>>
 where
@@ -173,7 +209,13 @@ where
     incoming.filter_map(move |accepted| match accepted {
         Err(e) => Some(Err(e)),
         Ok(io) => match permits.clone().try_acquire_owned() {
-            Ok(permit) => Some(Ok(CappedConnection { io, _permit: permit })),
+            Ok(permit) => Some(Ok(CappedConnection {
+                io,
+                _permit: permit,
+                idle,
+                last_read: tokio::time::Instant::now(),
+                timer: None,
+            })),
             Err(_) => {
                 refused.increment(1);
                 drop(io);

@@ -19,8 +19,9 @@
 //!   and which apply (`limit/named.rs`); one GCRA bucket that can give
 //!   cells back (`limit/gcra.rs`); the in-process registry
 //!   (`limit/local.rs`); leases from buckets shared by the fleet, with the
-//!   fallback (`limit/fleet.rs`); failed-attempt shedding
-//!   (`limit/shedder.rs`); policies (`limit/policy.rs`).
+//!   fallback (`limit/fleet.rs`); failed-attempt shedding, with each store
+//!   read charged to the caller's address (`limit/shedder.rs`); policies
+//!   (`limit/policy.rs`).
 //! - [`token`]: tokens exchanged for keys: signing and checking
 //!   (`token/mod.rs`), signing keys sealed under the pepper and the JWKS
 //!   (`token/signing.rs`), the exchange both front ends call
@@ -32,8 +33,10 @@
 //!   audit trail of every mutation.
 //! - [`scope`]: what a granted scope (or `resource:*` pattern) satisfies;
 //!   [`origin`]: the origins a publishable key answers for.
-//! - [`cache`]: the moka cache with positive, negative and stale entries and
-//!   the generation fence against fill-after-revoke.
+//! - [`cache`]: the key cache, bounded in bytes: positive and stale entries
+//!   in moka weighed by what each record holds, negative entries in their
+//!   own share purged as they expire, and the generation fence against
+//!   fill-after-revoke.
 //! - [`store`]: one [`store::KeyStore`] trait, the in-memory store
 //!   (`store/memory.rs`) and Redis (`store/redis/`: the store, named
 //!   scripts, the change-feed follower, the connection, the shared
@@ -61,7 +64,8 @@
 //!   [`metrics`]: the Prometheus instruments.
 //!
 //! The `keystile keys` / `tenants` CLI and `keystile bench` load generator
-//! live in the binary's own tree (`src/cli/`).
+//! live in the binary's own tree (`src/cli/`); fuzz targets and their seed
+//! corpus in `tests/fuzz.rs` and `fuzz/corpus/` (README, "Fuzzing").
 
 pub mod admin;
 pub mod app;

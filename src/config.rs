@@ -206,9 +206,10 @@ pub struct ServeArgs {
     /// Do not serve KeyAdmin on this sidecar.
     #[arg(long, env = "KEYSTILE_NO_ADMIN")]
     pub no_admin: bool,
-    /// HTTP/2 streams per connection (README, "Limits": few streams per
-    /// connection keep one flooding connection from delaying the others).
-    #[arg(long, env = "KEYSTILE_MAX_CONCURRENT_STREAMS", default_value = "4")]
+    /// HTTP/2 streams per connection (README, "Limits": fewer protect other
+    /// callers from a flooding connection, but refuse bursts that a client
+    /// sends on a new connection before it has the server's settings).
+    #[arg(long, env = "KEYSTILE_MAX_CONCURRENT_STREAMS", default_value = "100")]
     pub max_concurrent_streams: String,
     /// Connections open at once; more are closed as soon as they are
     /// accepted.

@@ -135,7 +135,7 @@ impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
             front_ends: vec![FrontEnd::Verifier, FrontEnd::KeyAdmin, FrontEnd::TokenExchange],
-            max_concurrent_streams: 4,
+            max_concurrent_streams: 100,
             idle_timeout: Some(Duration::from_secs(90)),
             max_connections: 1024,
             max_inflight: 4096,

@@ -546,3 +546,26 @@ async fn silent_connections_are_closed_after_the_idle_timeout() {
     assert_eq!(code(&verify(&mut v, verify_req("ks_live_nope")).await), Code::Malformed);
     s.stop().await;
 }
+
+/// A burst of calls on a connection that has just opened (before the
+/// server's HTTP/2 settings reach the client) is answered, not refused
+/// (README, "Limits": why the default stream limit stays at 100).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_on_new_connections_are_answered() {
+    let s = server(Arc::new(MemoryStore::new())).await;
+    let mut refused = 0;
+    for _ in 0..50 {
+        let channel = tonic::transport::Channel::from_shared(s.url()).unwrap().connect_lazy();
+        let calls: Vec<_> = (0..32)
+            .map(|_| {
+                let mut v = keystile::proto::verifier_client::VerifierClient::new(channel.clone());
+                tokio::spawn(async move { v.verify(verify_req("ks_live_nope")).await })
+            })
+            .collect();
+        for c in calls {
+            refused += usize::from(c.await.unwrap().is_err());
+        }
+    }
+    assert_eq!(refused, 0, "calls refused on new connections");
+    s.stop().await;
+}

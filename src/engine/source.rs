@@ -146,24 +146,22 @@ impl RecordSource {
         // While the store is known to be down, one call at a time probes it
         // (at most every PROBE_EVERY); the rest answer at once instead of
         // each waiting out the store budget.
-        let waited = self.clock.mono_nanos();
-        loop {
-            match charge() {
-                Admit::Read => break,
-                Admit::Refuse => return Ok(Lookup::Absent),
-                Admit::Wait if self.clock.mono_nanos().saturating_sub(waited) >= self.timeout.as_nanos() as u64 => {
-                    return Err(VerifyError::StoreTimeout(self.timeout));
-                }
-                Admit::Wait => tokio::time::sleep(ADMIT_POLL).await,
-            }
-        }
-        let result = if down_since != 0 && !self.may_probe() {
+        // While the store is known to be down and no probe is due, nothing
+        // is charged or read.
+        let result = if down_since != 0 && !self.probe_due() {
             Err(VerifyError::StoreUnavailable)
         } else {
-            let flight = self.inflight.entry(id).or_default().clone();
-            let result = flight.get_or_init(|| self.load(id)).await.clone();
-            self.inflight.remove_if(&id, |_, f| Arc::ptr_eq(f, &flight));
-            result
+            match self.admitted(&mut charge).await {
+                Ok(false) => return Ok(Lookup::Absent),
+                Err(e) => Err(e),
+                Ok(true) if down_since != 0 && !self.may_probe() => Err(VerifyError::StoreUnavailable),
+                Ok(true) => {
+                    let flight = self.inflight.entry(id).or_default().clone();
+                    let result = flight.get_or_init(|| self.load(id)).await.clone();
+                    self.inflight.remove_if(&id, |_, f| Arc::ptr_eq(f, &flight));
+                    result
+                }
+            }
         };
         match (result, stale) {
             (Ok(found), _) => Ok(found),
@@ -193,6 +191,31 @@ impl RecordSource {
     /// Forgets tenants' policies no longer in use.
     pub fn purge(&self) {
         self.tenants.purge();
+    }
+
+    /// Asks `charge` until it admits or refuses the read; waits (for at
+    /// most the store budget, on the runtime's clock) while it says wait.
+    /// Waiting past the budget is the store's slowness, not the caller's
+    /// failure: an error, which a stale entry may still answer.
+    async fn admitted(&self, charge: &mut impl FnMut() -> Admit) -> Result<bool, VerifyError> {
+        let until = tokio::time::Instant::now() + self.timeout;
+        loop {
+            match charge() {
+                Admit::Read => return Ok(true),
+                Admit::Refuse => return Ok(false),
+                Admit::Wait if tokio::time::Instant::now() >= until => {
+                    return Err(VerifyError::StoreTimeout(self.timeout));
+                }
+                Admit::Wait => tokio::time::sleep(ADMIT_POLL).await,
+            }
+        }
+    }
+
+    /// Whether a probe of a store known to be down is due (without
+    /// claiming it).
+    fn probe_due(&self) -> bool {
+        let now = self.clock.mono_nanos();
+        now.saturating_sub(self.last_probe.load(Ordering::Relaxed)) >= PROBE_EVERY.as_nanos() as u64
     }
 
     fn may_probe(&self) -> bool {

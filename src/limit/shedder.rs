@@ -63,6 +63,9 @@ pub struct FailureShedder {
     /// failure: `(per_minute - 1) * interval`.
     tolerance: u64,
     groups: DashMap<IpBucket, Group>,
+    /// Entries in `groups`, kept beside it: a map's own count locks every
+    /// shard, and this is read on every failure.
+    tracked: std::sync::atomic::AtomicUsize,
     clock: Clock,
 }
 
@@ -86,6 +89,8 @@ pub struct Charge<'a> {
     shedder: &'a FailureShedder,
     bucket: IpBucket,
     failed: bool,
+    /// False when the table was full and nothing was taken.
+    tracked: bool,
 }
 
 impl Charge<'_> {
@@ -97,6 +102,9 @@ impl Charge<'_> {
 
 impl Drop for Charge<'_> {
     fn drop(&mut self) {
+        if !self.tracked {
+            return;
+        }
         let now = self.shedder.clock.mono_nanos();
         if let Some(mut group) = self.shedder.groups.get_mut(&self.bucket) {
             group.pending = group.pending.saturating_sub(1);
@@ -116,6 +124,7 @@ impl FailureShedder {
             interval,
             tolerance: interval * (per_minute.get() as u64 - 1),
             groups: DashMap::new(),
+            tracked: std::sync::atomic::AtomicUsize::new(0),
             clock,
         }
     }
@@ -155,11 +164,10 @@ impl FailureShedder {
     pub fn charge(&self, ip: IpAddr) -> Charged<'_> {
         let bucket = IpBucket::from(ip);
         let now = self.clock.mono_nanos();
-        if self.groups.len() >= MAX_TRACKED && !self.groups.contains_key(&bucket) {
+        let Some(mut group) = self.group(bucket) else {
             // Not tracked: read without a charge.
-            return Charged::Yes(Charge { shedder: self, bucket, failed: false });
-        }
-        let mut group = self.groups.entry(bucket).or_default();
+            return Charged::Yes(Charge { shedder: self, bucket, failed: false, tracked: false });
+        };
         if let Some(ms) = self.wait(group.arrival, now) {
             return Charged::Shed(ms);
         }
@@ -167,18 +175,32 @@ impl FailureShedder {
             return Charged::Busy;
         }
         group.pending += 1;
-        Charged::Yes(Charge { shedder: self, bucket, failed: false })
+        Charged::Yes(Charge { shedder: self, bucket, failed: false, tracked: true })
+    }
+
+    /// The group of `bucket`, made if there is room for one more.
+    fn group(&self, bucket: IpBucket) -> Option<dashmap::mapref::one::RefMut<'_, IpBucket, Group>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some(group) = self.groups.get_mut(&bucket) {
+            return Some(group);
+        }
+        if self.tracked.load(Relaxed) >= MAX_TRACKED {
+            return None;
+        }
+        match self.groups.entry(bucket) {
+            dashmap::Entry::Occupied(e) => Some(e.into_ref()),
+            dashmap::Entry::Vacant(e) => {
+                self.tracked.fetch_add(1, Relaxed);
+                Some(e.insert(Group::default()))
+            }
+        }
     }
 
     /// Counts a failed attempt from `ip` that read nothing (a malformed
     /// key; a key_id the filter or the cache knows is absent).
     pub fn record_failure(&self, ip: IpAddr) {
-        let bucket = IpBucket::from(ip);
-        if self.groups.len() >= MAX_TRACKED && !self.groups.contains_key(&bucket) {
-            return;
-        }
+        let Some(mut group) = self.group(IpBucket::from(ip)) else { return };
         let now = self.clock.mono_nanos();
-        let mut group = self.groups.entry(bucket).or_default();
         group.arrival = self.after_failure(group.arrival, now);
     }
 
@@ -186,7 +208,13 @@ impl FailureShedder {
     /// in flight.
     pub fn purge(&self) {
         let now = self.clock.mono_nanos();
-        self.groups.retain(|_, g| g.arrival > now || g.pending > 0);
+        let mut removed = 0;
+        self.groups.retain(|_, g| {
+            let keep = g.arrival > now || g.pending > 0;
+            removed += usize::from(!keep);
+            keep
+        });
+        self.tracked.fetch_sub(removed, std::sync::atomic::Ordering::Relaxed);
         self.groups.shrink_to_fit();
     }
 

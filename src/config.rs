@@ -949,6 +949,7 @@ impl ServeArgs {
                 tls,
                 shutdown_grace: shutdown_grace.unwrap_or_default(),
                 last_used_flush: last_used_flush.unwrap_or_default(),
+                writes: None,
             },
             workers,
             log_format,

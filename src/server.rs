@@ -125,6 +125,10 @@ pub struct ServerOptions {
     pub shutdown_grace: Duration,
     /// How often pending last-used timestamps are written.
     pub last_used_flush: Duration,
+    /// Counts the write calls made on accepted connections (each one a
+    /// write syscall): the regression check of the h2 write cliff (README,
+    /// "Performance"). `None` in production.
+    pub writes: Option<Arc<std::sync::atomic::AtomicU64>>,
     /// TLS; `None` = plaintext.
     pub tls: Option<ServerTls>,
     /// Largest ext_authz CheckRequest (it carries every header).
@@ -143,6 +147,7 @@ impl Default for ServerOptions {
             max_inflight_per_connection: 100,
             shutdown_grace: Duration::from_secs(10),
             last_used_flush: Duration::from_secs(10),
+            writes: None,
             tls: None,
             ext_authz_max_request_bytes: crate::service::ext_authz::DEFAULT_MAX_CHECK_BYTES,
         }
@@ -255,6 +260,7 @@ pub async fn serve(
         incoming,
         options.max_connections,
         options.idle_timeout,
+        options.writes.clone(),
         app.metrics.connections_refused.clone(),
     );
     let mut builder = tonic::transport::Server::builder();

@@ -188,7 +188,8 @@ fn verify_request(input: &[u8]) -> Result<(), TestCaseError> {
     if verdict.outcome == Outcome::Valid {
         prop_assert!(req.key.contains(&f.key), "VALID for a key that is not the fixture's: {:?}", req.key);
     }
-    let (response, _) = keystile::service::verifier::to_response(&verdict, 1_800_000_000);
+    let response = keystile::service::verifier::to_response(&verdict, 1_800_000_000);
+    let _ = keystile::service::verifier::metadata_of(&response);
     prop_assert!(response.encoded_len() < 8 << 10);
     Ok(())
 }
@@ -319,6 +320,7 @@ fn write_seed_corpus() {
         origin: "https://app.example.com".into(),
         limits: vec!["analytics".into()],
         cost: Some(3),
+        want_metadata: true,
     };
     write("verify_request", "full", &verify(&live).encode_to_vec());
     write("verify_request", "bare", &proto::VerifyRequest { key: test.clone(), ..Default::default() }.encode_to_vec());

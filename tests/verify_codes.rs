@@ -135,7 +135,9 @@ async fn every_code(s: &TestServer) {
         assert_eq!(r.headers["x-ratelimit-remaining"], left.to_string());
         assert_eq!(r.headers["x-ratelimit-limit"], "5");
     }
-    let raw = v.verify(verify_req(&limited)).await.unwrap();
+    let plain = v.verify(verify_req(&limited)).await.unwrap();
+    assert!(plain.metadata().get("x-ratelimit-limit").is_none(), "metadata only when asked for");
+    let raw = v.verify(proto::VerifyRequest { want_metadata: true, ..verify_req(&limited) }).await.unwrap();
     let md = raw.metadata().clone();
     let r = raw.into_inner();
     assert_eq!(code(&r), Code::RateLimited);
@@ -567,5 +569,69 @@ async fn bursts_on_new_connections_are_answered() {
         }
     }
     assert_eq!(refused, 0, "calls refused on new connections");
+    s.stop().await;
+}
+
+/// README, "Performance": no write cliff. A Verify answer for a realistic
+/// key (three scopes, an allowlist, three named limits: well over the 256
+/// bytes at which h2 would give a DATA frame a write of its own on a
+/// vectored transport) costs no more write calls than a Health/Check
+/// answer, counted on the accepted connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verify_answer_costs_no_more_writes_than_a_health_check() {
+    use prost::Message;
+    let writes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let options = ServerOptions { writes: Some(writes.clone()), ..ServerOptions::default() };
+    let s = TestServer::start_with(
+        Arc::new(MemoryStore::new()),
+        EngineSettings::new(test_pepper()),
+        options,
+        Clock::system(),
+    )
+    .await;
+    let mut admin = s.admin().await;
+    let realistic = proto::CreateKeyRequest {
+        scopes: vec!["read".into(), "write".into(), "export:data".into()],
+        ip_allowlist: vec!["10.0.0.0/8".into(), "192.168.0.0/16".into()],
+        limits: vec![limit("api=1000000/1m"), limit("export=1000000/1h"), limit("burst=1000000/1s")],
+        ..create_req("a service key with a realistic name")
+    };
+    let (key, _) = create(&mut admin, realistic).await;
+    let channel = s.channel().await;
+    let mut v = keystile::proto::verifier_client::VerifierClient::new(channel.clone());
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let req = proto::VerifyRequest {
+        ip: "10.1.2.3".into(),
+        scopes: vec!["read".into()],
+        limits: vec!["api".into(), "export".into(), "burst".into()],
+        ..verify_req(&key)
+    };
+    let answer = verify(&mut v, req.clone()).await;
+    assert_eq!(code(&answer), Code::Valid);
+    assert!(answer.encoded_len() > 400, "a large answer: {} bytes", answer.encoded_len());
+    health.check(tonic_health::pb::HealthCheckRequest::default()).await.unwrap();
+
+    const CALLS: u64 = 300;
+    let count = || writes.load(std::sync::atomic::Ordering::Relaxed);
+    let before = count();
+    for _ in 0..CALLS {
+        health.check(tonic_health::pb::HealthCheckRequest::default()).await.unwrap();
+    }
+    let health_writes = count() - before;
+    let before = count();
+    for _ in 0..CALLS {
+        v.verify(req.clone()).await.unwrap();
+    }
+    let verify_writes = count() - before;
+    println!(
+        "writes per call: Health/Check {:.2}, Verify ({} byte answer) {:.2}",
+        health_writes as f64 / CALLS as f64,
+        answer.encoded_len(),
+        verify_writes as f64 / CALLS as f64
+    );
+    assert!(
+        verify_writes <= health_writes + CALLS / 10,
+        "Verify {verify_writes} writes vs Health {health_writes} for {CALLS} calls each"
+    );
     s.stop().await;
 }

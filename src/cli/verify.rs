@@ -59,6 +59,7 @@ pub async fn run(args: VerifyArgs) -> Result<(), CliError> {
         cost: args.cost,
         limits: args.limits.into_iter().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect(),
         origin: args.origin.unwrap_or_default(),
+        want_metadata: false,
     };
     let resp = VerifierClient::new(channel).verify(request).await?.into_inner();
     match format {

@@ -114,6 +114,7 @@ pin_project_lite::pin_project! {
         _permit: OwnedSemaphorePermit,
         idle: Option<Duration>,
         last_read: tokio::time::Instant,
+        writes: Option<Arc<std::sync::atomic::AtomicU64>>,
         // Boxed: the connection must stay `Unpin`; made once, when the
         // connection first waits.
         timer: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -164,7 +165,11 @@ impl<IO: AsyncRead> AsyncRead for CappedConnection<IO> {
 
 impl<IO: AsyncWrite> AsyncWrite for CappedConnection<IO> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        self.project().io.poll_write(cx, buf)
+        let this = self.project();
+        if let Some(writes) = this.writes {
+            writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        this.io.poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -180,7 +185,11 @@ impl<IO: AsyncWrite> AsyncWrite for CappedConnection<IO> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        self.project().io.poll_write_vectored(cx, bufs)
+        let this = self.project();
+        if let Some(writes) = this.writes {
+            writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        this.io.poll_write_vectored(cx, bufs)
     }
 
     /// Reported as not vectored on purpose: h2 then copies a DATA frame of
@@ -199,6 +208,7 @@ pub fn capped_incoming<S, IO, E>(
     incoming: S,
     cap: usize,
     idle: Option<Duration>,
+    writes: Option<Arc<std::sync::atomic::AtomicU64>>,
     refused: metrics::Counter,
 ) -> impl tokio_stream::Stream<Item = Result<CappedConnection<IO>, E>>
 where
@@ -214,6 +224,7 @@ where
                 _permit: permit,
                 idle,
                 last_read: tokio::time::Instant::now(),
+                writes: writes.clone(),
                 timer: None,
             })),
             Err(_) => {

@@ -94,15 +94,21 @@ fn wire_code(outcome: Outcome) -> proto::Code {
     }
 }
 
-/// The response message and the metadata carrying the same headers.
-pub fn to_response(verdict: &Verdict, now_unix: i64) -> (proto::VerifyResponse, MetadataMap) {
-    let headers = verdict::headers(verdict, now_unix);
-    let mut metadata = MetadataMap::with_capacity(headers.len());
-    for (name, value) in &headers {
-        if let Ok(v) = MetadataValue::try_from(value.as_str()) {
-            metadata.insert(MetadataKey::from_static(name), v);
+/// The headers of an answer as gRPC response metadata, for a request that
+/// asked for them (`want_metadata`).
+pub fn metadata_of(resp: &proto::VerifyResponse) -> MetadataMap {
+    let mut metadata = MetadataMap::with_capacity(resp.headers.len());
+    for (name, value) in &resp.headers {
+        if let (Ok(k), Ok(v)) = (MetadataKey::from_bytes(name.as_bytes()), MetadataValue::try_from(value.as_str())) {
+            metadata.insert(k, v);
         }
     }
+    metadata
+}
+
+/// The response message.
+pub fn to_response(verdict: &Verdict, now_unix: i64) -> proto::VerifyResponse {
+    let headers = verdict::headers(verdict, now_unix);
     let mut resp = proto::VerifyResponse {
         valid: verdict.is_valid(),
         code: wire_code(verdict.outcome) as i32,
@@ -144,7 +150,7 @@ pub fn to_response(verdict: &Verdict, now_unix: i64) -> (proto::VerifyResponse, 
             retry_after_ms: rate.retry_after_ms,
         });
     }
-    (resp, metadata)
+    resp
 }
 
 #[tonic::async_trait]
@@ -156,9 +162,10 @@ impl proto::verifier_server::Verifier for VerifierService {
         if crate::telemetry::traces_enabled() {
             tracing::Span::current().record("keystile.code", verdict.outcome.label());
         }
-        let (body, metadata) = to_response(&verdict, self.engine.clock().unix_seconds());
-        let mut response = Response::new(body);
-        *response.metadata_mut() = metadata;
+        let mut response = Response::new(to_response(&verdict, self.engine.clock().unix_seconds()));
+        if msg.want_metadata {
+            *response.metadata_mut() = metadata_of(response.get_ref());
+        }
         Ok(response)
     }
 }

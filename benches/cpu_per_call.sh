@@ -22,7 +22,7 @@ for _ in $(seq 100); do [ -s "$out" ] && break; sleep 0.05; done
 key="$(head -n 1 "$out" | cut -d= -f2)"
 ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
 hz="$(getconf CLK_TCK)"
-for run in "health simple" "hit simple" "hit realistic" "malformed simple"; do
+for run in "health simple" "hit simple" "hit realistic" "hit three-limits" "malformed simple"; do
   set -- $run
   before="$(ticks)"
   line="$(KEYSTILE_ADMIN_KEY="$key" taskset -c 1 "$B" bench --server "http://127.0.0.1:$port" --scenario "$1" \

@@ -16,6 +16,10 @@ pub const VERIFY_SECONDS: &str = "keystile_verify_duration_seconds";
 const VERIFY_BUCKETS: &[f64] =
     &[0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1];
 
+/// Whether a recorder was installed: without one, nothing times a Verify
+/// (two clock reads a call for a histogram nobody reads).
+static RECORDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Serves `/metrics` on `addr` from a task of the current runtime.
 pub fn install(addr: SocketAddr) -> Result<(), String> {
     PrometheusBuilder::new()
@@ -25,6 +29,7 @@ pub fn install(addr: SocketAddr) -> Result<(), String> {
         .install()
         .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
     gauge!("keystile_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    RECORDING.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }
 
@@ -32,6 +37,9 @@ pub fn install(addr: SocketAddr) -> Result<(), String> {
 #[derive(Clone)]
 pub struct Metrics {
     verdicts: [Counter; Outcome::ALL.len()],
+    /// Whether Verify is timed: a recorder was installed before the engine
+    /// was built (`install` runs first in `serve`).
+    pub timed: bool,
     pub verify_seconds: Histogram,
     pub verify_unavailable: Counter,
     pub limiter_unavailable: Counter,
@@ -72,6 +80,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         Metrics {
             verdicts: Outcome::ALL.map(|o| counter!("keystile_verify_verdicts_total", "code" => o.label())),
+            timed: RECORDING.load(std::sync::atomic::Ordering::Relaxed),
             verify_seconds: histogram!(VERIFY_SECONDS),
             verify_unavailable: counter!("keystile_verify_errors_total", "kind" => "store_unavailable"),
             limiter_unavailable: counter!("keystile_verify_errors_total", "kind" => "limiter_unavailable"),

@@ -58,6 +58,9 @@ pub enum Profile {
     /// allowed address: the answer carries every rate-limit header, as in
     /// real use.
     Realistic,
+    /// As realistic, with three named limits (per minute, hour and
+    /// second), all named by each request: the largest answer.
+    ThreeLimits,
 }
 
 #[derive(Debug, Args)]
@@ -209,6 +212,8 @@ struct Workload {
     unknown: Vec<String>,
     /// The address requests come from (the realistic profile's allowlist).
     ip: String,
+    /// The limits each Verify names (the three-limits profile's).
+    limits: Vec<String>,
     forged_ip: ForgedIp,
     next_miss: AtomicUsize,
 }
@@ -403,11 +408,17 @@ async fn prepare(
         async move {
             let mut req =
                 proto::CreateKeyRequest { name, env: "live".into(), scopes: vec!["read".into()], ..Default::default() };
-            if profile == Profile::Realistic {
+            if profile != Profile::Simple {
                 req.scopes.push("write".into());
                 req.ip_allowlist = vec!["10.0.0.0/8".into(), "192.168.0.0/16".into()];
                 req.rate_limit =
                     Some(proto::RateLimit { requests: 1_000_000_000, window_seconds: 1, burst: 0, per_tenant: false });
+                if profile == Profile::ThreeLimits {
+                    req.limits = ["api=1000000000/1m", "export=1000000000/1h", "burst=1000000000/1s"]
+                        .iter()
+                        .map(|l| keystile::service::admin::limit_to_proto(&l.parse().expect("a limit spec")))
+                        .collect();
+                }
             }
             admin.create_key(req).await.map(|r| r.into_inner().key).map_err(|e| format!("creating bench keys: {e}"))
         }
@@ -430,8 +441,21 @@ async fn prepare(
         })
         .collect();
     let unknown = (0..64).map(|_| generate(&format, Env::Live).key.into_exposed()).collect();
-    let ip = if profile == Profile::Realistic { "10.1.2.3".to_string() } else { String::new() };
-    Ok(Workload { hit, miss, malformed, unknown, ip, forged_ip: ForgedIp::None, next_miss: AtomicUsize::new(0) })
+    let ip = if profile == Profile::Simple { String::new() } else { "10.1.2.3".to_string() };
+    let limits = match profile {
+        Profile::ThreeLimits => vec!["api".into(), "export".into(), "burst".into()],
+        _ => Vec::new(),
+    };
+    Ok(Workload {
+        hit,
+        miss,
+        malformed,
+        unknown,
+        ip,
+        limits,
+        forged_ip: ForgedIp::None,
+        next_miss: AtomicUsize::new(0),
+    })
 }
 
 async fn futures_join<F>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
@@ -462,14 +486,18 @@ async fn one(target: &mut Target, scenario: Scenario, w: &Workload, i: usize) ->
         key: key.to_string(),
         ip: w.ip.clone(),
         scopes: vec!["read".into()],
+        limits: w.limits.clone(),
         ..Default::default()
     };
+    // Failing keys come from no address: from the profile's one address
+    // they would soon have it shed, and the scenarios after this one with it.
+    let failing = |key: &str| proto::VerifyRequest { ip: String::new(), ..verify(key) };
     match target {
         Target::Health(c) => Ok(c.check(HealthCheckRequest { service: String::new() }).await.is_ok()),
         Target::Verify(c) => {
             let (req, expect) = match scenario {
                 Scenario::Hit => (verify(&w.hit[i % w.hit.len()]), Some(proto::Code::Valid)),
-                Scenario::Malformed => (verify(&w.malformed[i % w.malformed.len()]), Some(proto::Code::Malformed)),
+                Scenario::Malformed => (failing(&w.malformed[i % w.malformed.len()]), Some(proto::Code::Malformed)),
                 Scenario::Miss => {
                     let n = w.next_miss.fetch_add(1, Ordering::Relaxed);
                     (verify(w.miss.get(n).ok_or(())?), Some(proto::Code::Valid))
@@ -490,8 +518,8 @@ async fn one(target: &mut Target, scenario: Scenario, w: &Workload, i: usize) ->
                     (req, expect)
                 }
                 Scenario::Mix => match i % 20 {
-                    0 => (verify(&w.malformed[i % w.malformed.len()]), None),
-                    1 => (verify(&w.unknown[i % w.unknown.len()]), None),
+                    0 => (failing(&w.malformed[i % w.malformed.len()]), None),
+                    1 => (failing(&w.unknown[i % w.unknown.len()]), None),
                     _ => (verify(&w.hit[i % w.hit.len()]), None),
                 },
                 Scenario::Health => unreachable!("health has its own client"),

@@ -374,31 +374,7 @@ mod tests {
     }
 
     fn key(id: KeyId, name_len: usize) -> Lookup {
-        let record = KeyRecord {
-            key_id: id,
-            prefix: "ks".into(),
-            secret_hash: crate::key::PepperSet::new(crate::key::Pepper::new([7; 32]), vec![]).seal(id, b"x"),
-            kind: Default::default(),
-            name: "n".repeat(name_len),
-            env: crate::key::Env::Live,
-            tenant: String::new(),
-            scopes: vec![],
-            ip_allowlist: vec![],
-            rate_limit: None,
-            tiers: vec![],
-            limits: vec![],
-            metadata: Default::default(),
-            created_at: 0,
-            expires_at: None,
-            exchange_only: false,
-            revoked_at: None,
-            owner: String::new(),
-            allowed_origins: vec![],
-            disabled: false,
-            last_used_at: None,
-            usage: vec![],
-            version: 1,
-        };
+        let record = KeyRecord::for_tests(id, &"n".repeat(name_len), 1);
         Lookup::Present(Arc::new(CachedKey::new(record)))
     }
 

@@ -182,31 +182,7 @@ mod tests {
 
     fn copy(version: u64) -> Arc<CachedKey> {
         let key_id: KeyId = "AAAAAAAA".parse().unwrap();
-        let record = crate::store::KeyRecord {
-            key_id,
-            prefix: "ks".into(),
-            secret_hash: crate::key::PepperSet::new(crate::key::Pepper::new([7; 32]), vec![]).seal(key_id, b"x"),
-            kind: Default::default(),
-            name: "k".into(),
-            env: crate::key::Env::Live,
-            tenant: String::new(),
-            scopes: vec![],
-            ip_allowlist: vec![],
-            rate_limit: None,
-            tiers: vec![],
-            limits: vec![],
-            metadata: Default::default(),
-            created_at: 0,
-            expires_at: None,
-            exchange_only: false,
-            revoked_at: None,
-            owner: String::new(),
-            allowed_origins: vec![],
-            disabled: false,
-            last_used_at: None,
-            usage: vec![],
-            version,
-        };
+        let record = crate::store::KeyRecord::for_tests(key_id, "k", version);
         Arc::new(CachedKey::new(record))
     }
 

@@ -162,6 +162,36 @@ pub struct TenantPolicy {
 }
 
 impl KeyRecord {
+    /// A live secret key named `name` with nothing else set (unit tests).
+    #[cfg(test)]
+    pub(crate) fn for_tests(key_id: KeyId, name: &str, version: u64) -> KeyRecord {
+        KeyRecord {
+            key_id,
+            prefix: "ks".into(),
+            secret_hash: crate::key::PepperSet::new(crate::key::Pepper::new([7; 32]), vec![]).seal(key_id, b"x"),
+            kind: Default::default(),
+            name: name.into(),
+            env: crate::key::Env::Live,
+            tenant: String::new(),
+            scopes: vec![],
+            ip_allowlist: vec![],
+            rate_limit: None,
+            tiers: vec![],
+            limits: vec![],
+            metadata: Default::default(),
+            created_at: 0,
+            expires_at: None,
+            exchange_only: false,
+            revoked_at: None,
+            owner: String::new(),
+            allowed_origins: vec![],
+            disabled: false,
+            last_used_at: None,
+            usage: vec![],
+            version,
+        }
+    }
+
     /// Bytes the record holds on the heap (strings, lists, metadata),
     /// as the cache weighs it: lengths rounded up to the allocator's
     /// 16-byte steps, plus each element's inline size.

@@ -206,9 +206,10 @@ pub struct ServeArgs {
     /// Do not serve KeyAdmin on this sidecar.
     #[arg(long, env = "KEYSTILE_NO_ADMIN")]
     pub no_admin: bool,
-    /// HTTP/2 streams per connection (README, "Limits": fewer protect other
-    /// callers from a flooding connection, but refuse bursts that a client
-    /// sends on a new connection before it has the server's settings).
+    /// HTTP/2 streams per connection (README, "Limits": fewer also protect
+    /// other callers from a flooding connection, but refuse bursts that a
+    /// client sends on a new connection before it has the server's
+    /// settings).
     #[arg(long, env = "KEYSTILE_MAX_CONCURRENT_STREAMS", default_value = "100")]
     pub max_concurrent_streams: String,
     /// Connections open at once; more are closed as soon as they are
@@ -229,6 +230,15 @@ pub struct ServeArgs {
     /// RESOURCE_EXHAUSTED.
     #[arg(long, env = "KEYSTILE_MAX_INFLIGHT_PER_CONNECTION", default_value = "100")]
     pub max_inflight_per_connection: String,
+    /// Calls waiting for the CPU in the whole process beyond which a
+    /// connection with `--queued-calls-per-connection` of them waiting is
+    /// not read from until one is answered (README, "Limits": one caller's
+    /// flood waits in its own socket, not ahead of everyone else).
+    #[arg(long, env = "KEYSTILE_MAX_QUEUED_CALLS", default_value = "128")]
+    pub max_queued_calls: String,
+    /// A connection's share of waiting calls once the process is busy.
+    #[arg(long, env = "KEYSTILE_QUEUED_CALLS_PER_CONNECTION", default_value = "2")]
+    pub queued_calls_per_connection: String,
     /// How long in-flight calls may take to finish on SIGTERM.
     #[arg(long, env = "KEYSTILE_SHUTDOWN_GRACE", default_value = "10s")]
     pub shutdown_grace: String,
@@ -672,6 +682,12 @@ impl ServeArgs {
         let max_inflight_per_connection =
             number::<usize>("max-inflight-per-connection", &self.max_inflight_per_connection, &mut errors);
         let max_connections = number::<usize>("max-connections", &self.max_connections, &mut errors);
+        let max_queued_calls = number::<usize>("max-queued-calls", &self.max_queued_calls, &mut errors);
+        let queued_calls_per_connection =
+            number::<usize>("queued-calls-per-connection", &self.queued_calls_per_connection, &mut errors);
+        if queued_calls_per_connection == Some(0) {
+            errors.push("--queued-calls-per-connection must be more than 0".into());
+        }
         let max_inflight = number::<usize>("max-inflight", &self.max_inflight, &mut errors);
         let request_timeout = duration(&self.request_timeout)
             .map_err(|e| errors.push(format!("--request-timeout {:?}: {e}", self.request_timeout)))
@@ -950,6 +966,10 @@ impl ServeArgs {
                 shutdown_grace: shutdown_grace.unwrap_or_default(),
                 last_used_flush: last_used_flush.unwrap_or_default(),
                 writes: None,
+                fairness: crate::service::fairness::FairnessSettings {
+                    busy_above: max_queued_calls.unwrap_or(1),
+                    per_connection: queued_calls_per_connection.unwrap_or(1),
+                },
             },
             workers,
             log_format,

@@ -47,8 +47,9 @@
 //! - [`service`]: the gRPC front ends (Verifier, KeyAdmin, TokenExchange,
 //!   Envoy's ext_authz):
 //!   conversions, the one error → status map, the size cap, the RPC span
-//!   layer and the process-wide limits on connections and calls
-//!   (`service/load.rs`); [`proto`]: generated code.
+//!   layer, the process-wide limits on connections and calls
+//!   (`service/load.rs`) and fairness between connections
+//!   (`service/fairness.rs`); [`proto`]: generated code.
 //! - [`proxy`]: the proxy front ends' common ground ([`proxy::Gate`]): a
 //!   proxied request (credential sources, route table) in, an allow with
 //!   identity headers or a deny with a templated body out; Envoy's

@@ -67,6 +67,9 @@ pub struct Metrics {
     /// Calls answered RESOURCE_EXHAUSTED by the process-wide cap.
     pub calls_refused: Counter,
     pub connections_refused: Counter,
+    /// Times a connection was not read from: it had its share of calls
+    /// queued in a busy process (README, "Limits").
+    pub connection_pauses: Counter,
     pub shed: Counter,
 }
 
@@ -103,6 +106,7 @@ impl Metrics {
             cache_bytes: gauge!("keystile_cache_bytes"),
             connections_refused: counter!("keystile_connections_refused_total"),
             calls_refused: counter!("keystile_calls_refused_total"),
+            connection_pauses: counter!("keystile_connection_pauses_total"),
             shed: counter!("keystile_shed_requests_total", "reason" => "failed_attempts"),
         }
     }

@@ -133,6 +133,9 @@ pub struct ServerOptions {
     pub tls: Option<ServerTls>,
     /// Largest ext_authz CheckRequest (it carries every header).
     pub ext_authz_max_request_bytes: usize,
+    /// When connections over their share of queued calls stop being read
+    /// (README, "Limits").
+    pub fairness: crate::service::fairness::FairnessSettings,
 }
 
 impl Default for ServerOptions {
@@ -150,6 +153,7 @@ impl Default for ServerOptions {
             writes: None,
             tls: None,
             ext_authz_max_request_bytes: crate::service::ext_authz::DEFAULT_MAX_CHECK_BYTES,
+            fairness: Default::default(),
         }
     }
 }
@@ -261,6 +265,10 @@ pub async fn serve(
         options.max_connections,
         options.idle_timeout,
         options.writes.clone(),
+        options
+            .tls
+            .is_none()
+            .then(|| crate::service::fairness::Fairness::new(options.fairness, app.metrics.connection_pauses.clone())),
         app.metrics.connections_refused.clone(),
     );
     let mut builder = tonic::transport::Server::builder();
@@ -272,6 +280,7 @@ pub async fn serve(
         .concurrency_limit_per_connection(options.max_inflight_per_connection)
         .load_shed(true)
         .timeout(options.request_timeout)
+        .layer(crate::service::fairness::StartedLayer)
         .layer(crate::service::load::InflightCapLayer::new(options.max_inflight, app.metrics.calls_refused.clone()))
         .layer(crate::service::limits::oversize_is_invalid_argument())
         .layer(crate::service::span::RpcSpanLayer)

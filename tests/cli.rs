@@ -660,3 +660,52 @@ async fn proxy_front_ends_through_the_binary() {
     let r = client.check(envoy_types::ext_authz::v3::pb::CheckRequest::default()).await.unwrap_err();
     assert_eq!(r.code(), tonic::Code::InvalidArgument, "a CheckRequest without an HTTP request");
 }
+
+/// README, "Limits": in a busy process, a connection with its share of
+/// calls queued is not read from until one of them starts (counted in
+/// `keystile_connection_pauses_total`), and every call is still answered:
+/// small ones, and requests of about 6 KiB that take many reads each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_connections_wait_their_turn_and_every_call_is_answered() {
+    let metrics_port = free_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let sidecar = Sidecar::start(
+        &["--dev", "--metrics-listen", &metrics, "--max-queued-calls", "2", "--queued-calls-per-connection", "1"],
+        &[],
+    );
+    let created = sidecar.keys_json(&["create", "--name", "fair", "--scope", "read"]);
+    let key = created["key"].as_str().unwrap().to_string();
+    let large: Vec<String> = (0..64).map(|i| format!("{i:02}{}", "s".repeat(88))).collect();
+    let mut calls = Vec::new();
+    for connection in 0..8 {
+        let channel = tonic::transport::Channel::from_shared(sidecar.server()).unwrap().connect().await.unwrap();
+        for _ in 0..48 {
+            let mut v = keystile::proto::verifier_client::VerifierClient::new(channel.clone());
+            let scopes = if connection % 2 == 0 { vec!["read".to_string()] } else { large.clone() };
+            let req = keystile::proto::VerifyRequest { scopes, ..verify_req(&key) };
+            calls.push(tokio::spawn(async move {
+                let answer = tokio::time::timeout(Duration::from_secs(30), v.verify(req)).await;
+                code(&answer.expect("answered within 30 s").expect("a gRPC answer").into_inner())
+            }));
+        }
+    }
+    let (mut valid, mut denied) = (0, 0);
+    for call in calls {
+        match call.await.unwrap() {
+            Code::Valid => valid += 1,
+            Code::InsufficientScope => denied += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((valid, denied), (4 * 48, 4 * 48));
+    let body = scrape(metrics_port);
+    let pauses: f64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("keystile_connection_pauses_total "))
+        .expect("the pause counter is exported")
+        .trim()
+        .parse()
+        .unwrap();
+    println!("connection pauses: {pauses}");
+    assert!(pauses > 0.0, "8 connections of 48 calls each against a queue of 2: some waited");
+}

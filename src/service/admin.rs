@@ -36,7 +36,7 @@ impl AdminService {
     /// that every log line of the call says who did it.
     async fn authorize<T>(&self, request: &Request<T>) -> Result<(tracing::Span, Actor), Status> {
         let bearer = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        let ip = request.remote_addr().map(|a| a.ip().to_canonical());
+        let ip = super::fairness::peer_ip(request);
         let principal = self.auth.authenticate(bearer, Purpose::Admin, ip).await.map_err(|e| status::from_auth(&e))?;
         let peer = ip.map(|ip| ip.to_string()).unwrap_or_default();
         let span = tracing::info_span!("admin", actor = %principal.key.record.key_id, peer = %peer);

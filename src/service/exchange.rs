@@ -33,7 +33,7 @@ impl proto::token_exchange_server::TokenExchange for ExchangeService {
         &self,
         request: Request<proto::ExchangeRequest>,
     ) -> Result<Response<proto::ExchangeResponse>, Status> {
-        let peer = request.remote_addr().map(|a| a.ip().to_canonical());
+        let peer = super::fairness::peer_ip(&request);
         let msg = request.into_inner();
         let req = ExchangeRequest {
             secret: &msg.secret,

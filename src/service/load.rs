@@ -7,7 +7,8 @@
 //! - [`InflightCapLayer`]: beyond the cap a call is answered at once with
 //!   `RESOURCE_EXHAUSTED` (one failed atomic on the way: cheap to refuse).
 //! - [`capped_incoming`]: beyond the cap a new connection is closed as soon
-//!   as it is accepted.
+//!   as it is accepted; each accepted one is read only within its share
+//!   of a busy process ([`super::fairness`]), and closed when idle.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -20,6 +21,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::body::Body;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tower::{Layer, Service};
+
+use super::fairness::{ConnectionInfo, ConnectionLoad, FORGIVE_AFTER, Fairness, FrameCounter};
 
 #[derive(Clone)]
 pub struct InflightCapLayer {
@@ -115,6 +118,16 @@ pin_project_lite::pin_project! {
         idle: Option<Duration>,
         last_read: tokio::time::Instant,
         writes: Option<Arc<std::sync::atomic::AtomicU64>>,
+        // This connection's queued calls (README, "Limits"), counted from
+        // the frames read; `None` behind TLS.
+        load: Arc<ConnectionLoad>,
+        frames: Option<FrameCounter>,
+        // While paused: the calls started when the pause began, and when
+        // to forgive the count if none starts.
+        paused_at: Option<usize>,
+        forgive: Option<Pin<Box<tokio::time::Sleep>>>,
+        // Whether the next write goes out (see `defer_once`).
+        deferred: bool,
         // Boxed: the connection must stay `Unpin`; made once, when the
         // connection first waits.
         timer: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -122,17 +135,86 @@ pin_project_lite::pin_project! {
 }
 
 impl<IO: Connected<ConnectInfo = TcpConnectInfo>> Connected for CappedConnection<IO> {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = ConnectionInfo;
 
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.io.connect_info()
+    fn connect_info(&self) -> ConnectionInfo {
+        super::fairness::connection_info(&self.io, &self.load)
     }
+}
+
+/// Whether a connection may be read from now, and how much: not while it
+/// is over its share of a busy process (README, "Limits"). A pause in which
+/// none of its calls starts for [`FORGIVE_AFTER`] clears its count: what it
+/// has queued never will (streams refused or reset).
+fn poll_turn(
+    load: &ConnectionLoad,
+    paused_at: &mut Option<usize>,
+    forgive: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    cx: &mut Context<'_>,
+) -> Poll<usize> {
+    loop {
+        match load.poll_read_allowance(cx) {
+            Poll::Ready(most) => {
+                *paused_at = None;
+                return Poll::Ready(most);
+            }
+            Poll::Pending => {
+                let started = load.started();
+                if *paused_at != Some(started) {
+                    *paused_at = Some(started);
+                    let deadline = tokio::time::Instant::now() + FORGIVE_AFTER;
+                    match forgive.as_mut() {
+                        None => *forgive = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                        Some(timer) => timer.as_mut().reset(deadline),
+                    }
+                }
+                let timer = forgive.as_mut().expect("armed above");
+                std::task::ready!(timer.as_mut().poll(cx));
+                load.forgive();
+                *paused_at = None;
+            }
+        }
+    }
+}
+
+/// A connection over its share writes after one more turn of the run
+/// queue, not at once: paused, it would otherwise be woken by each of its
+/// calls as it finishes and write each answer on its own (one write per
+/// call instead of a few answers per write).
+fn defer_once(over_share: bool, deferred: &mut bool, cx: &mut Context<'_>) -> Poll<()> {
+    if over_share && !*deferred {
+        *deferred = true;
+        // Woken while it runs, the task goes to the back of the queue.
+        cx.waker().wake_by_ref();
+        return Poll::Pending;
+    }
+    *deferred = false;
+    Poll::Ready(())
 }
 
 impl<IO: AsyncRead> AsyncRead for CappedConnection<IO> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let this = self.project();
-        match this.io.poll_read(cx, buf) {
+        // A connection over its share of a busy process is not read until
+        // one of its calls starts (README, "Limits").
+        let most = match this.frames {
+            None => usize::MAX,
+            Some(_) => std::task::ready!(poll_turn(this.load, this.paused_at, this.forgive, cx)),
+        };
+        let filled = buf.filled().len();
+        let read = if most < buf.remaining() {
+            let mut bite = ReadBuf::new(buf.initialize_unfilled_to(most));
+            let read = this.io.poll_read(cx, &mut bite);
+            let n = bite.filled().len();
+            buf.advance(n);
+            read
+        } else {
+            this.io.poll_read(cx, buf)
+        };
+        if let Some(frames) = this.frames.as_mut() {
+            this.load.opened(frames.feed(&buf.filled()[filled..]));
+        }
+        match read {
             Poll::Pending => {}
             ready => {
                 *this.last_read = tokio::time::Instant::now();
@@ -166,6 +248,7 @@ impl<IO: AsyncRead> AsyncRead for CappedConnection<IO> {
 impl<IO: AsyncWrite> AsyncWrite for CappedConnection<IO> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         let this = self.project();
+        std::task::ready!(defer_once(this.frames.is_some() && this.load.over_share(), this.deferred, cx));
         if let Some(writes) = this.writes {
             writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -186,6 +269,7 @@ impl<IO: AsyncWrite> AsyncWrite for CappedConnection<IO> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.project();
+        std::task::ready!(defer_once(this.frames.is_some() && this.load.over_share(), this.deferred, cx));
         if let Some(writes) = this.writes {
             writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -209,6 +293,7 @@ pub fn capped_incoming<S, IO, E>(
     cap: usize,
     idle: Option<Duration>,
     writes: Option<Arc<std::sync::atomic::AtomicU64>>,
+    fairness: Option<Arc<Fairness>>,
     refused: metrics::Counter,
 ) -> impl tokio_stream::Stream<Item = Result<CappedConnection<IO>, E>>
 where
@@ -216,6 +301,8 @@ where
 {
     use tokio_stream::StreamExt;
     let permits = Arc::new(Semaphore::new(cap));
+    // Behind TLS the frames cannot be seen: connections count nothing.
+    let unseen = Fairness::new(Default::default(), metrics::Counter::noop());
     incoming.filter_map(move |accepted| match accepted {
         Err(e) => Some(Err(e)),
         Ok(io) => match permits.clone().try_acquire_owned() {
@@ -225,6 +312,11 @@ where
                 idle,
                 last_read: tokio::time::Instant::now(),
                 writes: writes.clone(),
+                load: fairness.as_ref().unwrap_or(&unseen).connection(),
+                frames: fairness.is_some().then(FrameCounter::default),
+                paused_at: None,
+                forgive: None,
+                deferred: false,
                 timer: None,
             })),
             Err(_) => {

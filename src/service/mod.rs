@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod exchange;
 pub mod ext_authz;
+pub mod fairness;
 pub mod limits;
 pub mod load;
 pub mod span;

@@ -1,0 +1,426 @@
+//! Fairness between connections (README, "Limits"): one connection's flood
+//! queues in its own socket, not ahead of every other caller.
+//!
+//! Every call HTTP/2 accepts becomes a task that waits its turn for the
+//! CPU behind every call accepted before it. Fifty connections of a
+//! hundred streams each put five thousand calls ahead of a newcomer, and
+//! nothing is refused: the newcomer just waits, seconds. So each
+//! connection counts its *queued* calls: the HEADERS frames read from it
+//! (each opens a call) less the calls that have started to run. Once the
+//! whole process has more than [`FairnessSettings::busy_above`] queued, a
+//! connection with [`FairnessSettings::per_connection`] queued is not read
+//! from until one of them starts, and reads bring only a few calls at a
+//! time. Its next calls wait in TCP buffers (and its client's flow
+//! control) instead of the run queue; a quiet connection is always read.
+//!
+//! A HEADERS frame that never becomes a call (a stream refused or reset
+//! before it ran) would hold its connection's count up forever: a
+//! connection paused with no call starting for [`FORGIVE_AFTER`] has its
+//! count cleared. Behind TLS the frames cannot be seen and nothing is
+//! counted.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use atomic_waker::AtomicWaker;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+use tower::{Layer, Service};
+
+/// When the process counts as busy and how much each connection may then
+/// have queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FairnessSettings {
+    /// Queued calls in the whole process beyond which connections over
+    /// their share are no longer read from.
+    pub busy_above: usize,
+    /// Queued calls a connection may have while the process is busy, at
+    /// least (when few connections are open, each may have an even split
+    /// of `busy_above`).
+    pub per_connection: usize,
+}
+
+impl Default for FairnessSettings {
+    /// Measured (BENCHMARKS.md, "Hostile load"): with these a second
+    /// caller's turn stays within milliseconds under `h2load -c 50 -m 1000`.
+    fn default() -> Self {
+        FairnessSettings { busy_above: 128, per_connection: 2 }
+    }
+}
+
+/// What a read may bring is budgeted in calls of about this size (a
+/// Health/Check call is about 45 bytes on the wire, a Verify 100 to 150):
+/// one read could otherwise bring a hundred calls. Underestimating only
+/// costs a read more.
+const BYTES_PER_CALL: usize = 64;
+
+/// A paused connection none of whose calls has started for this long has
+/// its count cleared (see the module's documentation).
+pub const FORGIVE_AFTER: Duration = Duration::from_millis(100);
+
+/// The queued calls of the whole process.
+#[derive(Debug)]
+pub struct Fairness {
+    settings: FairnessSettings,
+    pauses: metrics::Counter,
+    queued: AtomicUsize,
+    connections: AtomicUsize,
+}
+
+impl Fairness {
+    /// `pauses` counts the times a connection is not read from.
+    pub fn new(settings: FairnessSettings, pauses: metrics::Counter) -> Arc<Fairness> {
+        Arc::new(Fairness { settings, pauses, queued: AtomicUsize::new(0), connections: AtomicUsize::new(0) })
+    }
+
+    /// A new connection's count.
+    pub fn connection(self: &Arc<Self>) -> Arc<ConnectionLoad> {
+        self.connections.fetch_add(1, Ordering::SeqCst);
+        Arc::new(ConnectionLoad {
+            fairness: self.clone(),
+            opened: AtomicUsize::new(0),
+            started: AtomicUsize::new(0),
+            paused: AtomicBool::new(false),
+            reader: AtomicWaker::new(),
+        })
+    }
+
+    fn busy(&self) -> bool {
+        self.queued.load(Ordering::SeqCst) > self.settings.busy_above
+    }
+
+    /// What each connection may have queued while the process is busy: an
+    /// even split of the busy threshold, and never less than the share set.
+    fn share(&self) -> usize {
+        let connections = self.connections.load(Ordering::SeqCst).max(1);
+        (self.settings.busy_above / connections).max(self.settings.per_connection)
+    }
+
+    /// Calls the process can still queue before it is busy.
+    fn headroom(&self) -> usize {
+        self.settings.busy_above.saturating_sub(self.queued.load(Ordering::SeqCst))
+    }
+}
+
+/// One connection's calls opened and started, and the reader to wake when
+/// its queue drops below its share.
+#[derive(Debug)]
+pub struct ConnectionLoad {
+    fairness: Arc<Fairness>,
+    /// Written by the connection's reader only.
+    opened: AtomicUsize,
+    /// Never more than `opened`.
+    started: AtomicUsize,
+    paused: AtomicBool,
+    reader: AtomicWaker,
+}
+
+impl ConnectionLoad {
+    /// Calls read from this connection that have not started yet.
+    pub fn queued(&self) -> usize {
+        // `started` first: it only grows towards `opened`.
+        let started = self.started.load(Ordering::SeqCst);
+        self.opened.load(Ordering::SeqCst).saturating_sub(started)
+    }
+
+    /// Calls of this connection that have started so far.
+    pub fn started(&self) -> usize {
+        self.started.load(Ordering::SeqCst)
+    }
+
+    /// Whether it has its share queued while the process is busy.
+    pub fn over_share(&self) -> bool {
+        self.queued() >= self.fairness.share() && self.fairness.busy()
+    }
+
+    /// `Ready(n)`: read at most `n` bytes (for the headroom of the process,
+    /// or this connection's share, whichever is more); `Pending`: do not
+    /// read now, the reader is woken when one of this connection's calls
+    /// starts.
+    pub fn poll_read_allowance(&self, cx: &mut Context<'_>) -> Poll<usize> {
+        if self.over_share() {
+            self.reader.register(cx.waker());
+            if !self.paused.swap(true, Ordering::SeqCst) {
+                self.fairness.pauses.increment(1);
+            }
+            // A call started between the check and the registration has
+            // seen no pause: look again.
+            if self.over_share() {
+                return Poll::Pending;
+            }
+            self.paused.store(false, Ordering::SeqCst);
+        }
+        // A whole share per read, even with some of it queued: fewer and
+        // larger reads (a connection holds at most two shares).
+        Poll::Ready(self.fairness.headroom().max(self.fairness.share()).saturating_mul(BYTES_PER_CALL))
+    }
+
+    /// `n` calls were read.
+    pub fn opened(&self, n: usize) {
+        if n > 0 {
+            self.fairness.queued.fetch_add(n, Ordering::SeqCst);
+            self.opened.fetch_add(n, Ordering::SeqCst);
+        }
+    }
+
+    /// A call of this connection starts to run.
+    pub fn start(&self) {
+        let opened = self.opened.load(Ordering::SeqCst);
+        if self.started.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| (s < opened).then_some(s + 1)).is_ok() {
+            self.fairness.queued.fetch_sub(1, Ordering::SeqCst);
+            self.wake_if_under_share();
+        }
+    }
+
+    /// Clears this connection's count: what it has queued will never start
+    /// (see [`FORGIVE_AFTER`]), or the connection is closing.
+    pub fn forgive(&self) {
+        let opened = self.opened.load(Ordering::SeqCst);
+        if let Ok(before) =
+            self.started.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| (s < opened).then_some(opened))
+        {
+            self.fairness.queued.fetch_sub(opened - before, Ordering::SeqCst);
+            self.wake_if_under_share();
+        }
+    }
+
+    fn wake_if_under_share(&self) {
+        // Woken at half its share, not at the first start: every pause and
+        // resume costs the connection a turn of its own.
+        if self.queued() <= self.fairness.share() / 2 && self.paused.swap(false, Ordering::SeqCst) {
+            self.reader.wake();
+        }
+    }
+}
+
+impl Drop for ConnectionLoad {
+    /// A closed connection's queued calls will never start.
+    fn drop(&mut self) {
+        self.forgive();
+        self.fairness.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Counts the HTTP/2 HEADERS frames a client sends, each of which opens a
+/// call, by walking the frame headers of what is read (the payloads are
+/// skipped, never looked at).
+#[derive(Debug)]
+pub struct FrameCounter {
+    /// Bytes of the client's connection preface still to skip.
+    preface: usize,
+    header: [u8; 9],
+    have: usize,
+    /// Payload bytes of the current frame still to skip.
+    skip: usize,
+}
+
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
+const PREFACE_BYTES: usize = 24;
+const HEADERS: u8 = 0x1;
+
+impl Default for FrameCounter {
+    fn default() -> Self {
+        FrameCounter { preface: PREFACE_BYTES, header: [0; 9], have: 0, skip: 0 }
+    }
+}
+
+impl FrameCounter {
+    /// The HEADERS frames whose header ends in `bytes`.
+    pub fn feed(&mut self, mut bytes: &[u8]) -> usize {
+        let mut headers = 0;
+        let n = self.preface.min(bytes.len());
+        self.preface -= n;
+        bytes = &bytes[n..];
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (9 - self.have).min(bytes.len());
+            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == 9 {
+                self.have = 0;
+                let h = self.header;
+                self.skip = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+                if h[3] == HEADERS {
+                    headers += 1;
+                }
+            }
+        }
+        headers
+    }
+}
+
+/// What a connection tells each of its calls: its peer (as tonic's own
+/// [`TcpConnectInfo`]) and its share of the queue.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    pub tcp: TcpConnectInfo,
+    pub load: Arc<ConnectionLoad>,
+}
+
+/// The peer's IP address of a gRPC call, plaintext or TLS.
+pub fn peer_ip<T>(request: &tonic::Request<T>) -> Option<std::net::IpAddr> {
+    let info = request.extensions().get::<ConnectionInfo>().or_else(|| {
+        request.extensions().get::<tonic::transport::server::TlsConnectInfo<ConnectionInfo>>().map(|tls| tls.get_ref())
+    })?;
+    info.tcp.remote_addr().map(|a| a.ip().to_canonical())
+}
+
+fn load_of<B>(request: &http::Request<B>) -> Option<&Arc<ConnectionLoad>> {
+    let extensions = request.extensions();
+    extensions.get::<ConnectionInfo>().map(|info| &info.load).or_else(|| {
+        extensions.get::<tonic::transport::server::TlsConnectInfo<ConnectionInfo>>().map(|tls| &tls.get_ref().load)
+    })
+}
+
+/// Marks every call as started when it first runs (see the module's
+/// documentation).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StartedLayer;
+
+impl<S> Layer<S> for StartedLayer {
+    type Service = Started<S>;
+
+    fn layer(&self, inner: S) -> Started<S> {
+        Started { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Started<S> {
+    inner: S,
+}
+
+impl<S, B> Service<http::Request<B>> for Started<S>
+where
+    S: Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if let Some(load) = load_of(&request) {
+            load.start();
+        }
+        self.inner.call(request)
+    }
+}
+
+/// Attaches a connection's share of the queue to what its calls see.
+pub fn connection_info<IO: Connected<ConnectInfo = TcpConnectInfo>>(
+    io: &IO,
+    load: &Arc<ConnectionLoad>,
+) -> ConnectionInfo {
+    ConnectionInfo { tcp: io.connect_info(), load: load.clone() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Waker;
+
+    fn settings(busy_above: usize, per_connection: usize) -> Arc<Fairness> {
+        Fairness::new(FairnessSettings { busy_above, per_connection }, metrics::Counter::noop())
+    }
+
+    fn allowance(load: &ConnectionLoad) -> Poll<usize> {
+        load.poll_read_allowance(&mut Context::from_waker(Waker::noop()))
+    }
+
+    #[test]
+    fn a_read_brings_the_headroom_of_the_process_or_an_even_share() {
+        let fairness = settings(100, 1);
+        let conns: Vec<_> = (0..4).map(|_| fairness.connection()).collect();
+        assert_eq!(allowance(&conns[0]), Poll::Ready(100 * BYTES_PER_CALL), "a quiet process");
+        conns[0].opened(90);
+        assert_eq!(allowance(&conns[1]), Poll::Ready(25 * BYTES_PER_CALL), "10 calls of headroom, a share of 25");
+        drop(conns);
+        assert_eq!(fairness.queued.load(Ordering::SeqCst), 0, "a closed connection's calls are no longer counted");
+        assert_eq!(fairness.connections.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_busy_process_stops_reading_the_connections_over_their_share() {
+        let fairness = settings(4, 3);
+        let (a, b) = (fairness.connection(), fairness.connection());
+        a.opened(4);
+        b.opened(1);
+        assert!(a.over_share());
+        assert_eq!(allowance(&a), Poll::Pending, "a has 4 queued, its share is 3");
+        assert_eq!(allowance(&b), Poll::Ready(3 * BYTES_PER_CALL), "b is under its share: read, for a share");
+        a.start();
+        a.start();
+        assert!(!a.over_share());
+        assert_eq!(allowance(&a), Poll::Ready(3 * BYTES_PER_CALL), "3 queued in all: not busy");
+    }
+
+    #[test]
+    fn a_call_starting_wakes_the_paused_reader() {
+        struct Flag(AtomicBool);
+        impl std::task::Wake for Flag {
+            fn wake(self: Arc<Self>) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let fairness = settings(0, 1);
+        let a = fairness.connection();
+        a.opened(2);
+        let flag = Arc::new(Flag(AtomicBool::new(false)));
+        let waker = Waker::from(flag.clone());
+        assert_eq!(a.poll_read_allowance(&mut Context::from_waker(&waker)), Poll::Pending);
+        a.start();
+        assert!(!flag.0.load(Ordering::SeqCst), "not yet at half its share");
+        a.start();
+        assert!(flag.0.load(Ordering::SeqCst), "at half its share: woken");
+        assert_eq!(allowance(&a), Poll::Ready(BYTES_PER_CALL));
+    }
+
+    #[test]
+    fn starts_never_outnumber_what_was_read_and_forgiving_clears_the_count() {
+        let fairness = settings(0, 1);
+        let (a, b) = (fairness.connection(), fairness.connection());
+        a.start();
+        assert_eq!(a.started(), 0, "nothing was read from it: a connection behind TLS");
+        a.opened(3);
+        b.opened(2);
+        a.start();
+        assert_eq!((a.queued(), fairness.queued.load(Ordering::SeqCst)), (2, 4));
+        a.forgive();
+        assert_eq!((a.queued(), fairness.queued.load(Ordering::SeqCst)), (0, 2));
+        a.forgive();
+        assert_eq!(fairness.queued.load(Ordering::SeqCst), 2, "forgiven once");
+    }
+
+    #[test]
+    fn the_frame_counter_counts_headers_frames_across_any_split() {
+        fn frame(kind: u8, payload: usize) -> Vec<u8> {
+            let len = (payload as u32).to_be_bytes();
+            let mut f = vec![len[1], len[2], len[3], kind, 0x4, 0, 0, 0, 1];
+            f.extend(std::iter::repeat_n(HEADERS, payload));
+            f
+        }
+        let mut wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        wire.extend(frame(0x4, 18)); // SETTINGS
+        for _ in 0..5 {
+            wire.extend(frame(HEADERS, 37));
+            wire.extend(frame(0x0, 60)); // DATA, full of 0x1 bytes
+        }
+        wire.extend(frame(0x8, 4)); // WINDOW_UPDATE
+        for bite in [1, 2, 7, 9, 10, 64, wire.len()] {
+            let mut counter = FrameCounter::default();
+            let counted: usize = wire.chunks(bite).map(|chunk| counter.feed(chunk)).sum();
+            assert_eq!(counted, 5, "read {bite} bytes at a time");
+        }
+    }
+}

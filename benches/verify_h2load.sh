@@ -12,7 +12,8 @@
 #
 #   cargo build --release && bash benches/verify_h2load.sh
 #
-# Environment: B (binary), N (calls per step, default 100000), ROUNDS
+# Environment: B (binary), SERVE_ARGS (more `serve` flags), N (calls per
+# step, default 100000), ROUNDS
 # (default 3), SHAPES (default "1x1 4x32 16x64").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +22,7 @@ N="${N:-100000}"; ROUNDS="${ROUNDS:-3}"; SHAPES="${SHAPES:-1x1 4x32 16x64}"
 command -v h2load >/dev/null || { echo "h2load is needed: apt-get install nghttp2-client" >&2; exit 1; }
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 dir="$(mktemp -d)"
-taskset -c 0 "$B" serve --dev --workers 1 --listen "127.0.0.1:$port" >"$dir/out" 2>/dev/null &
+taskset -c 0 "$B" serve --dev --workers 1 --listen "127.0.0.1:$port" ${SERVE_ARGS:-} >"$dir/out" 2>/dev/null &
 pid=$!
 trap 'kill $pid 2>/dev/null; rm -rf "$dir"' EXIT
 for _ in $(seq 100); do [ -s "$dir/out" ] && break; sleep 0.05; done

@@ -429,8 +429,10 @@ async fn concurrent_forged_keys_from_one_address_read_no_more_than_its_allowance
         channels.push(s.channel().await);
     }
     let format = KeyFormat::default();
+    // 4,000 in CI; BENCHMARKS.md ("Hostile load") quotes a run of 40,000.
+    let count: u64 = std::env::var("KEYSTILE_FORGED_KEYS").map_or(4_000, |n| n.parse().expect("a number of keys"));
     let forged: Arc<Vec<String>> =
-        Arc::new((0..4_000).map(|_| generate(&format, Env::Live).key.into_exposed()).collect());
+        Arc::new((0..count).map(|_| generate(&format, Env::Live).key.into_exposed()).collect());
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let tasks: Vec<_> = (0..512)
         .map(|i| {
@@ -455,11 +457,11 @@ async fn concurrent_forged_keys_from_one_address_read_no_more_than_its_allowance
     }
     let reads = store.calls() - before;
     println!(
-        "4,000 forged keys from one address at concurrency 512: {codes:?}, {reads} store reads (allowance {allowance})"
+        "{count} forged keys from one address at concurrency 512: {codes:?}, {reads} store reads (allowance {allowance})"
     );
     assert!(reads <= allowance + 5, "{reads} store reads for an allowance of {allowance}");
     assert_eq!(codes.get("NotFound").copied().unwrap_or(0), reads, "every read was a failure charged");
-    assert_eq!(codes.values().sum::<u64>(), 4_000);
+    assert_eq!(codes.values().sum::<u64>(), count);
     // The address is shed; a key it never used is refused too, and is
     // answered from any other address.
     let mut v = s.verifier().await;

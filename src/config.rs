@@ -231,9 +231,9 @@ pub struct ServeArgs {
     #[arg(long, env = "KEYSTILE_MAX_INFLIGHT_PER_CONNECTION", default_value = "100")]
     pub max_inflight_per_connection: String,
     /// Calls waiting for the CPU in the whole process beyond which a
-    /// connection with `--queued-calls-per-connection` of them waiting is
-    /// not read from until one is answered (README, "Limits": one caller's
-    /// flood waits in its own socket, not ahead of everyone else).
+    /// connection with its share of them waiting is not read from until
+    /// half of those have started (README, "Limits": one caller's flood
+    /// waits in its own socket, not ahead of everyone else).
     #[arg(long, env = "KEYSTILE_MAX_QUEUED_CALLS", default_value = "128")]
     pub max_queued_calls: String,
     /// A connection's share of waiting calls once the process is busy.

@@ -662,7 +662,7 @@ async fn proxy_front_ends_through_the_binary() {
 }
 
 /// README, "Limits": in a busy process, a connection with its share of
-/// calls queued is not read from until one of them starts (counted in
+/// calls queued is not read from until half of them start (counted in
 /// `keystile_connection_pauses_total`), and every call is still answered:
 /// small ones, and requests of about 6 KiB that take many reads each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,19 +5,22 @@
 //! CPU behind every call accepted before it. Fifty connections of a
 //! hundred streams each put five thousand calls ahead of a newcomer, and
 //! nothing is refused: the newcomer just waits, seconds. So each
-//! connection counts its *queued* calls: the HEADERS frames read from it
-//! (each opens a call) less the calls that have started to run. Once the
-//! whole process has more than [`FairnessSettings::busy_above`] queued, a
-//! connection with [`FairnessSettings::per_connection`] queued is not read
-//! from until one of them starts, and reads bring only a few calls at a
-//! time. Its next calls wait in TCP buffers (and its client's flow
-//! control) instead of the run queue; a quiet connection is always read.
+//! connection counts its *queued* calls: the new streams read from it
+//! ([`FrameCounter`]) less the calls that have started to run
+//! ([`StartedLayer`]). Once the whole process has more than
+//! [`FairnessSettings::busy_above`] queued, a connection with its share
+//! queued is not read from until half of it has started, and reads bring
+//! about a share of calls at a time. Its next calls wait in TCP buffers
+//! (and its client's flow control) instead of the run queue; a connection
+//! under its share is always read.
 //!
-//! A HEADERS frame that never becomes a call (a stream refused or reset
-//! before it ran) would hold its connection's count up forever: a
-//! connection paused with no call starting for [`FORGIVE_AFTER`] has its
-//! count cleared. Behind TLS the frames cannot be seen and nothing is
-//! counted.
+//! A stream that never becomes a call (refused by HTTP/2 over the stream
+//! limit, or shed by the per-connection cap before it ran) would hold its
+//! connection's count up forever: a count that does not move while others
+//! do is cleared after [`FORGIVE_AFTER`] (see `load.rs`). Behind TLS the
+//! frames cannot be seen and nothing is counted. Calls see their
+//! connection as [`ConnectionInfo`], so tonic's `Request::remote_addr`
+//! finds nothing: use [`peer_ip`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -55,8 +58,9 @@ impl Default for FairnessSettings {
 /// costs a read more.
 const BYTES_PER_CALL: usize = 64;
 
-/// A paused connection none of whose calls has started for this long has
-/// its count cleared (see the module's documentation).
+/// A connection whose count has not moved for this long while other
+/// connections' calls started has it cleared (see the module's
+/// documentation).
 pub const FORGIVE_AFTER: Duration = Duration::from_millis(100);
 
 /// The queued calls of the whole process.
@@ -65,13 +69,21 @@ pub struct Fairness {
     settings: FairnessSettings,
     pauses: metrics::Counter,
     queued: AtomicUsize,
+    /// Calls started in the whole process, ever.
+    started: std::sync::atomic::AtomicU64,
     connections: AtomicUsize,
 }
 
 impl Fairness {
     /// `pauses` counts the times a connection is not read from.
     pub fn new(settings: FairnessSettings, pauses: metrics::Counter) -> Arc<Fairness> {
-        Arc::new(Fairness { settings, pauses, queued: AtomicUsize::new(0), connections: AtomicUsize::new(0) })
+        Arc::new(Fairness {
+            settings,
+            pauses,
+            queued: AtomicUsize::new(0),
+            started: std::sync::atomic::AtomicU64::new(0),
+            connections: AtomicUsize::new(0),
+        })
     }
 
     /// A new connection's count.
@@ -129,6 +141,11 @@ impl ConnectionLoad {
         self.started.load(Ordering::SeqCst)
     }
 
+    /// Calls of the whole process that have started so far.
+    pub fn process_started(&self) -> u64 {
+        self.fairness.started.load(Ordering::Relaxed)
+    }
+
     /// Whether it has its share queued while the process is busy.
     pub fn over_share(&self) -> bool {
         self.queued() >= self.fairness.share() && self.fairness.busy()
@@ -136,8 +153,7 @@ impl ConnectionLoad {
 
     /// `Ready(n)`: read at most `n` bytes (for the headroom of the process,
     /// or this connection's share, whichever is more); `Pending`: do not
-    /// read now, the reader is woken when one of this connection's calls
-    /// starts.
+    /// read now, the reader is woken when half of its share has started.
     pub fn poll_read_allowance(&self, cx: &mut Context<'_>) -> Poll<usize> {
         if self.over_share() {
             self.reader.register(cx.waker());
@@ -149,10 +165,12 @@ impl ConnectionLoad {
             if self.over_share() {
                 return Poll::Pending;
             }
+        }
+        if self.paused.load(Ordering::Relaxed) {
             self.paused.store(false, Ordering::SeqCst);
         }
         // A whole share per read, even with some of it queued: fewer and
-        // larger reads (a connection holds at most two shares).
+        // larger reads.
         Poll::Ready(self.fairness.headroom().max(self.fairness.share()).saturating_mul(BYTES_PER_CALL))
     }
 
@@ -169,6 +187,7 @@ impl ConnectionLoad {
         let opened = self.opened.load(Ordering::SeqCst);
         if self.started.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| (s < opened).then_some(s + 1)).is_ok() {
             self.fairness.queued.fetch_sub(1, Ordering::SeqCst);
+            self.fairness.started.fetch_add(1, Ordering::Relaxed);
             self.wake_if_under_share();
         }
     }
@@ -202,9 +221,11 @@ impl Drop for ConnectionLoad {
     }
 }
 
-/// Counts the HTTP/2 HEADERS frames a client sends, each of which opens a
-/// call, by walking the frame headers of what is read (the payloads are
-/// skipped, never looked at).
+/// Counts the calls a client opens by walking the HTTP/2 frame headers of
+/// what is read (payloads are skipped, never looked at): a header block
+/// that opens a new client stream (odd id, above every one seen) counts
+/// once read to its end, with END_HEADERS; trailers and blocks on streams
+/// already seen do not count.
 #[derive(Debug)]
 pub struct FrameCounter {
     /// Bytes of the client's connection preface still to skip.
@@ -213,26 +234,48 @@ pub struct FrameCounter {
     have: usize,
     /// Payload bytes of the current frame still to skip.
     skip: usize,
+    last_stream: u32,
+    /// A new stream's header block continues in CONTINUATION frames.
+    in_block: bool,
+    /// The current frame ends a new stream's header block.
+    count_at_end: bool,
 }
 
 /// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
 const PREFACE_BYTES: usize = 24;
 const HEADERS: u8 = 0x1;
+const CONTINUATION: u8 = 0x9;
+const END_HEADERS: u8 = 0x4;
 
 impl Default for FrameCounter {
     fn default() -> Self {
-        FrameCounter { preface: PREFACE_BYTES, header: [0; 9], have: 0, skip: 0 }
+        FrameCounter {
+            preface: PREFACE_BYTES,
+            header: [0; 9],
+            have: 0,
+            skip: 0,
+            last_stream: 0,
+            in_block: false,
+            count_at_end: false,
+        }
     }
 }
 
 impl FrameCounter {
-    /// The HEADERS frames whose header ends in `bytes`.
+    /// The calls whose header block ends in `bytes`.
     pub fn feed(&mut self, mut bytes: &[u8]) -> usize {
-        let mut headers = 0;
+        let mut opened = 0;
         let n = self.preface.min(bytes.len());
         self.preface -= n;
         bytes = &bytes[n..];
-        while !bytes.is_empty() {
+        loop {
+            if self.skip == 0 && self.count_at_end {
+                self.count_at_end = false;
+                opened += 1;
+            }
+            if bytes.is_empty() {
+                return opened;
+            }
             if self.skip > 0 {
                 let n = self.skip.min(bytes.len());
                 self.skip -= n;
@@ -247,12 +290,18 @@ impl FrameCounter {
                 self.have = 0;
                 let h = self.header;
                 self.skip = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
-                if h[3] == HEADERS {
-                    headers += 1;
+                let (kind, flags) = (h[3], h[4]);
+                let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+                if kind == HEADERS && stream % 2 == 1 && stream > self.last_stream {
+                    self.last_stream = stream;
+                    self.in_block = flags & END_HEADERS == 0;
+                    self.count_at_end = !self.in_block;
+                } else if kind == CONTINUATION && self.in_block && flags & END_HEADERS != 0 {
+                    self.in_block = false;
+                    self.count_at_end = true;
                 }
             }
         }
-        headers
     }
 }
 
@@ -403,24 +452,34 @@ mod tests {
     }
 
     #[test]
-    fn the_frame_counter_counts_headers_frames_across_any_split() {
-        fn frame(kind: u8, payload: usize) -> Vec<u8> {
+    fn the_frame_counter_counts_new_streams_whole_header_blocks_across_any_split() {
+        fn frame(kind: u8, flags: u8, stream: u32, payload: usize) -> Vec<u8> {
             let len = (payload as u32).to_be_bytes();
-            let mut f = vec![len[1], len[2], len[3], kind, 0x4, 0, 0, 0, 1];
-            f.extend(std::iter::repeat_n(HEADERS, payload));
+            let mut f = vec![len[1], len[2], len[3], kind, flags];
+            f.extend(stream.to_be_bytes());
+            f.extend(std::iter::repeat_n(HEADERS, payload)); // payloads that look like frame types
             f
         }
         let mut wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-        wire.extend(frame(0x4, 18)); // SETTINGS
-        for _ in 0..5 {
-            wire.extend(frame(HEADERS, 37));
-            wire.extend(frame(0x0, 60)); // DATA, full of 0x1 bytes
+        wire.extend(frame(0x4, 0, 0, 18)); // SETTINGS
+        for stream in [1, 3, 5, 7] {
+            wire.extend(frame(HEADERS, END_HEADERS, stream, 37));
+            wire.extend(frame(0x0, 0x1, stream, 60)); // DATA with END_STREAM
         }
-        wire.extend(frame(0x8, 4)); // WINDOW_UPDATE
+        wire.extend(frame(HEADERS, END_HEADERS | 0x1, 7, 12)); // trailers: not a new call
+        wire.extend(frame(HEADERS, END_HEADERS, 5, 12)); // an old stream id: not a new call
+        wire.extend(frame(HEADERS, 0, 9, 20)); // a block in two frames
+        wire.extend(frame(CONTINUATION, END_HEADERS, 9, 30));
+        wire.extend(frame(0x8, 0, 0, 4)); // WINDOW_UPDATE
         for bite in [1, 2, 7, 9, 10, 64, wire.len()] {
             let mut counter = FrameCounter::default();
             let counted: usize = wire.chunks(bite).map(|chunk| counter.feed(chunk)).sum();
             assert_eq!(counted, 5, "read {bite} bytes at a time");
         }
+        // A block counts once its last byte is read.
+        let mut counter = FrameCounter::default();
+        let first = 24 + (9 + 18) + 9 + 36;
+        assert_eq!(counter.feed(&wire[..first]), 0, "one byte of the first block missing");
+        assert_eq!(counter.feed(&wire[first..first + 1]), 1);
     }
 }

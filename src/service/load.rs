@@ -122,11 +122,12 @@ pin_project_lite::pin_project! {
         // the frames read; `None` behind TLS.
         load: Arc<ConnectionLoad>,
         frames: Option<FrameCounter>,
-        // While paused: the calls started when the pause began, and when
-        // to forgive the count if none starts.
-        paused_at: Option<usize>,
-        forgive: Option<Pin<Box<tokio::time::Sleep>>>,
-        // Whether the next write goes out (see `defer_once`).
+        // Where its count last moved, and the timer that wakes a paused
+        // reader to look again (see `poll_turn`).
+        stale: Option<Stale>,
+        recheck: Option<Pin<Box<tokio::time::Sleep>>>,
+        // Whether this flush round's writes have waited their turn (see
+        // `defer_once`).
         deferred: bool,
         // Boxed: the connection must stay `Unpin`; made once, when the
         // connection first waits.
@@ -143,44 +144,76 @@ impl<IO: Connected<ConnectInfo = TcpConnectInfo>> Connected for CappedConnection
 }
 
 /// Whether a connection may be read from now, and how much: not while it
-/// is over its share of a busy process (README, "Limits"). A pause in which
-/// none of its calls starts for [`FORGIVE_AFTER`] clears its count: what it
-/// has queued never will (streams refused or reset).
+/// is over its share of a busy process (README, "Limits"); it is woken when
+/// half its share has started. A count that does not move for
+/// [`FORGIVE_AFTER`] while other connections' calls do start (or for ten
+/// times that in any case) is cleared: what it holds will never start
+/// (streams refused or shed before they ran).
 fn poll_turn(
     load: &ConnectionLoad,
-    paused_at: &mut Option<usize>,
-    forgive: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    stale: &mut Option<Stale>,
+    timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
     cx: &mut Context<'_>,
 ) -> Poll<usize> {
     loop {
+        let check_at = forgive_stale(load, stale);
         match load.poll_read_allowance(cx) {
-            Poll::Ready(most) => {
-                *paused_at = None;
-                return Poll::Ready(most);
-            }
+            Poll::Ready(most) => return Poll::Ready(most),
             Poll::Pending => {
-                let started = load.started();
-                if *paused_at != Some(started) {
-                    *paused_at = Some(started);
-                    let deadline = tokio::time::Instant::now() + FORGIVE_AFTER;
-                    match forgive.as_mut() {
-                        None => *forgive = Some(Box::pin(tokio::time::sleep_until(deadline))),
-                        Some(timer) => timer.as_mut().reset(deadline),
-                    }
+                // Paused means something is queued, so a check is due.
+                let deadline = check_at.unwrap_or_else(|| tokio::time::Instant::now() + FORGIVE_AFTER);
+                match timer.as_mut() {
+                    None => *timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    Some(t) if t.deadline() != deadline => t.as_mut().reset(deadline),
+                    Some(_) => {}
                 }
-                let timer = forgive.as_mut().expect("armed above");
-                std::task::ready!(timer.as_mut().poll(cx));
-                load.forgive();
-                *paused_at = None;
+                std::task::ready!(timer.as_mut().expect("armed above").as_mut().poll(cx));
             }
         }
     }
 }
 
+/// Where a connection's count stood when it last moved.
+#[derive(Debug, Clone, Copy)]
+pub struct Stale {
+    started: usize,
+    process_started: u64,
+    since: tokio::time::Instant,
+}
+
+/// Clears a connection's count that has not moved for long enough (see
+/// [`poll_turn`]); the time of the next check, if anything is queued.
+fn forgive_stale(load: &ConnectionLoad, stale: &mut Option<Stale>) -> Option<tokio::time::Instant> {
+    let queued = load.queued();
+    if queued == 0 {
+        *stale = None;
+        return None;
+    }
+    let now = tokio::time::Instant::now();
+    let (started, process_started) = (load.started(), load.process_started());
+    let mark = match *stale {
+        Some(mark) if mark.started == started => mark,
+        _ => {
+            *stale = Some(Stale { started, process_started, since: now });
+            return Some(now + FORGIVE_AFTER);
+        }
+    };
+    // Others moved by at least as much as it holds: it is not the whole
+    // process that is stalled (a paused VM, CPU throttling).
+    let others_moved = process_started - mark.process_started >= queued as u64;
+    let waited = now - mark.since;
+    if (others_moved && waited >= FORGIVE_AFTER) || waited >= 10 * FORGIVE_AFTER {
+        load.forgive();
+        *stale = None;
+        return None;
+    }
+    Some(if waited < FORGIVE_AFTER { mark.since + FORGIVE_AFTER } else { mark.since + 10 * FORGIVE_AFTER })
+}
+
 /// A connection over its share writes after one more turn of the run
-/// queue, not at once: paused, it would otherwise be woken by each of its
-/// calls as it finishes and write each answer on its own (one write per
-/// call instead of a few answers per write).
+/// queue, once per flush: paused, it would otherwise be woken by each of
+/// its calls as it finishes and write each answer on its own (one write
+/// per call instead of a few answers per write).
 fn defer_once(over_share: bool, deferred: &mut bool, cx: &mut Context<'_>) -> Poll<()> {
     if over_share && !*deferred {
         *deferred = true;
@@ -188,7 +221,6 @@ fn defer_once(over_share: bool, deferred: &mut bool, cx: &mut Context<'_>) -> Po
         cx.waker().wake_by_ref();
         return Poll::Pending;
     }
-    *deferred = false;
     Poll::Ready(())
 }
 
@@ -196,16 +228,19 @@ impl<IO: AsyncRead> AsyncRead for CappedConnection<IO> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let this = self.project();
         // A connection over its share of a busy process is not read until
-        // one of its calls starts (README, "Limits").
+        // half of it has started (README, "Limits").
         let most = match this.frames {
             None => usize::MAX,
-            Some(_) => std::task::ready!(poll_turn(this.load, this.paused_at, this.forgive, cx)),
+            Some(_) => std::task::ready!(poll_turn(this.load, this.stale, this.recheck, cx)),
         };
         let filled = buf.filled().len();
         let read = if most < buf.remaining() {
-            let mut bite = ReadBuf::new(buf.initialize_unfilled_to(most));
+            let mut bite = buf.take(most);
             let read = this.io.poll_read(cx, &mut bite);
             let n = bite.filled().len();
+            // SAFETY: `bite` is a view of `buf`'s unfilled part, and the
+            // read initialized the `n` bytes it filled there.
+            unsafe { buf.assume_init(n) };
             buf.advance(n);
             read
         } else {
@@ -256,7 +291,9 @@ impl<IO: AsyncWrite> AsyncWrite for CappedConnection<IO> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().io.poll_flush(cx)
+        let this = self.project();
+        *this.deferred = false;
+        this.io.poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -314,8 +351,8 @@ where
                 writes: writes.clone(),
                 load: fairness.as_ref().unwrap_or(&unseen).connection(),
                 frames: fairness.is_some().then(FrameCounter::default),
-                paused_at: None,
-                forgive: None,
+                stale: None,
+                recheck: None,
                 deferred: false,
                 timer: None,
             })),
@@ -435,5 +472,35 @@ impl http_body::Body for EndingBody {
 
     fn is_end_stream(&self) -> bool {
         self.ended || self.inner.is_end_stream()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::fairness::FairnessSettings;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_count_that_does_not_move_is_cleared_when_others_move_or_after_long() {
+        let settings = FairnessSettings { busy_above: 0, per_connection: 2 };
+        let fairness = Fairness::new(settings, metrics::Counter::noop());
+        let (stuck, other) = (fairness.connection(), fairness.connection());
+        stuck.opened(3);
+        let mut stale = None;
+        assert!(forgive_stale(&stuck, &mut stale).is_some(), "a check is due");
+        tokio::time::advance(FORGIVE_AFTER).await;
+        forgive_stale(&stuck, &mut stale);
+        assert_eq!(stuck.queued(), 3, "the whole process stalled: nothing cleared");
+        other.opened(3);
+        for _ in 0..3 {
+            other.start();
+        }
+        assert_eq!(forgive_stale(&stuck, &mut stale), None);
+        assert_eq!(stuck.queued(), 0, "others moved: cleared");
+        stuck.opened(1);
+        forgive_stale(&stuck, &mut stale);
+        tokio::time::advance(10 * FORGIVE_AFTER).await;
+        forgive_stale(&stuck, &mut stale);
+        assert_eq!(stuck.queued(), 0, "cleared after ten times as long in any case");
     }
 }

@@ -236,10 +236,13 @@ impl<IO: AsyncRead> AsyncRead for CappedConnection<IO> {
         let filled = buf.filled().len();
         let read = if most < buf.remaining() {
             let mut bite = buf.take(most);
+            let start = bite.filled().as_ptr();
             let read = this.io.poll_read(cx, &mut bite);
             let n = bite.filled().len();
-            // SAFETY: `bite` is a view of `buf`'s unfilled part, and the
-            // read initialized the `n` bytes it filled there.
+            // The reader could have swapped the buffer it was given.
+            assert_eq!(bite.filled().as_ptr(), start, "the reader kept the buffer it was given");
+            // SAFETY: `bite` is still the view of `buf`'s unfilled part it
+            // was made as, and the read initialized the `n` bytes it filled.
             unsafe { buf.assume_init(n) };
             buf.advance(n);
             read

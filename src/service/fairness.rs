@@ -5,9 +5,11 @@
 //! CPU behind every call accepted before it. Fifty connections of a
 //! hundred streams each put five thousand calls ahead of a newcomer, and
 //! nothing is refused: the newcomer just waits, seconds. So each
-//! connection counts its *queued* calls: the new streams read from it
-//! ([`FrameCounter`]) less the calls that have started to run
-//! ([`StartedLayer`]). Once the whole process has more than
+//! connection counts its *queued* calls: the requests read from it to
+//! their end ([`FrameCounter`]) less the calls that have read them
+//! ([`StartedLayer`]). A call still waiting for the rest of its request
+//! is not counted: it is waiting for the network, not for the CPU, and
+//! counting it could pause the very connection its bytes come on. Once the whole process has more than
 //! [`FairnessSettings::busy_above`] queued, a connection with its share
 //! queued is not read from until half of it has started, and reads bring
 //! about a share of calls at a time. Its next calls wait in TCP buffers
@@ -221,11 +223,12 @@ impl Drop for ConnectionLoad {
     }
 }
 
-/// Counts the calls a client opens by walking the HTTP/2 frame headers of
-/// what is read (payloads are skipped, never looked at): a header block
-/// that opens a new client stream (odd id, above every one seen) counts
-/// once read to its end, with END_HEADERS; trailers and blocks on streams
-/// already seen do not count.
+/// Counts the requests a client has finished sending by walking the HTTP/2
+/// frame headers of what is read (payloads are skipped, never looked at):
+/// the frame that ends a client stream (DATA with END_STREAM, or a header
+/// block with it, once read to its last byte). From then on the call can
+/// run without reading anything more; before, it waits for the network
+/// and is not work queued for the CPU.
 #[derive(Debug)]
 pub struct FrameCounter {
     /// Bytes of the client's connection preface still to skip.
@@ -234,10 +237,11 @@ pub struct FrameCounter {
     have: usize,
     /// Payload bytes of the current frame still to skip.
     skip: usize,
-    last_stream: u32,
-    /// A new stream's header block continues in CONTINUATION frames.
+    /// A header block continues in CONTINUATION frames.
     in_block: bool,
-    /// The current frame ends a new stream's header block.
+    /// The header block being read ends its stream.
+    block_ends_stream: bool,
+    /// The current frame, once read to its end, completes a request.
     count_at_end: bool,
 }
 
@@ -245,7 +249,9 @@ pub struct FrameCounter {
 const PREFACE_BYTES: usize = 24;
 const HEADERS: u8 = 0x1;
 const CONTINUATION: u8 = 0x9;
+const DATA: u8 = 0x0;
 const END_HEADERS: u8 = 0x4;
+const END_STREAM: u8 = 0x1;
 
 impl Default for FrameCounter {
     fn default() -> Self {
@@ -254,15 +260,15 @@ impl Default for FrameCounter {
             header: [0; 9],
             have: 0,
             skip: 0,
-            last_stream: 0,
             in_block: false,
+            block_ends_stream: false,
             count_at_end: false,
         }
     }
 }
 
 impl FrameCounter {
-    /// The calls whose header block ends in `bytes`.
+    /// The requests whose last frame ends in `bytes`.
     pub fn feed(&mut self, mut bytes: &[u8]) -> usize {
         let mut opened = 0;
         let n = self.preface.min(bytes.len());
@@ -292,12 +298,15 @@ impl FrameCounter {
                 self.skip = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
                 let (kind, flags) = (h[3], h[4]);
                 let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
-                if kind == HEADERS && stream % 2 == 1 && stream > self.last_stream {
-                    self.last_stream = stream;
+                let client = stream % 2 == 1;
+                if kind == HEADERS && client {
                     self.in_block = flags & END_HEADERS == 0;
-                    self.count_at_end = !self.in_block;
+                    self.block_ends_stream = flags & END_STREAM != 0;
+                    self.count_at_end = !self.in_block && self.block_ends_stream;
                 } else if kind == CONTINUATION && self.in_block && flags & END_HEADERS != 0 {
                     self.in_block = false;
+                    self.count_at_end = self.block_ends_stream;
+                } else if kind == DATA && client && flags & END_STREAM != 0 {
                     self.count_at_end = true;
                 }
             }
@@ -328,8 +337,8 @@ fn load_of<B>(request: &http::Request<B>) -> Option<&Arc<ConnectionLoad>> {
     })
 }
 
-/// Marks every call as started when it first runs (see the module's
-/// documentation).
+/// Marks every call as started once its request has been read (see the
+/// module's documentation).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StartedLayer;
 
@@ -346,9 +355,9 @@ pub struct Started<S> {
     inner: S,
 }
 
-impl<S, B> Service<http::Request<B>> for Started<S>
+impl<S> Service<http::Request<tonic::body::Body>> for Started<S>
 where
-    S: Service<http::Request<B>>,
+    S: Service<http::Request<tonic::body::Body>>,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -358,11 +367,54 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if let Some(load) = load_of(&request) {
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let Some(load) = load_of(&request).cloned() else { return self.inner.call(request) };
+        self.inner.call(request.map(|body| tonic::body::Body::new(ReadToTheEnd { inner: body, load: Some(load) })))
+    }
+}
+
+/// A request body that marks its call started once it has been read to
+/// its end, or dropped unread.
+struct ReadToTheEnd {
+    inner: tonic::body::Body,
+    load: Option<Arc<ConnectionLoad>>,
+}
+
+impl ReadToTheEnd {
+    fn started(&mut self) {
+        if let Some(load) = self.load.take() {
             load.start();
         }
-        self.inner.call(request)
+    }
+}
+
+impl http_body::Body for ReadToTheEnd {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let frame = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_frame(cx));
+        if frame.is_none() || self.inner.is_end_stream() {
+            self.started();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ReadToTheEnd {
+    fn drop(&mut self) {
+        self.started();
     }
 }
 
@@ -452,34 +504,39 @@ mod tests {
     }
 
     #[test]
-    fn the_frame_counter_counts_new_streams_whole_header_blocks_across_any_split() {
+    fn the_frame_counter_counts_ended_requests_across_any_split() {
         fn frame(kind: u8, flags: u8, stream: u32, payload: usize) -> Vec<u8> {
             let len = (payload as u32).to_be_bytes();
             let mut f = vec![len[1], len[2], len[3], kind, flags];
             f.extend(stream.to_be_bytes());
-            f.extend(std::iter::repeat_n(HEADERS, payload)); // payloads that look like frame types
+            f.extend(std::iter::repeat_n(END_STREAM, payload)); // payloads that look like flags
             f
         }
         let mut wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
         wire.extend(frame(0x4, 0, 0, 18)); // SETTINGS
-        for stream in [1, 3, 5, 7] {
+        for stream in [1, 3, 5] {
             wire.extend(frame(HEADERS, END_HEADERS, stream, 37));
-            wire.extend(frame(0x0, 0x1, stream, 60)); // DATA with END_STREAM
         }
-        wire.extend(frame(HEADERS, END_HEADERS | 0x1, 7, 12)); // trailers: not a new call
-        wire.extend(frame(HEADERS, END_HEADERS, 5, 12)); // an old stream id: not a new call
-        wire.extend(frame(HEADERS, 0, 9, 20)); // a block in two frames
+        for stream in [1, 3, 5] {
+            wire.extend(frame(DATA, 0, stream, 20)); // more to come
+            wire.extend(frame(DATA, END_STREAM, stream, 60)); // the request ends
+        }
+        wire.extend(frame(HEADERS, END_HEADERS | END_STREAM, 7, 12)); // a request without a body
+        wire.extend(frame(HEADERS, END_STREAM, 9, 20)); // a block in two frames ending its stream
         wire.extend(frame(CONTINUATION, END_HEADERS, 9, 30));
+        wire.extend(frame(HEADERS, 0, 11, 20)); // a block in two frames, the body to come
+        wire.extend(frame(CONTINUATION, END_HEADERS, 11, 30));
+        wire.extend(frame(DATA, END_STREAM, 2, 5)); // not a client stream
         wire.extend(frame(0x8, 0, 0, 4)); // WINDOW_UPDATE
         for bite in [1, 2, 7, 9, 10, 64, wire.len()] {
             let mut counter = FrameCounter::default();
             let counted: usize = wire.chunks(bite).map(|chunk| counter.feed(chunk)).sum();
             assert_eq!(counted, 5, "read {bite} bytes at a time");
         }
-        // A block counts once its last byte is read.
+        // A request counts once the last byte of its last frame is read.
         let mut counter = FrameCounter::default();
-        let first = 24 + (9 + 18) + 9 + 36;
-        assert_eq!(counter.feed(&wire[..first]), 0, "one byte of the first block missing");
-        assert_eq!(counter.feed(&wire[first..first + 1]), 1);
+        let last_data = 24 + (9 + 18) + 3 * (9 + 37) + (9 + 20) + 9 + 59;
+        assert_eq!(counter.feed(&wire[..last_data]), 0, "one byte of the first request missing");
+        assert_eq!(counter.feed(&wire[last_data..last_data + 1]), 1);
     }
 }

@@ -374,7 +374,8 @@ where
 }
 
 /// A request body that marks its call started once it has been read to
-/// its end, or dropped unread.
+/// its end (END_STREAM, as the frame counter counted it), or dropped after
+/// it; a stream reset before its end fails the call instead.
 struct ReadToTheEnd {
     inner: tonic::body::Body,
     load: Option<Arc<ConnectionLoad>>,
@@ -397,7 +398,19 @@ impl http_body::Body for ReadToTheEnd {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let frame = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_frame(cx));
-        if frame.is_none() || self.inner.is_end_stream() {
+        let reset = match &frame {
+            None => !self.inner.is_end_stream(),
+            Some(Err(status)) => status.code() == tonic::Code::Cancelled,
+            Some(Ok(_)) => false,
+        };
+        if reset {
+            // The client reset the stream before ending its request: it was
+            // never counted, so it must not run either (tonic would take the
+            // reset for the end of a whole request and run the call).
+            self.load = None;
+            return Poll::Ready(Some(Err(tonic::Status::aborted("the request was reset before it ended"))));
+        }
+        if self.inner.is_end_stream() {
             self.started();
         }
         Poll::Ready(frame)
@@ -413,8 +426,19 @@ impl http_body::Body for ReadToTheEnd {
 }
 
 impl Drop for ReadToTheEnd {
+    /// A body dropped unread (a call refused before it read its request)
+    /// counts as started only if its request had ended, as counted: what
+    /// has arrived is drained first.
     fn drop(&mut self) {
-        self.started();
+        if self.load.is_none() {
+            return;
+        }
+        use http_body::Body as _;
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        while let Poll::Ready(Some(Ok(_))) = std::pin::Pin::new(&mut self.inner).poll_frame(&mut cx) {}
+        if self.inner.is_end_stream() {
+            self.started();
+        }
     }
 }
 

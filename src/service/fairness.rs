@@ -237,6 +237,11 @@ pub struct FrameCounter {
     have: usize,
     /// Payload bytes of the current frame still to skip.
     skip: usize,
+    /// Client streams opened and not yet ended: only the first END_STREAM
+    /// of a stream counts (a frame on a stream already ended or reset is
+    /// answered by HTTP/2 and never becomes a call).
+    open: Vec<u32>,
+    last_stream: u32,
     /// A header block continues in CONTINUATION frames.
     in_block: bool,
     /// The header block being read ends its stream.
@@ -250,6 +255,7 @@ const PREFACE_BYTES: usize = 24;
 const HEADERS: u8 = 0x1;
 const CONTINUATION: u8 = 0x9;
 const DATA: u8 = 0x0;
+const RST_STREAM: u8 = 0x3;
 const END_HEADERS: u8 = 0x4;
 const END_STREAM: u8 = 0x1;
 
@@ -260,6 +266,8 @@ impl Default for FrameCounter {
             header: [0; 9],
             have: 0,
             skip: 0,
+            open: Vec::new(),
+            last_stream: 0,
             in_block: false,
             block_ends_stream: false,
             count_at_end: false,
@@ -267,7 +275,22 @@ impl Default for FrameCounter {
     }
 }
 
+/// Open client streams tracked per connection; HTTP/2 refuses more than
+/// `--max-concurrent-streams` (100 by default) anyway.
+const MAX_OPEN: usize = 1024;
+
 impl FrameCounter {
+    /// Ends `stream` if it was open; whether it was.
+    fn end(&mut self, stream: u32) -> bool {
+        match self.open.iter().position(|&s| s == stream) {
+            Some(i) => {
+                self.open.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The requests whose last frame ends in `bytes`.
     pub fn feed(&mut self, mut bytes: &[u8]) -> usize {
         let mut opened = 0;
@@ -299,15 +322,22 @@ impl FrameCounter {
                 let (kind, flags) = (h[3], h[4]);
                 let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
                 let client = stream % 2 == 1;
+                if kind == HEADERS && client && stream > self.last_stream && self.open.len() < MAX_OPEN {
+                    self.last_stream = stream;
+                    self.open.push(stream);
+                }
+                let ends = flags & END_STREAM != 0 && self.end(stream);
                 if kind == HEADERS && client {
                     self.in_block = flags & END_HEADERS == 0;
-                    self.block_ends_stream = flags & END_STREAM != 0;
+                    self.block_ends_stream = ends;
                     self.count_at_end = !self.in_block && self.block_ends_stream;
                 } else if kind == CONTINUATION && self.in_block && flags & END_HEADERS != 0 {
                     self.in_block = false;
                     self.count_at_end = self.block_ends_stream;
-                } else if kind == DATA && client && flags & END_STREAM != 0 {
+                } else if kind == DATA && ends {
                     self.count_at_end = true;
+                } else if kind == RST_STREAM {
+                    self.end(stream);
                 }
             }
         }
@@ -551,6 +581,10 @@ mod tests {
         wire.extend(frame(HEADERS, 0, 11, 20)); // a block in two frames, the body to come
         wire.extend(frame(CONTINUATION, END_HEADERS, 11, 30));
         wire.extend(frame(DATA, END_STREAM, 2, 5)); // not a client stream
+        wire.extend(frame(DATA, END_STREAM, 3, 5)); // a stream already ended
+        wire.extend(frame(HEADERS, END_HEADERS, 13, 10));
+        wire.extend(frame(0x3, 0, 13, 4)); // RST_STREAM: reset before its end
+        wire.extend(frame(DATA, END_STREAM, 13, 5)); // so this never becomes a call
         wire.extend(frame(0x8, 0, 0, 4)); // WINDOW_UPDATE
         for bite in [1, 2, 7, 9, 10, 64, wire.len()] {
             let mut counter = FrameCounter::default();

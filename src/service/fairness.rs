@@ -227,7 +227,7 @@ impl Drop for ConnectionLoad {
 /// frame headers of what is read (payloads are skipped, never looked at):
 /// the frame that ends a client stream (DATA with END_STREAM, or a header
 /// block with it, once read to its last byte), the first such frame of a
-/// stream opened and not reset, at most [`MAX_OPEN`] of them tracked per
+/// stream opened and not reset, at most `MAX_OPEN` of them tracked per
 /// connection (4 KiB). From then on the call can
 /// run without reading anything more; before, it waits for the network
 /// and is not work queued for the CPU.

@@ -412,6 +412,9 @@ async fn concurrent_forged_keys_from_one_address_read_no_more_than_its_allowance
     let store = Arc::new(MemoryStore::new());
     let mut settings = keystile::engine::EngineSettings::new(test_pepper());
     settings.cache.known_keys = 0;
+    // This test counts reads, not time: a store budget that a loaded CI
+    // machine cannot overrun keeps UNAVAILABLE out of it.
+    settings.store_timeout = Duration::from_secs(2);
     let allowance = settings.failed_attempts_per_minute.unwrap().get() as u64;
     let s = TestServer::start_with(
         store.clone(),

@@ -23,7 +23,7 @@ use crate::key::{Env, KeyFormat, Pepper, PepperSet};
 use crate::limit::fleet::FleetSettings;
 use crate::limit::{LimitSpec, RateLimitPolicy};
 use crate::secret::{RedisUrl, Secret};
-use crate::server::{FrontEnd, ServerOptions, ServerTls};
+use crate::server::{FrontEnd, RuntimeKind, ServerOptions, ServerTls};
 use crate::store::StoreConfig;
 use crate::store::redis::connection::Topology;
 use crate::telemetry::LogFormat;
@@ -245,9 +245,15 @@ pub struct ServeArgs {
     /// How often last-used timestamps and usage counts are written to the store.
     #[arg(long, env = "KEYSTILE_LAST_USED_FLUSH", default_value = "10s")]
     pub last_used_flush: String,
-    /// Runtime worker threads (default: the CPUs available to the process).
+    /// Runtime worker threads (default: the CPUs available to the process,
+    /// which honours a container's CPU quota).
     #[arg(long, env = "KEYSTILE_WORKERS")]
     pub workers: Option<String>,
+    /// How calls are scheduled on the workers: work-stealing (one runtime
+    /// whose workers share the calls) or per-core (a current-thread runtime
+    /// per worker, connections dealt round-robin).
+    #[arg(long, env = "KEYSTILE_RUNTIME", default_value = "work-stealing")]
+    pub runtime: String,
     /// Log format: plain or json.
     #[arg(long, env = "KEYSTILE_LOG_FORMAT", default_value = "plain")]
     pub log_format: String,
@@ -490,6 +496,7 @@ pub struct ServeConfig {
     pub engine: EngineSettings,
     pub server: ServerOptions,
     pub workers: Option<usize>,
+    pub runtime: RuntimeKind,
     pub log_format: LogFormat,
     /// Whether the pepper was generated (dev only): keys die with the process.
     pub pepper_generated: bool,
@@ -714,6 +721,14 @@ impl ServeArgs {
             Some(w) => number::<usize>("workers", w, &mut errors).map(Some),
             None => Some(None),
         };
+        let runtime = match self.runtime.trim() {
+            "per-core" => Some(RuntimeKind::PerCore),
+            "work-stealing" => Some(RuntimeKind::WorkStealing),
+            other => {
+                errors.push(format!("--runtime {other:?} must be per-core or work-stealing"));
+                None
+            }
+        };
         let log_format = match self.log_format.trim() {
             "plain" => Some(LogFormat::Plain),
             "json" => Some(LogFormat::Json),
@@ -898,6 +913,7 @@ impl ServeArgs {
             Some(max_concurrent_streams),
             Some(max_inflight_per_connection),
             Some(workers),
+            Some(runtime),
             Some(log_format),
         ) = (
             listen,
@@ -908,6 +924,7 @@ impl ServeArgs {
             max_concurrent_streams,
             max_inflight_per_connection,
             workers,
+            runtime,
             log_format,
         )
         else {
@@ -970,8 +987,10 @@ impl ServeArgs {
                     busy_above: max_queued_calls.unwrap_or(1),
                     per_connection: queued_calls_per_connection.unwrap_or(1),
                 },
+                cores: 1,
             },
             workers,
+            runtime,
             log_format,
             pepper_generated,
             warnings,

@@ -13,7 +13,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use keystile::app::App;
 use keystile::clock::Clock;
 use keystile::config::{EX_USAGE, ServeArgs, ServeConfig};
-use keystile::server;
+use keystile::server::{self, RuntimeKind};
 
 #[derive(Parser)]
 #[command(name = "keystile", version, about = "API-key verification sidecar")]
@@ -182,13 +182,19 @@ fn config_errors(errors: &[String]) -> ExitCode {
     ExitCode::from(EX_USAGE as u8)
 }
 
-fn serve(config: ServeConfig) -> ExitCode {
+fn serve(mut config: ServeConfig) -> ExitCode {
     let workers = config.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
+    let runtime = match config.runtime {
+        RuntimeKind::PerCore => {
+            // This thread is the first core; server::serve starts the others.
+            config.server.cores = workers;
+            tokio::runtime::Builder::new_current_thread().enable_all().build()
+        }
+        RuntimeKind::WorkStealing => {
+            tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()
+        }
+    }
+    .expect("a tokio runtime");
     match runtime.block_on(run(config, workers)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -204,7 +210,7 @@ async fn run(config: ServeConfig, workers: usize) -> Result<(), Box<dyn std::err
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
-    tracing::info!(workers, config = %config.summary(), "starting keystile {}", env!("CARGO_PKG_VERSION"));
+    tracing::info!(workers, runtime = ?config.runtime, config = %config.summary(), "starting keystile {}", env!("CARGO_PKG_VERSION"));
     if let Some(addr) = config.metrics_listen {
         keystile::metrics::install(addr)?;
         tracing::info!(%addr, "serving metrics");
@@ -253,7 +259,9 @@ async fn run(config: ServeConfig, workers: usize) -> Result<(), Box<dyn std::err
         writeln!(out, "KEYSTILE_ADMIN_KEY={}", minted.key.expose())?;
         out.flush()?;
     }
-    server::serve(app, config.server.clone(), listener, stop.cancelled_owned()).await?;
+    server::serve(app, config.server.clone(), listener, stop.cancelled_owned())
+        .await
+        .map_err(|e| e as Box<dyn std::error::Error>)?;
     if let Some(t) = http_task {
         let _ = tokio::time::timeout(config.server.shutdown_grace, t).await;
     }

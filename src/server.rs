@@ -17,7 +17,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tonic::service::{Routes, RoutesBuilder};
@@ -30,6 +30,8 @@ use crate::proto;
 use crate::service::MAX_REQUEST_BYTES;
 use crate::service::admin::AdminService;
 use crate::service::exchange::ExchangeService;
+use crate::service::fairness::Fairness;
+use crate::service::load::{ConnectionGate, InflightCapLayer};
 use crate::service::verifier::VerifierService;
 use crate::store::FeedEvent;
 
@@ -103,6 +105,18 @@ impl std::fmt::Debug for ServerTls {
     }
 }
 
+/// How the process schedules calls on its worker threads (README,
+/// "Runtime").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeKind {
+    /// A current-thread runtime per worker, connections dealt round-robin
+    /// ([`ServerOptions::cores`]): a connection's calls and its writes stay
+    /// on one core, and answers finished together go out in one write.
+    PerCore,
+    /// One tokio runtime whose workers steal each other's calls.
+    WorkStealing,
+}
+
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
     /// The front ends to serve, besides health and reflection.
@@ -136,6 +150,11 @@ pub struct ServerOptions {
     /// When connections over their share of queued calls stop being read
     /// (README, "Limits").
     pub fairness: crate::service::fairness::FairnessSettings,
+    /// Runtimes serving gRPC connections (README, "Runtime"): 1 serves on
+    /// the caller's runtime; more add a thread with a current-thread
+    /// runtime per extra core, and accepted connections are dealt
+    /// round-robin.
+    pub cores: usize,
 }
 
 impl Default for ServerOptions {
@@ -154,6 +173,7 @@ impl Default for ServerOptions {
             tls: None,
             ext_authz_max_request_bytes: crate::service::ext_authz::DEFAULT_MAX_CHECK_BYTES,
             fairness: Default::default(),
+            cores: 1,
         }
     }
 }
@@ -229,8 +249,8 @@ pub async fn serve(
     options: ServerOptions,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), tonic::transport::Error> {
-    let (health, health_service) = tonic_health::server::health_reporter();
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let health = HealthReporter::new();
     let readiness = readiness(&options.front_ends);
     for &name in &readiness {
         health.set_service_status(name, ServingStatus::NotServing).await;
@@ -258,22 +278,83 @@ pub async fn serve(
         });
     }
 
+    let shared = Shared {
+        gate: ConnectionGate::new(
+            options.max_connections,
+            options.idle_timeout,
+            options.writes.clone(),
+            options.tls.is_none().then(|| Fairness::new(options.fairness, app.metrics.connection_pauses.clone())),
+            app.metrics.connections_refused.clone(),
+        ),
+        inflight: InflightCapLayer::new(options.max_inflight, app.metrics.calls_refused.clone()),
+        tls: options.tls.as_ref().map(ServerTls::check).transpose()?,
+        health: tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(health.clone()),
+        ),
+        stop: stop.clone(),
+    };
+    // One current-thread runtime per core beyond this one, each serving
+    // the connections dealt to it (README, "Runtime"). Each stays up until
+    // `release`: the last flush below may use a store connection one of
+    // them opened.
+    let release = CancellationToken::new();
+    let mut cores = Vec::new();
+    for core in 1..options.cores.max(1) {
+        cores.push(Core::start(core, app.clone(), options.clone(), shared.clone(), release.clone())?);
+    }
     // serve_with_incoming ignores the builder's tcp_nodelay: set it here.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let incoming = crate::service::load::capped_incoming(
-        incoming,
-        options.max_connections,
-        options.idle_timeout,
-        options.writes.clone(),
-        options
-            .tls
-            .is_none()
-            .then(|| crate::service::fairness::Fairness::new(options.fairness, app.metrics.connection_pauses.clone())),
-        app.metrics.connections_refused.clone(),
-    );
+    let mut dealer = Dealer { cores: cores.iter().map(|c| c.connections.clone()).collect(), next: 0 };
+    let incoming =
+        tokio_stream::StreamExt::filter_map(TcpIncoming::from(listener).with_nodelay(Some(true)), move |a| match a {
+            Ok(connection) => dealer.deal(connection).map(Ok),
+            Err(e) => Some(Err(e)),
+        });
+    let mut outcome = serve_connections(&app, &options, shared, incoming).await.map_err(Into::into);
+    let all_done = tokio::time::Instant::now() + options.shutdown_grace;
+    for core in &mut cores {
+        let served = tokio::time::timeout_at(all_done, &mut core.outcome).await;
+        match served {
+            Ok(Ok(Err(e))) if outcome.is_ok() => outcome = Err(e.into()),
+            Ok(_) => {}
+            Err(_) => tracing::warn!(core = core.index, "shutdown grace elapsed with calls still in flight"),
+        }
+    }
+    tasks.cancel();
+    let until = stopped_at.get().copied().unwrap_or_else(tokio::time::Instant::now) + options.shutdown_grace;
+    flush_usage_before(&app, until).await;
+    release.cancel();
+    for core in cores {
+        let _ = core.thread.join();
+    }
+    outcome
+}
+
+/// What every runtime serving gRPC connections shares: the process-wide
+/// caps (README, "Limits"), TLS, health and the drain signal.
+#[derive(Clone)]
+struct Shared {
+    gate: ConnectionGate,
+    inflight: InflightCapLayer,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    health: tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+    stop: CancellationToken,
+}
+
+/// Serves `incoming`'s connections on the current runtime until the drain
+/// signal, then drains them within the shutdown grace.
+async fn serve_connections<I, IE>(
+    app: &App,
+    options: &ServerOptions,
+    shared: Shared,
+    incoming: I,
+) -> Result<(), tonic::transport::Error>
+where
+    I: tokio_stream::Stream<Item = Result<TcpStream, IE>>,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &options.tls {
-        builder = builder.tls_config(tls.check()?)?;
+    if let Some(tls) = shared.tls {
+        builder = builder.tls_config(tls)?;
     }
     let router = builder
         .max_concurrent_streams(options.max_concurrent_streams)
@@ -281,27 +362,86 @@ pub async fn serve(
         .load_shed(true)
         .timeout(options.request_timeout)
         .layer(crate::service::fairness::StartedLayer)
-        .layer(crate::service::load::InflightCapLayer::new(options.max_inflight, app.metrics.calls_refused.clone()))
+        .layer(shared.inflight)
         .layer(crate::service::limits::oversize_is_invalid_argument())
         .layer(crate::service::span::RpcSpanLayer)
         .layer(crate::service::limits::StreamCapLayer)
-        .layer(crate::service::load::EndWatchesLayer::new(stop.clone()))
+        .layer(crate::service::load::EndWatchesLayer::new(shared.stop.clone()))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_routes(routes(&app, &options.front_ends, options.ext_authz_max_request_bytes, health_service));
-
-    let served = router.serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
+        .add_routes(routes(app, &options.front_ends, options.ext_authz_max_request_bytes, shared.health));
+    let stop = shared.stop;
+    let served = router.serve_with_incoming_shutdown(shared.gate.incoming(incoming), stop.clone().cancelled_owned());
     let grace = options.shutdown_grace;
-    let outcome = tokio::select! {
+    tokio::select! {
         r = served => r,
         _ = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {
             tracing::warn!(grace = ?grace, "shutdown grace elapsed with calls still in flight");
             Ok(())
         }
-    };
-    tasks.cancel();
-    let until = stopped_at.get().copied().unwrap_or_else(tokio::time::Instant::now) + grace;
-    flush_usage_before(&app, until).await;
-    outcome
+    }
+}
+
+/// A core beyond the first: a thread with a current-thread runtime serving
+/// the connections dealt to it.
+struct Core {
+    index: usize,
+    connections: tokio::sync::mpsc::Sender<std::net::TcpStream>,
+    outcome: tokio::sync::oneshot::Receiver<Result<(), tonic::transport::Error>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Core {
+    /// Connections waiting for a busy core beyond this many go to the
+    /// first core instead.
+    const BACKLOG: usize = 256;
+
+    fn start(
+        index: usize,
+        app: Arc<App>,
+        options: ServerOptions,
+        shared: Shared,
+        release: CancellationToken,
+    ) -> std::io::Result<Core> {
+        let (connections, received) = tokio::sync::mpsc::channel(Core::BACKLOG);
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let thread = std::thread::Builder::new().name(format!("keystile-core-{index}")).spawn(move || {
+            runtime.block_on(async move {
+                // Registered with this runtime's reactor, not the acceptor's.
+                let incoming = tokio_stream::StreamExt::map(
+                    tokio_stream::wrappers::ReceiverStream::new(received),
+                    TcpStream::from_std,
+                );
+                let _ = done.send(serve_connections(&app, &options, shared, incoming).await);
+                release.cancelled().await;
+            })
+        })?;
+        Ok(Core { index, connections, outcome, thread })
+    }
+}
+
+/// Deals accepted connections round-robin over the cores: the first keeps
+/// its turn, the others' go to their runtimes (or stay here when one
+/// falls behind by [`Core::BACKLOG`]).
+struct Dealer {
+    cores: Vec<tokio::sync::mpsc::Sender<std::net::TcpStream>>,
+    next: usize,
+}
+
+impl Dealer {
+    fn deal(&mut self, connection: TcpStream) -> Option<TcpStream> {
+        let turn = self.next;
+        self.next = (self.next + 1) % (self.cores.len() + 1);
+        if turn == 0 {
+            return Some(connection);
+        }
+        // Leaves this runtime's reactor; the core registers it with its own.
+        let connection = connection.into_std().ok()?;
+        match self.cores[turn - 1].try_send(connection) {
+            Ok(()) => None,
+            Err(e) => TcpStream::from_std(e.into_inner()).ok(),
+        }
+    }
 }
 
 /// The last flush of last-used times and usage counts, tried again until

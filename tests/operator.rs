@@ -31,10 +31,13 @@ fn stdout(o: &Output) -> String {
 
 #[test]
 fn configuration_and_usage_errors_exit_64_with_every_problem() {
-    let o = run(&["serve", "--workers", "abc", "--log-format", "xml", "--cache-max-entries", "many"], &[]);
+    let o = run(
+        &["serve", "--workers", "abc", "--log-format", "xml", "--cache-max-entries", "many", "--runtime", "threads"],
+        &[],
+    );
     assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
     let err = stderr(&o);
-    for needle in ["--workers", "--log-format", "--cache-max-entries", "pepper is required"] {
+    for needle in ["--workers", "--log-format", "--cache-max-entries", "pepper is required", "--runtime \"threads\""] {
         assert!(err.contains(needle), "missing {needle:?} in {err}");
     }
     let o = run(&["config", "check", "--dev"], &[("KEYSTILE_WORKERS", "x")]);

@@ -348,6 +348,67 @@ async fn shutdown_drains_calls_in_flight() {
     assert!(t0.elapsed() < Duration::from_secs(5), "drained well within the grace");
 }
 
+/// The names of this process's threads that serve the cores beyond the
+/// first (README, "Runtime").
+fn core_threads() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .filter(|n| n.starts_with("keystile-core-"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Per-core runtimes (README, "Runtime"): connections dealt over three
+/// cores are all answered, calls in flight on every core finish during the
+/// drain, and the cores' threads are gone once
+/// `serve` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_runtimes_answer_every_connection_and_drain_together() {
+    let store = Arc::new(MemoryStore::new());
+    let mut settings = keystile::engine::EngineSettings::new(test_pepper());
+    settings.store_timeout = Duration::from_secs(5);
+    let options =
+        keystile::server::ServerOptions { shutdown_grace: Duration::from_secs(5), cores: 3, ..Default::default() };
+    let s = TestServer::start_with(store.clone(), settings, options, keystile::clock::Clock::system()).await;
+    assert_eq!(core_threads(), ["keystile-core-1", "keystile-core-2"]);
+    let mut admin = s.admin().await;
+    let mut keys = Vec::new();
+    for i in 0..12 {
+        keys.push(create(&mut admin, create_req(&format!("core {i}"))).await.0);
+    }
+    // Warm: every connection answers (a core that did not serve the
+    // connections dealt to it would leave these hanging).
+    let mut clients = Vec::new();
+    for key in &keys[..6] {
+        let mut c = s.verifier().await;
+        let r = tokio::time::timeout(Duration::from_secs(5), c.verify(verify_req(key))).await;
+        assert_eq!(code(&r.expect("answered").unwrap().into_inner()), Code::Valid);
+        clients.push(c);
+    }
+    // Cold misses of 400 ms in flight on every core, then shutdown.
+    store.set_latency(Duration::from_millis(400));
+    let calls: Vec<_> = clients
+        .into_iter()
+        .zip(&keys[6..])
+        .map(|(mut c, key)| {
+            let key = key.clone();
+            tokio::spawn(async move { c.verify(verify_req(&key)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t0 = Instant::now();
+    s.stop().await;
+    for c in calls {
+        let r = c.await.unwrap().expect("an accepted call completes during the drain").into_inner();
+        assert_eq!(code(&r), Code::Valid);
+    }
+    assert!(t0.elapsed() < Duration::from_secs(5), "drained well within the grace");
+    assert!(core_threads().is_empty(), "the cores' threads end with serve");
+}
+
 /// The known-key filter (README, "Storage, cache and revocation"): forged
 /// well-formed keys, whatever their `ip`, cost no store read and no cache
 /// entry; a key created on another replica verifies within a second; a

@@ -148,6 +148,14 @@ impl ConnectionLoad {
         self.fairness.started.load(Ordering::Relaxed)
     }
 
+    /// Whether answers of this connection are due within a turn of the
+    /// run queue: calls read from it wait there to start. Writing now would
+    /// send the answer at hand alone and each of theirs in a write of its
+    /// own (README, "Performance").
+    pub fn answers_due(&self) -> bool {
+        self.queued() > 0
+    }
+
     /// Whether it has its share queued while the process is busy.
     pub fn over_share(&self) -> bool {
         self.queued() >= self.fairness.share() && self.fairness.busy()

@@ -6,7 +6,7 @@
 //!
 //! - [`InflightCapLayer`]: beyond the cap a call is answered at once with
 //!   `RESOURCE_EXHAUSTED` (one failed atomic on the way: cheap to refuse).
-//! - [`capped_incoming`]: beyond the cap a new connection is closed as soon
+//! - [`ConnectionGate`]: beyond the cap a new connection is closed as soon
 //!   as it is accepted; each accepted one is read only within its share
 //!   of a busy process ([`super::fairness`]), and closed when idle.
 
@@ -210,12 +210,12 @@ fn forgive_stale(load: &ConnectionLoad, stale: &mut Option<Stale>) -> Option<tok
     Some(if waited < FORGIVE_AFTER { mark.since + FORGIVE_AFTER } else { mark.since + 10 * FORGIVE_AFTER })
 }
 
-/// A connection over its share writes after one more turn of the run
-/// queue, once per flush: paused, it would otherwise be woken by each of
-/// its calls as it finishes and write each answer on its own (one write
-/// per call instead of a few answers per write).
-fn defer_once(over_share: bool, deferred: &mut bool, cx: &mut Context<'_>) -> Poll<()> {
-    if over_share && !*deferred {
+/// A connection with calls waiting in the run queue writes after one more
+/// turn of it, once per flush: it would otherwise be woken by each of its
+/// calls as it finishes (first, in tokio's work-stealing scheduler) and
+/// write each answer on its own, one write per call instead of a batch.
+fn defer_once(answers_due: bool, deferred: &mut bool, cx: &mut Context<'_>) -> Poll<()> {
+    if answers_due && !*deferred {
         *deferred = true;
         // Woken while it runs, the task goes to the back of the queue.
         cx.waker().wake_by_ref();
@@ -286,7 +286,7 @@ impl<IO: AsyncRead> AsyncRead for CappedConnection<IO> {
 impl<IO: AsyncWrite> AsyncWrite for CappedConnection<IO> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         let this = self.project();
-        std::task::ready!(defer_once(this.frames.is_some() && this.load.over_share(), this.deferred, cx));
+        std::task::ready!(defer_once(this.frames.is_some() && this.load.answers_due(), this.deferred, cx));
         if let Some(writes) = this.writes {
             writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -309,7 +309,7 @@ impl<IO: AsyncWrite> AsyncWrite for CappedConnection<IO> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.project();
-        std::task::ready!(defer_once(this.frames.is_some() && this.load.over_share(), this.deferred, cx));
+        std::task::ready!(defer_once(this.frames.is_some() && this.load.answers_due(), this.deferred, cx));
         if let Some(writes) = this.writes {
             writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -326,46 +326,77 @@ impl<IO: AsyncWrite> AsyncWrite for CappedConnection<IO> {
     }
 }
 
-/// Accepted connections, at most `cap` open at once: one beyond it is
-/// closed at once (and counted).
-pub fn capped_incoming<S, IO, E>(
-    incoming: S,
-    cap: usize,
+/// Admits accepted connections (README, "Limits"): beyond the cap a new
+/// connection is closed as soon as it is accepted; each admitted one is
+/// read only within its share of a busy process and closed when idle.
+/// Cloned into every runtime that serves connections, so the cap and the
+/// shares are the process's, whichever core a connection lands on.
+#[derive(Clone)]
+pub struct ConnectionGate {
+    permits: Arc<Semaphore>,
     idle: Option<Duration>,
     writes: Option<Arc<std::sync::atomic::AtomicU64>>,
     fairness: Option<Arc<Fairness>>,
-    refused: metrics::Counter,
-) -> impl tokio_stream::Stream<Item = Result<CappedConnection<IO>, E>>
-where
-    S: tokio_stream::Stream<Item = Result<IO, E>>,
-{
-    use tokio_stream::StreamExt;
-    let permits = Arc::new(Semaphore::new(cap));
     // Behind TLS the frames cannot be seen: connections count nothing.
-    let unseen = Fairness::new(Default::default(), metrics::Counter::noop());
-    incoming.filter_map(move |accepted| match accepted {
-        Err(e) => Some(Err(e)),
-        Ok(io) => match permits.clone().try_acquire_owned() {
-            Ok(permit) => Some(Ok(CappedConnection {
+    unseen: Arc<Fairness>,
+    refused: metrics::Counter,
+}
+
+impl ConnectionGate {
+    /// `fairness` is `None` behind TLS; `refused` counts the connections
+    /// closed at the cap; `writes`, when given, counts write calls.
+    pub fn new(
+        cap: usize,
+        idle: Option<Duration>,
+        writes: Option<Arc<std::sync::atomic::AtomicU64>>,
+        fairness: Option<Arc<Fairness>>,
+        refused: metrics::Counter,
+    ) -> ConnectionGate {
+        ConnectionGate {
+            permits: Arc::new(Semaphore::new(cap)),
+            idle,
+            writes,
+            fairness,
+            unseen: Fairness::new(Default::default(), metrics::Counter::noop()),
+            refused,
+        }
+    }
+
+    /// The connection, holding a permit; `None` (and closed) at the cap.
+    pub fn admit<IO>(&self, io: IO) -> Option<CappedConnection<IO>> {
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => Some(CappedConnection {
                 io,
                 _permit: permit,
-                idle,
+                idle: self.idle,
                 last_read: tokio::time::Instant::now(),
-                writes: writes.clone(),
-                load: fairness.as_ref().unwrap_or(&unseen).connection(),
-                frames: fairness.is_some().then(FrameCounter::default),
+                writes: self.writes.clone(),
+                load: self.fairness.as_ref().unwrap_or(&self.unseen).connection(),
+                frames: self.fairness.is_some().then(FrameCounter::default),
                 stale: None,
                 recheck: None,
                 deferred: false,
                 timer: None,
-            })),
+            }),
             Err(_) => {
-                refused.increment(1);
+                self.refused.increment(1);
                 drop(io);
                 None
             }
-        },
-    })
+        }
+    }
+
+    /// `incoming`'s connections through [`ConnectionGate::admit`].
+    pub fn incoming<S, IO, E>(self, incoming: S) -> impl tokio_stream::Stream<Item = Result<CappedConnection<IO>, E>>
+    where
+        S: tokio_stream::Stream<Item = Result<IO, E>>,
+    {
+        use tokio_stream::StreamExt;
+        incoming.filter_map(move |accepted| match accepted {
+            Err(e) => Some(Err(e)),
+            Ok(io) => self.admit(io).map(Ok),
+        })
+    }
 }
 
 /// Ends the answer streams of `grpc.health.v1.Health/Watch` when shutdown

@@ -171,6 +171,16 @@ fn benches(c: &mut Criterion) {
             buf.len()
         })
     });
+    // What the server does instead: the same bytes, written straight from
+    // the verdict (src/service/verify_answer.rs).
+    let answer = keystile::service::verify_answer::VerifyAnswer { verdict: verdict.clone(), now_unix: 1_800_000_000 };
+    c.bench_function("response_written", |b| {
+        b.iter(|| {
+            let mut buf = Vec::with_capacity(256);
+            black_box(&answer).write(&mut buf);
+            buf.len()
+        })
+    });
 
     let stranger = generate(&format, Env::Live).key.expose().to_string();
     let negative = Request::of_key(&stranger);

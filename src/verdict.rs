@@ -268,11 +268,22 @@ pub struct Verdict {
     /// its key still holds, or a key's with its tiers' (what
     /// `x-api-key-scopes` shows).
     pub token_scopes: Option<Arc<[String]>>,
+    /// The unix second the engine reached it at (the one clock read of a
+    /// Verify): the reset headers count from it.
+    pub decided_at: i64,
 }
 
 impl Verdict {
     pub fn bare(outcome: Outcome) -> Verdict {
-        Verdict { outcome, key: None, rate: None, limits: Vec::new(), malformed: None, token_scopes: None }
+        Verdict {
+            outcome,
+            key: None,
+            rate: None,
+            limits: Vec::new(),
+            malformed: None,
+            token_scopes: None,
+            decided_at: 0,
+        }
     }
 
     pub fn is_valid(&self) -> bool {
@@ -314,34 +325,60 @@ pub enum VerifyError {
 /// the most constraining limit in `x-ratelimit-*` and `ratelimit`, every
 /// applied limit in `ratelimit-policy` (IETF draft syntax, one item each).
 pub fn headers(verdict: &Verdict, now_unix: i64) -> Vec<(&'static str, String)> {
-    use std::fmt::Write;
     let mut out = Vec::with_capacity(7);
+    each_header(verdict, now_unix, |name, value| out.push((name, value.to_string())));
+    out
+}
+
+/// Calls `each` with every header of [`headers`], in its order, its value
+/// as formatting arguments: a front end that writes the values straight
+/// into its answer allocates nothing for them (README, "Performance").
+pub fn each_header(verdict: &Verdict, now_unix: i64, mut each: impl FnMut(&'static str, std::fmt::Arguments<'_>)) {
     if let Some(AppliedLimit { name, state: r }) = &verdict.rate {
-        out.push(("x-ratelimit-limit", r.limit.to_string()));
-        out.push(("x-ratelimit-remaining", r.remaining.to_string()));
-        out.push(("x-ratelimit-reset", (now_unix.max(0) as u64 + r.reset_seconds).to_string()));
-        let policy = if verdict.limits.len() < 2 {
-            format!("\"{name}\";q={};w={}", r.limit, r.window_seconds)
+        each("x-ratelimit-limit", format_args!("{}", r.limit));
+        each("x-ratelimit-remaining", format_args!("{}", r.remaining));
+        each("x-ratelimit-reset", format_args!("{}", now_unix.max(0) as u64 + r.reset_seconds));
+        if verdict.limits.len() < 2 {
+            each("ratelimit-policy", format_args!("\"{name}\";q={};w={}", r.limit, r.window_seconds));
         } else {
-            let mut p = String::with_capacity(32 * verdict.limits.len());
-            for (i, l) in verdict.limits.iter().enumerate() {
-                let sep = if i == 0 { "" } else { ", " };
-                let _ = write!(p, "{sep}\"{}\";q={};w={}", l.name, l.state.limit, l.state.window_seconds);
-            }
-            p
-        };
-        out.push(("ratelimit-policy", policy));
-        out.push(("ratelimit", format!("\"{name}\";r={};t={}", r.remaining, r.reset_seconds)));
+            each("ratelimit-policy", format_args!("{}", Policies(&verdict.limits)));
+        }
+        each("ratelimit", format_args!("\"{name}\";r={};t={}", r.remaining, r.reset_seconds));
         if verdict.outcome.http_status() == 429 {
-            out.push(("retry-after", r.retry_after_ms.div_ceil(1000).max(1).to_string()));
+            each("retry-after", format_args!("{}", r.retry_after_ms.div_ceil(1000).max(1)));
         }
     }
     if verdict.outcome == Outcome::Valid && verdict.key.is_some() {
-        // Joined per answer rather than kept: as cheap as cloning a kept
-        // copy, and a cached key stays smaller.
-        out.push(("x-api-key-scopes", verdict.granted_scopes().join(",")));
+        each("x-api-key-scopes", format_args!("{}", Joined(verdict.granted_scopes())));
     }
-    out
+}
+
+/// `ratelimit-policy` of several limits: one item each, comma-separated.
+struct Policies<'a>(&'a [AppliedLimit]);
+
+impl std::fmt::Display for Policies<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, l) in self.0.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}\"{}\";q={};w={}", l.name, l.state.limit, l.state.window_seconds)?;
+        }
+        Ok(())
+    }
+}
+
+/// Scopes joined by commas, written rather than collected.
+struct Joined<'a>(&'a [String]);
+
+impl std::fmt::Display for Joined<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, s) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            f.write_str(s)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

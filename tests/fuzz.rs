@@ -189,8 +189,14 @@ fn verify_request(input: &[u8]) -> Result<(), TestCaseError> {
         prop_assert!(req.key.contains(&f.key), "VALID for a key that is not the fixture's: {:?}", req.key);
     }
     let response = keystile::service::verifier::to_response(&verdict, 1_800_000_000);
-    let _ = keystile::service::verifier::metadata_of(&response);
+    let _ = keystile::service::verifier::metadata_of(&verdict, 1_800_000_000);
     prop_assert!(response.encoded_len() < 8 << 10);
+    // The answer the server writes is that message, byte for byte apart
+    // from the order of map entries.
+    let mut written = Vec::new();
+    keystile::service::verify_answer::VerifyAnswer { verdict, now_unix: 1_800_000_000 }.write(&mut written);
+    prop_assert_eq!(written.len(), response.encoded_len());
+    prop_assert_eq!(proto::VerifyResponse::decode(&written[..]).unwrap(), response);
     Ok(())
 }
 

@@ -143,7 +143,7 @@ impl Engine {
         let started = self.metrics.timed.then(std::time::Instant::now);
         // One clock read per Verify: the checks and the usage count share it.
         let now = self.clock.unix_seconds();
-        let outcome = self.decide(req, shedder, now).await;
+        let outcome = self.decide(req, shedder, now).await.map(|v| Verdict { decided_at: now, ..v });
         if let Some(started) = started {
             self.metrics.verify_seconds.record(started.elapsed().as_secs_f64());
         }
@@ -396,6 +396,7 @@ impl Engine {
                     limits: if applied.len() > 1 { applied.to_vec() } else { Vec::new() },
                     malformed: None,
                     token_scopes,
+                    decided_at: now,
                 });
             }
             applied.push(AppliedLimit { name: spec.name, state: decision.state });
@@ -405,7 +406,15 @@ impl Engine {
         let limits = if applied.len() > 1 { applied.to_vec() } else { Vec::new() };
 
         // 6. Valid.
-        Ok(Verdict { outcome: Outcome::Valid, key: Some(key), rate, limits, malformed: None, token_scopes })
+        Ok(Verdict {
+            outcome: Outcome::Valid,
+            key: Some(key),
+            rate,
+            limits,
+            malformed: None,
+            token_scopes,
+            decided_at: now,
+        })
     }
 
     /// The answer to an address that failed too often: 429 with when it

@@ -13,6 +13,7 @@ pub mod load;
 pub mod span;
 pub mod status;
 pub mod verifier;
+pub mod verify_answer;
 
 /// Largest request message any service accepts (README, "Verdicts").
 pub const MAX_REQUEST_BYTES: usize = 16 * 1024;

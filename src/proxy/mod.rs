@@ -141,9 +141,14 @@ pub struct Allow {
     pub remove_query: Vec<String>,
     /// Added to the answer to the client (rate-limit headers).
     pub response: Vec<(&'static str, String)>,
-    pub key_id: String,
-    pub tenant: String,
-    pub env: String,
+}
+
+impl Allow {
+    /// The value set on the upstream request for one of the identity
+    /// headers (`x-keystile-key-id`, ...); empty when it is removed.
+    pub fn identity(&self, name: &str) -> &str {
+        self.upstream.iter().find(|(n, _)| *n == name).map_or("", |(_, v)| v)
+    }
 }
 
 /// Refuse the request with this answer.
@@ -264,8 +269,7 @@ impl Gate {
                 return Err(deny);
             }
         };
-        let now = self.engine.clock().unix_seconds();
-        let mut headers = verdict::headers(&verdict, now);
+        let mut headers = verdict::headers(&verdict, verdict.decided_at);
         let granted = headers.iter().position(|(n, _)| *n == "x-api-key-scopes").map(|i| headers.remove(i).1);
         if verdict.outcome != Outcome::Valid {
             let o = verdict.outcome;
@@ -279,16 +283,16 @@ impl Gate {
         let record = verdict.key.as_ref().map(|k| &k.record);
         let key_id = record.map(|r| r.key_id.to_string()).unwrap_or_default();
         let key_tenant = record.map(|r| r.tenant.clone()).unwrap_or_default();
-        let env = record.map(|r| r.env.to_string()).unwrap_or_default();
+        let env = record.map_or("", |r| r.env.as_str()).to_string();
         let kind = record.map_or("secret", |r| r.kind.as_str());
         // An empty value is removed rather than set, so that no proxy has
         // to overwrite a client's copy with nothing.
         let mut upstream = Vec::with_capacity(5);
         let mut remove_upstream = Vec::new();
         for (name, value) in [
-            (KEY_ID, key_id.clone()),
-            (TENANT, key_tenant.clone()),
-            (ENV, env.clone()),
+            (KEY_ID, key_id),
+            (TENANT, key_tenant),
+            (ENV, env),
             (SCOPES, granted.unwrap_or_default()),
             (KIND, kind.to_string()),
         ] {
@@ -322,15 +326,7 @@ impl Gate {
                 }
             }
         }
-        Ok(Decision::Allow(Allow {
-            upstream,
-            remove_upstream,
-            remove_query,
-            response: headers,
-            key_id,
-            tenant: key_tenant,
-            env,
-        }))
+        Ok(Decision::Allow(Allow { upstream, remove_upstream, remove_query, response: headers }))
     }
 
     /// The client's address: the peer, or with `--trusted-hops N` and a

@@ -6,25 +6,21 @@
 //! `UNAVAILABLE` (Envoy's `status_on_error` then answers the client),
 //! never an allow.
 //!
-//! The answer is Envoy's own `CheckResponse` (envoy-types). The request is
-//! read in place ([`wire`]): only the fields keystile reads, as slices of
-//! the received buffer. Envoy's type decodes every header into a
-//! `HashMap<String, String>` and a dozen fields never used, which cost more
-//! than the whole verification (BENCHMARKS.md, "Proxy front ends").
+//! The answer is Envoy's `CheckResponse`, written straight from the
+//! decision ([`answer`]; envoy-types' message is the reference its tests
+//! decode against). The request is read in place ([`wire`]): only the
+//! fields keystile reads, as slices of the received buffer. Envoy's type
+//! decodes every header into a `HashMap<String, String>` and a dozen
+//! fields never used, which cost more than the whole verification
+//! (BENCHMARKS.md, "Proxy front ends").
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use envoy_types::ext_authz::v3::pb::{
-    CheckResponse, DeniedHttpResponse, HeaderAppendAction, HeaderValue, HeaderValueOption, HttpResponse, HttpStatus,
-    OkHttpResponse,
-};
-use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
-use envoy_types::pb::google::rpc;
 use tonic::codegen::{BoxFuture, Service, StdError, http};
 use tonic::{Request, Response, Status};
 
-use crate::proxy::{Decision, Gate, Overrides, ProxyRequest, RequestHeaders};
+use crate::proxy::{Gate, Overrides, ProxyRequest, RequestHeaders};
 
 /// Largest CheckRequest accepted by default: it carries every header of
 /// the original request.
@@ -39,7 +35,10 @@ pub const LIMITS_EXTENSION: &str = "keystile.limits";
 pub const SERVICE_NAME: &str = "envoy.service.auth.v3.Authorization";
 const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
 
+pub mod answer;
 pub mod wire;
+
+pub use answer::CheckAnswer;
 
 fn text(b: &[u8]) -> &str {
     std::str::from_utf8(b).unwrap_or("")
@@ -76,21 +75,9 @@ impl RequestHeaders for CheckHeaders<'_> {
     }
 }
 
-fn set(name: &str, value: String) -> HeaderValueOption {
-    HeaderValueOption {
-        header: Some(HeaderValue { key: name.to_string(), value, raw_value: Vec::new() }),
-        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
-        ..Default::default()
-    }
-}
-
-fn string(s: String) -> Value {
-    Value { kind: Some(Kind::StringValue(s)) }
-}
-
 impl ExtAuthzService {
     /// Answers one Check. Public for the in-process benches.
-    pub async fn check(&self, check: wire::RawCheck) -> Result<CheckResponse, Status> {
+    pub async fn check(&self, check: wire::RawCheck) -> Result<CheckAnswer, Status> {
         let view = check.view().map_err(Status::invalid_argument)?;
         if !view.has_http {
             return Err(Status::invalid_argument("CheckRequest has no attributes.request.http"));
@@ -121,59 +108,26 @@ impl ExtAuthzService {
             Ok(d) => d,
             Err(deny) => return Err(Status::unavailable(deny.body)),
         };
-        let response = match decision {
-            Decision::Allow(allow) => {
-                let metadata = Struct {
-                    fields: [
-                        ("key_id".to_string(), string(allow.key_id)),
-                        ("tenant".to_string(), string(allow.tenant)),
-                        ("env".to_string(), string(allow.env)),
-                    ]
-                    .into_iter()
-                    .collect(),
-                };
-                CheckResponse {
-                    status: Some(rpc::Status { code: tonic::Code::Ok as i32, ..Default::default() }),
-                    dynamic_metadata: Some(metadata),
-                    http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-                        headers: allow.upstream.into_iter().map(|(n, v)| set(n, v)).collect(),
-                        headers_to_remove: allow.remove_upstream,
-                        response_headers_to_add: allow.response.into_iter().map(|(n, v)| set(n, v)).collect(),
-                        query_parameters_to_remove: allow.remove_query,
-                        ..Default::default()
-                    })),
-                }
-            }
-            Decision::Deny(deny) => {
-                let code = match deny.status {
-                    400 => tonic::Code::InvalidArgument,
-                    401 => tonic::Code::Unauthenticated,
-                    429 => tonic::Code::ResourceExhausted,
-                    _ => tonic::Code::PermissionDenied,
-                };
-                CheckResponse {
-                    status: Some(rpc::Status {
-                        code: code as i32,
-                        message: deny.code.to_string(),
-                        details: Vec::new(),
-                    }),
-                    dynamic_metadata: None,
-                    http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
-                        status: Some(HttpStatus { code: deny.status as i32 }),
-                        headers: deny.headers.into_iter().map(|(n, v)| set(n, v)).collect(),
-                        body: deny.body,
-                    })),
-                }
-            }
-        };
-        Ok(response)
+        Ok(CheckAnswer(decision))
     }
 }
 
-/// Envoy's CheckResponse out (prost), the CheckRequest's bytes in, kept
-/// as received for [`wire::RawCheck::view`].
+/// Envoy's CheckResponse out (written by [`CheckAnswer::write`]), the
+/// CheckRequest's bytes in, kept as received for [`wire::RawCheck::view`].
 #[derive(Clone, Copy, Default)]
 struct CheckCodec;
+
+struct AnswerEncoder;
+
+impl tonic::codec::Encoder for AnswerEncoder {
+    type Item = CheckAnswer;
+    type Error = Status;
+
+    fn encode(&mut self, answer: CheckAnswer, buf: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), Status> {
+        answer.write(buf);
+        Ok(())
+    }
+}
 
 struct RawDecoder;
 
@@ -189,13 +143,13 @@ impl tonic::codec::Decoder for RawDecoder {
 }
 
 impl tonic::codec::Codec for CheckCodec {
-    type Encode = CheckResponse;
+    type Encode = CheckAnswer;
     type Decode = wire::RawCheck;
-    type Encoder = tonic_prost::ProstEncoder<CheckResponse>;
+    type Encoder = AnswerEncoder;
     type Decoder = RawDecoder;
 
     fn encoder(&mut self) -> Self::Encoder {
-        tonic_prost::ProstEncoder::default()
+        AnswerEncoder
     }
 
     fn decoder(&mut self) -> Self::Decoder {
@@ -219,8 +173,8 @@ impl tonic::server::NamedService for ExtAuthzServer {
 struct CheckCall(Arc<ExtAuthzService>);
 
 impl tonic::server::UnaryService<wire::RawCheck> for CheckCall {
-    type Response = CheckResponse;
-    type Future = BoxFuture<Response<CheckResponse>, Status>;
+    type Response = CheckAnswer;
+    type Future = BoxFuture<Response<CheckAnswer>, Status>;
 
     fn call(&mut self, request: Request<wire::RawCheck>) -> Self::Future {
         let inner = self.0.clone();

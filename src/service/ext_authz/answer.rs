@@ -1,0 +1,250 @@
+//! Envoy's `CheckResponse` written straight from the gate's decision into
+//! the call's send buffer, as the Verify answer is (README,
+//! "Performance"): the bytes prost writes for [`to_check_response`]'s
+//! message, without building it (about thirty strings, a hashed map and
+//! their frees per Check). `to_check_response` stays as the reference the
+//! tests decode against.
+
+use envoy_types::ext_authz::v3::pb::{
+    CheckResponse, DeniedHttpResponse, HeaderAppendAction, HeaderValue, HeaderValueOption, HttpResponse, HttpStatus,
+    OkHttpResponse,
+};
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+use envoy_types::pb::google::rpc;
+use prost::bytes::BufMut;
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+
+use crate::proxy::{Allow, Decision, Deny, ENV, KEY_ID, TENANT};
+
+/// What a header set by keystile does to one already there: replaces it
+/// (README, "Protect an API without code": identity headers cannot be
+/// forged).
+const OVERWRITE: u64 = HeaderAppendAction::OverwriteIfExistsOrAdd as u64;
+
+/// The gRPC status of a denial that Envoy logs (the HTTP answer is
+/// `denied_response`).
+fn deny_code(status: u16) -> tonic::Code {
+    match status {
+        400 => tonic::Code::InvalidArgument,
+        401 => tonic::Code::Unauthenticated,
+        429 => tonic::Code::ResourceExhausted,
+        _ => tonic::Code::PermissionDenied,
+    }
+}
+
+/// A Check's answer as it will be written.
+pub struct CheckAnswer(pub Decision);
+
+impl CheckAnswer {
+    /// Appends the encoded `CheckResponse` to `buf`.
+    pub fn write(&self, buf: &mut impl BufMut) {
+        match &self.0 {
+            Decision::Allow(allow) => {
+                // status: OK, every field default, still present.
+                message(1, 0, buf);
+                let ok_len = ok_response_len(allow);
+                message(3, ok_len, buf);
+                for (name, value) in &allow.upstream {
+                    header_option(2, name, value, buf);
+                }
+                for name in &allow.remove_upstream {
+                    string_always(5, name, buf);
+                }
+                for (name, value) in &allow.response {
+                    header_option(6, name, value, buf);
+                }
+                for name in &allow.remove_query {
+                    string_always(8, name, buf);
+                }
+                let fields = metadata(allow);
+                message(4, fields.iter().map(|(k, v)| field_entry_len(k, v)).sum(), buf);
+                for (k, v) in fields {
+                    let value_len = string_always_len(3, v);
+                    message(1, key_len(1) + encoded_len_varint(k.len() as u64) + k.len() + nested(2, value_len), buf);
+                    string(1, k, buf);
+                    message(2, value_len, buf);
+                    string_always(3, v, buf);
+                }
+            }
+            Decision::Deny(deny) => {
+                let code = deny_code(deny.status) as i32 as u64;
+                message(1, uint_len(1, code) + string_len(2, deny.code), buf);
+                uint(1, code, buf);
+                string(2, deny.code, buf);
+                message(2, denied_response_len(deny), buf);
+                message(1, uint_len(1, u64::from(deny.status)), buf);
+                uint(1, u64::from(deny.status), buf);
+                for (name, value) in &deny.headers {
+                    header_option(2, name, value, buf);
+                }
+                string(3, &deny.body, buf);
+            }
+        }
+    }
+}
+
+/// The message prost would build for the same answer.
+pub fn to_check_response(decision: Decision) -> CheckResponse {
+    fn set(name: &str, value: String) -> HeaderValueOption {
+        HeaderValueOption {
+            header: Some(HeaderValue { key: name.to_string(), value, raw_value: Vec::new() }),
+            append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+            ..Default::default()
+        }
+    }
+    fn string(s: String) -> Value {
+        Value { kind: Some(Kind::StringValue(s)) }
+    }
+    match decision {
+        Decision::Allow(allow) => CheckResponse {
+            status: Some(rpc::Status { code: tonic::Code::Ok as i32, ..Default::default() }),
+            dynamic_metadata: Some(Struct {
+                fields: metadata(&allow).into_iter().map(|(k, v)| (k.to_string(), string(v.to_string()))).collect(),
+            }),
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                headers: allow.upstream.into_iter().map(|(n, v)| set(n, v)).collect(),
+                headers_to_remove: allow.remove_upstream,
+                response_headers_to_add: allow.response.into_iter().map(|(n, v)| set(n, v)).collect(),
+                query_parameters_to_remove: allow.remove_query,
+                ..Default::default()
+            })),
+        },
+        Decision::Deny(deny) => CheckResponse {
+            status: Some(rpc::Status {
+                code: deny_code(deny.status) as i32,
+                message: deny.code.to_string(),
+                details: Vec::new(),
+            }),
+            dynamic_metadata: None,
+            http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+                status: Some(HttpStatus { code: deny.status as i32 }),
+                headers: deny.headers.into_iter().map(|(n, v)| set(n, v)).collect(),
+                body: deny.body,
+            })),
+        },
+    }
+}
+
+/// `dynamic_metadata` of an allow, for access logs (README, "Protect an
+/// API without code").
+fn metadata(allow: &Allow) -> [(&'static str, &str); 3] {
+    [("key_id", allow.identity(KEY_ID)), ("tenant", allow.identity(TENANT)), ("env", allow.identity(ENV))]
+}
+
+fn ok_response_len(allow: &Allow) -> usize {
+    allow.upstream.iter().map(|(n, v)| nested(2, header_option_len(n, v))).sum::<usize>()
+        + allow.remove_upstream.iter().map(|n| string_always_len(5, n)).sum::<usize>()
+        + allow.response.iter().map(|(n, v)| nested(6, header_option_len(n, v))).sum::<usize>()
+        + allow.remove_query.iter().map(|n| string_always_len(8, n)).sum::<usize>()
+}
+
+fn denied_response_len(deny: &Deny) -> usize {
+    nested(1, uint_len(1, u64::from(deny.status)))
+        + deny.headers.iter().map(|(n, v)| nested(2, header_option_len(n, v))).sum::<usize>()
+        + string_len(3, &deny.body)
+}
+
+/// A `HeaderValueOption` that overwrites: its `HeaderValue` (always
+/// present) and its append action.
+fn header_option(field: u32, name: &str, value: &str, buf: &mut impl BufMut) {
+    message(field, header_option_len(name, value), buf);
+    message(1, string_len(1, name) + string_len(2, value), buf);
+    string(1, name, buf);
+    string(2, value, buf);
+    uint(3, OVERWRITE, buf);
+}
+
+fn header_option_len(name: &str, value: &str) -> usize {
+    nested(1, string_len(1, name) + string_len(2, value)) + uint_len(3, OVERWRITE)
+}
+
+/// A `Struct` field entry: the name, and a `Value` holding a string (a
+/// oneof member: written even when empty).
+fn field_entry_len(name: &str, value: &str) -> usize {
+    nested(1, string_len(1, name) + nested(2, string_always_len(3, value)))
+}
+
+/// The key and length of a nested message of `len` bytes.
+fn message(field: u32, len: usize, buf: &mut impl BufMut) {
+    encode_key(field, WireType::LengthDelimited, buf);
+    encode_varint(len as u64, buf);
+}
+
+/// What a nested message of `len` bytes takes, with its key and length.
+fn nested(field: u32, len: usize) -> usize {
+    key_len(field) + encoded_len_varint(len as u64) + len
+}
+
+/// A proto3 string field; the empty string is not written.
+fn string(field: u32, s: &str, buf: &mut impl BufMut) {
+    if !s.is_empty() {
+        string_always(field, s, buf);
+    }
+}
+
+fn string_len(field: u32, s: &str) -> usize {
+    if s.is_empty() { 0 } else { string_always_len(field, s) }
+}
+
+/// A string written even when empty (repeated strings, oneof members).
+fn string_always(field: u32, s: &str, buf: &mut impl BufMut) {
+    encode_key(field, WireType::LengthDelimited, buf);
+    encode_varint(s.len() as u64, buf);
+    buf.put_slice(s.as_bytes());
+}
+
+fn string_always_len(field: u32, s: &str) -> usize {
+    nested(field, s.len())
+}
+
+/// A proto3 varint field; 0 is not written.
+fn uint(field: u32, n: u64, buf: &mut impl BufMut) {
+    if n != 0 {
+        encode_key(field, WireType::Varint, buf);
+        encode_varint(n, buf);
+    }
+}
+
+fn uint_len(field: u32, n: u64) -> usize {
+    if n == 0 { 0 } else { key_len(field) + encoded_len_varint(n) }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    /// Written and built-then-encoded answers are the same message of the
+    /// same length, for allows and denials, with empty values among them.
+    #[test]
+    fn the_written_answer_is_the_message_to_check_response_builds() {
+        let allow = |tenant: &str, response: Vec<(&'static str, String)>, strip: bool| Allow {
+            upstream: [(KEY_ID, "AbCdEf12"), (TENANT, tenant), (ENV, "live"), ("x-keystile-scopes", "read,write")]
+                .into_iter()
+                .filter(|(_, v)| !v.is_empty())
+                .map(|(n, v)| (n, v.to_string()))
+                .collect(),
+            remove_upstream: if strip { vec!["authorization".into(), "x-keystile-tenant".into()] } else { vec![] },
+            remove_query: if strip { vec!["api_key".into(), String::new()] } else { vec![] },
+            response,
+        };
+        let limits = vec![("x-ratelimit-limit", "1000".to_string()), ("ratelimit", String::new())];
+        let body = "{\"error\": \"rate_limited\"}".to_string();
+        let decisions = [
+            Decision::Allow(allow("acme", limits.clone(), false)),
+            Decision::Allow(allow("", vec![], true)),
+            Decision::Deny(Deny { status: 401, code: "REVOKED", headers: vec![], body: body.clone() }),
+            Decision::Deny(Deny { status: 429, code: "RATE_LIMITED", headers: limits.clone(), body }),
+            Decision::Deny(Deny { status: 403, code: "", headers: limits, body: String::new() }),
+            Decision::Deny(Deny { status: 400, code: "INVALID_REQUEST", headers: vec![], body: "x".repeat(300) }),
+        ];
+        for decision in decisions {
+            let built = to_check_response(decision.clone());
+            let mut written = Vec::new();
+            CheckAnswer(decision).write(&mut written);
+            assert_eq!(written.len(), built.encoded_len(), "{built:?}");
+            assert_eq!(CheckResponse::decode(&written[..]).unwrap(), built);
+        }
+    }
+}

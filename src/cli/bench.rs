@@ -88,6 +88,10 @@ pub struct BenchArgs {
     /// Runtime threads of the in-process server.
     #[arg(long)]
     pub server_workers: Option<usize>,
+    /// The process id of --server, to report its CPU time per call (read
+    /// from /proc; the in-process server's is read from its own threads).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
     /// Scenarios, run in this order.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "health,hit,malformed,mix,miss")]
     pub scenario: Vec<Scenario>,
@@ -135,6 +139,52 @@ pub struct Report {
     pub errors: u64,
     pub seconds: f64,
     pub histogram: Histogram<u64>,
+    /// The server's CPU time (user and system) per call over the measured
+    /// time, when it can be read.
+    pub server_cpu_us: Option<f64>,
+}
+
+/// Where the server's CPU time is read (Linux's /proc, in clock ticks of
+/// 10 ms): the threads of this process that run the in-process server, or
+/// the process given by --server-pid.
+enum ServerCpu {
+    Threads(&'static str),
+    Process(u32),
+    Unknown,
+}
+
+/// The name of the in-process server's runtime threads.
+const SERVER_THREADS: &str = "keystile-server";
+
+impl ServerCpu {
+    /// User and system time so far, in microseconds.
+    fn micros(&self) -> Option<u64> {
+        // utime and stime: the 14th and 15th fields, counted after the
+        // command name (which may hold spaces, but ends with ')').
+        let ticks = |stat: &str| -> Option<u64> {
+            let mut f = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+            Some(f.next()?.parse::<u64>().ok()? + f.next()?.parse::<u64>().ok()?)
+        };
+        // Linux reports /proc times in USER_HZ, which is 100.
+        const MICROS_PER_TICK: u64 = 10_000;
+        match self {
+            ServerCpu::Process(pid) => {
+                Some(ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)? * MICROS_PER_TICK)
+            }
+            ServerCpu::Threads(name) => {
+                let mut total = 0;
+                for task in std::fs::read_dir("/proc/self/task").ok()? {
+                    let path = task.ok()?.path();
+                    let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+                    if comm.trim_end() == *name {
+                        total += ticks(&std::fs::read_to_string(path.join("stat")).unwrap_or_default()).unwrap_or(0);
+                    }
+                }
+                Some(total * MICROS_PER_TICK)
+            }
+            ServerCpu::Unknown => None,
+        }
+    }
 }
 
 impl Report {
@@ -158,6 +208,7 @@ impl Report {
             "p99_us": self.micros(0.99),
             "p999_us": self.micros(0.999),
             "max_us": self.histogram.max() as f64 / 1000.0,
+            "server_cpu_us_per_call": self.server_cpu_us,
         })
     }
 }
@@ -249,6 +300,11 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, String> {
             (Duration::from_millis(700), Duration::from_millis(200), 2, 8, 200);
     }
 
+    let cpu = match (&args.server, args.server_pid) {
+        (None, _) => ServerCpu::Threads(SERVER_THREADS),
+        (Some(_), Some(pid)) => ServerCpu::Process(pid),
+        (Some(_), None) => ServerCpu::Unknown,
+    };
     let mut _local = LocalServer(None);
     let (url, admin_key) = match &args.server {
         Some(url) => (
@@ -288,7 +344,7 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, String> {
     for _ in 0..rounds {
         for &scenario in &args.scenario {
             let settings = Settings { duration, warmup, concurrency, rate: args.rate };
-            let report = run_scenario(scenario, &channels, &workload, settings).await;
+            let report = run_scenario(scenario, &channels, &workload, settings, &cpu).await;
             if !args.json {
                 print_line(&report);
             }
@@ -301,6 +357,11 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, String> {
     }
     let median_rps = |s: Scenario| {
         let mut v: Vec<f64> = reports.iter().filter(|r| r.scenario == s && r.requests > 0).map(Report::rps).collect();
+        v.sort_by(f64::total_cmp);
+        (!v.is_empty()).then(|| v[v.len() / 2])
+    };
+    let median_cpu = |s: Scenario| {
+        let mut v: Vec<f64> = reports.iter().filter(|r| r.scenario == s).filter_map(|r| r.server_cpu_us).collect();
         v.sort_by(f64::total_cmp);
         (!v.is_empty()).then(|| v[v.len() / 2])
     };
@@ -320,6 +381,11 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, String> {
             "duration_seconds": duration.as_secs_f64(),
             "scenarios": reports.iter().map(Report::to_json).collect::<Vec<_>>(),
             "median_rps": medians,
+            "median_server_cpu_us_per_call": args
+                .scenario
+                .iter()
+                .filter_map(|&s| median_cpu(s).map(|m| (format!("{s:?}").to_lowercase(), json!(m))))
+                .collect::<serde_json::Map<String, serde_json::Value>>(),
             "verify_hit_over_health": ratio,
         });
         println!("{out}");
@@ -327,7 +393,11 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, String> {
         if rounds > 1 {
             for &s in &args.scenario {
                 if let Some(m) = median_rps(s) {
-                    println!("median {:<10} {m:>10.0} req/s", format!("{s:?}").to_lowercase());
+                    let cpu = median_cpu(s).map_or("-".to_string(), |c| format!("{c:.1}"));
+                    println!(
+                        "median {:<10} {m:>10.0} req/s  server CPU {cpu:>5} µs/call",
+                        format!("{s:?}").to_lowercase()
+                    );
                 }
             }
         }
@@ -363,7 +433,7 @@ async fn start_local(
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers.unwrap_or((cpus / 2).max(1)))
-        .thread_name("keystile-server")
+        .thread_name(SERVER_THREADS)
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
@@ -539,18 +609,28 @@ fn target(scenario: Scenario, channel: &Channel) -> Target {
     }
 }
 
-async fn run_scenario(scenario: Scenario, channels: &[Channel], w: &Arc<Workload>, s: Settings) -> Report {
+async fn run_scenario(
+    scenario: Scenario,
+    channels: &[Channel],
+    w: &Arc<Workload>,
+    s: Settings,
+    cpu: &ServerCpu,
+) -> Report {
     let counter = Arc::new(AtomicUsize::new(0));
     if scenario != Scenario::Miss && !s.warmup.is_zero() {
         closed_loop(scenario, channels, w, s.concurrency, s.warmup, &counter).await;
     }
-    let started = Instant::now();
+    let (started, cpu_before) = (Instant::now(), cpu.micros());
     let (histogram, errors) = match s.rate {
         None => closed_loop(scenario, channels, w, s.concurrency, s.duration, &counter).await,
         Some(rate) => open_loop(scenario, channels, w, s.concurrency, s.duration, rate).await,
     };
     let seconds = started.elapsed().as_secs_f64();
-    Report { scenario, requests: histogram.len(), errors, seconds, histogram }
+    let server_cpu_us = cpu_before
+        .zip(cpu.micros())
+        .filter(|_| !histogram.is_empty())
+        .map(|(before, after)| after.saturating_sub(before) as f64 / histogram.len() as f64);
+    Report { scenario, requests: histogram.len(), errors, seconds, histogram, server_cpu_us }
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -646,10 +726,11 @@ async fn open_loop(
 
 fn print_line(r: &Report) {
     println!(
-        "{:<10} {:>9} req {:>10.0} req/s  p50 {:>7.1} µs  p90 {:>7.1} µs  p99 {:>7.1} µs  p99.9 {:>8.1} µs  errors {}",
+        "{:<10} {:>9} req {:>10.0} req/s  server CPU {:>5} µs/call  p50 {:>7.1} µs  p90 {:>7.1} µs  p99 {:>7.1} µs  p99.9 {:>8.1} µs  errors {}",
         format!("{:?}", r.scenario).to_lowercase(),
         r.requests,
         r.rps(),
+        r.server_cpu_us.map_or("-".to_string(), |c| format!("{c:.1}")),
         r.micros(0.5),
         r.micros(0.9),
         r.micros(0.99),

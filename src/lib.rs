@@ -49,7 +49,9 @@
 //!   conversions, the one error → status map, the size cap, the RPC span
 //!   layer, the process-wide limits on connections and calls
 //!   (`service/load.rs`) and fairness between connections
-//!   (`service/fairness.rs`); [`proto`]: generated code.
+//!   (`service/fairness.rs`); answers written straight from the verdict
+//!   (`service/verify_answer.rs`, `service/ext_authz/answer.rs`);
+//!   [`proto`]: generated code.
 //! - [`proxy`]: the proxy front ends' common ground ([`proxy::Gate`]): a
 //!   proxied request (credential sources, route table) in, an allow with
 //!   identity headers or a deny with a templated body out; Envoy's
@@ -58,7 +60,8 @@
 //! - [`http`]: the HTTP listener (token exchange, JWKS, forward-auth on
 //!   `/authz`), converting at its edge like the gRPC front ends.
 //! - [`server`]: the port composed from a list of front ends, health,
-//!   reflection, background tasks, graceful shutdown.
+//!   reflection, background tasks, graceful shutdown; one runtime, or one
+//!   per core (`--runtime per-core`).
 //! - [`config`]: flags, environment and file, validated (all errors at
 //!   once); [`secret`]: the redacting types.
 //! - [`clock`]: injectable time; [`telemetry`]: logs and traces;

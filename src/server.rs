@@ -298,24 +298,34 @@ pub async fn serve(
     // `release`: the last flush below may use a store connection one of
     // them opened.
     let release = CancellationToken::new();
+    // However this future ends (returned early, dropped), the drain, the
+    // background tasks and the other cores end with it.
+    let _ends = [stop.clone(), tasks.clone(), release.clone()].map(CancellationToken::drop_guard);
     let mut cores = Vec::new();
     for core in 1..options.cores.max(1) {
         cores.push(Core::start(core, app.clone(), options.clone(), shared.clone(), release.clone())?);
     }
     // serve_with_incoming ignores the builder's tcp_nodelay: set it here.
-    let mut dealer = Dealer { cores: cores.iter().map(|c| c.connections.clone()).collect(), next: 0 };
+    let mut dealer =
+        Dealer { cores: cores.iter().map(|c| c.connections.clone()).collect(), next: 0, gate: shared.gate.clone() };
     let incoming =
         tokio_stream::StreamExt::filter_map(TcpIncoming::from(listener).with_nodelay(Some(true)), move |a| match a {
             Ok(connection) => dealer.deal(connection).map(Ok),
             Err(e) => Some(Err(e)),
         });
-    let mut outcome = serve_connections(&app, &options, shared, incoming).await.map_err(Into::into);
+    let gate = shared.gate.clone();
+    let mut outcome = serve_connections(&app, &options, shared, gate.incoming(incoming)).await.map_err(Into::into);
     let all_done = tokio::time::Instant::now() + options.shutdown_grace;
     for core in &mut cores {
-        let served = tokio::time::timeout_at(all_done, &mut core.outcome).await;
-        match served {
-            Ok(Ok(Err(e))) if outcome.is_ok() => outcome = Err(e.into()),
-            Ok(_) => {}
+        match tokio::time::timeout_at(all_done, &mut core.outcome).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => {
+                tracing::error!(core = core.index, error = %e, "a core failed");
+                if outcome.is_ok() {
+                    outcome = Err(e);
+                }
+            }
+            Ok(Err(_)) => tracing::error!(core = core.index, "a core ended without an outcome (it panicked)"),
             Err(_) => tracing::warn!(core = core.index, "shutdown grace elapsed with calls still in flight"),
         }
     }
@@ -324,7 +334,13 @@ pub async fn serve(
     flush_usage_before(&app, until).await;
     release.cancel();
     for core in cores {
-        let _ = core.thread.join();
+        // Its runtime is shut down without waiting for blocking tasks:
+        // the thread ends at once. Joined off this runtime, and given up
+        // on (left detached) after a second.
+        let joined = tokio::task::spawn_blocking(move || core.thread.join());
+        if tokio::time::timeout(Duration::from_secs(1), joined).await.is_err() {
+            tracing::warn!(core = core.index, "a core's thread did not end; leaving it");
+        }
     }
     outcome
 }
@@ -340,8 +356,9 @@ struct Shared {
     stop: CancellationToken,
 }
 
-/// Serves `incoming`'s connections on the current runtime until the drain
-/// signal, then drains them within the shutdown grace.
+/// Serves `incoming`'s connections (admitted by the gate) on the current
+/// runtime until the drain signal, then drains them within the shutdown
+/// grace.
 async fn serve_connections<I, IE>(
     app: &App,
     options: &ServerOptions,
@@ -349,7 +366,7 @@ async fn serve_connections<I, IE>(
     incoming: I,
 ) -> Result<(), tonic::transport::Error>
 where
-    I: tokio_stream::Stream<Item = Result<TcpStream, IE>>,
+    I: tokio_stream::Stream<Item = Result<crate::service::load::CappedConnection<TcpStream>, IE>>,
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut builder = tonic::transport::Server::builder();
@@ -370,7 +387,7 @@ where
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_routes(routes(app, &options.front_ends, options.ext_authz_max_request_bytes, shared.health));
     let stop = shared.stop;
-    let served = router.serve_with_incoming_shutdown(shared.gate.incoming(incoming), stop.clone().cancelled_owned());
+    let served = router.serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
     let grace = options.shutdown_grace;
     tokio::select! {
         r = served => r,
@@ -381,12 +398,19 @@ where
     }
 }
 
+/// What a core's outcome is: how its connections were served.
+type Served = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// A connection dealt to a core, with the connection permit taken for it
+/// where it was accepted.
+type Dealt = (std::net::TcpStream, tokio::sync::OwnedSemaphorePermit);
+
 /// A core beyond the first: a thread with a current-thread runtime serving
 /// the connections dealt to it.
 struct Core {
     index: usize,
-    connections: tokio::sync::mpsc::Sender<std::net::TcpStream>,
-    outcome: tokio::sync::oneshot::Receiver<Result<(), tonic::transport::Error>>,
+    connections: tokio::sync::mpsc::Sender<Dealt>,
+    outcome: tokio::sync::oneshot::Receiver<Served>,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -403,18 +427,29 @@ impl Core {
         release: CancellationToken,
     ) -> std::io::Result<Core> {
         let (connections, received) = tokio::sync::mpsc::channel(Core::BACKLOG);
-        let (done, outcome) = tokio::sync::oneshot::channel();
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let thread = std::thread::Builder::new().name(format!("keystile-core-{index}")).spawn(move || {
+        let (done, outcome) = tokio::sync::oneshot::channel::<Served>();
+        // Built on its own thread: a runtime must not be dropped on another
+        // runtime's thread, as it would be if the thread failed to start.
+        let thread = std::thread::Builder::new().name(format!("ks-core-{index}")).spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let _ = done.send(Err(e.into()));
+                    return;
+                }
+            };
             runtime.block_on(async move {
+                let gate = shared.gate.clone();
                 // Registered with this runtime's reactor, not the acceptor's.
                 let incoming = tokio_stream::StreamExt::map(
                     tokio_stream::wrappers::ReceiverStream::new(received),
-                    TcpStream::from_std,
+                    move |(connection, permit): Dealt| TcpStream::from_std(connection).map(|c| gate.open(c, permit)),
                 );
-                let _ = done.send(serve_connections(&app, &options, shared, incoming).await);
+                let served = serve_connections(&app, &options, shared, incoming).await;
+                let _ = done.send(served.map_err(Into::into));
                 release.cancelled().await;
-            })
+            });
+            runtime.shutdown_background();
         })?;
         Ok(Core { index, connections, outcome, thread })
     }
@@ -424,8 +459,9 @@ impl Core {
 /// its turn, the others' go to their runtimes (or stay here when one
 /// falls behind by [`Core::BACKLOG`]).
 struct Dealer {
-    cores: Vec<tokio::sync::mpsc::Sender<std::net::TcpStream>>,
+    cores: Vec<tokio::sync::mpsc::Sender<Dealt>>,
     next: usize,
+    gate: ConnectionGate,
 }
 
 impl Dealer {
@@ -435,11 +471,14 @@ impl Dealer {
         if turn == 0 {
             return Some(connection);
         }
+        // Counted against --max-connections here, where it was accepted.
+        let permit = self.gate.permit()?;
         // Leaves this runtime's reactor; the core registers it with its own.
         let connection = connection.into_std().ok()?;
-        match self.cores[turn - 1].try_send(connection) {
+        match self.cores[turn - 1].try_send((connection, permit)) {
             Ok(()) => None,
-            Err(e) => TcpStream::from_std(e.into_inner()).ok(),
+            // The first core admits it again: the permit goes back.
+            Err(e) => TcpStream::from_std(e.into_inner().0).ok(),
         }
     }
 }

@@ -355,7 +355,7 @@ fn core_threads() -> Vec<String> {
         .unwrap()
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
         .map(|n| n.trim().to_string())
-        .filter(|n| n.starts_with("keystile-core-"))
+        .filter(|n| n.starts_with("ks-core-"))
         .collect();
     names.sort();
     names
@@ -373,7 +373,7 @@ async fn per_core_runtimes_answer_every_connection_and_drain_together() {
     let options =
         keystile::server::ServerOptions { shutdown_grace: Duration::from_secs(5), cores: 3, ..Default::default() };
     let s = TestServer::start_with(store.clone(), settings, options, keystile::clock::Clock::system()).await;
-    assert_eq!(core_threads(), ["keystile-core-1", "keystile-core-2"]);
+    assert_eq!(core_threads(), ["ks-core-1", "ks-core-2"]);
     let mut admin = s.admin().await;
     let mut keys = Vec::new();
     for i in 0..12 {
@@ -406,7 +406,12 @@ async fn per_core_runtimes_answer_every_connection_and_drain_together() {
         assert_eq!(code(&r), Code::Valid);
     }
     assert!(t0.elapsed() < Duration::from_secs(5), "drained well within the grace");
-    assert!(core_threads().is_empty(), "the cores' threads end with serve");
+    // A joined thread can linger in /proc for a moment.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !core_threads().is_empty() {
+        assert!(Instant::now() < deadline, "the cores' threads end with serve: {:?}", core_threads());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The known-key filter (README, "Storage, cache and revocation"): forged

@@ -165,7 +165,8 @@ impl ServerCpu {
             let mut f = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
             Some(f.next()?.parse::<u64>().ok()? + f.next()?.parse::<u64>().ok()?)
         };
-        // Linux reports /proc times in USER_HZ, which is 100.
+        // Linux reports /proc times in USER_HZ, 100 on x86-64 and arm64.
+        // CPU time of threads that ended during the run is not counted.
         const MICROS_PER_TICK: u64 = 10_000;
         match self {
             ServerCpu::Process(pid) => {
@@ -300,6 +301,9 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, String> {
             (Duration::from_millis(700), Duration::from_millis(200), 2, 8, 200);
     }
 
+    if args.server.is_none() && args.server_pid.is_some() {
+        return Err("--server-pid is for a --server; the in-process server's CPU is read from its own threads".into());
+    }
     let cpu = match (&args.server, args.server_pid) {
         (None, _) => ServerCpu::Threads(SERVER_THREADS),
         (Some(_), Some(pid)) => ServerCpu::Process(pid),

@@ -148,10 +148,13 @@ impl ConnectionLoad {
         self.fairness.started.load(Ordering::Relaxed)
     }
 
-    /// Whether answers of this connection are due within a turn of the
-    /// run queue: calls read from it wait there to start. Writing now would
-    /// send the answer at hand alone and each of theirs in a write of its
-    /// own (README, "Performance").
+    /// Whether answers of this connection are likely due within a turn of
+    /// the run queue: calls read from it have not started, most of them
+    /// waiting there (some may still be in h2's read buffer, and a stale
+    /// count, cleared within a second, holds calls that never start).
+    /// Writing now would send the answer at hand alone and each of theirs
+    /// in a write of its own (README, "Runtime"); a wrong guess costs one
+    /// turn of the run queue.
     pub fn answers_due(&self) -> bool {
         self.queued() > 0
     }

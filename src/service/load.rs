@@ -364,25 +364,35 @@ impl ConnectionGate {
 
     /// The connection, holding a permit; `None` (and closed) at the cap.
     pub fn admit<IO>(&self, io: IO) -> Option<CappedConnection<IO>> {
-        match self.permits.clone().try_acquire_owned() {
-            Ok(permit) => Some(CappedConnection {
-                io,
-                _permit: permit,
-                idle: self.idle,
-                last_read: tokio::time::Instant::now(),
-                writes: self.writes.clone(),
-                load: self.fairness.as_ref().unwrap_or(&self.unseen).connection(),
-                frames: self.fairness.is_some().then(FrameCounter::default),
-                stale: None,
-                recheck: None,
-                deferred: false,
-                timer: None,
-            }),
-            Err(_) => {
-                self.refused.increment(1);
-                drop(io);
-                None
-            }
+        self.permit().map(|permit| self.open(io, permit))
+    }
+
+    /// A connection permit; `None` (counted as refused) at the cap. Taken
+    /// where a connection is accepted, before it is handed to another
+    /// runtime ([`ConnectionGate::open`]).
+    pub fn permit(&self) -> Option<OwnedSemaphorePermit> {
+        let permit = self.permits.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            self.refused.increment(1);
+        }
+        permit
+    }
+
+    /// The connection holding `permit`, on the runtime it will be served on
+    /// (its timers are that runtime's).
+    pub fn open<IO>(&self, io: IO, permit: OwnedSemaphorePermit) -> CappedConnection<IO> {
+        CappedConnection {
+            io,
+            _permit: permit,
+            idle: self.idle,
+            last_read: tokio::time::Instant::now(),
+            writes: self.writes.clone(),
+            load: self.fairness.as_ref().unwrap_or(&self.unseen).connection(),
+            frames: self.fairness.is_some().then(FrameCounter::default),
+            stale: None,
+            recheck: None,
+            deferred: false,
+            timer: None,
         }
     }
 

@@ -50,7 +50,8 @@
 //!   layer, the process-wide limits on connections and calls
 //!   (`service/load.rs`) and fairness between connections
 //!   (`service/fairness.rs`); answers written straight from the verdict
-//!   (`service/verify_answer.rs`, `service/ext_authz/answer.rs`);
+//!   (`service/verify_answer.rs`, `service/ext_authz/answer.rs`, their
+//!   shared protobuf rules in `service/protobuf.rs`);
 //!   [`proto`]: generated code.
 //! - [`proxy`]: the proxy front ends' common ground ([`proxy::Gate`]): a
 //!   proxied request (credential sources, route table) in, an allow with

@@ -10,6 +10,7 @@ pub mod ext_authz;
 pub mod fairness;
 pub mod limits;
 pub mod load;
+pub mod protobuf;
 pub mod span;
 pub mod status;
 pub mod verifier;

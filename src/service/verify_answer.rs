@@ -9,8 +9,8 @@
 use std::fmt;
 
 use prost::bytes::BufMut;
-use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 
+use super::protobuf::{message, nested, string, string_always, string_len, uint, uint_len};
 use super::verifier::wire_code;
 use crate::verdict::{self, AppliedLimit, Verdict};
 
@@ -26,8 +26,7 @@ impl VerifyAnswer {
     pub fn write(&self, buf: &mut impl BufMut) {
         let v = &self.verdict;
         if v.is_valid() {
-            encode_key(1, WireType::Varint, buf);
-            encode_varint(1, buf);
+            uint(1, 1, buf);
         }
         uint(2, wire_code(v.outcome) as i32 as u64, buf);
         string(3, v.outcome.error(), buf);
@@ -41,9 +40,7 @@ impl VerifyAnswer {
             string(9, &r.tenant, buf);
             for scope in v.granted_scopes() {
                 // A repeated string writes even an empty one.
-                encode_key(10, WireType::LengthDelimited, buf);
-                encode_varint(scope.len() as u64, buf);
-                buf.put_slice(scope.as_bytes());
+                string_always(10, scope, buf);
             }
             for (name, value) in &r.metadata {
                 entry(11, name, value.len(), buf, |buf| buf.put_slice(value.as_bytes()));
@@ -53,11 +50,7 @@ impl VerifyAnswer {
         if let Some(rate) = &v.rate {
             let s = &rate.state;
             let fields = [s.limit, s.remaining, s.reset_seconds, s.window_seconds, s.retry_after_ms];
-            encode_key(13, WireType::LengthDelimited, buf);
-            encode_varint(
-                fields.iter().enumerate().map(|(i, &n)| uint_len(i as u32 + 1, n)).sum::<usize>() as u64,
-                buf,
-            );
+            message(13, fields.iter().enumerate().map(|(i, &n)| uint_len(i as u32 + 1, n)).sum(), buf);
             for (i, n) in fields.into_iter().enumerate() {
                 uint(i as u32 + 1, n, buf);
             }
@@ -88,8 +81,7 @@ fn limit_state(limit: &AppliedLimit, buf: &mut impl BufMut) {
     let name = limit.name.as_str();
     let numbers = [s.limit, s.remaining, s.reset_seconds, s.window_seconds, s.retry_after_ms];
     let len = string_len(1, name) + numbers.iter().enumerate().map(|(i, &n)| uint_len(i as u32 + 2, n)).sum::<usize>();
-    encode_key(15, WireType::LengthDelimited, buf);
-    encode_varint(len as u64, buf);
+    message(15, len, buf);
     string(1, name, buf);
     for (i, n) in numbers.into_iter().enumerate() {
         uint(i as u32 + 2, n, buf);
@@ -99,40 +91,13 @@ fn limit_state(limit: &AppliedLimit, buf: &mut impl BufMut) {
 /// A `map<string, string>` entry whose value is `value_len` bytes written
 /// by `value`; as prost does, an empty key or value is left out.
 fn entry<B: BufMut>(field: u32, name: &str, value_len: usize, buf: &mut B, value: impl FnOnce(&mut B)) {
-    let value_part = if value_len == 0 { 0 } else { key_len(2) + encoded_len_varint(value_len as u64) + value_len };
-    encode_key(field, WireType::LengthDelimited, buf);
-    encode_varint((string_len(1, name) + value_part) as u64, buf);
+    let value_part = if value_len == 0 { 0 } else { nested(2, value_len) };
+    message(field, string_len(1, name) + value_part, buf);
     string(1, name, buf);
     if value_len > 0 {
-        encode_key(2, WireType::LengthDelimited, buf);
-        encode_varint(value_len as u64, buf);
+        message(2, value_len, buf);
         value(buf);
     }
-}
-
-/// A proto3 string field; the empty string is not written.
-fn string(field: u32, s: &str, buf: &mut impl BufMut) {
-    if !s.is_empty() {
-        encode_key(field, WireType::LengthDelimited, buf);
-        encode_varint(s.len() as u64, buf);
-        buf.put_slice(s.as_bytes());
-    }
-}
-
-fn string_len(field: u32, s: &str) -> usize {
-    if s.is_empty() { 0 } else { key_len(field) + encoded_len_varint(s.len() as u64) + s.len() }
-}
-
-/// A proto3 varint field (uint32, uint64, int64, enum); 0 is not written.
-fn uint(field: u32, n: u64, buf: &mut impl BufMut) {
-    if n != 0 {
-        encode_key(field, WireType::Varint, buf);
-        encode_varint(n, buf);
-    }
-}
-
-fn uint_len(field: u32, n: u64) -> usize {
-    if n == 0 { 0 } else { key_len(field) + encoded_len_varint(n) }
 }
 
 /// The length of what `args` formats to, without keeping it.

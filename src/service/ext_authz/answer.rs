@@ -12,9 +12,9 @@ use envoy_types::ext_authz::v3::pb::{
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc;
 use prost::bytes::BufMut;
-use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 
 use crate::proxy::{Allow, Decision, Deny, ENV, KEY_ID, TENANT};
+use crate::service::protobuf::{message, nested, string, string_always, string_always_len, string_len, uint, uint_len};
 
 /// What a header set by keystile does to one already there: replaces it
 /// (README, "Protect an API without code": identity headers cannot be
@@ -60,7 +60,7 @@ impl CheckAnswer {
                 message(4, fields.iter().map(|(k, v)| field_entry_len(k, v)).sum(), buf);
                 for (k, v) in fields {
                     let value_len = string_always_len(3, v);
-                    message(1, key_len(1) + encoded_len_varint(k.len() as u64) + k.len() + nested(2, value_len), buf);
+                    message(1, string_len(1, k) + nested(2, value_len), buf);
                     string(1, k, buf);
                     message(2, value_len, buf);
                     string_always(3, v, buf);
@@ -162,51 +162,6 @@ fn header_option_len(name: &str, value: &str) -> usize {
 /// oneof member: written even when empty).
 fn field_entry_len(name: &str, value: &str) -> usize {
     nested(1, string_len(1, name) + nested(2, string_always_len(3, value)))
-}
-
-/// The key and length of a nested message of `len` bytes.
-fn message(field: u32, len: usize, buf: &mut impl BufMut) {
-    encode_key(field, WireType::LengthDelimited, buf);
-    encode_varint(len as u64, buf);
-}
-
-/// What a nested message of `len` bytes takes, with its key and length.
-fn nested(field: u32, len: usize) -> usize {
-    key_len(field) + encoded_len_varint(len as u64) + len
-}
-
-/// A proto3 string field; the empty string is not written.
-fn string(field: u32, s: &str, buf: &mut impl BufMut) {
-    if !s.is_empty() {
-        string_always(field, s, buf);
-    }
-}
-
-fn string_len(field: u32, s: &str) -> usize {
-    if s.is_empty() { 0 } else { string_always_len(field, s) }
-}
-
-/// A string written even when empty (repeated strings, oneof members).
-fn string_always(field: u32, s: &str, buf: &mut impl BufMut) {
-    encode_key(field, WireType::LengthDelimited, buf);
-    encode_varint(s.len() as u64, buf);
-    buf.put_slice(s.as_bytes());
-}
-
-fn string_always_len(field: u32, s: &str) -> usize {
-    nested(field, s.len())
-}
-
-/// A proto3 varint field; 0 is not written.
-fn uint(field: u32, n: u64, buf: &mut impl BufMut) {
-    if n != 0 {
-        encode_key(field, WireType::Varint, buf);
-        encode_varint(n, buf);
-    }
-}
-
-fn uint_len(field: u32, n: u64) -> usize {
-    if n == 0 { 0 } else { key_len(field) + encoded_len_varint(n) }
 }
 
 #[cfg(test)]

@@ -382,10 +382,12 @@ impl std::fmt::Display for Joined<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn applied(name: &str, limit: u64, remaining: u64, reset: u64, retry_ms: u64) -> AppliedLimit {
+    /// A limit as applied, with a 60-second window (the front ends' answer
+    /// tests use it too).
+    pub(crate) fn applied(name: &str, limit: u64, remaining: u64, reset: u64, retry_ms: u64) -> AppliedLimit {
         AppliedLimit {
             name: name.parse().unwrap(),
             state: RateState { limit, remaining, reset_seconds: reset, window_seconds: 60, retry_after_ms: retry_ms },

@@ -709,3 +709,43 @@ async fn busy_connections_wait_their_turn_and_every_call_is_answered() {
     println!("connection pauses: {pauses}");
     assert!(pauses > 0.0, "8 connections of 48 calls each against a queue of 2: some waited");
 }
+
+/// README, "Runtime": `--runtime per-core` through the binary. Three cores
+/// (threads `ks-core-1` and `ks-core-2` beside the first) answer every
+/// connection dealt to them, and SIGTERM still exits 0; `bench` reads a
+/// `--server`'s CPU per call with `--server-pid`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_runtime_serves_every_connection_and_stops_cleanly() {
+    let sidecar = Sidecar::start(&["--dev", "--runtime", "per-core", "--workers", "3"], &[]);
+    let key =
+        sidecar.keys_json(&["create", "--name", "per-core", "--scope", "read"])["key"].as_str().unwrap().to_string();
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", sidecar.child.id()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .filter(|n| n.starts_with("ks-core-"))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["ks-core-1", "ks-core-2"]);
+    // Each its own connection: dealt round-robin over the three cores.
+    for _ in 0..6 {
+        let answered = tokio::time::timeout(Duration::from_secs(5), verify_over_grpc(sidecar.port, &key)).await;
+        assert_eq!(answered.expect("every core answers"), Code::Valid);
+    }
+
+    let bench = Command::new(BIN)
+        .args(["bench", "--server", &sidecar.server(), "--server-pid", &sidecar.child.id().to_string()])
+        .args(["--scenario", "health", "--duration", "300ms", "--warmup", "0s", "--json"])
+        .env("KEYSTILE_ADMIN_KEY", &sidecar.admin_key)
+        .output()
+        .unwrap();
+    assert!(bench.status.success(), "{}", String::from_utf8_lossy(&bench.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&bench.stdout).unwrap();
+    let cpu = report["scenarios"][0]["server_cpu_us_per_call"].as_f64();
+    assert!(cpu.is_some_and(|c| c >= 0.0), "server CPU per call: {report}");
+    let alone = Command::new(BIN).args(["bench", "--server-pid", "1", "--smoke"]).output().unwrap();
+    assert!(!alone.status.success(), "--server-pid without --server is refused");
+
+    let (code, _) = sidecar.terminate();
+    assert_eq!(code, Some(0));
+}

@@ -13,6 +13,7 @@ pub mod load;
 pub mod protobuf;
 pub mod span;
 pub mod status;
+pub mod unary;
 pub mod verifier;
 pub mod verify_answer;
 

@@ -1,17 +1,17 @@
 //! `keystile.v1.Verifier`: converts the request, asks the engine, writes the
 //! verdict and its headers into the response and, when asked, its metadata
-//! (README, "Verdicts" and "Headers"). The server is written out as tonic's
-//! generated ones are, with the answer as a [`VerifyAnswer`]: written
-//! straight from the verdict, not built as a message first (README,
-//! "Performance").
+//! (README, "Verdicts" and "Headers"). It runs on [`UnaryServer`] rather
+//! than tonic's generated server, with the answer as a [`VerifyAnswer`]:
+//! written straight from the verdict, not built as a message first
+//! (README, "Performance").
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use tonic::codegen::{BoxFuture, Service, StdError, http};
+use tonic::codegen::BoxFuture;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
 
+use super::unary::UnaryServer;
 use super::verify_answer::VerifyAnswer;
 
 use super::status;
@@ -39,7 +39,7 @@ impl VerifierService {
     }
 
     pub fn into_server(self) -> VerifierServer {
-        VerifierServer { inner: Arc::new(self) }
+        UnaryServer::new(VERIFY_PATH, super::MAX_REQUEST_BYTES, VerifyCodec, VerifyCall(Arc::new(self)))
     }
 }
 
@@ -185,9 +185,10 @@ const VERIFY_PATH: &str = "/keystile.v1.Verifier/Verify";
 
 /// `VerifyRequest` in (prost), [`VerifyAnswer`] out.
 #[derive(Clone, Copy, Default)]
-struct VerifyCodec;
+pub struct VerifyCodec;
 
-struct AnswerEncoder;
+/// Writes a [`VerifyAnswer`].
+pub struct AnswerEncoder;
 
 impl tonic::codec::Encoder for AnswerEncoder {
     type Item = VerifyAnswer;
@@ -214,18 +215,17 @@ impl tonic::codec::Codec for VerifyCodec {
     }
 }
 
-/// The tonic service for `keystile.v1.Verifier`, written out as tonic's
-/// generated servers are, with [`VerifyAnswer`] as the response type.
-#[derive(Clone)]
-pub struct VerifierServer {
-    inner: Arc<VerifierService>,
-}
+/// The tonic service for `keystile.v1.Verifier`, with [`VerifyAnswer`] as
+/// the response type.
+pub type VerifierServer = UnaryServer<VerifyCodec, VerifyCall>;
 
 impl tonic::server::NamedService for VerifierServer {
     const NAME: &'static str = SERVICE_NAME;
 }
 
-struct VerifyCall(Arc<VerifierService>);
+/// Verify, as the server calls it.
+#[derive(Clone)]
+pub struct VerifyCall(Arc<VerifierService>);
 
 impl tonic::server::UnaryService<proto::VerifyRequest> for VerifyCall {
     type Response = VerifyAnswer;
@@ -234,31 +234,5 @@ impl tonic::server::UnaryService<proto::VerifyRequest> for VerifyCall {
     fn call(&mut self, request: Request<proto::VerifyRequest>) -> Self::Future {
         let inner = self.0.clone();
         Box::pin(async move { inner.verify(request).await })
-    }
-}
-
-impl<B> Service<http::Request<B>> for VerifierServer
-where
-    B: tonic::codegen::Body + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = std::convert::Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if req.uri().path() != VERIFY_PATH {
-            return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
-        }
-        let inner = self.inner.clone();
-        Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(VerifyCodec)
-                .apply_max_message_size_config(Some(super::MAX_REQUEST_BYTES), None);
-            Ok(grpc.unary(VerifyCall(inner), req).await)
-        })
     }
 }

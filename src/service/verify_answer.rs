@@ -159,18 +159,11 @@ mod tests {
 
     use super::*;
     use crate::cache::CachedKey;
-    use crate::limit::RateState;
     use crate::proto;
     use crate::service::verifier::to_response;
     use crate::store::KeyRecord;
     use crate::verdict::Outcome;
-
-    fn applied(name: &str, limit: u64, remaining: u64, reset: u64, retry_ms: u64) -> AppliedLimit {
-        AppliedLimit {
-            name: name.parse().unwrap(),
-            state: RateState { limit, remaining, reset_seconds: reset, window_seconds: 60, retry_after_ms: retry_ms },
-        }
-    }
+    use crate::verdict::tests::applied;
 
     fn key(tenant: &str, scopes: &[&str], metadata: &[(&str, &str)], expires_at: Option<i64>) -> Arc<CachedKey> {
         let mut record = KeyRecord::for_tests("AbCdEf12".parse().unwrap(), "a key with a name", 1);

@@ -61,16 +61,24 @@ impl RedisServer {
         if let Some(p) = password {
             extra.extend(["--requirepass", p, "--masterauth", p].map(String::from));
         }
-        let mut server = RedisServer {
-            port: free_port(),
-            dir,
-            child: None,
-            extra,
-            sentinel: None,
-            password: password.map(String::from),
-        };
-        server.launch();
-        server
+        let cluster = extra.iter().any(|a| a == "--cluster-enabled");
+        let mut server =
+            RedisServer { port: 0, dir, child: None, extra, sentinel: None, password: password.map(String::from) };
+        // A port free when chosen can be taken before redis-server binds it
+        // (and a cluster node also needs port + 10000 for its bus): a node
+        // that exits at once is started again on another port.
+        for _ in 0..5 {
+            server.port = loop {
+                let port = free_port();
+                if !cluster || (port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()) {
+                    break port;
+                }
+            };
+            if server.try_launch() {
+                return server;
+            }
+        }
+        panic!("redis-server did not start on five free ports");
     }
 
     /// A sentinel watching `master` at `host:port` under `name`, with a
@@ -123,6 +131,12 @@ impl RedisServer {
     }
 
     fn launch(&mut self) {
+        assert!(self.try_launch(), "redis-server did not start on port {}", self.port);
+    }
+
+    /// Starts redis-server on `port`; false when it exited at once (the
+    /// port was taken).
+    fn try_launch(&mut self) -> bool {
         let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
         let mut command = Command::new(&bin);
         match &self.sentinel {
@@ -150,9 +164,16 @@ impl RedisServer {
                 && let Ok(mut conn) = client.get_connection()
                 && redis::cmd("PING").query::<String>(&mut conn).is_ok()
             {
-                return;
+                return true;
             }
-            assert!(Instant::now() < deadline, "redis-server did not start on port {}", self.port);
+            let exited = self.child.as_mut().is_some_and(|c| c.try_wait().is_ok_and(|s| s.is_some()));
+            if exited || Instant::now() >= deadline {
+                if let Some(mut c) = self.child.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -15,12 +15,12 @@
 //! (BENCHMARKS.md, "Proxy front ends").
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use tonic::codegen::{BoxFuture, Service, StdError, http};
+use tonic::codegen::BoxFuture;
 use tonic::{Request, Response, Status};
 
 use crate::proxy::{Gate, Overrides, ProxyRequest, RequestHeaders};
+use crate::service::unary::UnaryServer;
 
 /// Largest CheckRequest accepted by default: it carries every header of
 /// the original request.
@@ -54,7 +54,7 @@ impl ExtAuthzService {
     }
 
     pub fn into_server(self, max_request_bytes: usize) -> ExtAuthzServer {
-        ExtAuthzServer { inner: Arc::new(self), max_request_bytes }
+        UnaryServer::new(CHECK_PATH, max_request_bytes, CheckCodec, CheckCall(Arc::new(self)))
     }
 }
 
@@ -115,9 +115,10 @@ impl ExtAuthzService {
 /// Envoy's CheckResponse out (written by [`CheckAnswer::write`]), the
 /// CheckRequest's bytes in, kept as received for [`wire::RawCheck::view`].
 #[derive(Clone, Copy, Default)]
-struct CheckCodec;
+pub struct CheckCodec;
 
-struct AnswerEncoder;
+/// Writes a [`CheckAnswer`].
+pub struct AnswerEncoder;
 
 impl tonic::codec::Encoder for AnswerEncoder {
     type Item = CheckAnswer;
@@ -129,7 +130,8 @@ impl tonic::codec::Encoder for AnswerEncoder {
     }
 }
 
-struct RawDecoder;
+/// Keeps a CheckRequest's bytes as received.
+pub struct RawDecoder;
 
 impl tonic::codec::Decoder for RawDecoder {
     type Item = wire::RawCheck;
@@ -157,20 +159,18 @@ impl tonic::codec::Codec for CheckCodec {
     }
 }
 
-/// The tonic service for `envoy.service.auth.v3.Authorization`, written
-/// out as tonic's generated servers are, with [`wire::RawCheck`] as the
-/// request type.
-#[derive(Clone)]
-pub struct ExtAuthzServer {
-    inner: Arc<ExtAuthzService>,
-    max_request_bytes: usize,
-}
+/// The tonic service for `envoy.service.auth.v3.Authorization`, with
+/// [`wire::RawCheck`] as the request type and [`CheckAnswer`] as the
+/// response type.
+pub type ExtAuthzServer = UnaryServer<CheckCodec, CheckCall>;
 
 impl tonic::server::NamedService for ExtAuthzServer {
     const NAME: &'static str = SERVICE_NAME;
 }
 
-struct CheckCall(Arc<ExtAuthzService>);
+/// Check, as the server calls it.
+#[derive(Clone)]
+pub struct CheckCall(Arc<ExtAuthzService>);
 
 impl tonic::server::UnaryService<wire::RawCheck> for CheckCall {
     type Response = CheckAnswer;
@@ -179,31 +179,5 @@ impl tonic::server::UnaryService<wire::RawCheck> for CheckCall {
     fn call(&mut self, request: Request<wire::RawCheck>) -> Self::Future {
         let inner = self.0.clone();
         Box::pin(async move { inner.check(request.into_inner()).await.map(Response::new) })
-    }
-}
-
-impl<B> Service<http::Request<B>> for ExtAuthzServer
-where
-    B: tonic::codegen::Body + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = std::convert::Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if req.uri().path() != CHECK_PATH {
-            return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
-        }
-        let (inner, max) = (self.inner.clone(), self.max_request_bytes);
-        Box::pin(async move {
-            let codec = CheckCodec;
-            let mut grpc = tonic::server::Grpc::new(codec).apply_max_message_size_config(Some(max), None);
-            Ok(grpc.unary(CheckCall(inner), req).await)
-        })
     }
 }

@@ -134,8 +134,11 @@ impl RequestHeaders for HttpHeaders<'_> {
         self.0.get_all(name).iter().filter_map(|v| v.to_str().ok())
     }
 
-    fn names(&self) -> impl Iterator<Item = &str> {
-        self.0.keys().map(HeaderName::as_str)
+    fn names_with_prefix<'s>(&'s self, prefix: &'static str) -> impl Iterator<Item = &'s str> {
+        self.0
+            .keys()
+            .map(HeaderName::as_str)
+            .filter(move |n| crate::proxy::credentials::has_prefix(n.as_bytes(), prefix))
     }
 }
 
@@ -207,11 +210,16 @@ async fn authz(
         Ok(Decision::Allow(allow)) => {
             let mut r = StatusCode::OK.into_response();
             let h = r.headers_mut();
-            for (name, value) in allow.upstream.into_iter().chain(allow.response) {
-                if let Ok(v) = HeaderValue::from_str(&value) {
+            for (name, value) in allow.upstream() {
+                if let Ok(v) = HeaderValue::try_from(value.to_string()) {
                     h.insert(HeaderName::from_static(name), v);
                 }
             }
+            allow.each_response_header(|name, value| {
+                if let Ok(v) = HeaderValue::try_from(value.to_string()) {
+                    h.insert(HeaderName::from_static(name), v);
+                }
+            });
             r
         }
         Ok(Decision::Deny(deny)) | Err(deny) => deny_response(deny),

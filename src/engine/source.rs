@@ -115,7 +115,7 @@ impl RecordSource {
     /// caller must not take as the store's; [`Admit::Wait`] asks again
     /// shortly, for at most the store budget (then the store is too slow
     /// for this caller: `UNAVAILABLE`).
-    pub async fn lookup(&self, id: KeyId, mut charge: impl FnMut() -> Admit) -> Result<Lookup, VerifyError> {
+    pub async fn lookup(&self, id: KeyId, charge: impl FnMut() -> Admit) -> Result<Lookup, VerifyError> {
         let down_since = self.store_down_since.load(Ordering::Relaxed);
         let failing = self.failing_since.load(Ordering::Relaxed) != 0;
         let untrusted = self.feed_lost_too_long();
@@ -142,6 +142,21 @@ impl RecordSource {
             self.metrics.known_key_misses.increment(1);
             return Ok(Lookup::Absent);
         }
+        // Boxed: what a read of the store holds while it waits would
+        // otherwise make every Verify's future that much larger, and each
+        // is moved in memory before it runs (README, "Performance").
+        Box::pin(self.read_through(id, stale, down_since, charge)).await
+    }
+
+    /// [`lookup`](Self::lookup) past the cache: the store, shared by every
+    /// concurrent miss of `id`, and `stale` if it cannot answer.
+    async fn read_through(
+        &self,
+        id: KeyId,
+        stale: Option<std::sync::Arc<CachedKey>>,
+        down_since: u64,
+        mut charge: impl FnMut() -> Admit,
+    ) -> Result<Lookup, VerifyError> {
         self.metrics.cache_misses.increment(1);
         // While the store is known to be down, one call at a time probes it
         // (at most every PROBE_EVERY); the rest answer at once instead of

@@ -70,6 +70,18 @@ impl TenantLimits {
             Some(e) => Some(e.limits.clone()),
             None => None,
         };
+        // Boxed, as a key's read is (`RecordSource::lookup`): a cached
+        // policy's future stays small.
+        Box::pin(self.fetch(tenant, now, stale)).await
+    }
+
+    /// A tenant's policy from the store; `stale` if it cannot answer.
+    async fn fetch(
+        &self,
+        tenant: &str,
+        now: u64,
+        stale: Option<Arc<TenantView>>,
+    ) -> Result<Arc<TenantView>, VerifyError> {
         let seen = self.generation.load(Ordering::Acquire);
         match tokio::time::timeout(self.timeout, self.store.tenant_policy(tenant)).await {
             Ok(Ok(policy)) => {

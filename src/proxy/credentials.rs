@@ -95,8 +95,9 @@ pub trait RequestHeaders {
     /// Every value of header `name` (given in lower case; matched without
     /// case).
     fn values<'s>(&'s self, name: &str) -> impl Iterator<Item = &'s str>;
-    /// Every header name, as sent.
-    fn names(&self) -> impl Iterator<Item = &str>;
+    /// Every header name, as sent, that is longer than `prefix` and starts
+    /// with it (matched without case).
+    fn names_with_prefix<'s>(&'s self, prefix: &'static str) -> impl Iterator<Item = &'s str>;
 }
 
 /// What the sources found. Its `Debug` never shows the credential.
@@ -175,6 +176,11 @@ impl CredentialSources {
     }
 }
 
+/// Whether `name` is longer than `prefix` and starts with it, without case.
+pub fn has_prefix(name: &[u8], prefix: &str) -> bool {
+    name.len() > prefix.len() && name[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+}
+
 /// The credential of an `Authorization` value: after `Bearer` (any case),
 /// or the whole value when it has no scheme.
 fn from_authorization(value: &str) -> Option<&str> {
@@ -205,8 +211,8 @@ mod tests {
             let name = name.to_string();
             self.0.iter().filter(move |(k, _)| k.eq_ignore_ascii_case(&name)).map(|(_, v)| *v)
         }
-        fn names(&self) -> impl Iterator<Item = &str> {
-            self.0.iter().map(|(k, _)| *k)
+        fn names_with_prefix<'s>(&'s self, prefix: &'static str) -> impl Iterator<Item = &'s str> {
+            self.0.iter().map(|(k, _)| *k).filter(move |k| super::has_prefix(k.as_bytes(), prefix))
         }
     }
 

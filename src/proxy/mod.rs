@@ -15,12 +15,16 @@ pub mod body;
 pub mod credentials;
 pub mod routes;
 
+use std::borrow::Cow;
+use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use crate::engine::Engine;
 use crate::limit::LimitName;
-use crate::verdict::{self, Outcome, Request};
+use crate::verdict::{self, Outcome, Request, Verdict};
 pub use body::ErrorBody;
 pub use credentials::{CredentialSources, Found, RequestHeaders, Source};
 pub use routes::RouteTable;
@@ -33,6 +37,8 @@ pub const TENANT: &str = "x-keystile-tenant";
 pub const ENV: &str = "x-keystile-env";
 pub const SCOPES: &str = "x-keystile-scopes";
 pub const KIND: &str = "x-keystile-key-kind";
+/// Every identity header, each either set or removed on allow.
+pub const IDENTITY_HEADERS: [&str; 5] = [KEY_ID, TENANT, ENV, SCOPES, KIND];
 
 /// How the proxy front ends read requests and answer.
 #[derive(Debug, Clone)]
@@ -128,26 +134,102 @@ pub struct ProxyRequest<'a, H> {
     pub overrides: Overrides<'a>,
 }
 
-/// Let the request through.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Let the request through. The headers it sets are read from the verdict
+/// as the answer is written, not copied into strings first (README,
+/// "Performance").
+#[derive(Debug, Clone)]
 pub struct Allow {
-    /// Set (overwriting) on the upstream request.
-    pub upstream: Vec<(&'static str, String)>,
-    /// Removed from the upstream request: client-sent `x-keystile-*`
-    /// headers keystile does not set, and the credential's header with
-    /// `--strip-credential`.
-    pub remove_upstream: Vec<String>,
+    /// The valid verdict, with its key.
+    pub verdict: Verdict,
+    /// Removed from the upstream request: identity headers with no value
+    /// (so that no proxy has to overwrite a client's copy with nothing),
+    /// client-sent `x-keystile-*` headers keystile does not set, and the
+    /// credential's header with `--strip-credential`.
+    pub remove_upstream: SmallVec<[Cow<'static, str>; 4]>,
     /// The credential's query parameters, with `--strip-credential`.
     pub remove_query: Vec<String>,
-    /// Added to the answer to the client (rate-limit headers).
-    pub response: Vec<(&'static str, String)>,
+}
+
+/// An identity header's value, borrowed from the verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityValue<'a> {
+    Text(&'a str),
+    /// The granted scopes, joined by commas.
+    Scopes(&'a [String]),
+}
+
+impl IdentityValue<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            IdentityValue::Text(t) => t.len(),
+            IdentityValue::Scopes(s) => s.iter().map(String::len).sum::<usize>() + s.len().saturating_sub(1),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Its bytes, piece by piece.
+    pub fn each_piece(&self, mut piece: impl FnMut(&[u8])) {
+        match self {
+            IdentityValue::Text(t) => piece(t.as_bytes()),
+            IdentityValue::Scopes(s) => {
+                for (i, scope) in s.iter().enumerate() {
+                    if i > 0 {
+                        piece(b",");
+                    }
+                    piece(scope.as_bytes());
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for IdentityValue<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut result = Ok(());
+        self.each_piece(|p| {
+            if result.is_ok() {
+                // Pieces are slices of strings: whole UTF-8 sequences.
+                result = f.write_str(std::str::from_utf8(p).unwrap_or(""));
+            }
+        });
+        result
+    }
 }
 
 impl Allow {
-    /// The value set on the upstream request for one of the identity
-    /// headers (`x-keystile-key-id`, ...); empty when it is removed.
-    pub fn identity(&self, name: &str) -> &str {
-        self.upstream.iter().find(|(n, _)| *n == name).map_or("", |(_, v)| v)
+    /// Every identity header with its value, empty ones included (those
+    /// are in `remove_upstream` instead).
+    pub fn identity_headers(&self) -> [(&'static str, IdentityValue<'_>); 5] {
+        let record = self.verdict.key.as_ref().map(|k| &k.record);
+        let text = |read: fn(&crate::store::KeyRecord) -> &str| IdentityValue::Text(record.map_or("", read));
+        let scopes = if record.is_some() { self.verdict.granted_scopes() } else { &[] };
+        [
+            (KEY_ID, text(|r| r.key_id.as_str())),
+            (TENANT, text(|r| &r.tenant)),
+            (ENV, text(|r| r.env.as_str())),
+            (SCOPES, IdentityValue::Scopes(scopes)),
+            (KIND, IdentityValue::Text(record.map_or("secret", |r| r.kind.as_str()))),
+        ]
+    }
+
+    /// The identity headers set (overwriting) on the upstream request:
+    /// those with a value.
+    pub fn upstream(&self) -> impl Iterator<Item = (&'static str, IdentityValue<'_>)> {
+        self.identity_headers().into_iter().filter(|(_, v)| !v.is_empty())
+    }
+
+    /// Calls `each` with every header added to the answer to the client
+    /// (the rate-limit headers), its value as formatting arguments.
+    pub fn each_response_header(&self, mut each: impl FnMut(&'static str, fmt::Arguments<'_>)) {
+        verdict::each_header(&self.verdict, self.verdict.decided_at, |name, value| {
+            // The granted scopes go upstream, as `x-keystile-scopes`.
+            if name != "x-api-key-scopes" {
+                each(name, value);
+            }
+        });
     }
 }
 
@@ -161,7 +243,10 @@ pub struct Deny {
     pub body: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Not boxed though an allow is larger than a denial: allows are the hot
+/// path, and a box would be an allocation per call.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
 pub enum Decision {
     Allow(Allow),
     Deny(Deny),
@@ -186,8 +271,13 @@ impl Gate {
     /// answer: never an allow (ext_authz turns it into `UNAVAILABLE`,
     /// forward-auth sends it as a 503).
     pub async fn check<H: RequestHeaders>(&self, req: &ProxyRequest<'_, H>) -> Result<Decision, Deny> {
-        let (path, query) = match req.path.split_once('?') {
-            Some((p, q)) => (p, q.split('#').next().unwrap_or("")),
+        // Byte searches: `?` and `#` are ASCII, and the common path has
+        // neither (a `char` pattern search costs more than the routes).
+        let (path, query) = match req.path.bytes().position(|b| b == b'?') {
+            Some(i) => {
+                let q = &req.path[i + 1..];
+                (&req.path[..i], q.bytes().position(|b| b == b'#').map_or(q, |j| &q[..j]))
+            }
             None => (req.path, ""),
         };
         let path = match routes::normalise_path(path) {
@@ -269,50 +359,27 @@ impl Gate {
                 return Err(deny);
             }
         };
-        let mut headers = verdict::headers(&verdict, verdict.decided_at);
-        let granted = headers.iter().position(|(n, _)| *n == "x-api-key-scopes").map(|i| headers.remove(i).1);
         if verdict.outcome != Outcome::Valid {
             let o = verdict.outcome;
             let mut deny = self.render(o.http_status(), o.code_name(), o.error(), o.message(), &path);
             if o.http_status() == 401 {
                 deny.headers.push(("www-authenticate", self.www_authenticate(Some("invalid_token"))));
             }
-            deny.headers.extend(headers);
+            deny.headers.extend(verdict::headers(&verdict, verdict.decided_at));
             return Ok(Decision::Deny(deny));
         }
-        let record = verdict.key.as_ref().map(|k| &k.record);
-        let key_id = record.map(|r| r.key_id.to_string()).unwrap_or_default();
-        let key_tenant = record.map(|r| r.tenant.clone()).unwrap_or_default();
-        let env = record.map_or("", |r| r.env.as_str()).to_string();
-        let kind = record.map_or("secret", |r| r.kind.as_str());
-        // An empty value is removed rather than set, so that no proxy has
-        // to overwrite a client's copy with nothing.
-        let mut upstream = Vec::with_capacity(5);
-        let mut remove_upstream = Vec::new();
-        for (name, value) in [
-            (KEY_ID, key_id),
-            (TENANT, key_tenant),
-            (ENV, env),
-            (SCOPES, granted.unwrap_or_default()),
-            (KIND, kind.to_string()),
-        ] {
-            if value.is_empty() {
-                remove_upstream.push(name.to_string());
-            } else {
-                upstream.push((name, value));
+        let mut allow = Allow { verdict, remove_upstream: SmallVec::new(), remove_query: Vec::new() };
+        let empty = allow.identity_headers().map(|(name, value)| value.is_empty().then_some(name));
+        allow.remove_upstream.extend(empty.into_iter().flatten().map(Cow::Borrowed));
+        // Every identity header is set or removed already; any other
+        // `x-keystile-*` a client sent is removed.
+        for name in req.headers.names_with_prefix(IDENTITY_PREFIX) {
+            if !IDENTITY_HEADERS.iter().any(|n| n.eq_ignore_ascii_case(name))
+                && !allow.remove_upstream.iter().any(|n| n.eq_ignore_ascii_case(name))
+            {
+                allow.remove_upstream.push(Cow::Owned(name.to_ascii_lowercase()));
             }
         }
-        for name in req.headers.names() {
-            let identity = name.len() > IDENTITY_PREFIX.len()
-                && name.as_bytes()[..IDENTITY_PREFIX.len()].eq_ignore_ascii_case(IDENTITY_PREFIX.as_bytes());
-            if identity {
-                let lower = name.to_ascii_lowercase();
-                if !upstream.iter().any(|(n, _)| *n == lower) && !remove_upstream.contains(&lower) {
-                    remove_upstream.push(lower);
-                }
-            }
-        }
-        let mut remove_query = Vec::new();
         if self.settings.strip_credential {
             // Every place the credential was sent, not just the first.
             for (i, source) in self.settings.sources.sources().iter().enumerate() {
@@ -320,13 +387,13 @@ impl Gate {
                     continue;
                 }
                 match source {
-                    Source::Authorization => remove_upstream.push("authorization".to_string()),
-                    Source::Header(h) => remove_upstream.push(h.clone()),
-                    Source::Query(q) => remove_query.push(q.clone()),
+                    Source::Authorization => allow.remove_upstream.push(Cow::Borrowed("authorization")),
+                    Source::Header(h) => allow.remove_upstream.push(Cow::Owned(h.clone())),
+                    Source::Query(q) => allow.remove_query.push(q.clone()),
                 }
             }
         }
-        Ok(Decision::Allow(Allow { upstream, remove_upstream, remove_query, response: headers }))
+        Ok(Decision::Allow(allow))
     }
 
     /// The client's address: the peer, or with `--trusted-hops N` and a

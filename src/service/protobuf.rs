@@ -3,13 +3,41 @@
 //! straight into the send buffer, field by field, as prost would encode
 //! the same message (README, "Performance").
 
+use std::fmt;
+
 use prost::bytes::BufMut;
-use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+use prost::encoding::{WireType, encoded_len_varint, key_len};
+
+/// A varint, put in one piece: most are one byte (keys, short lengths),
+/// and prost's byte-at-a-time writer, not inlined, cost more than the rest
+/// of an answer.
+#[inline]
+pub fn varint(mut n: u64, buf: &mut impl BufMut) {
+    if n < 0x80 {
+        buf.put_u8(n as u8);
+        return;
+    }
+    let mut bytes = [0u8; 10];
+    let mut i = 0;
+    while n >= 0x80 {
+        bytes[i] = n as u8 | 0x80;
+        n >>= 7;
+        i += 1;
+    }
+    bytes[i] = n as u8;
+    buf.put_slice(&bytes[..=i]);
+}
+
+/// A field's key.
+#[inline]
+fn key(field: u32, wire_type: WireType, buf: &mut impl BufMut) {
+    varint(u64::from(field << 3 | wire_type as u32), buf);
+}
 
 /// The key and length of a nested message of `len` bytes.
 pub fn message(field: u32, len: usize, buf: &mut impl BufMut) {
-    encode_key(field, WireType::LengthDelimited, buf);
-    encode_varint(len as u64, buf);
+    key(field, WireType::LengthDelimited, buf);
+    varint(len as u64, buf);
 }
 
 /// What a nested message of `len` bytes takes, with its key and length.
@@ -30,8 +58,8 @@ pub fn string_len(field: u32, s: &str) -> usize {
 
 /// A string written even when empty (repeated strings, oneof members).
 pub fn string_always(field: u32, s: &str, buf: &mut impl BufMut) {
-    encode_key(field, WireType::LengthDelimited, buf);
-    encode_varint(s.len() as u64, buf);
+    key(field, WireType::LengthDelimited, buf);
+    varint(s.len() as u64, buf);
     buf.put_slice(s.as_bytes());
 }
 
@@ -42,11 +70,62 @@ pub fn string_always_len(field: u32, s: &str) -> usize {
 /// A proto3 varint field; 0 is not written.
 pub fn uint(field: u32, n: u64, buf: &mut impl BufMut) {
     if n != 0 {
-        encode_key(field, WireType::Varint, buf);
-        encode_varint(n, buf);
+        key(field, WireType::Varint, buf);
+        varint(n, buf);
     }
 }
 
 pub fn uint_len(field: u32, n: u64) -> usize {
     if n == 0 { 0 } else { key_len(field) + encoded_len_varint(n) }
+}
+
+/// Formats into a fixed array; fails when it is full.
+pub struct Stack {
+    bytes: [u8; 96],
+    pub len: usize,
+}
+
+impl Default for Stack {
+    fn default() -> Stack {
+        Stack { bytes: [0; 96], len: 0 }
+    }
+}
+
+impl Stack {
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+impl fmt::Write for Stack {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len + s.len();
+        self.bytes.get_mut(self.len..end).ok_or(fmt::Error)?.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// A value formatted once, to be written after its length is known: on the
+/// stack when it fits (numbers, a policy), on the heap when it does not.
+pub enum Formatted {
+    Stack(Stack),
+    Heap(String),
+}
+
+impl Formatted {
+    pub fn new(args: fmt::Arguments<'_>) -> Formatted {
+        let mut stack = Stack::default();
+        match fmt::write(&mut stack, args) {
+            Ok(()) => Formatted::Stack(stack),
+            Err(_) => Formatted::Heap(args.to_string()),
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Formatted::Stack(s) => s.bytes(),
+            Formatted::Heap(h) => h.as_bytes(),
+        }
+    }
 }

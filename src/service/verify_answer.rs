@@ -10,7 +10,7 @@ use std::fmt;
 
 use prost::bytes::BufMut;
 
-use super::protobuf::{message, nested, string, string_always, string_len, uint, uint_len};
+use super::protobuf::{Stack, message, nested, string, string_always, string_len, uint, uint_len};
 use super::verifier::wire_code;
 use crate::verdict::{self, AppliedLimit, Verdict};
 
@@ -114,33 +114,6 @@ fn formatted_len(args: fmt::Arguments<'_>) -> usize {
     count.0
 }
 
-/// Formats into a fixed array; fails when it is full.
-struct Stack {
-    bytes: [u8; 96],
-    len: usize,
-}
-
-impl Default for Stack {
-    fn default() -> Stack {
-        Stack { bytes: [0; 96], len: 0 }
-    }
-}
-
-impl Stack {
-    fn bytes(&self) -> &[u8] {
-        &self.bytes[..self.len]
-    }
-}
-
-impl fmt::Write for Stack {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        let end = self.len + s.len();
-        self.bytes.get_mut(self.len..end).ok_or(fmt::Error)?.copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
-    }
-}
-
 /// Formats into a buffer.
 struct Put<'a, B>(&'a mut B);
 
@@ -152,7 +125,7 @@ impl<B: BufMut> fmt::Write for Put<'_, B> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use prost::Message;
@@ -165,7 +138,13 @@ mod tests {
     use crate::verdict::Outcome;
     use crate::verdict::tests::applied;
 
-    fn key(tenant: &str, scopes: &[&str], metadata: &[(&str, &str)], expires_at: Option<i64>) -> Arc<CachedKey> {
+    /// A cached key (the ext_authz answer's tests use it too).
+    pub(crate) fn key(
+        tenant: &str,
+        scopes: &[&str],
+        metadata: &[(&str, &str)],
+        expires_at: Option<i64>,
+    ) -> Arc<CachedKey> {
         let mut record = KeyRecord::for_tests("AbCdEf12".parse().unwrap(), "a key with a name", 1);
         record.tenant = tenant.into();
         record.scopes = scopes.iter().map(|s| s.to_string()).collect();

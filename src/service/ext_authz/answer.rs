@@ -13,8 +13,12 @@ use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc;
 use prost::bytes::BufMut;
 
-use crate::proxy::{Allow, Decision, Deny, ENV, KEY_ID, TENANT};
-use crate::service::protobuf::{message, nested, string, string_always, string_always_len, string_len, uint, uint_len};
+use smallvec::SmallVec;
+
+use crate::proxy::{Allow, Decision, Deny};
+use crate::service::protobuf::{
+    Formatted, message, nested, string, string_always, string_always_len, string_len, uint, uint_len,
+};
 
 /// What a header set by keystile does to one already there: replaces it
 /// (README, "Protect an API without code": identity headers cannot be
@@ -42,16 +46,26 @@ impl CheckAnswer {
             Decision::Allow(allow) => {
                 // status: OK, every field default, still present.
                 message(1, 0, buf);
-                let ok_len = ok_response_len(allow);
+                // The client's headers are formatted once (their lengths
+                // come first); the identity values are the key's strings.
+                let mut response = SmallVec::<[(&'static str, Formatted); 6]>::new();
+                allow.each_response_header(|name, value| response.push((name, Formatted::new(value))));
+                let upstream = allow.identity_headers();
+                let upstream = upstream.iter().filter(|(_, v)| !v.is_empty());
+                let ok_len = upstream.clone().map(|(n, v)| nested(2, header_option_len(n, v.len()))).sum::<usize>()
+                    + allow.remove_upstream.iter().map(|n| string_always_len(5, n)).sum::<usize>()
+                    + response.iter().map(|(n, v)| nested(6, header_option_len(n, v.as_bytes().len()))).sum::<usize>()
+                    + allow.remove_query.iter().map(|n| string_always_len(8, n)).sum::<usize>();
                 message(3, ok_len, buf);
-                for (name, value) in &allow.upstream {
-                    header_option(2, name, value, buf);
+                for (name, value) in upstream {
+                    header_option(2, name, value.len(), buf, |buf| value.each_piece(|p| buf.put_slice(p)));
                 }
                 for name in &allow.remove_upstream {
                     string_always(5, name, buf);
                 }
-                for (name, value) in &allow.response {
-                    header_option(6, name, value, buf);
+                for (name, value) in &response {
+                    let value = value.as_bytes();
+                    header_option(6, name, value.len(), buf, |buf| buf.put_slice(value));
                 }
                 for name in &allow.remove_query {
                     string_always(8, name, buf);
@@ -75,7 +89,7 @@ impl CheckAnswer {
                 message(1, uint_len(1, u64::from(deny.status)), buf);
                 uint(1, u64::from(deny.status), buf);
                 for (name, value) in &deny.headers {
-                    header_option(2, name, value, buf);
+                    header_option(2, name, value.len(), buf, |buf| buf.put_slice(value.as_bytes()));
                 }
                 string(3, &deny.body, buf);
             }
@@ -102,10 +116,14 @@ pub fn to_check_response(decision: Decision) -> CheckResponse {
                 fields: metadata(&allow).into_iter().map(|(k, v)| (k.to_string(), string(v.to_string()))).collect(),
             }),
             http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-                headers: allow.upstream.into_iter().map(|(n, v)| set(n, v)).collect(),
-                headers_to_remove: allow.remove_upstream,
-                response_headers_to_add: allow.response.into_iter().map(|(n, v)| set(n, v)).collect(),
-                query_parameters_to_remove: allow.remove_query,
+                headers: allow.upstream().map(|(n, v)| set(n, v.to_string())).collect(),
+                headers_to_remove: allow.remove_upstream.iter().map(|n| n.to_string()).collect(),
+                response_headers_to_add: {
+                    let mut out = Vec::new();
+                    allow.each_response_header(|n, v| out.push(set(n, v.to_string())));
+                    out
+                },
+                query_parameters_to_remove: allow.remove_query.clone(),
                 ..Default::default()
             })),
         },
@@ -128,34 +146,42 @@ pub fn to_check_response(decision: Decision) -> CheckResponse {
 /// `dynamic_metadata` of an allow, for access logs (README, "Protect an
 /// API without code").
 fn metadata(allow: &Allow) -> [(&'static str, &str); 3] {
-    [("key_id", allow.identity(KEY_ID)), ("tenant", allow.identity(TENANT)), ("env", allow.identity(ENV))]
-}
-
-fn ok_response_len(allow: &Allow) -> usize {
-    allow.upstream.iter().map(|(n, v)| nested(2, header_option_len(n, v))).sum::<usize>()
-        + allow.remove_upstream.iter().map(|n| string_always_len(5, n)).sum::<usize>()
-        + allow.response.iter().map(|(n, v)| nested(6, header_option_len(n, v))).sum::<usize>()
-        + allow.remove_query.iter().map(|n| string_always_len(8, n)).sum::<usize>()
+    let r = allow.verdict.key.as_ref().map(|k| &k.record);
+    [
+        ("key_id", r.map_or("", |r| r.key_id.as_str())),
+        ("tenant", r.map_or("", |r| r.tenant.as_str())),
+        ("env", r.map_or("", |r| r.env.as_str())),
+    ]
 }
 
 fn denied_response_len(deny: &Deny) -> usize {
     nested(1, uint_len(1, u64::from(deny.status)))
-        + deny.headers.iter().map(|(n, v)| nested(2, header_option_len(n, v))).sum::<usize>()
+        + deny.headers.iter().map(|(n, v)| nested(2, header_option_len(n, v.len()))).sum::<usize>()
         + string_len(3, &deny.body)
 }
 
 /// A `HeaderValueOption` that overwrites: its `HeaderValue` (always
 /// present) and its append action.
-fn header_option(field: u32, name: &str, value: &str, buf: &mut impl BufMut) {
-    message(field, header_option_len(name, value), buf);
-    message(1, string_len(1, name) + string_len(2, value), buf);
+/// `value` writes the header's value, `value_len` bytes.
+fn header_option<B: BufMut>(field: u32, name: &str, value_len: usize, buf: &mut B, value: impl FnOnce(&mut B)) {
+    message(field, header_option_len(name, value_len), buf);
+    message(1, header_value_len(name, value_len), buf);
     string(1, name, buf);
-    string(2, value, buf);
+    // A proto3 string: the empty value is not written.
+    if value_len > 0 {
+        message(2, value_len, buf);
+        value(buf);
+    }
     uint(3, OVERWRITE, buf);
 }
 
-fn header_option_len(name: &str, value: &str) -> usize {
-    nested(1, string_len(1, name) + string_len(2, value)) + uint_len(3, OVERWRITE)
+/// A `HeaderValue` of `name` and a value of `value_len` bytes.
+fn header_value_len(name: &str, value_len: usize) -> usize {
+    string_len(1, name) + if value_len == 0 { 0 } else { nested(2, value_len) }
+}
+
+fn header_option_len(name: &str, value_len: usize) -> usize {
+    nested(1, header_value_len(name, value_len)) + uint_len(3, OVERWRITE)
 }
 
 /// A `Struct` field entry: the name, and a `Value` holding a string (a
@@ -169,26 +195,39 @@ mod tests {
     use prost::Message;
 
     use super::*;
+    use crate::service::verify_answer::tests::key;
+    use crate::verdict::tests::applied;
+    use crate::verdict::{Outcome, Verdict};
 
     /// Written and built-then-encoded answers are the same message of the
     /// same length, for allows and denials, with empty values among them.
     #[test]
     fn the_written_answer_is_the_message_to_check_response_builds() {
-        let allow = |tenant: &str, response: Vec<(&'static str, String)>, strip: bool| Allow {
-            upstream: [(KEY_ID, "AbCdEf12"), (TENANT, tenant), (ENV, "live"), ("x-keystile-scopes", "read,write")]
-                .into_iter()
-                .filter(|(_, v)| !v.is_empty())
-                .map(|(n, v)| (n, v.to_string()))
-                .collect(),
-            remove_upstream: if strip { vec!["authorization".into(), "x-keystile-tenant".into()] } else { vec![] },
-            remove_query: if strip { vec!["api_key".into(), String::new()] } else { vec![] },
-            response,
+        // A valid verdict of a key of `tenant` (scopes and env set, an
+        // empty tenant removed), with or without a limit.
+        let allow = |tenant: &str, limited: bool, strip: bool| {
+            let mut verdict = Verdict::bare(Outcome::Valid);
+            verdict.key = Some(key(tenant, &["read", "write"], &[], None));
+            if limited {
+                verdict.rate = Some(applied("integration", 1000, 0, 7, 0));
+            }
+            verdict.decided_at = 1_700_000_000;
+            let mut remove_upstream: SmallVec<[std::borrow::Cow<'static, str>; 4]> = SmallVec::new();
+            if tenant.is_empty() {
+                remove_upstream.push("x-keystile-tenant".into());
+            }
+            if strip {
+                remove_upstream.push("authorization".into());
+                remove_upstream.push(String::from("x-keystile-other").into());
+            }
+            let remove_query = if strip { vec!["api_key".into(), String::new()] } else { vec![] };
+            Allow { verdict, remove_upstream, remove_query }
         };
         let limits = vec![("x-ratelimit-limit", "1000".to_string()), ("ratelimit", String::new())];
         let body = "{\"error\": \"rate_limited\"}".to_string();
         let decisions = [
-            Decision::Allow(allow("acme", limits.clone(), false)),
-            Decision::Allow(allow("", vec![], true)),
+            Decision::Allow(allow("acme", true, false)),
+            Decision::Allow(allow("", false, true)),
             Decision::Deny(Deny { status: 401, code: "REVOKED", headers: vec![], body: body.clone() }),
             Decision::Deny(Deny { status: 429, code: "RATE_LIMITED", headers: limits.clone(), body }),
             Decision::Deny(Deny { status: 403, code: "", headers: limits, body: String::new() }),

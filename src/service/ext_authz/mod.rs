@@ -70,15 +70,17 @@ impl RequestHeaders for CheckHeaders<'_> {
             .filter_map(|(_, v)| std::str::from_utf8(v).ok())
     }
 
-    fn names(&self) -> impl Iterator<Item = &str> {
-        self.0.iter().map(|(k, _)| text(k))
+    fn names_with_prefix<'s>(&'s self, prefix: &'static str) -> impl Iterator<Item = &'s str> {
+        // Checked as UTF-8 only when they match: most names do not.
+        self.0.iter().filter(move |(k, _)| crate::proxy::credentials::has_prefix(k, prefix)).map(|(k, _)| text(k))
     }
 }
 
 impl ExtAuthzService {
     /// Answers one Check. Public for the in-process benches.
     pub async fn check(&self, check: wire::RawCheck) -> Result<CheckAnswer, Status> {
-        let view = check.view().map_err(Status::invalid_argument)?;
+        let mut view = wire::CheckView::default();
+        check.read_into(&mut view).map_err(Status::invalid_argument)?;
         if !view.has_http {
             return Err(Status::invalid_argument("CheckRequest has no attributes.request.http"));
         }

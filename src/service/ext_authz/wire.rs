@@ -54,12 +54,19 @@ impl RawCheck {
     /// are not a protobuf message.
     pub fn view(&self) -> Result<CheckView<'_>, &'static str> {
         let mut v = CheckView::default();
+        self.read_into(&mut v)?;
+        Ok(v)
+    }
+
+    /// [`view`](Self::view) into an empty view where it lies: a view is
+    /// about a kilobyte (its inline headers), which a return would copy.
+    pub fn read_into<'a>(&'a self, v: &mut CheckView<'a>) -> Result<(), &'static str> {
         for field in Fields(&self.0) {
             if let (1, attributes) = field? {
-                read_attributes(attributes, &mut v)?;
+                read_attributes(attributes, v)?;
             }
         }
-        Ok(v)
+        Ok(())
     }
 }
 
@@ -127,6 +134,29 @@ fn read_http<'a>(b: &'a [u8], v: &mut CheckView<'a>) -> Result<(), &'static str>
 
 /// A map entry (or any two-field message): its fields `k` and `v`.
 fn pair(b: &[u8], k: u32, v: u32) -> Result<(&[u8], &[u8]), &'static str> {
+    // The shape every encoder writes for a header: the key, then the
+    // value, each shorter than 128 bytes (a one-byte length). Read without
+    // the general walk: a CheckRequest is mostly these.
+    let tag = |field: u32| (field << 3 | 2) as u8;
+    if let [t, n, rest @ ..] = b
+        && *t == tag(k)
+        && *n < 0x80
+        && let Some((key, rest)) = rest.split_at_checked(usize::from(*n))
+    {
+        match rest {
+            [] => return Ok((key, b"")),
+            [t, n, value @ ..] if *t == tag(v) && *n < 0x80 && usize::from(*n) == value.len() => {
+                return Ok((key, value));
+            }
+            _ => {}
+        }
+    }
+    pair_walk(b, k, v)
+}
+
+/// [`pair`] by the general walk: any field order, repeats (the last
+/// wins), unknown fields, long lengths.
+fn pair_walk(b: &[u8], k: u32, v: u32) -> Result<(&[u8], &[u8]), &'static str> {
     let (mut key, mut value): (&[u8], &[u8]) = (b"", b"");
     for f in Fields(b) {
         match f? {
@@ -136,6 +166,18 @@ fn pair(b: &[u8], k: u32, v: u32) -> Result<(&[u8], &[u8]), &'static str> {
         }
     }
     Ok((key, value))
+}
+
+/// A varint; most in a CheckRequest (keys, lengths) are one byte.
+#[inline(always)]
+fn varint(buf: &mut &[u8]) -> Result<u64, &'static str> {
+    match buf.split_first() {
+        Some((&b, rest)) if b < 0x80 => {
+            *buf = rest;
+            Ok(u64::from(b))
+        }
+        _ => prost::encoding::decode_varint(buf).map_err(|_| MALFORMED),
+    }
 }
 
 /// The length-delimited fields of a message, as (number, bytes); fields of
@@ -189,7 +231,7 @@ impl<'a> Iterator for Fields<'a> {
                 return None;
             }
             let step = (|| {
-                let key = prost::encoding::decode_varint(&mut self.0).map_err(|_| MALFORMED)?;
+                let key = varint(&mut self.0)?;
                 let (number, wire_type) = ((key >> 3) as u32, key & 7);
                 let skip = match wire_type {
                     0 => {
@@ -199,7 +241,7 @@ impl<'a> Iterator for Fields<'a> {
                     1 => 8,
                     5 => 4,
                     2 => {
-                        let len = prost::encoding::decode_varint(&mut self.0).map_err(|_| MALFORMED)?;
+                        let len = varint(&mut self.0)?;
                         let len = usize::try_from(len).map_err(|_| MALFORMED)?;
                         if len > self.0.len() {
                             return Err(MALFORMED);
@@ -288,6 +330,25 @@ mod tests {
         assert_eq!((v.method, v.path, v.host), (&b"POST"[..], &b"/v1/x?y=1"[..], &b"api.example.com"[..]));
         assert_eq!(v.headers.as_slice(), [(&b"x-api-key"[..], &b"k"[..]), (&b"authorization"[..], &b"Bearer r"[..])]);
         assert_eq!(v.context_extensions.as_slice(), [(&b"keystile.tenant"[..], &b"acme"[..])]);
+    }
+
+    /// The one-byte-length shortcut reads what the general walk reads, for
+    /// entries of any length and for any bytes at all.
+    #[test]
+    fn a_header_entry_reads_the_same_either_way() {
+        use envoy_types::pb::envoy::config::core::v3::HeaderValue;
+        proptest::proptest!(|(key in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+                               value in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+                               noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40))| {
+            let key = String::from_utf8_lossy(&key).into_owned();
+            let value = String::from_utf8_lossy(&value).into_owned();
+            let entry = HeaderValue { key: key.clone(), value: value.clone(), raw_value: Vec::new() }.encode_to_vec();
+            proptest::prop_assert_eq!(pair(&entry, 1, 2), Ok((key.as_bytes(), value.as_bytes())));
+            proptest::prop_assert_eq!(pair(&noise, 1, 2), pair_walk(&noise, 1, 2));
+            let mut tail = entry.clone();
+            tail.extend_from_slice(&noise);
+            proptest::prop_assert_eq!(pair(&tail, 1, 2), pair_walk(&tail, 1, 2));
+        });
     }
 
     #[test]

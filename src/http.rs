@@ -129,12 +129,12 @@ async fn not_found() -> Response {
 /// An axum request's headers, as the proxy core reads them.
 struct HttpHeaders<'a>(&'a HeaderMap);
 
-impl RequestHeaders for HttpHeaders<'_> {
-    fn values<'s>(&'s self, name: &str) -> impl Iterator<Item = &'s str> {
+impl<'a> RequestHeaders<'a> for HttpHeaders<'a> {
+    fn values(&self, name: &str) -> impl Iterator<Item = &'a str> {
         self.0.get_all(name).iter().filter_map(|v| v.to_str().ok())
     }
 
-    fn names_with_prefix<'s>(&'s self, prefix: &'static str) -> impl Iterator<Item = &'s str> {
+    fn names_with_prefix(&self, prefix: &'static str) -> impl Iterator<Item = &'a str> {
         self.0
             .keys()
             .map(HeaderName::as_str)

@@ -90,14 +90,16 @@ impl fmt::Display for CredentialSources {
     }
 }
 
-/// A request's headers as each front end holds them.
-pub trait RequestHeaders {
+/// A request's headers as each front end holds them; `'a` is the request's
+/// own bytes, which what is read from them borrows (not the headers'
+/// holder: ext_authz drops its view before the engine is asked).
+pub trait RequestHeaders<'a> {
     /// Every value of header `name` (given in lower case; matched without
     /// case).
-    fn values<'s>(&'s self, name: &str) -> impl Iterator<Item = &'s str>;
+    fn values(&self, name: &str) -> impl Iterator<Item = &'a str>;
     /// Every header name, as sent, that is longer than `prefix` and starts
     /// with it (matched without case).
-    fn names_with_prefix<'s>(&'s self, prefix: &'static str) -> impl Iterator<Item = &'s str>;
+    fn names_with_prefix(&self, prefix: &'static str) -> impl Iterator<Item = &'a str>;
 }
 
 /// What the sources found. Its `Debug` never shows the credential.
@@ -128,7 +130,7 @@ impl CredentialSources {
 
     /// The credential of a request with `headers` and `query` (the part
     /// after `?`, as sent).
-    pub fn find<'a, H: RequestHeaders>(&self, headers: &'a H, query: &'a str) -> Found<'a> {
+    pub fn find<'a, H: RequestHeaders<'a>>(&self, headers: &H, query: &'a str) -> Found<'a> {
         let mut found: Option<(&'a str, u64)> = None;
         let mut conflict = false;
         let mut take = |value: &'a str, i: usize| {
@@ -206,12 +208,12 @@ mod tests {
     use super::*;
 
     struct Map(Vec<(&'static str, &'static str)>);
-    impl RequestHeaders for Map {
-        fn values<'s>(&'s self, name: &str) -> impl Iterator<Item = &'s str> {
+    impl RequestHeaders<'static> for Map {
+        fn values(&self, name: &str) -> impl Iterator<Item = &'static str> {
             let name = name.to_string();
             self.0.iter().filter(move |(k, _)| k.eq_ignore_ascii_case(&name)).map(|(_, v)| *v)
         }
-        fn names_with_prefix<'s>(&'s self, prefix: &'static str) -> impl Iterator<Item = &'s str> {
+        fn names_with_prefix(&self, prefix: &'static str) -> impl Iterator<Item = &'static str> {
             self.0.iter().map(|(k, _)| *k).filter(move |k| super::has_prefix(k.as_bytes(), prefix))
         }
     }

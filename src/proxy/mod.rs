@@ -119,19 +119,49 @@ pub struct Overrides<'a> {
 }
 
 /// One request a proxy asks about.
-pub struct ProxyRequest<'a, H> {
+pub struct ProxyRequest<'a, 'h, H> {
     pub method: &'a str,
     /// The Host (or `:authority`) of the original request.
     pub host: &'a str,
     /// The original path, query included, as sent.
     pub path: &'a str,
-    pub headers: &'a H,
+    /// Its headers, as the front end holds them (`'h`), whose values
+    /// borrow the request (`'a`).
+    pub headers: &'h H,
     /// The address the front end sees the request from.
     pub peer: Option<IpAddr>,
     /// Whether the peer is a proxy whose `X-Forwarded-For` may be believed
     /// (ext_authz: Envoy itself; forward-auth: a `--trusted-proxies` peer).
     pub peer_is_proxy: bool,
     pub overrides: Overrides<'a>,
+}
+
+/// What a request asks of the engine, read by [`Gate::read`]. Its `Debug`
+/// never shows the credential.
+pub struct Asked<'a> {
+    credential: &'a str,
+    /// The sources the credential was found in (bit `i` = source `i`).
+    found_in: u64,
+    /// The normalised path, for error bodies.
+    path: Cow<'a, str>,
+    scopes: Cow<'a, [String]>,
+    limits: Cow<'a, [String]>,
+    tenant: &'a str,
+    ip: Option<IpAddr>,
+    origin: &'a str,
+    /// Client-sent `x-keystile-*` headers keystile does not set, lower
+    /// case: removed on allow.
+    client_identity: SmallVec<[Cow<'static, str>; 2]>,
+}
+
+impl fmt::Debug for Asked<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Asked")
+            .field("credential", &crate::secret::REDACTED)
+            .field("path", &self.path)
+            .field("tenant", &self.tenant)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Let the request through. The headers it sets are read from the verdict
@@ -270,7 +300,19 @@ impl Gate {
     /// Decides one request. `Err` is the answer when the store cannot
     /// answer: never an allow (ext_authz turns it into `UNAVAILABLE`,
     /// forward-auth sends it as a 503).
-    pub async fn check<H: RequestHeaders>(&self, req: &ProxyRequest<'_, H>) -> Result<Decision, Deny> {
+    pub async fn check<'a, H: RequestHeaders<'a>>(&'a self, req: &ProxyRequest<'a, '_, H>) -> Result<Decision, Deny> {
+        match self.read(req) {
+            Ok(asked) => self.decide(asked).await,
+            Err(answer) => Ok(Decision::Deny(answer)),
+        }
+    }
+
+    /// What a request asks, read from it without the engine; or the
+    /// denial when the request alone settles it. What it keeps borrows the
+    /// request's bytes, not the front end's view of them, which can go
+    /// before the engine is asked (ext_authz's is a kilobyte of a call's
+    /// future otherwise).
+    pub fn read<'a, H: RequestHeaders<'a>>(&'a self, req: &ProxyRequest<'a, '_, H>) -> Result<Asked<'a>, Deny> {
         // Byte searches: `?` and `#` are ASCII, and the common path has
         // neither (a `char` pattern search costs more than the routes).
         let (path, query) = match req.path.bytes().position(|b| b == b'?') {
@@ -285,7 +327,7 @@ impl Gate {
             Err(why) => {
                 let mut d = self.render(400, "INVALID_REQUEST", "invalid_request", why, "");
                 d.headers.push(("www-authenticate", self.www_authenticate(Some("invalid_request"))));
-                return Ok(Decision::Deny(d));
+                return Err(d);
             }
         };
         let (credential, found_in) = match self.settings.sources.find(req.headers, query) {
@@ -297,39 +339,34 @@ impl Gate {
                 let o = Outcome::Malformed;
                 let mut d = self.render(401, o.code_name(), o.error(), "The request carries no API key.", &path);
                 d.headers.push(("www-authenticate", self.www_authenticate(None)));
-                return Ok(Decision::Deny(d));
+                return Err(d);
             }
             Found::Conflict => {
-                return Ok(Decision::Deny(self.deny_request(
+                return Err(self.deny_request(
                     &path,
                     "invalid_request",
                     "The request carries two different credentials; send one.",
-                )));
+                ));
             }
         };
         let needs = self.settings.routes.needs(req.method, &path);
-        let scopes_override;
-        let scopes: &[String] = match req.overrides.scopes {
-            Some(list) => {
-                scopes_override = split_list(list);
-                &scopes_override
-            }
-            None => &needs.scopes,
+        let scopes = match req.overrides.scopes {
+            Some(list) => Cow::Owned(split_list(list)),
+            None => Cow::Borrowed(&needs.scopes[..]),
         };
-        let limits_override;
-        let limits: &[String] = match req.overrides.limits {
+        let limits = match req.overrides.limits {
             Some(list) => {
-                limits_override = split_list(list);
-                if limits_override.iter().any(|l| l.parse::<LimitName>().is_err()) || limits_override.len() > 8 {
-                    return Ok(Decision::Deny(self.deny_request(
+                let limits = split_list(list);
+                if limits.iter().any(|l| l.parse::<LimitName>().is_err()) || limits.len() > 8 {
+                    return Err(self.deny_request(
                         &path,
                         "invalid_request",
                         "The route's keystile.limits is not a list of at most 8 limit names.",
-                    )));
+                    ));
                 }
-                &limits_override
+                Cow::Owned(limits)
             }
-            None => &needs.limits,
+            None => Cow::Borrowed(&needs.limits[..]),
         };
         let tenant = match req.overrides.tenant {
             Some(t) => t,
@@ -338,13 +375,43 @@ impl Gate {
                 None => {
                     let o = Outcome::TenantMismatch;
                     let message = "The request's host names no tenant this deployment serves.";
-                    return Ok(Decision::Deny(self.render(403, o.code_name(), o.error(), message, &path)));
+                    return Err(self.render(403, o.code_name(), o.error(), message, &path));
                 }
             },
         };
-        let ip = self.client_ip(req);
-        let origin = req.headers.values("origin").next().unwrap_or("");
-        let request = Request { ip, scopes, tenant, limits, origin, ..Request::of_key(credential) };
+        // Every identity header is set or removed on allow; any other
+        // `x-keystile-*` a client sent is removed.
+        let mut client_identity: SmallVec<[Cow<'static, str>; 2]> = SmallVec::new();
+        for name in req.headers.names_with_prefix(IDENTITY_PREFIX) {
+            if !IDENTITY_HEADERS.iter().any(|n| n.eq_ignore_ascii_case(name))
+                && !client_identity.iter().any(|n| n.eq_ignore_ascii_case(name))
+            {
+                client_identity.push(Cow::Owned(name.to_ascii_lowercase()));
+            }
+        }
+        Ok(Asked {
+            credential,
+            found_in,
+            path,
+            scopes,
+            limits,
+            tenant,
+            ip: self.client_ip(req),
+            origin: req.headers.values("origin").next().unwrap_or(""),
+            client_identity,
+        })
+    }
+
+    /// Asks the engine and turns its verdict into the answer.
+    pub async fn decide(&self, asked: Asked<'_>) -> Result<Decision, Deny> {
+        let request = Request {
+            ip: asked.ip,
+            scopes: &asked.scopes,
+            tenant: asked.tenant,
+            limits: &asked.limits,
+            origin: asked.origin,
+            ..Request::of_key(asked.credential)
+        };
         let verdict = match self.engine.verify(&request).await {
             Ok(v) => v,
             Err(_) => {
@@ -353,7 +420,7 @@ impl Gate {
                     "UNAVAILABLE",
                     "unavailable",
                     "The key store is not answering; try again shortly.",
-                    &path,
+                    &asked.path,
                 );
                 deny.headers.push(("retry-after", "1".to_string()));
                 return Err(deny);
@@ -361,7 +428,7 @@ impl Gate {
         };
         if verdict.outcome != Outcome::Valid {
             let o = verdict.outcome;
-            let mut deny = self.render(o.http_status(), o.code_name(), o.error(), o.message(), &path);
+            let mut deny = self.render(o.http_status(), o.code_name(), o.error(), o.message(), &asked.path);
             if o.http_status() == 401 {
                 deny.headers.push(("www-authenticate", self.www_authenticate(Some("invalid_token"))));
             }
@@ -371,19 +438,11 @@ impl Gate {
         let mut allow = Allow { verdict, remove_upstream: SmallVec::new(), remove_query: Vec::new() };
         let empty = allow.identity_headers().map(|(name, value)| value.is_empty().then_some(name));
         allow.remove_upstream.extend(empty.into_iter().flatten().map(Cow::Borrowed));
-        // Every identity header is set or removed already; any other
-        // `x-keystile-*` a client sent is removed.
-        for name in req.headers.names_with_prefix(IDENTITY_PREFIX) {
-            if !IDENTITY_HEADERS.iter().any(|n| n.eq_ignore_ascii_case(name))
-                && !allow.remove_upstream.iter().any(|n| n.eq_ignore_ascii_case(name))
-            {
-                allow.remove_upstream.push(Cow::Owned(name.to_ascii_lowercase()));
-            }
-        }
+        allow.remove_upstream.extend(asked.client_identity);
         if self.settings.strip_credential {
             // Every place the credential was sent, not just the first.
             for (i, source) in self.settings.sources.sources().iter().enumerate() {
-                if found_in & (1u64 << i.min(63)) == 0 {
+                if asked.found_in & (1u64 << i.min(63)) == 0 {
                     continue;
                 }
                 match source {
@@ -400,7 +459,7 @@ impl Gate {
     /// peer that is a trusted proxy the Nth `X-Forwarded-For` entry from
     /// the right (the peer when there are fewer, or that entry is no
     /// address).
-    fn client_ip<H: RequestHeaders>(&self, req: &ProxyRequest<'_, H>) -> Option<IpAddr> {
+    fn client_ip<'a, H: RequestHeaders<'a>>(&self, req: &ProxyRequest<'a, '_, H>) -> Option<IpAddr> {
         let hops = self.settings.trusted_hops as usize;
         if hops == 0 || !req.peer_is_proxy {
             return req.peer.map(|ip| ip.to_canonical());

@@ -35,39 +35,46 @@ fn key(field: u32, wire_type: WireType, buf: &mut impl BufMut) {
 }
 
 /// The key and length of a nested message of `len` bytes.
+#[inline]
 pub fn message(field: u32, len: usize, buf: &mut impl BufMut) {
     key(field, WireType::LengthDelimited, buf);
     varint(len as u64, buf);
 }
 
 /// What a nested message of `len` bytes takes, with its key and length.
+#[inline]
 pub fn nested(field: u32, len: usize) -> usize {
     key_len(field) + encoded_len_varint(len as u64) + len
 }
 
 /// A proto3 string field; the empty string is not written.
+#[inline]
 pub fn string(field: u32, s: &str, buf: &mut impl BufMut) {
     if !s.is_empty() {
         string_always(field, s, buf);
     }
 }
 
+#[inline]
 pub fn string_len(field: u32, s: &str) -> usize {
     if s.is_empty() { 0 } else { string_always_len(field, s) }
 }
 
 /// A string written even when empty (repeated strings, oneof members).
+#[inline]
 pub fn string_always(field: u32, s: &str, buf: &mut impl BufMut) {
     key(field, WireType::LengthDelimited, buf);
     varint(s.len() as u64, buf);
     buf.put_slice(s.as_bytes());
 }
 
+#[inline]
 pub fn string_always_len(field: u32, s: &str) -> usize {
     nested(field, s.len())
 }
 
 /// A proto3 varint field; 0 is not written.
+#[inline]
 pub fn uint(field: u32, n: u64, buf: &mut impl BufMut) {
     if n != 0 {
         key(field, WireType::Varint, buf);
@@ -75,6 +82,7 @@ pub fn uint(field: u32, n: u64, buf: &mut impl BufMut) {
     }
 }
 
+#[inline]
 pub fn uint_len(field: u32, n: u64) -> usize {
     if n == 0 { 0 } else { key_len(field) + encoded_len_varint(n) }
 }

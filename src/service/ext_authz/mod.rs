@@ -19,7 +19,7 @@ use std::sync::Arc;
 use tonic::codegen::BoxFuture;
 use tonic::{Request, Response, Status};
 
-use crate::proxy::{Gate, Overrides, ProxyRequest, RequestHeaders};
+use crate::proxy::{Asked, Decision, Deny, Gate, Overrides, ProxyRequest, RequestHeaders};
 use crate::service::unary::UnaryServer;
 
 /// Largest CheckRequest accepted by default: it carries every header of
@@ -60,17 +60,17 @@ impl ExtAuthzService {
 
 /// Envoy's headers, as the view holds them: `headers` entries (lower-case
 /// names) and `header_map` values.
-struct CheckHeaders<'a>(&'a [(&'a [u8], &'a [u8])]);
+struct CheckHeaders<'v, 'a>(&'v [(&'a [u8], &'a [u8])]);
 
-impl RequestHeaders for CheckHeaders<'_> {
-    fn values<'s>(&'s self, name: &str) -> impl Iterator<Item = &'s str> {
+impl<'a> RequestHeaders<'a> for CheckHeaders<'_, 'a> {
+    fn values(&self, name: &str) -> impl Iterator<Item = &'a str> {
         self.0
             .iter()
             .filter(move |(k, _)| k.eq_ignore_ascii_case(name.as_bytes()))
             .filter_map(|(_, v)| std::str::from_utf8(v).ok())
     }
 
-    fn names_with_prefix<'s>(&'s self, prefix: &'static str) -> impl Iterator<Item = &'s str> {
+    fn names_with_prefix(&self, prefix: &'static str) -> impl Iterator<Item = &'a str> {
         // Checked as UTF-8 only when they match: most names do not.
         self.0.iter().filter(move |(k, _)| crate::proxy::credentials::has_prefix(k, prefix)).map(|(k, _)| text(k))
     }
@@ -79,6 +79,20 @@ impl RequestHeaders for CheckHeaders<'_> {
 impl ExtAuthzService {
     /// Answers one Check. Public for the in-process benches.
     pub async fn check(&self, check: wire::RawCheck) -> Result<CheckAnswer, Status> {
+        let asked = match self.read(&check)? {
+            Ok(asked) => asked,
+            Err(deny) => return Ok(CheckAnswer(Decision::Deny(deny))),
+        };
+        match self.gate.decide(asked).await {
+            Ok(decision) => Ok(CheckAnswer(decision)),
+            Err(deny) => Err(Status::unavailable(deny.body)),
+        }
+    }
+
+    /// What the Check asks, or its denial when the request settles it. The
+    /// view is made and dropped here, so that a Check's future does not
+    /// hold it while the engine answers.
+    fn read<'a>(&'a self, check: &'a wire::RawCheck) -> Result<Result<Asked<'a>, Deny>, Status> {
         let mut view = wire::CheckView::default();
         check.read_into(&mut view).map_err(Status::invalid_argument)?;
         if !view.has_http {
@@ -106,11 +120,7 @@ impl ExtAuthzService {
                 limits: extension(LIMITS_EXTENSION),
             },
         };
-        let decision = match self.gate.check(&req).await {
-            Ok(d) => d,
-            Err(deny) => return Err(Status::unavailable(deny.body)),
-        };
-        Ok(CheckAnswer(decision))
+        Ok(self.gate.read(&req))
     }
 }
 

@@ -186,19 +186,26 @@ pub fn has_prefix(name: &[u8], prefix: &str) -> bool {
 /// The credential of an `Authorization` value: after `Bearer` (any case),
 /// or the whole value when it has no scheme.
 fn from_authorization(value: &str) -> Option<&str> {
-    let v = value.trim();
-    match v.split_once(|c: char| c.is_ascii_whitespace()) {
-        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => Some(rest.trim()),
+    let v = value.trim_ascii();
+    match split_scheme(v) {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => Some(rest),
         Some(_) => None,
         None => Some(v),
     }
 }
 
+/// A trimmed value's scheme and the rest, trimmed, when it has a blank.
+/// HTTP's blanks are ASCII (RFC 9110, OWS): bytes are searched, not chars.
+fn split_scheme(v: &str) -> Option<(&str, &str)> {
+    let i = v.bytes().position(|b| b.is_ascii_whitespace())?;
+    Some((&v[..i], v[i + 1..].trim_ascii()))
+}
+
 /// A value without surrounding blanks and a leading `Bearer ` (any case).
 fn bare(value: &str) -> &str {
-    let v = value.trim();
-    match v.split_once(|c: char| c.is_ascii_whitespace()) {
-        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+    let v = value.trim_ascii();
+    match split_scheme(v) {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest,
         _ => v,
     }
 }

@@ -193,3 +193,39 @@ impl tonic::server::UnaryService<wire::RawCheck> for CheckCall {
         Box::pin(async move { inner.check(request.into_inner()).await.map(Response::new) })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::app::App;
+    use crate::clock::Clock;
+    use crate::engine::EngineSettings;
+    use crate::key::{Pepper, PepperSet};
+    use crate::store::memory::MemoryStore;
+
+    fn size_of<F>(_: &F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// A call's future is moved in memory before it first runs, once per
+    /// layer that awaits it, so its size is paid per call (BENCHMARKS.md,
+    /// "A Check as cheap as a Verify"). The view of a CheckRequest (about
+    /// a kilobyte) is not held across the engine's await, a limiter's
+    /// answer holds no bucket ids, and a store read is boxed: these bounds
+    /// fail if any of them comes back (3,472 and 1,744 bytes before).
+    #[test]
+    fn a_check_and_a_verify_hold_little_while_they_wait() {
+        let settings = EngineSettings::new(PepperSet::single(Pepper::parse(&[7u8; 32]).unwrap()));
+        let app = App::build(settings, Arc::new(MemoryStore::new()), Clock::system());
+        let service = ExtAuthzService::new(app.gate.clone());
+        let check = service.check(wire::RawCheck(Default::default()));
+        let request = crate::verdict::Request::of_key("x");
+        let verify = app.engine.verify(&request);
+        let (check, verify) = (size_of(&check), size_of(&verify));
+        assert!(check <= 2304, "a Check's future is {check} bytes");
+        assert!(verify <= 1408, "a Verify's future is {verify} bytes");
+        assert!(std::mem::size_of::<wire::CheckView>() > 1024, "the view this keeps out of the future is large");
+    }
+}

@@ -71,8 +71,12 @@ impl<'a> RequestHeaders<'a> for CheckHeaders<'_, 'a> {
     }
 
     fn names_with_prefix(&self, prefix: &'static str) -> impl Iterator<Item = &'a str> {
-        // Checked as UTF-8 only when they match: most names do not.
-        self.0.iter().filter(move |(k, _)| crate::proxy::credentials::has_prefix(k, prefix)).map(|(k, _)| text(k))
+        // Checked as UTF-8 only when they match: most names do not. A
+        // name that is not UTF-8 is no header keystile sets.
+        self.0
+            .iter()
+            .filter(move |(k, _)| crate::proxy::credentials::has_prefix(k, prefix))
+            .filter_map(|(k, _)| std::str::from_utf8(k).ok())
     }
 }
 

@@ -719,14 +719,7 @@ async fn per_core_runtime_serves_every_connection_and_stops_cleanly() {
     let sidecar = Sidecar::start(&["--dev", "--runtime", "per-core", "--workers", "3"], &[]);
     let key =
         sidecar.keys_json(&["create", "--name", "per-core", "--scope", "read"])["key"].as_str().unwrap().to_string();
-    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", sidecar.child.id()))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .map(|n| n.trim().to_string())
-        .filter(|n| n.starts_with("ks-core-"))
-        .collect();
-    names.sort();
-    assert_eq!(names, ["ks-core-1", "ks-core-2"]);
+    assert_eq!(common::core_threads(&sidecar.child.id().to_string()), ["ks-core-1", "ks-core-2"]);
     // Each its own connection: dealt round-robin over the three cores.
     for _ in 0..6 {
         let answered = tokio::time::timeout(Duration::from_secs(5), verify_over_grpc(sidecar.port, &key)).await;

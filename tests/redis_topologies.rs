@@ -496,17 +496,27 @@ async fn cluster_spreads_keys_revokes_everywhere_and_survives_a_failover() {
     }
     assert!(holding >= 2, "the tenants' buckets spread over the shards");
 
-    // A malformed-key flood reaches no node.
-    let reads_before: Vec<u64> = nodes.iter().map(|n| calls(n, "hget")).collect();
+    // A malformed-key flood reaches no node. The sidecars' own background
+    // reads (a cached key read again at its TTL) may fall in a round: a
+    // round with no read at all is the proof, and a malformed key that
+    // read the store would spoil all three.
     let mut v = keystile::proto::verifier_client::VerifierClient::new(
         tonic::transport::Channel::from_shared(sidecars[1].server()).unwrap().connect().await.unwrap(),
     );
-    for i in 0..500 {
-        let r = v.verify(verify_req(&format!("ks_live_forged{i}_xx"))).await.unwrap().into_inner();
-        assert_eq!(code(&r), Code::Malformed);
+    let mut rounds = Vec::new();
+    for _ in 0..3 {
+        let reads_before: Vec<u64> = nodes.iter().map(|n| calls(n, "hget")).collect();
+        for i in 0..500 {
+            let r = v.verify(verify_req(&format!("ks_live_forged{i}_xx"))).await.unwrap().into_inner();
+            assert_eq!(code(&r), Code::Malformed);
+        }
+        let reads_after: Vec<u64> = nodes.iter().map(|n| calls(n, "hget")).collect();
+        rounds.push((reads_before, reads_after));
+        if rounds.last().is_some_and(|(b, a)| b == a) {
+            break;
+        }
     }
-    let reads_after: Vec<u64> = nodes.iter().map(|n| calls(n, "hget")).collect();
-    assert_eq!(reads_before, reads_after, "no store read for a malformed key, on any node");
+    assert!(rounds.iter().any(|(b, a)| b == a), "no store read for a malformed key, on any node: {rounds:?}");
 
     // Revocation through one sidecar, refused by all three: 20 runs.
     let mut took = Vec::new();

@@ -351,14 +351,7 @@ async fn shutdown_drains_calls_in_flight() {
 /// The names of this process's threads that serve the cores beyond the
 /// first (README, "Runtime").
 fn core_threads() -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .map(|n| n.trim().to_string())
-        .filter(|n| n.starts_with("ks-core-"))
-        .collect();
-    names.sort();
-    names
+    common::core_threads("self")
 }
 
 /// Per-core runtimes (README, "Runtime"): connections dealt over three

@@ -381,14 +381,7 @@ impl Gate {
         };
         // Every identity header is set or removed on allow; any other
         // `x-keystile-*` a client sent is removed.
-        let mut client_identity: SmallVec<[Cow<'static, str>; 2]> = SmallVec::new();
-        for name in req.headers.names_with_prefix(IDENTITY_PREFIX) {
-            if !IDENTITY_HEADERS.iter().any(|n| n.eq_ignore_ascii_case(name))
-                && !client_identity.iter().any(|n| n.eq_ignore_ascii_case(name))
-            {
-                client_identity.push(Cow::Owned(name.to_ascii_lowercase()));
-            }
-        }
+        let client_identity = client_identity(req.headers.names_with_prefix(IDENTITY_PREFIX));
         Ok(Asked {
             credential,
             found_in,
@@ -506,7 +499,39 @@ impl Gate {
     }
 }
 
+/// Client-sent `x-keystile-*` names that are none of the identity
+/// headers, lower case, once each. Sorted to drop repeats: a request of
+/// thousands of such names (up to the size cap) costs a sort, not a
+/// comparison of every pair.
+fn client_identity<'a>(names: impl Iterator<Item = &'a str>) -> SmallVec<[Cow<'static, str>; 2]> {
+    let mut out: SmallVec<[Cow<'static, str>; 2]> = names
+        .filter(|name| !IDENTITY_HEADERS.iter().any(|n| n.eq_ignore_ascii_case(name)))
+        .map(|name| Cow::Owned(name.to_ascii_lowercase()))
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 /// A comma-separated list, blanks dropped.
 fn split_list(list: &str) -> Vec<String> {
     list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_sent_identity_names_are_removed_once_each_and_ours_are_left_to_the_answer() {
+        let names = ["X-Keystile-Admin", "x-keystile-admin", "x-keystile-tenant", "X-KEYSTILE-KEY-ID", "x-keystile-b"];
+        assert_eq!(client_identity(names.into_iter()).as_slice(), ["x-keystile-admin", "x-keystile-b"]);
+        // A hostile request's thousands of names, with repeats in every
+        // case: each kept once.
+        let many: Vec<String> =
+            (0..4000).flat_map(|i| [format!("x-keystile-{i}"), format!("X-KEYSTILE-{i}")]).collect();
+        let kept = client_identity(many.iter().map(String::as_str));
+        assert_eq!(kept.len(), 4000);
+        assert!(kept.iter().all(|n| n.bytes().all(|b| !b.is_ascii_uppercase())));
+    }
 }

@@ -630,3 +630,16 @@ pub async fn wait_known_everywhere(clients: &[VerifierClient<Channel>], key: &st
         }
     }
 }
+
+/// The sorted names of process `pid`'s (`self` for this one) threads that
+/// serve per-core runtimes beyond the first (README, "Runtime").
+pub fn core_threads(pid: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .filter(|n| n.starts_with("ks-core-"))
+        .collect();
+    names.sort();
+    names
+}

@@ -441,17 +441,26 @@ async fn process_wide_limits_and_undecodable_requests() {
     let s = TestServer::start_with(store.clone(), settings, options, Clock::system()).await;
     let mut admin = s.admin().await;
     let (key, _) = create(&mut admin, create_req("slow")).await;
+    let (other, _) = create(&mut admin, create_req("slow too")).await;
     drop(admin);
     store.set_latency(Duration::from_millis(400));
     // Two slow calls on two connections hold both permits; a third, on a
     // third connection, is refused without waiting.
+    // Two keys: two reads of the store (one key's would be shared).
+    let before = store.begun();
     let mut slow = Vec::new();
-    for _ in 0..2 {
+    for key in [&key, &other] {
         let mut v = s.verifier().await;
         let key = key.clone();
         slow.push(tokio::spawn(async move { v.verify(verify_req(&key)).await }));
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Both are in the store (on a busy machine a fixed pause was not
+    // always enough for them to get there).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while store.begun() < before + 2 {
+        assert!(std::time::Instant::now() < deadline, "the two slow calls never reached the store");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let mut third = s.verifier().await;
     let err = third.verify(verify_req(&key)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");

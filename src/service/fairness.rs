@@ -54,11 +54,16 @@ impl Default for FairnessSettings {
     }
 }
 
-/// What a read may bring is budgeted in calls of about this size (a
-/// Health/Check call is about 45 bytes on the wire, a Verify 100 to 150):
-/// one read could otherwise bring a hundred calls. Underestimating only
-/// costs a read more.
-const BYTES_PER_CALL: usize = 64;
+/// What a read may bring is budgeted in calls, turned into bytes by what
+/// the connection's calls have taken on the wire so far ([`FrameCounter::
+/// bytes_per_call`]): a Health/Check call is about 45 bytes, a Verify 100
+/// to 150, an ext_authz Check with a dozen headers 650. A budget at the
+/// smallest size for every call made an ext_authz connection read three
+/// calls at a time (BENCHMARKS.md, "Reads sized by the calls"). The
+/// estimate starts here and stays within these bounds: an estimate too
+/// high lets one read bring more than the share (never more than
+/// HTTP/2's `--max-concurrent-streams`), one too low costs a read more.
+const BYTES_PER_CALL: std::ops::RangeInclusive<usize> = 64..=2048;
 
 /// A connection whose count has not moved for this long while other
 /// connections' calls started has it cleared (see the module's
@@ -164,7 +169,7 @@ impl ConnectionLoad {
         self.queued() >= self.fairness.share() && self.fairness.busy()
     }
 
-    /// `Ready(n)`: read at most `n` bytes (for the headroom of the process,
+    /// `Ready(n)`: read at most `n` calls (for the headroom of the process,
     /// or this connection's share, whichever is more); `Pending`: do not
     /// read now, the reader is woken when half of its share has started.
     pub fn poll_read_allowance(&self, cx: &mut Context<'_>) -> Poll<usize> {
@@ -184,7 +189,7 @@ impl ConnectionLoad {
         }
         // A whole share per read, even with some of it queued: fewer and
         // larger reads.
-        Poll::Ready(self.fairness.headroom().max(self.fairness.share()).saturating_mul(BYTES_PER_CALL))
+        Poll::Ready(self.fairness.headroom().max(self.fairness.share()))
     }
 
     /// `n` calls were read.
@@ -261,6 +266,10 @@ pub struct FrameCounter {
     block_ends_stream: bool,
     /// The current frame, once read to its end, completes a request.
     count_at_end: bool,
+    /// Bytes read since a request last completed, and the estimate of a
+    /// request's size on the wire they update (see [`BYTES_PER_CALL`]).
+    bytes_since: usize,
+    bytes_per_call: usize,
 }
 
 /// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
@@ -284,6 +293,8 @@ impl Default for FrameCounter {
             in_block: false,
             block_ends_stream: false,
             count_at_end: false,
+            bytes_since: 0,
+            bytes_per_call: *BYTES_PER_CALL.start(),
         }
     }
 }
@@ -304,8 +315,28 @@ impl FrameCounter {
         }
     }
 
+    /// What a request of this connection takes on the wire, by what the
+    /// last ones took: it follows smaller requests at once and larger ones
+    /// by a quarter of the difference per read, so a connection that sends
+    /// a few large requests and then many small ones gains one larger read.
+    pub fn bytes_per_call(&self) -> usize {
+        self.bytes_per_call
+    }
+
     /// The requests whose last frame ends in `bytes`.
-    pub fn feed(&mut self, mut bytes: &[u8]) -> usize {
+    pub fn feed(&mut self, bytes: &[u8]) -> usize {
+        self.bytes_since = self.bytes_since.saturating_add(bytes.len());
+        let opened = self.count(bytes);
+        if let Some(seen) = self.bytes_since.checked_div(opened) {
+            self.bytes_since = 0;
+            let estimate =
+                if seen <= self.bytes_per_call { seen } else { self.bytes_per_call + (seen - self.bytes_per_call) / 4 };
+            self.bytes_per_call = estimate.clamp(*BYTES_PER_CALL.start(), *BYTES_PER_CALL.end());
+        }
+        opened
+    }
+
+    fn count(&mut self, mut bytes: &[u8]) -> usize {
         let mut opened = 0;
         let n = self.preface.min(bytes.len());
         self.preface -= n;
@@ -510,9 +541,9 @@ mod tests {
     fn a_read_brings_the_headroom_of_the_process_or_an_even_share() {
         let fairness = settings(100, 1);
         let conns: Vec<_> = (0..4).map(|_| fairness.connection()).collect();
-        assert_eq!(allowance(&conns[0]), Poll::Ready(100 * BYTES_PER_CALL), "a quiet process");
+        assert_eq!(allowance(&conns[0]), Poll::Ready(100), "a quiet process");
         conns[0].opened(90);
-        assert_eq!(allowance(&conns[1]), Poll::Ready(25 * BYTES_PER_CALL), "10 calls of headroom, a share of 25");
+        assert_eq!(allowance(&conns[1]), Poll::Ready(25), "10 calls of headroom, a share of 25");
         drop(conns);
         assert_eq!(fairness.queued.load(Ordering::SeqCst), 0, "a closed connection's calls are no longer counted");
         assert_eq!(fairness.connections.load(Ordering::SeqCst), 0);
@@ -526,11 +557,11 @@ mod tests {
         b.opened(1);
         assert!(a.over_share());
         assert_eq!(allowance(&a), Poll::Pending, "a has 4 queued, its share is 3");
-        assert_eq!(allowance(&b), Poll::Ready(3 * BYTES_PER_CALL), "b is under its share: read, for a share");
+        assert_eq!(allowance(&b), Poll::Ready(3), "b is under its share: read, for a share");
         a.start();
         a.start();
         assert!(!a.over_share());
-        assert_eq!(allowance(&a), Poll::Ready(3 * BYTES_PER_CALL), "3 queued in all: not busy");
+        assert_eq!(allowance(&a), Poll::Ready(3), "3 queued in all: not busy");
     }
 
     #[test]
@@ -551,7 +582,7 @@ mod tests {
         assert!(!flag.0.load(Ordering::SeqCst), "not yet at half its share");
         a.start();
         assert!(flag.0.load(Ordering::SeqCst), "at half its share: woken");
-        assert_eq!(allowance(&a), Poll::Ready(BYTES_PER_CALL));
+        assert_eq!(allowance(&a), Poll::Ready(1));
     }
 
     #[test]
@@ -609,5 +640,49 @@ mod tests {
         let last_data = 24 + (9 + 18) + 3 * (9 + 37) + (9 + 20) + 9 + 59;
         assert_eq!(counter.feed(&wire[..last_data]), 0, "one byte of the first request missing");
         assert_eq!(counter.feed(&wire[last_data..last_data + 1]), 1);
+    }
+
+    #[test]
+    fn a_read_is_sized_by_what_the_connections_requests_take() {
+        // A request of `size` bytes: one HEADERS frame ending its stream.
+        fn requests(first_stream: u32, n: u32, size: usize) -> Vec<u8> {
+            let mut wire = Vec::new();
+            for i in 0..n {
+                let len = ((size - 9) as u32).to_be_bytes();
+                wire.extend([len[1], len[2], len[3], HEADERS, END_HEADERS | END_STREAM]);
+                wire.extend((first_stream + 2 * i).to_be_bytes());
+                wire.extend(std::iter::repeat_n(0u8, size - 9));
+            }
+            wire
+        }
+        let mut counter = FrameCounter::default();
+        assert_eq!(counter.bytes_per_call(), 64, "nothing read yet: the smallest");
+        counter.preface = 0;
+        let mut stream = 1;
+        let mut estimates = Vec::new();
+        for _ in 0..20 {
+            assert_eq!(counter.feed(&requests(stream, 4, 650)), 4);
+            stream += 8;
+            estimates.push(counter.bytes_per_call());
+        }
+        assert!(estimates.windows(2).all(|w| w[0] <= w[1]), "rises read by read: {estimates:?}");
+        assert!((600..=650).contains(&counter.bytes_per_call()), "{estimates:?}");
+        // Smaller requests bring it down at once.
+        assert_eq!(counter.feed(&requests(stream, 10, 45)), 10);
+        assert_eq!(counter.bytes_per_call(), 64, "never under the smallest");
+        stream += 20;
+        // Huge requests raise it by a quarter at a time, never past the
+        // largest.
+        counter.feed(&requests(stream, 1, 100_000));
+        assert_eq!(counter.bytes_per_call(), 2048);
+        assert_eq!(counter.feed(&requests(stream + 2, 1, 45)), 1);
+        assert_eq!(counter.bytes_per_call(), 64);
+        // Bytes of no request (here a 991-byte frame on the connection)
+        // count toward the next one.
+        let mut other = vec![0, 0x03, 0xdf, 0x8, 0, 0, 0, 0, 0];
+        other.extend([0u8; 991]);
+        assert_eq!(counter.feed(&other), 0);
+        assert_eq!(counter.feed(&requests(stream + 4, 1, 45)), 1);
+        assert_eq!(counter.bytes_per_call(), 64 + (1045 - 64) / 4);
     }
 }

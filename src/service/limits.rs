@@ -43,18 +43,25 @@ pub fn oversize_is_invalid_argument<B>() -> OversizeLayer<B> {
     MapResponseLayer::new(rename::<B>)
 }
 
+// Names made once: a name given as a string is parsed at every lookup, and
+// this runs on every answer.
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
+
 fn rename<B>(mut resp: http::Response<B>) -> http::Response<B> {
     let headers = resp.headers_mut();
-    if headers.get("grpc-status").is_some_and(|v| v == OUT_OF_RANGE) {
-        headers.insert("grpc-status", INVALID_ARGUMENT);
-        headers.insert("grpc-message", TOO_LARGE);
-    } else if headers.get("grpc-status").is_some_and(|v| v == INTERNAL)
-        && headers.get("grpc-message").is_some_and(|m| m.to_str().is_ok_and(|m| m.contains("decode")))
+    // An answer with a message has its status in the trailers.
+    let Some(status) = headers.get(&GRPC_STATUS) else { return resp };
+    if status == OUT_OF_RANGE {
+        headers.insert(GRPC_STATUS, INVALID_ARGUMENT);
+        headers.insert(GRPC_MESSAGE, TOO_LARGE);
+    } else if status == INTERNAL
+        && headers.get(&GRPC_MESSAGE).is_some_and(|m| m.to_str().is_ok_and(|m| m.contains("decode")))
     {
         // A request that is not the message it claims to be is the caller's
         // mistake, not an internal error (handlers never answer INTERNAL).
-        headers.insert("grpc-status", INVALID_ARGUMENT);
-        headers.insert("grpc-message", UNDECODABLE);
+        headers.insert(GRPC_STATUS, INVALID_ARGUMENT);
+        headers.insert(GRPC_MESSAGE, UNDECODABLE);
     }
     resp
 }

@@ -228,10 +228,14 @@ impl<IO: AsyncRead> AsyncRead for CappedConnection<IO> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let this = self.project();
         // A connection over its share of a busy process is not read until
-        // half of it has started (README, "Limits").
+        // half of it has started (README, "Limits"), and then for about a
+        // share of calls.
         let most = match this.frames {
             None => usize::MAX,
-            Some(_) => std::task::ready!(poll_turn(this.load, this.stale, this.recheck, cx)),
+            Some(frames) => {
+                let calls = std::task::ready!(poll_turn(this.load, this.stale, this.recheck, cx));
+                calls.saturating_mul(frames.bytes_per_call())
+            }
         };
         let filled = buf.filled().len();
         let read = if most < buf.remaining() {

@@ -1,40 +1,79 @@
-//! A gRPC service of one unary method with a codec of its own, written out
-//! as tonic's generated servers are: Verify's and ext_authz's Check, whose
-//! answers are written straight into the send buffer (README,
-//! "Performance") rather than encoded from a prost message. Each front end
-//! names its instance with [`tonic::server::NamedService`].
+//! A gRPC service of one unary method, framed here rather than by tonic's
+//! generated server: Verify's and ext_authz's Check, the calls every
+//! request of a protected API makes (README, "Performance").
+//!
+//! tonic's server runs a general streaming decoder and encoder for every
+//! call, each with a buffer of its own (8 KiB, allocated per call), and
+//! copies the request into its buffer before a codec sees it. A unary
+//! request is one message, nearly always in one DATA frame: here it is
+//! sliced out of that frame as received, and the answer is written once
+//! into a buffer of its size, length prefix included, and sent as one
+//! frame and the `grpc-status` trailer (BENCHMARKS.md, "Framed by
+//! keystile"). What reaches the wire is what tonic sends: the tests of each
+//! front end call them with tonic's own clients.
+//!
+//! The request is read to its end (its last frame) before the handler
+//! runs, as tonic does: that is when the connection counts the call as
+//! started (`fairness.rs`). What differs from tonic, on requests no gRPC
+//! client sends: bytes after the first message are discarded unread, not
+//! decoded; request trailers are not merged into the metadata.
 
+use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tonic::Status;
-use tonic::codec::Codec;
+use prost::bytes::{BufMut, Bytes, BytesMut};
 use tonic::codegen::{BoxFuture, Service, StdError, http};
 use tonic::server::UnaryService;
+use tonic::{Request, Status};
+
+/// A unary method's request and answer on the wire.
+pub trait UnaryCodec {
+    type Request: Send + 'static;
+    type Answer: Send + 'static;
+    /// The request, from its message's bytes (a slice of what was
+    /// received).
+    fn decode(message: Bytes) -> Result<Self::Request, Status>;
+    /// About how many bytes [`write`](Self::write) takes, so that the
+    /// answer's buffer is allocated once.
+    fn size_hint(answer: &Self::Answer) -> usize;
+    fn write(answer: &Self::Answer, buf: &mut BytesMut);
+}
+
+/// The gRPC message prefix: a compressed flag and a 4-byte length.
+const PREFIX: usize = 5;
 
 /// Serves `handler` on `path` (any other path is `UNIMPLEMENTED`), with
 /// requests capped at `max_request_bytes`.
-#[derive(Clone)]
 pub struct UnaryServer<C, H> {
     path: &'static str,
     max_request_bytes: usize,
-    codec: C,
     handler: H,
+    codec: std::marker::PhantomData<fn() -> C>,
+}
+
+impl<C, H: Clone> Clone for UnaryServer<C, H> {
+    fn clone(&self) -> Self {
+        UnaryServer {
+            path: self.path,
+            max_request_bytes: self.max_request_bytes,
+            handler: self.handler.clone(),
+            codec: std::marker::PhantomData,
+        }
+    }
 }
 
 impl<C, H> UnaryServer<C, H> {
-    pub fn new(path: &'static str, max_request_bytes: usize, codec: C, handler: H) -> UnaryServer<C, H> {
-        UnaryServer { path, max_request_bytes, codec, handler }
+    pub fn new(path: &'static str, max_request_bytes: usize, handler: H) -> UnaryServer<C, H> {
+        UnaryServer { path, max_request_bytes, handler, codec: std::marker::PhantomData }
     }
 }
 
 impl<C, H, B> Service<http::Request<B>> for UnaryServer<C, H>
 where
-    C: Codec + Clone + Send + 'static,
-    C::Encode: Send + 'static,
-    C::Decode: Send + 'static,
-    H: UnaryService<C::Decode, Response = C::Encode> + Clone + Send + 'static,
+    C: UnaryCodec + 'static,
+    H: UnaryService<C::Request, Response = C::Answer> + Clone + Send + 'static,
     H::Future: Send,
-    B: tonic::codegen::Body + Send + 'static,
+    B: tonic::codegen::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<StdError> + Send + 'static,
 {
     type Response = http::Response<tonic::body::Body>;
@@ -49,10 +88,266 @@ where
         if req.uri().path() != self.path {
             return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
         }
-        let (codec, handler, max) = (self.codec.clone(), self.handler.clone(), self.max_request_bytes);
-        Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(codec).apply_max_message_size_config(Some(max), None);
-            Ok(grpc.unary(handler, req).await)
-        })
+        let (handler, max) = (self.handler.clone(), self.max_request_bytes);
+        Box::pin(async move { Ok(serve::<C, H, B>(handler, req, max).await.unwrap_or_else(Status::into_http)) })
+    }
+}
+
+async fn serve<C, H, B>(
+    mut handler: H,
+    req: http::Request<B>,
+    max: usize,
+) -> Result<http::Response<tonic::body::Body>, Status>
+where
+    C: UnaryCodec,
+    H: UnaryService<C::Request, Response = C::Answer>,
+    B: tonic::codegen::Body<Data = Bytes>,
+    B::Error: Into<StdError>,
+{
+    identity_encoding(req.headers())?;
+    let (parts, body) = req.into_parts();
+    let message = read_message(body, max).await?;
+    let request = C::decode(message)?;
+    let (metadata, answer, extensions) =
+        handler.call(Request::from_http(http::Request::from_parts(parts, request))).await?.into_parts();
+    let mut buf = BytesMut::with_capacity(PREFIX + C::size_hint(&answer));
+    buf.put_bytes(0, PREFIX);
+    C::write(&answer, &mut buf);
+    let len = u32::try_from(buf.len() - PREFIX).map_err(|_| Status::internal("the answer is too large"))?;
+    buf[1..PREFIX].copy_from_slice(&len.to_be_bytes());
+    let mut response = http::Response::new(tonic::body::Body::new(Answer { data: Some(buf.freeze()), done: false }));
+    *response.headers_mut() = metadata.into_headers();
+    *response.extensions_mut() = extensions;
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+    Ok(response)
+}
+
+/// Requests are not compressed: keystile accepts none of gRPC's
+/// compressions (what tonic answers, with the same status).
+fn identity_encoding(headers: &http::HeaderMap) -> Result<(), Status> {
+    // A name given as a string would be parsed at every call.
+    const GRPC_ENCODING: http::HeaderName = http::HeaderName::from_static("grpc-encoding");
+    match headers.get(&GRPC_ENCODING) {
+        None => Ok(()),
+        Some(v) if v.as_bytes() == b"identity" => Ok(()),
+        Some(other) => {
+            let name = String::from_utf8_lossy(other.as_bytes());
+            let mut status =
+                Status::unimplemented(format!("Content is compressed with `{name}` which isn't supported"));
+            status
+                .metadata_mut()
+                .insert("grpc-accept-encoding", tonic::metadata::MetadataValue::from_static("identity"));
+            Err(status)
+        }
+    }
+}
+
+/// The request's one message, read to the end of the request. The first
+/// DATA frame nearly always holds all of it: it is then a slice of that
+/// frame, no copy. Never holds more than `max` bytes of message.
+async fn read_message<B>(body: B, max: usize) -> Result<Bytes, Status>
+where
+    B: tonic::codegen::Body<Data = Bytes>,
+    B::Error: Into<StdError>,
+{
+    let mut body = std::pin::pin!(body);
+    let mut message = Message::default();
+    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        let frame = frame.map_err(|e| Status::from_error(e.into()))?;
+        if let Ok(data) = frame.into_data() {
+            message.push(data, max)?;
+        }
+    }
+    message.finish()
+}
+
+/// A message as its bytes arrive.
+#[derive(Default)]
+struct Message {
+    /// The bytes of a message that spans frames, gathered up to its end
+    /// (never more than its prefix and `max` bytes, each byte copied once).
+    gathered: BytesMut,
+    /// The prefix and message length, once the prefix is read.
+    want: usize,
+    /// The whole message, once read; later bytes are dropped.
+    done: Option<Bytes>,
+}
+
+impl Message {
+    fn push(&mut self, data: Bytes, max: usize) -> Result<(), Status> {
+        if self.done.is_some() || data.is_empty() {
+            return Ok(());
+        }
+        if self.gathered.is_empty()
+            && let Some(len) = message_len(&data, max)?
+            && data.len() >= PREFIX + len
+        {
+            self.done = Some(data.slice(PREFIX..PREFIX + len));
+            return Ok(());
+        }
+        let mut data = &data[..];
+        if self.gathered.len() < PREFIX {
+            let n = (PREFIX - self.gathered.len()).min(data.len());
+            self.gathered.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            let Some(len) = message_len(&self.gathered, max)? else { return Ok(()) };
+            self.want = PREFIX + len;
+            self.gathered.reserve(len);
+        }
+        let n = (self.want - self.gathered.len()).min(data.len());
+        self.gathered.extend_from_slice(&data[..n]);
+        if self.gathered.len() == self.want {
+            self.done = Some(self.gathered.split().freeze().slice(PREFIX..));
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Bytes, Status> {
+        match self.done {
+            Some(message) => Ok(message),
+            None if self.gathered.is_empty() => Err(Status::internal("Missing request message.")),
+            None => Err(Status::internal("Unexpected EOF decoding stream.")),
+        }
+    }
+}
+
+/// The length the prefix at the start of `bytes` announces, once all five
+/// of its bytes are there; tonic's errors, with its words, for a
+/// compressed message or one over `max`.
+fn message_len(bytes: &[u8], max: usize) -> Result<Option<usize>, Status> {
+    let Some(prefix) = bytes.get(..PREFIX) else { return Ok(None) };
+    match prefix[0] {
+        0 => {}
+        1 => {
+            return Err(Status::internal(
+                "protocol error: received message with compressed-flag but no grpc-encoding was specified",
+            ));
+        }
+        f => {
+            return Err(Status::internal(format!(
+                "protocol error: received message with invalid compression flag: {f} (valid flags are 0 and 1), while receiving request"
+            )));
+        }
+    }
+    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+    if len > max {
+        return Err(Status::out_of_range(format!(
+            "Error, decoded message length too large: found {len} bytes, the limit is: {max} bytes"
+        )));
+    }
+    Ok(Some(len))
+}
+
+/// The answer's one frame, then the `grpc-status: 0` trailer.
+struct Answer {
+    data: Option<Bytes>,
+    done: bool,
+}
+
+impl tonic::codegen::Body for Answer {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        if let Some(data) = self.data.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+        }
+        if self.done {
+            return Poll::Ready(None);
+        }
+        self.done = true;
+        const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+        let mut trailers = http::HeaderMap::with_capacity(1);
+        trailers.insert(GRPC_STATUS, http::HeaderValue::from_static("0"));
+        Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framed(message: &[u8]) -> Vec<u8> {
+        let mut out = vec![0];
+        out.extend((message.len() as u32).to_be_bytes());
+        out.extend(message);
+        out
+    }
+
+    fn read(chunks: &[&[u8]], max: usize) -> Result<Bytes, Status> {
+        let mut m = Message::default();
+        for c in chunks {
+            m.push(Bytes::copy_from_slice(c), max)?;
+        }
+        m.finish()
+    }
+
+    #[test]
+    fn a_message_is_read_across_any_split_of_its_frames() {
+        let wire = framed(b"a unary request");
+        for cut in 0..=wire.len() {
+            for cut2 in cut..=wire.len() {
+                let got = read(&[&wire[..cut], &wire[cut..cut2], &wire[cut2..]], 1024).unwrap();
+                assert_eq!(&got[..], b"a unary request", "split at {cut} and {cut2}");
+            }
+        }
+        let mut two = wire.clone();
+        two.extend(framed(b"a second one, never read"));
+        assert_eq!(&read(&[&two], 1024).unwrap()[..], b"a unary request");
+        assert_eq!(&read(&[&framed(b"")], 1024).unwrap()[..], b"", "an empty message is a message");
+    }
+
+    #[test]
+    fn a_frame_holding_the_whole_message_is_not_copied() {
+        let wire = Bytes::from(framed(b"in one frame"));
+        let mut m = Message::default();
+        m.push(wire.clone(), 1024).unwrap();
+        let got = m.finish().unwrap();
+        assert_eq!(got.as_ptr(), wire[PREFIX..].as_ptr());
+    }
+
+    #[test]
+    fn bad_requests_get_tonics_errors() {
+        let err = read(&[], 1024).unwrap_err();
+        assert_eq!((err.code(), err.message()), (tonic::Code::Internal, "Missing request message."));
+        let wire = framed(b"cut short");
+        let err = read(&[&wire[..8]], 1024).unwrap_err();
+        assert_eq!((err.code(), err.message()), (tonic::Code::Internal, "Unexpected EOF decoding stream."));
+        let err = read(&[&wire[..3]], 1024).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Internal, "a prefix cut short");
+        let err = read(&[&framed(&[7; 2000])[..5]], 1024).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::OutOfRange, "refused by its prefix, before its bytes: {err:?}");
+        assert!(err.message().contains("found 2000 bytes, the limit is: 1024 bytes"), "{}", err.message());
+        let mut compressed = framed(b"x");
+        compressed[0] = 1;
+        assert_eq!(read(&[&compressed], 1024).unwrap_err().code(), tonic::Code::Internal);
+        let mut headers = http::HeaderMap::new();
+        headers.insert("grpc-encoding", http::HeaderValue::from_static("gzip"));
+        let err = identity_encoding(&headers).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unimplemented);
+        headers.insert("grpc-encoding", http::HeaderValue::from_static("identity"));
+        assert!(identity_encoding(&headers).is_ok());
+    }
+
+    #[test]
+    fn a_message_spread_over_frames_is_gathered_within_its_announced_size() {
+        let wire = framed(&[9; 1000]);
+        let mut m = Message::default();
+        for byte in &wire {
+            m.push(Bytes::copy_from_slice(&[*byte]), 1000).unwrap();
+            assert!(m.gathered.capacity() <= 2 * (PREFIX + 1000), "{}", m.gathered.capacity());
+        }
+        assert_eq!(m.finish().unwrap().len(), 1000);
     }
 }

@@ -11,7 +11,9 @@ use tonic::codegen::BoxFuture;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
 
-use super::unary::UnaryServer;
+use prost::bytes::{Bytes, BytesMut};
+
+use super::unary::{UnaryCodec, UnaryServer};
 use super::verify_answer::VerifyAnswer;
 
 use super::status;
@@ -39,7 +41,7 @@ impl VerifierService {
     }
 
     pub fn into_server(self) -> VerifierServer {
-        UnaryServer::new(VERIFY_PATH, super::MAX_REQUEST_BYTES, VerifyCodec, VerifyCall(Arc::new(self)))
+        UnaryServer::new(VERIFY_PATH, super::MAX_REQUEST_BYTES, VerifyCall(Arc::new(self)))
     }
 }
 
@@ -184,34 +186,25 @@ pub const SERVICE_NAME: &str = "keystile.v1.Verifier";
 const VERIFY_PATH: &str = "/keystile.v1.Verifier/Verify";
 
 /// `VerifyRequest` in (prost), [`VerifyAnswer`] out.
-#[derive(Clone, Copy, Default)]
 pub struct VerifyCodec;
 
-/// Writes a [`VerifyAnswer`].
-pub struct AnswerEncoder;
+impl UnaryCodec for VerifyCodec {
+    type Request = proto::VerifyRequest;
+    type Answer = VerifyAnswer;
 
-impl tonic::codec::Encoder for AnswerEncoder {
-    type Item = VerifyAnswer;
-    type Error = Status;
+    fn decode(message: Bytes) -> Result<proto::VerifyRequest, Status> {
+        use prost::Message;
+        proto::VerifyRequest::decode(message).map_err(|e| Status::internal(e.to_string()))
+    }
 
-    fn encode(&mut self, answer: VerifyAnswer, buf: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), Status> {
+    /// An answer with a key, its scopes and three named limits is about
+    /// 460 bytes (BENCHMARKS.md, "Verify under h2load, by key profile").
+    fn size_hint(_: &VerifyAnswer) -> usize {
+        512
+    }
+
+    fn write(answer: &VerifyAnswer, buf: &mut BytesMut) {
         answer.write(buf);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Codec for VerifyCodec {
-    type Encode = VerifyAnswer;
-    type Decode = proto::VerifyRequest;
-    type Encoder = AnswerEncoder;
-    type Decoder = tonic_prost::ProstDecoder<proto::VerifyRequest>;
-
-    fn encoder(&mut self) -> AnswerEncoder {
-        AnswerEncoder
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstDecoder::default()
     }
 }
 

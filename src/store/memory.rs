@@ -31,6 +31,7 @@ pub struct MemoryStore {
     audit: Mutex<(u64, std::collections::VecDeque<AuditEvent>)>,
     feed: broadcast::Sender<FeedEvent>,
     calls: AtomicU64,
+    begun: AtomicU64,
     failing: std::sync::atomic::AtomicBool,
     latency_ms: AtomicU64,
     buckets: Option<Arc<MemoryBuckets>>,
@@ -54,6 +55,7 @@ impl MemoryStore {
             audit: Mutex::default(),
             feed,
             calls: AtomicU64::new(0),
+            begun: AtomicU64::new(0),
             failing: Default::default(),
             latency_ms: AtomicU64::new(0),
             buckets: None,
@@ -70,6 +72,12 @@ impl MemoryStore {
     /// The shared buckets, when the store was made with them.
     pub fn buckets(&self) -> Option<&Arc<MemoryBuckets>> {
         self.buckets.as_ref()
+    }
+
+    /// How many store operations have begun (waiting out the latency or
+    /// made).
+    pub fn begun(&self) -> u64 {
+        self.begun.load(Ordering::SeqCst)
     }
 
     /// How many store operations were made so far.
@@ -89,6 +97,7 @@ impl MemoryStore {
     }
 
     async fn delay(&self) {
+        self.begun.fetch_add(1, Ordering::SeqCst);
         let ms = self.latency_ms.load(Ordering::SeqCst);
         if ms > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(ms)).await;

@@ -16,11 +16,12 @@
 
 use std::sync::Arc;
 
+use prost::bytes::{Bytes, BytesMut};
 use tonic::codegen::BoxFuture;
 use tonic::{Request, Response, Status};
 
 use crate::proxy::{Asked, Decision, Deny, Gate, Overrides, ProxyRequest, RequestHeaders};
-use crate::service::unary::UnaryServer;
+use crate::service::unary::{UnaryCodec, UnaryServer};
 
 /// Largest CheckRequest accepted by default: it carries every header of
 /// the original request.
@@ -54,7 +55,7 @@ impl ExtAuthzService {
     }
 
     pub fn into_server(self, max_request_bytes: usize) -> ExtAuthzServer {
-        UnaryServer::new(CHECK_PATH, max_request_bytes, CheckCodec, CheckCall(Arc::new(self)))
+        UnaryServer::new(CHECK_PATH, max_request_bytes, CheckCall(Arc::new(self)))
     }
 }
 
@@ -130,48 +131,23 @@ impl ExtAuthzService {
 
 /// Envoy's CheckResponse out (written by [`CheckAnswer::write`]), the
 /// CheckRequest's bytes in, kept as received for [`wire::RawCheck::view`].
-#[derive(Clone, Copy, Default)]
 pub struct CheckCodec;
 
-/// Writes a [`CheckAnswer`].
-pub struct AnswerEncoder;
+impl UnaryCodec for CheckCodec {
+    type Request = wire::RawCheck;
+    type Answer = CheckAnswer;
 
-impl tonic::codec::Encoder for AnswerEncoder {
-    type Item = CheckAnswer;
-    type Error = Status;
+    fn decode(message: Bytes) -> Result<wire::RawCheck, Status> {
+        Ok(wire::RawCheck(message))
+    }
 
-    fn encode(&mut self, answer: CheckAnswer, buf: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), Status> {
+    /// An allow is about 250 bytes; a denial carries its JSON body.
+    fn size_hint(_: &CheckAnswer) -> usize {
+        1024
+    }
+
+    fn write(answer: &CheckAnswer, buf: &mut BytesMut) {
         answer.write(buf);
-        Ok(())
-    }
-}
-
-/// Keeps a CheckRequest's bytes as received.
-pub struct RawDecoder;
-
-impl tonic::codec::Decoder for RawDecoder {
-    type Item = wire::RawCheck;
-    type Error = Status;
-
-    fn decode(&mut self, buf: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<wire::RawCheck>, Status> {
-        use prost::bytes::Buf;
-        let len = buf.remaining();
-        Ok(Some(wire::RawCheck(buf.copy_to_bytes(len))))
-    }
-}
-
-impl tonic::codec::Codec for CheckCodec {
-    type Encode = CheckAnswer;
-    type Decode = wire::RawCheck;
-    type Encoder = AnswerEncoder;
-    type Decoder = RawDecoder;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        AnswerEncoder
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        RawDecoder
     }
 }
 

@@ -325,12 +325,7 @@ impl KeyFormat {
         if raw.len() > super::MAX_PRESENTED_LEN {
             return Err(Malformed::TooLong);
         }
-        // Most keys arrive with nothing to trim: the Unicode-aware trim only
-        // when an end is not a visible ASCII character.
-        let mut s = match raw.as_bytes() {
-            [first, .., last] if first.is_ascii_graphic() && last.is_ascii_graphic() => raw,
-            _ => raw.trim(),
-        };
+        let mut s = crate::verdict::trim(raw);
         let b = s.as_bytes();
         if b.len() >= 6 && b[..6].eq_ignore_ascii_case(b"bearer") && (b.len() == 6 || b[6].is_ascii_whitespace()) {
             s = s[6..].trim_start();

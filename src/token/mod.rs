@@ -138,6 +138,13 @@ pub struct Tokens {
 /// Whether `s` has the shape of a JWS (three base64url parts, a JSON
 /// header): what sends a credential down the token path.
 pub fn looks_like_token(s: &str) -> bool {
+    // An API key is told apart by its first byte (visible ASCII, neither
+    // a token's `e` nor a `Bearer`'s `B`), before any trimming.
+    match s.as_bytes().first() {
+        None => return false,
+        Some(b) if b.is_ascii_graphic() && !matches!(b, b'e' | b'B' | b'b') => return false,
+        Some(_) => {}
+    }
     let s = s.trim();
     let s = s.strip_prefix("Bearer ").or_else(|| s.strip_prefix("bearer ")).unwrap_or(s).trim();
     // `find` scans with SIMD; a byte loop costs more than the rest of a

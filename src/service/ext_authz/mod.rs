@@ -41,8 +41,16 @@ pub mod wire;
 
 pub use answer::CheckAnswer;
 
+/// A field as text, or "" when it is not UTF-8. Nearly every field is
+/// ASCII, which a word-at-a-time check settles faster than the general
+/// validation does for short strings.
 fn text(b: &[u8]) -> &str {
-    std::str::from_utf8(b).unwrap_or("")
+    if b.is_ascii() {
+        // SAFETY: ASCII is UTF-8.
+        unsafe { std::str::from_utf8_unchecked(b) }
+    } else {
+        std::str::from_utf8(b).unwrap_or("")
+    }
 }
 
 pub struct ExtAuthzService {
@@ -68,7 +76,7 @@ impl<'a> RequestHeaders<'a> for CheckHeaders<'_, 'a> {
         self.0
             .iter()
             .filter(move |(k, _)| k.eq_ignore_ascii_case(name.as_bytes()))
-            .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+            .filter_map(|(_, v)| if v.is_ascii() { Some(text(v)) } else { std::str::from_utf8(v).ok() })
     }
 
     fn names_with_prefix(&self, prefix: &'static str) -> impl Iterator<Item = &'a str> {

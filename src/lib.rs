@@ -52,7 +52,8 @@
 //!   (`service/fairness.rs`); answers written straight from the verdict
 //!   (`service/verify_answer.rs`, `service/ext_authz/answer.rs`, their
 //!   shared protobuf rules in `service/protobuf.rs`, the server of one
-//!   unary method both run on in `service/unary.rs`);
+//!   unary method both run on, framed without tonic's streaming codec, in
+//!   `service/unary.rs`);
 //!   [`proto`]: generated code.
 //! - [`proxy`]: the proxy front ends' common ground ([`proxy::Gate`]): a
 //!   proxied request (credential sources, route table) in, an allow with

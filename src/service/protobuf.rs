@@ -11,12 +11,18 @@ use prost::encoding::{WireType, encoded_len_varint, key_len};
 /// A varint, put in one piece: most are one byte (keys, short lengths),
 /// and prost's byte-at-a-time writer, not inlined, cost more than the rest
 /// of an answer.
-#[inline]
-pub fn varint(mut n: u64, buf: &mut impl BufMut) {
+#[inline(always)]
+pub fn varint(n: u64, buf: &mut impl BufMut) {
     if n < 0x80 {
         buf.put_u8(n as u8);
-        return;
+    } else {
+        long_varint(n, buf);
     }
+}
+
+/// [`varint`] of two bytes or more, out of line: the one-byte case is
+/// inlined at each of the many places an answer writes one.
+fn long_varint(mut n: u64, buf: &mut impl BufMut) {
     let mut bytes = [0u8; 10];
     let mut i = 0;
     while n >= 0x80 {

@@ -238,6 +238,9 @@ impl<'a> Iterator for Fields<'a> {
             self.0 = rest;
             return Some(Ok((u32::from(key >> 3), value)));
         }
+        if self.0.is_empty() {
+            return None;
+        }
         self.step()
     }
 }

@@ -36,6 +36,8 @@ pub trait UnaryCodec {
     /// About how many bytes [`write`](Self::write) takes, so that the
     /// answer's buffer is allocated once.
     fn size_hint(answer: &Self::Answer) -> usize;
+    /// Appends the encoded answer to `buf` (which holds its length prefix
+    /// already); never removes what is there.
     fn write(answer: &Self::Answer, buf: &mut BytesMut);
 }
 
@@ -116,7 +118,14 @@ where
     let len = u32::try_from(buf.len() - PREFIX).map_err(|_| Status::internal("the answer is too large"))?;
     buf[1..PREFIX].copy_from_slice(&len.to_be_bytes());
     let mut response = http::Response::new(tonic::body::Body::new(Answer { data: Some(buf.freeze()), done: false }));
-    *response.headers_mut() = metadata.into_headers();
+    let mut headers = metadata.into_headers();
+    if !headers.is_empty() {
+        // As tonic does: names a handler's metadata must not set.
+        for reserved in ["te", "content-type", "grpc-status", "grpc-message", "grpc-message-type"] {
+            headers.remove(reserved);
+        }
+    }
+    *response.headers_mut() = headers;
     *response.extensions_mut() = extensions;
     response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
     Ok(response)
@@ -165,7 +174,8 @@ where
 #[derive(Default)]
 struct Message {
     /// The bytes of a message that spans frames, gathered up to its end
-    /// (never more than its prefix and `max` bytes, each byte copied once).
+    /// (never more than its prefix and `max` bytes, and never more than has
+    /// arrived).
     gathered: BytesMut,
     /// The prefix and message length, once the prefix is read.
     want: usize,
@@ -191,8 +201,9 @@ impl Message {
             self.gathered.extend_from_slice(&data[..n]);
             data = &data[n..];
             let Some(len) = message_len(&self.gathered, max)? else { return Ok(()) };
+            // Not reserved up front: the buffer grows with what arrives,
+            // not with what a prefix announces.
             self.want = PREFIX + len;
-            self.gathered.reserve(len);
         }
         let n = (self.want - self.gathered.len()).min(data.len());
         self.gathered.extend_from_slice(&data[..n]);
@@ -225,7 +236,7 @@ fn message_len(bytes: &[u8], max: usize) -> Result<Option<usize>, Status> {
         }
         f => {
             return Err(Status::internal(format!(
-                "protocol error: received message with invalid compression flag: {f} (valid flags are 0 and 1), while receiving request"
+                "protocol error: received message with invalid compression flag: {f} (valid flags are 0 and 1), while sending request"
             )));
         }
     }
@@ -269,9 +280,8 @@ impl tonic::codegen::Body for Answer {
         self.done
     }
 
-    fn size_hint(&self) -> http_body::SizeHint {
-        http_body::SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
-    }
+    // No exact size: hyper would send it as `content-length`, which tonic
+    // never does.
 }
 
 #[cfg(test)]
@@ -325,29 +335,63 @@ mod tests {
         let err = read(&[&wire[..8]], 1024).unwrap_err();
         assert_eq!((err.code(), err.message()), (tonic::Code::Internal, "Unexpected EOF decoding stream."));
         let err = read(&[&wire[..3]], 1024).unwrap_err();
-        assert_eq!(err.code(), tonic::Code::Internal, "a prefix cut short");
+        assert_eq!((err.code(), err.message()), (tonic::Code::Internal, "Unexpected EOF decoding stream."));
         let err = read(&[&framed(&[7; 2000])[..5]], 1024).unwrap_err();
         assert_eq!(err.code(), tonic::Code::OutOfRange, "refused by its prefix, before its bytes: {err:?}");
         assert!(err.message().contains("found 2000 bytes, the limit is: 1024 bytes"), "{}", err.message());
         let mut compressed = framed(b"x");
         compressed[0] = 1;
-        assert_eq!(read(&[&compressed], 1024).unwrap_err().code(), tonic::Code::Internal);
+        let err = read(&[&compressed], 1024).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Internal);
+        assert!(err.message().contains("compressed-flag but no grpc-encoding"), "{}", err.message());
+        compressed[0] = 7;
+        let err = read(&[&compressed], 1024).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Internal);
+        assert!(err.message().contains("invalid compression flag: 7"), "{}", err.message());
         let mut headers = http::HeaderMap::new();
         headers.insert("grpc-encoding", http::HeaderValue::from_static("gzip"));
         let err = identity_encoding(&headers).unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unimplemented);
+        assert_eq!(err.message(), "Content is compressed with `gzip` which isn't supported");
+        assert_eq!(err.metadata().get("grpc-accept-encoding").unwrap(), "identity");
         headers.insert("grpc-encoding", http::HeaderValue::from_static("identity"));
         assert!(identity_encoding(&headers).is_ok());
     }
 
     #[test]
-    fn a_message_spread_over_frames_is_gathered_within_its_announced_size() {
+    fn a_message_spread_over_frames_holds_what_arrived_not_what_it_announced() {
         let wire = framed(&[9; 1000]);
         let mut m = Message::default();
-        for byte in &wire {
-            m.push(Bytes::copy_from_slice(&[*byte]), 1000).unwrap();
-            assert!(m.gathered.capacity() <= 2 * (PREFIX + 1000), "{}", m.gathered.capacity());
+        for (i, byte) in wire.iter().enumerate() {
+            m.push(Bytes::copy_from_slice(&[*byte]), 1 << 20).unwrap();
+            let arrived = i + 1;
+            assert!(m.gathered.capacity() <= 2 * arrived + 64, "{} after {arrived}", m.gathered.capacity());
         }
         assert_eq!(m.finish().unwrap().len(), 1000);
+        // A prefix announcing the most there may be reserves nothing.
+        let mut prefix = vec![0u8];
+        prefix.extend(((1u32 << 20) - 1).to_be_bytes());
+        let mut m = Message::default();
+        m.push(Bytes::copy_from_slice(&prefix[..3]), 1 << 20).unwrap();
+        m.push(Bytes::copy_from_slice(&prefix[3..]), 1 << 20).unwrap();
+        assert!(m.gathered.capacity() < 1024, "{}", m.gathered.capacity());
+    }
+
+    #[tokio::test]
+    async fn the_answer_is_one_frame_then_the_ok_trailer_and_no_length() {
+        async fn frame(answer: &mut Answer) -> Option<Result<http_body::Frame<Bytes>, Status>> {
+            std::future::poll_fn(|cx| tonic::codegen::Body::poll_frame(Pin::new(&mut *answer), cx)).await
+        }
+        let mut answer = Answer { data: Some(Bytes::from_static(b"\0\0\0\0\x02hi")), done: false };
+        assert!(!tonic::codegen::Body::is_end_stream(&answer));
+        assert_eq!(tonic::codegen::Body::size_hint(&answer).exact(), None, "hyper would send content-length");
+        let first = frame(&mut answer).await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), Bytes::from_static(b"\0\0\0\0\x02hi"));
+        let second = frame(&mut answer).await.unwrap().unwrap();
+        let trailers = second.into_trailers().unwrap();
+        assert_eq!(trailers.len(), 1);
+        assert_eq!(trailers["grpc-status"], "0");
+        assert!(tonic::codegen::Body::is_end_stream(&answer));
+        assert!(frame(&mut answer).await.is_none());
     }
 }

@@ -44,6 +44,30 @@ pub trait UnaryCodec {
 /// The gRPC message prefix: a compressed flag and a 4-byte length.
 const PREFIX: usize = 5;
 
+/// How long a request's message may take to arrive once its call has
+/// begun (README, "Limits"). A client sends a unary request whole; one
+/// that opens streams and never ends them would otherwise hold a call in
+/// progress each (of `--max-inflight`) for the whole `--request-timeout`.
+pub const REQUEST_BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `reading`, bounded by `deadline` once it has to wait: a request whose
+/// frames have all arrived is read without arming a timer.
+async fn read_within<F>(deadline: std::time::Duration, reading: F) -> Result<Bytes, Status>
+where
+    F: std::future::Future<Output = Result<Bytes, Status>>,
+{
+    let mut reading = std::pin::pin!(reading);
+    match std::future::poll_fn(|cx| Poll::Ready(reading.as_mut().poll(cx))).await {
+        Poll::Ready(read) => read,
+        Poll::Pending => tokio::time::timeout(deadline, reading).await.unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(format!(
+                "the request's message did not arrive within {} s",
+                deadline.as_secs()
+            )))
+        }),
+    }
+}
+
 /// Serves `handler` on `path` (any other path is `UNIMPLEMENTED`), with
 /// requests capped at `max_request_bytes`.
 pub struct UnaryServer<C, H> {
@@ -108,7 +132,7 @@ where
 {
     identity_encoding(req.headers())?;
     let (parts, body) = req.into_parts();
-    let message = read_message(body, max).await?;
+    let message = read_within(REQUEST_BODY_DEADLINE, read_message(body, max)).await?;
     let request = C::decode(message)?;
     let (metadata, answer, extensions) =
         handler.call(Request::from_http(http::Request::from_parts(parts, request))).await?.into_parts();
@@ -375,6 +399,37 @@ mod tests {
         m.push(Bytes::copy_from_slice(&prefix[..3]), 1 << 20).unwrap();
         m.push(Bytes::copy_from_slice(&prefix[3..]), 1 << 20).unwrap();
         assert!(m.gathered.capacity() < 1024, "{}", m.gathered.capacity());
+    }
+
+    /// A body that sends nothing and never ends.
+    struct Silent;
+
+    impl tonic::codegen::Body for Silent {
+        type Data = Bytes;
+        type Error = Status;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_never_ends_is_refused_after_the_deadline() {
+        let started = tokio::time::Instant::now();
+        let err = read_within(REQUEST_BODY_DEADLINE, read_message(Silent, 1024)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+        assert_eq!(started.elapsed(), REQUEST_BODY_DEADLINE, "the paused clock moved only to the deadline");
+        // A whole request does not wait.
+        let whole = one_frame(framed(b"whole"));
+        let read = read_within(REQUEST_BODY_DEADLINE, read_message(whole, 1024)).await.unwrap();
+        assert_eq!(&read[..], b"whole");
+    }
+
+    /// One DATA frame, then the end.
+    fn one_frame(bytes: Vec<u8>) -> Answer {
+        Answer { data: Some(Bytes::from(bytes)), done: true }
     }
 
     #[tokio::test]

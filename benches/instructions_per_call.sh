@@ -8,7 +8,7 @@
 # zeroed after a warm-up and read after each step.
 #
 # Unlike CPU time on a shared machine, the count barely moves between
-# runs (a few in ten thousand), so two builds can be compared with one
+# runs (within half a per cent), so two builds can be compared with one
 # run each:
 #
 #   BIN=/tmp/before/target/release/keystile bash benches/instructions_per_call.sh

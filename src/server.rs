@@ -485,7 +485,7 @@ impl Dealer {
 
 /// The last flush of last-used times and usage counts, tried again until
 /// `until` (the end of the shutdown grace) while the store fails: a Redis
-/// that hiccups during a rollout loses nothing (README, "Shutdown").
+/// that hiccups during a rollout loses nothing (README, "Health": shutdown).
 async fn flush_usage_before(app: &App, until: tokio::time::Instant) {
     let mut pause = Duration::from_millis(50);
     loop {

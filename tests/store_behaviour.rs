@@ -724,7 +724,7 @@ async fn a_short_redis_stall_is_unavailable_only_while_it_lasts() {
     s.stop().await;
 }
 
-/// README, "Shutdown": on SIGTERM the last flush of last-used times is
+/// README, "Health" (shutdown): on SIGTERM the last flush of last-used times is
 /// tried again within the grace while Redis is down, so a Redis back
 /// within the grace gets them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -551,4 +551,38 @@ mod tests {
         forgive_stale(&stuck, &mut stale);
         assert_eq!(stuck.queued(), 0, "cleared after ten times as long in any case");
     }
+
+    /// A busy process reads about a share of a connection's calls at a
+    /// time, in bytes of what that connection's calls take: 650-byte
+    /// requests are not read 64 bytes' worth of calls at a time.
+    #[tokio::test]
+    async fn a_busy_connection_reads_a_share_of_calls_of_its_own_size() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let settings = FairnessSettings { busy_above: 0, per_connection: 2 };
+        let fairness = Fairness::new(settings, metrics::Counter::noop());
+        let gate = ConnectionGate::new(4, None, None, Some(fairness), metrics::Counter::noop());
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let mut conn = gate.admit(server).expect("a connection slot");
+        let mut wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        for stream in (1u32..80).step_by(2) {
+            // HEADERS, END_STREAM | END_HEADERS, a 641-byte block: 650 bytes.
+            wire.extend([0, 0x02, 0x81, 0x1, 0x5]);
+            wire.extend(stream.to_be_bytes());
+            wire.extend([0u8; 641]);
+        }
+        client.write_all(&wire).await.unwrap();
+        let (mut reads, mut total, mut buf) = (Vec::new(), 0, vec![0u8; 64 * 1024]);
+        while total < wire.len() {
+            let n = conn.read(&mut buf).await.unwrap();
+            total += n;
+            reads.push(n);
+            // The calls read start, so the connection is under its share.
+            while conn.load.queued() > 0 {
+                conn.load.start();
+            }
+        }
+        assert!(reads[0] <= 2 * 64, "nothing known yet: a share of the smallest calls: {reads:?}");
+        assert!(reads.iter().any(|&n| n >= 1200), "a share of 650-byte calls is about 1300 bytes: {reads:?}");
+        assert!(reads.iter().all(|&n| n <= 2 * 2048), "never more than a share of the largest: {reads:?}");
+    }
 }

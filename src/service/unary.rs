@@ -16,7 +16,9 @@
 //! runs, as tonic does: that is when the connection counts the call as
 //! started (`fairness.rs`). What differs from tonic, on requests no gRPC
 //! client sends: bytes after the first message are discarded unread, not
-//! decoded; request trailers are not merged into the metadata.
+//! decoded; request trailers are not merged into the metadata; a request
+//! whose message has not arrived [`REQUEST_BODY_DEADLINE`] after the call
+//! began is `DEADLINE_EXCEEDED` (tonic waits for `--request-timeout`).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -35,7 +37,7 @@ pub trait UnaryCodec {
     fn decode(message: Bytes) -> Result<Self::Request, Status>;
     /// About how many bytes [`write`](Self::write) takes, so that the
     /// answer's buffer is allocated once.
-    fn size_hint(answer: &Self::Answer) -> usize;
+    const ANSWER_BYTES: usize;
     /// Appends the encoded answer to `buf` (which holds its length prefix
     /// already); never removes what is there.
     fn write(answer: &Self::Answer, buf: &mut BytesMut);
@@ -43,6 +45,16 @@ pub trait UnaryCodec {
 
 /// The gRPC message prefix: a compressed flag and a 4-byte length.
 const PREFIX: usize = 5;
+
+/// Names a handler's metadata may not set, as tonic drops them: the
+/// framing's own. Made once, not parsed at each call.
+const RESERVED: [http::HeaderName; 5] = [
+    http::header::TE,
+    http::header::CONTENT_TYPE,
+    http::HeaderName::from_static("grpc-status"),
+    http::HeaderName::from_static("grpc-message"),
+    http::HeaderName::from_static("grpc-message-type"),
+];
 
 /// How long a request's message may take to arrive once its call has
 /// begun (README, "Limits"). A client sends a unary request whole; one
@@ -136,7 +148,7 @@ where
     let request = C::decode(message)?;
     let (metadata, answer, extensions) =
         handler.call(Request::from_http(http::Request::from_parts(parts, request))).await?.into_parts();
-    let mut buf = BytesMut::with_capacity(PREFIX + C::size_hint(&answer));
+    let mut buf = BytesMut::with_capacity(PREFIX + C::ANSWER_BYTES);
     buf.put_bytes(0, PREFIX);
     C::write(&answer, &mut buf);
     let len = u32::try_from(buf.len() - PREFIX).map_err(|_| Status::internal("the answer is too large"))?;
@@ -145,7 +157,7 @@ where
     let mut headers = metadata.into_headers();
     if !headers.is_empty() {
         // As tonic does: names a handler's metadata must not set.
-        for reserved in ["te", "content-type", "grpc-status", "grpc-message", "grpc-message-type"] {
+        for reserved in RESERVED {
             headers.remove(reserved);
         }
     }
@@ -240,26 +252,29 @@ impl Message {
     fn finish(self) -> Result<Bytes, Status> {
         match self.done {
             Some(message) => Ok(message),
-            None if self.gathered.is_empty() => Err(Status::internal("Missing request message.")),
-            None => Err(Status::internal("Unexpected EOF decoding stream.")),
+            None if self.gathered.is_empty() => Err(Status::invalid_argument("Missing request message.")),
+            None => Err(Status::invalid_argument("Unexpected EOF decoding stream.")),
         }
     }
 }
 
 /// The length the prefix at the start of `bytes` announces, once all five
-/// of its bytes are there; tonic's errors, with its words, for a
-/// compressed message or one over `max`.
+/// of its bytes are there; for a compressed message or one over `max`,
+/// tonic's words. A request that is not a message is the caller's
+/// `INVALID_ARGUMENT` (where tonic says `INTERNAL`: SPEC, undecodable
+/// requests); one over the cap is `OUT_OF_RANGE`, which every service's
+/// answer renames (`limits.rs`).
 fn message_len(bytes: &[u8], max: usize) -> Result<Option<usize>, Status> {
     let Some(prefix) = bytes.get(..PREFIX) else { return Ok(None) };
     match prefix[0] {
         0 => {}
         1 => {
-            return Err(Status::internal(
+            return Err(Status::invalid_argument(
                 "protocol error: received message with compressed-flag but no grpc-encoding was specified",
             ));
         }
         f => {
-            return Err(Status::internal(format!(
+            return Err(Status::invalid_argument(format!(
                 "protocol error: received message with invalid compression flag: {f} (valid flags are 0 and 1), while sending request"
             )));
         }
@@ -352,25 +367,25 @@ mod tests {
     }
 
     #[test]
-    fn bad_requests_get_tonics_errors() {
+    fn bad_requests_are_the_callers_invalid_argument_in_tonics_words() {
         let err = read(&[], 1024).unwrap_err();
-        assert_eq!((err.code(), err.message()), (tonic::Code::Internal, "Missing request message."));
+        assert_eq!((err.code(), err.message()), (tonic::Code::InvalidArgument, "Missing request message."));
         let wire = framed(b"cut short");
         let err = read(&[&wire[..8]], 1024).unwrap_err();
-        assert_eq!((err.code(), err.message()), (tonic::Code::Internal, "Unexpected EOF decoding stream."));
+        assert_eq!((err.code(), err.message()), (tonic::Code::InvalidArgument, "Unexpected EOF decoding stream."));
         let err = read(&[&wire[..3]], 1024).unwrap_err();
-        assert_eq!((err.code(), err.message()), (tonic::Code::Internal, "Unexpected EOF decoding stream."));
+        assert_eq!((err.code(), err.message()), (tonic::Code::InvalidArgument, "Unexpected EOF decoding stream."));
         let err = read(&[&framed(&[7; 2000])[..5]], 1024).unwrap_err();
         assert_eq!(err.code(), tonic::Code::OutOfRange, "refused by its prefix, before its bytes: {err:?}");
         assert!(err.message().contains("found 2000 bytes, the limit is: 1024 bytes"), "{}", err.message());
         let mut compressed = framed(b"x");
         compressed[0] = 1;
         let err = read(&[&compressed], 1024).unwrap_err();
-        assert_eq!(err.code(), tonic::Code::Internal);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(err.message().contains("compressed-flag but no grpc-encoding"), "{}", err.message());
         compressed[0] = 7;
         let err = read(&[&compressed], 1024).unwrap_err();
-        assert_eq!(err.code(), tonic::Code::Internal);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(err.message().contains("invalid compression flag: 7"), "{}", err.message());
         let mut headers = http::HeaderMap::new();
         headers.insert("grpc-encoding", http::HeaderValue::from_static("gzip"));
@@ -430,6 +445,83 @@ mod tests {
     /// One DATA frame, then the end.
     fn one_frame(bytes: Vec<u8>) -> Answer {
         Answer { data: Some(Bytes::from(bytes)), done: true }
+    }
+
+    /// A method whose answer is its request, with metadata that tries to
+    /// set names reserved to the framing.
+    struct Echo;
+
+    impl UnaryCodec for Echo {
+        type Request = Bytes;
+        type Answer = Bytes;
+        fn decode(message: Bytes) -> Result<Bytes, Status> {
+            Ok(message)
+        }
+        const ANSWER_BYTES: usize = 16;
+        fn write(answer: &Bytes, buf: &mut BytesMut) {
+            buf.extend_from_slice(answer);
+        }
+    }
+
+    #[derive(Clone)]
+    struct EchoCall;
+
+    impl UnaryService<Bytes> for EchoCall {
+        type Response = Bytes;
+        type Future = BoxFuture<tonic::Response<Bytes>, Status>;
+        fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+            Box::pin(async move {
+                let mut response = tonic::Response::new(request.into_inner());
+                response.metadata_mut().insert("grpc-status", "13".parse().unwrap());
+                response.metadata_mut().insert("x-kept", "yes".parse().unwrap());
+                Ok(response)
+            })
+        }
+    }
+
+    async fn call<B>(body: B) -> http::Response<tonic::body::Body>
+    where
+        B: tonic::codegen::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static,
+    {
+        let mut server = UnaryServer::<Echo, _>::new("/t.T/M", 1024, EchoCall);
+        let request = http::Request::builder().uri("/t.T/M").body(body).unwrap();
+        match Service::call(&mut server, request).await {
+            Ok(response) => response,
+        }
+    }
+
+    /// The whole server: headers as tonic's, the handler's reserved names
+    /// dropped, no length, the message echoed in one frame.
+    #[tokio::test]
+    async fn a_call_is_answered_as_tonic_answers_it() {
+        let response = call(one_frame(framed(b"ping"))).await;
+        let headers = response.headers();
+        assert_eq!(headers["content-type"], "application/grpc");
+        assert!(headers.get("grpc-status").is_none(), "a handler cannot set the status in the headers");
+        assert_eq!(headers["x-kept"], "yes");
+        let mut body = response.into_body();
+        let mut frames = Vec::new();
+        while let Some(frame) =
+            std::future::poll_fn(|cx| tonic::codegen::Body::poll_frame(Pin::new(&mut body), cx)).await
+        {
+            frames.push(frame.unwrap());
+        }
+        assert_eq!(frames.len(), 2, "one DATA frame and the trailers");
+        let trailers = frames.pop().unwrap().into_trailers().unwrap();
+        let data = frames.pop().unwrap().into_data().unwrap();
+        assert_eq!(&data[..], &framed(b"ping")[..]);
+        assert_eq!(trailers["grpc-status"], "0");
+    }
+
+    /// Through the server, a request that never ends is answered
+    /// DEADLINE_EXCEEDED after the deadline, not after the request timeout.
+    #[tokio::test(start_paused = true)]
+    async fn the_server_refuses_a_request_that_never_ends() {
+        let started = tokio::time::Instant::now();
+        let response = call(Silent).await;
+        assert_eq!(response.headers()["grpc-status"], "4", "DEADLINE_EXCEEDED");
+        assert_eq!(started.elapsed(), REQUEST_BODY_DEADLINE);
     }
 
     #[tokio::test]

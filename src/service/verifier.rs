@@ -199,9 +199,7 @@ impl UnaryCodec for VerifyCodec {
 
     /// An answer with a key, its scopes and three named limits is about
     /// 460 bytes (BENCHMARKS.md, "Verify under h2load, by key profile").
-    fn size_hint(_: &VerifyAnswer) -> usize {
-        512
-    }
+    const ANSWER_BYTES: usize = 512;
 
     fn write(answer: &VerifyAnswer, buf: &mut BytesMut) {
         answer.write(buf);

@@ -45,11 +45,16 @@ pub use answer::CheckAnswer;
 /// ASCII, which a word-at-a-time check settles faster than the general
 /// validation does for short strings.
 fn text(b: &[u8]) -> &str {
+    utf8(b).unwrap_or("")
+}
+
+/// `b` as text when it is UTF-8, one scan for ASCII.
+fn utf8(b: &[u8]) -> Option<&str> {
     if b.is_ascii() {
         // SAFETY: ASCII is UTF-8.
-        unsafe { std::str::from_utf8_unchecked(b) }
+        Some(unsafe { std::str::from_utf8_unchecked(b) })
     } else {
-        std::str::from_utf8(b).unwrap_or("")
+        std::str::from_utf8(b).ok()
     }
 }
 
@@ -73,10 +78,7 @@ struct CheckHeaders<'v, 'a>(&'v [(&'a [u8], &'a [u8])]);
 
 impl<'a> RequestHeaders<'a> for CheckHeaders<'_, 'a> {
     fn values(&self, name: &str) -> impl Iterator<Item = &'a str> {
-        self.0
-            .iter()
-            .filter(move |(k, _)| k.eq_ignore_ascii_case(name.as_bytes()))
-            .filter_map(|(_, v)| if v.is_ascii() { Some(text(v)) } else { std::str::from_utf8(v).ok() })
+        self.0.iter().filter(move |(k, _)| k.eq_ignore_ascii_case(name.as_bytes())).filter_map(|(_, v)| utf8(v))
     }
 
     fn names_with_prefix(&self, prefix: &'static str) -> impl Iterator<Item = &'a str> {
@@ -138,7 +140,7 @@ impl ExtAuthzService {
 }
 
 /// Envoy's CheckResponse out (written by [`CheckAnswer::write`]), the
-/// CheckRequest's bytes in, kept as received for [`wire::RawCheck::view`].
+/// CheckRequest's bytes in, kept as received for [`wire::RawCheck::read_into`].
 pub struct CheckCodec;
 
 impl UnaryCodec for CheckCodec {
@@ -150,9 +152,7 @@ impl UnaryCodec for CheckCodec {
     }
 
     /// An allow is about 250 bytes; a denial carries its JSON body.
-    fn size_hint(_: &CheckAnswer) -> usize {
-        1024
-    }
+    const ANSWER_BYTES: usize = 1024;
 
     fn write(answer: &CheckAnswer, buf: &mut BytesMut) {
         answer.write(buf);

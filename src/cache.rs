@@ -142,8 +142,13 @@ impl Default for CacheSettings {
 /// fits the 64 MiB memory request of `deploy/` (README, "Memory budget").
 pub const DEFAULT_MAX_BYTES: u64 = 32 << 20;
 
+/// Positive entries are only keys the store holds (a forged key_id never
+/// gets one), so a fast seeded hasher is safe for them and keeps the hit
+/// cheap; absences, whose key_ids a caller chooses, keep the default.
+type EntryHasher = foldhash::fast::RandomState;
+
 pub struct KeyCache {
-    entries: moka::sync::Cache<KeyId, Entry>,
+    entries: moka::sync::Cache<KeyId, Entry, EntryHasher>,
     /// key_id → when it was found absent (monotonic nanos).
     negative: dashmap::DashMap<KeyId, u64>,
     /// Entries in `negative`, kept beside it: a map's own count locks
@@ -182,7 +187,7 @@ impl KeyCache {
                         evictions.increment(1);
                     }
                 })
-                .build(),
+                .build_with_hasher(EntryHasher::default()),
             negative: dashmap::DashMap::new(),
             negative_len: AtomicUsize::new(0),
             max_negative: max_negative as usize,
@@ -206,24 +211,24 @@ impl KeyCache {
         &self.generations[h % STRIPES]
     }
 
+    /// What the cache holds for `id` at monotonic `now` (the caller's one
+    /// clock read).
     #[inline]
-    pub fn get(&self, id: KeyId) -> Cached {
+    pub fn get(&self, id: KeyId, now: u64) -> Cached {
         if let Some(entry) = self.entries.get(&id) {
-            let age = self.clock.mono_nanos().saturating_sub(entry.loaded_at);
+            let age = now.saturating_sub(entry.loaded_at);
             return match age < self.ttl_nanos {
                 true => Cached::Fresh(Lookup::Present(entry.key)),
                 false => Cached::Stale(entry.key),
             };
         }
-        self.get_negative(id)
+        self.get_negative(id, now)
     }
 
     #[cold]
-    fn get_negative(&self, id: KeyId) -> Cached {
+    fn get_negative(&self, id: KeyId, now: u64) -> Cached {
         match self.negative.get(&id) {
-            Some(at) if self.clock.mono_nanos().saturating_sub(*at) < self.negative_nanos => {
-                Cached::Fresh(Lookup::Absent)
-            }
+            Some(at) if now.saturating_sub(*at) < self.negative_nanos => Cached::Fresh(Lookup::Absent),
             _ => Cached::Missing,
         }
     }
@@ -426,7 +431,10 @@ mod tests {
             c.insert_if_current(nth_id(n), c.generation(nth_id(n)), Lookup::Absent);
         }
         for n in 0..200 {
-            assert!(matches!(c.get(nth_id(n)), Cached::Fresh(Lookup::Present(_))), "key {n} was pushed out");
+            assert!(
+                matches!(c.get(nth_id(n), clock.mono_nanos()), Cached::Fresh(Lookup::Present(_))),
+                "key {n} was pushed out"
+            );
         }
         let negatives = c.len() - 200;
         assert_eq!(negatives, (1 << 20) / 8 / NEGATIVE_ENTRY_BYTES, "negatives fill their share and no more");
@@ -447,11 +455,11 @@ mod tests {
         let c = cache(&clock);
         c.insert_if_current(id(), c.generation(id()), key(id(), 1));
         clock.advance(Duration::from_secs(61));
-        assert!(matches!(c.get(id()), Cached::Stale(_)));
+        assert!(matches!(c.get(id(), clock.mono_nanos()), Cached::Stale(_)));
         c.insert_if_current(id(), c.generation(id()), Lookup::Absent);
-        assert!(matches!(c.get(id()), Cached::Fresh(Lookup::Absent)));
+        assert!(matches!(c.get(id(), clock.mono_nanos()), Cached::Fresh(Lookup::Absent)));
         c.insert_if_current(id(), c.generation(id()), key(id(), 1));
-        assert!(matches!(c.get(id()), Cached::Fresh(Lookup::Present(_))));
+        assert!(matches!(c.get(id(), clock.mono_nanos()), Cached::Fresh(Lookup::Present(_))));
         assert_eq!(c.len(), 1);
     }
 
@@ -460,9 +468,9 @@ mod tests {
         let clock = Clock::manual(0);
         let c = cache(&clock);
         assert!(c.insert_if_current(id(), c.generation(id()), Lookup::Absent));
-        assert!(matches!(c.get(id()), Cached::Fresh(Lookup::Absent)));
+        assert!(matches!(c.get(id(), clock.mono_nanos()), Cached::Fresh(Lookup::Absent)));
         clock.advance(Duration::from_secs(5));
-        assert!(matches!(c.get(id()), Cached::Missing));
+        assert!(matches!(c.get(id(), clock.mono_nanos()), Cached::Missing));
     }
 
     #[test]
@@ -475,7 +483,7 @@ mod tests {
         let seen = c.generation(id());
         c.invalidate_all();
         assert!(!c.insert_if_current(id(), seen, Lookup::Absent));
-        assert!(matches!(c.get(id()), Cached::Missing));
+        assert!(matches!(c.get(id(), clock.mono_nanos()), Cached::Missing));
         assert!(c.insert_if_current(id(), c.generation(id()), Lookup::Absent));
     }
 }

@@ -4,7 +4,7 @@
 //! [`governor::clock::Clock`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use governor::nanos::Nanos;
@@ -16,6 +16,11 @@ pub struct Clock(Source);
 enum Source {
     System {
         origin: Instant,
+        /// Unix nanos at `origin`, as last read from the wall clock, and
+        /// the monotonic nanos it was read at: [`Clock::now`] derives unix
+        /// time from its one monotonic read and reads the wall clock again
+        /// once a second, so a stepped wall clock is followed within one.
+        wall: Arc<WallOffset>,
     },
     /// Nanoseconds since the unix epoch, set by the test.
     Manual(Arc<AtomicU64>),
@@ -23,7 +28,30 @@ enum Source {
 
 impl Clock {
     pub fn system() -> Clock {
-        Clock(Source::System { origin: Instant::now() })
+        let origin = Instant::now();
+        let wall = WallOffset { unix_at_origin: AtomicI64::new(0), due: AtomicU64::new(0) };
+        wall.refresh(0);
+        Clock(Source::System { origin, wall: Arc::new(wall) })
+    }
+
+    /// Both clocks from one reading (README, "Performance": one clock read
+    /// per Verify): monotonic nanos, and unix seconds derived from them.
+    #[inline]
+    pub fn now(&self) -> Now {
+        match &self.0 {
+            Source::System { origin, wall } => {
+                let mono = origin.elapsed().as_nanos() as u64;
+                if mono >= wall.due.load(Ordering::Relaxed) {
+                    wall.refresh(mono);
+                }
+                let unix_nanos = wall.unix_at_origin.load(Ordering::Relaxed).saturating_add(mono as i64);
+                Now { mono, unix: unix_nanos.div_euclid(1_000_000_000) }
+            }
+            Source::Manual(ns) => {
+                let ns = ns.load(Ordering::SeqCst);
+                Now { mono: ns, unix: (ns / 1_000_000_000) as i64 }
+            }
+        }
     }
 
     /// A clock that stands still at `unix_seconds` until advanced.
@@ -42,7 +70,7 @@ impl Clock {
     #[inline]
     pub fn mono_nanos(&self) -> u64 {
         match &self.0 {
-            Source::System { origin } => origin.elapsed().as_nanos() as u64,
+            Source::System { origin, .. } => origin.elapsed().as_nanos() as u64,
             Source::Manual(ns) => ns.load(Ordering::SeqCst),
         }
     }
@@ -56,6 +84,40 @@ impl Clock {
             }
             Source::Manual(ns) => (ns.load(Ordering::SeqCst) / 1_000_000_000) as i64,
         }
+    }
+}
+
+/// One reading of the clock: [`Clock::now`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    /// Monotonic nanoseconds, as [`Clock::mono_nanos`].
+    pub mono: u64,
+    /// Unix seconds, as [`Clock::unix_seconds`].
+    pub unix: i64,
+}
+
+/// How often [`Clock::now`] reads the wall clock again.
+const WALL_REFRESH_NANOS: u64 = 1_000_000_000;
+
+/// The wall clock's offset from the monotonic origin.
+#[derive(Debug)]
+struct WallOffset {
+    unix_at_origin: AtomicI64,
+    /// Monotonic nanos from which the wall clock is read again.
+    due: AtomicU64,
+}
+
+impl WallOffset {
+    /// Reads the wall clock at monotonic `mono`. Racing refreshes store
+    /// readings a few nanoseconds apart; either is right.
+    #[cold]
+    fn refresh(&self, mono: u64) {
+        let unix_nanos = match SystemTime::now().duration_since(UNIX_EPOCH) {
+            Ok(d) => d.as_nanos() as i64,
+            Err(_) => 0,
+        };
+        self.unix_at_origin.store(unix_nanos - mono as i64, Ordering::Relaxed);
+        self.due.store(mono + WALL_REFRESH_NANOS, Ordering::Relaxed);
     }
 }
 
@@ -80,5 +142,26 @@ mod tests {
         c.advance(Duration::from_millis(2_500));
         assert_eq!(c.unix_seconds(), 1_002);
         assert_eq!(c.mono_nanos() - t0, 2_500_000_000);
+        assert_eq!(c.now(), Now { mono: c.mono_nanos(), unix: 1_002 });
+    }
+
+    /// The unix time of one reading is the wall clock's, to the second,
+    /// and stays so as time passes (it is read again once a second).
+    #[test]
+    fn one_reading_gives_the_wall_clock_too() {
+        let c = Clock::system();
+        for _ in 0..3 {
+            let before = c.unix_seconds();
+            let now = c.now();
+            let after = c.unix_seconds();
+            assert!(before - 1 <= now.unix && now.unix <= after + 1, "{before} <= {} <= {after}", now.unix);
+            assert!(now.mono <= c.mono_nanos());
+        }
+        // Once due, the offset is read again: a wrong one is replaced.
+        let Source::System { wall, .. } = &c.0 else { unreachable!() };
+        wall.unix_at_origin.store(0, Ordering::Relaxed);
+        assert!(c.now().unix < 10, "not due yet: the offset is kept");
+        wall.due.store(0, Ordering::Relaxed);
+        assert!((c.now().unix - c.unix_seconds()).abs() <= 1, "due: the wall clock is read again");
     }
 }

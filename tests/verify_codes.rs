@@ -359,7 +359,9 @@ async fn a_spent_quota_survives_eviction() {
     // a store read and a negative entry, in the negatives' own share.
     let format = KeyFormat::default();
     let id: keystile::key::KeyId = rec.key_id.parse().unwrap();
-    let cached = |s: &TestServer| !matches!(s.app.records.cache().get(id), keystile::cache::Cached::Missing);
+    let cached = |s: &TestServer| {
+        !matches!(s.app.records.cache().get(id, s.app.engine.clock().mono_nanos()), keystile::cache::Cached::Missing)
+    };
     for _ in 0..2_000 {
         let k = generate(&format, Env::Live).key.into_exposed();
         let r = keystile::verdict::Request::of_key(&k);

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cache::{CacheSettings, Lookup};
-use crate::clock::Clock;
+use crate::clock::{Clock, Now};
 use crate::key::{KeyFormat, KeyKind, PepperSet};
 use crate::limit::LimitName;
 use crate::limit::fleet::FleetSettings;
@@ -141,9 +141,10 @@ impl Engine {
         shedder: Option<&FailureShedder>,
     ) -> Result<Verdict, VerifyError> {
         let started = self.metrics.timed.then(std::time::Instant::now);
-        // One clock read per Verify: the checks and the usage count share it.
-        let now = self.clock.unix_seconds();
-        let outcome = self.decide(req, shedder, now).await.map(|v| Verdict { decided_at: now, ..v });
+        // One clock read per Verify (README, "Performance"): the cache's
+        // age, the limiters, the checks and the usage count share it.
+        let now = self.clock.now();
+        let outcome = self.decide(req, shedder, now).await.map(|v| Verdict { decided_at: now.unix, ..v });
         if let Some(started) = started {
             self.metrics.verify_seconds.record(started.elapsed().as_secs_f64());
         }
@@ -151,7 +152,7 @@ impl Engine {
             Ok(v) => {
                 self.metrics.verdict(v.outcome);
                 if let Some(key) = &v.key {
-                    self.usage.count(key, v.outcome, now);
+                    self.usage.count(key, v.outcome, now.unix);
                 }
             }
             Err(VerifyError::LimiterUnavailable(_)) => self.metrics.limiter_unavailable.increment(1),
@@ -164,7 +165,7 @@ impl Engine {
         &self,
         req: &Request<'_>,
         shedder: Option<&FailureShedder>,
-        now: i64,
+        now: Now,
     ) -> Result<Verdict, VerifyError> {
         // 1. Parse: prefix, shape and checksum, before anything else; or,
         // for a token (README, "Token exchange"), its signature, issuer and
@@ -214,9 +215,11 @@ impl Engine {
         // failures from the victim's address).
         // An exchange is shed whatever the cache holds: its secret and
         // email are what is being guessed.
+        // The cache is read once: what it holds is taken on to the lookup.
+        let peeked = self.records.peek(key_id, now.mono);
         if let (Some(ip), Some(shedder)) = (req.ip, shedder)
+            && (req.mode == Mode::Exchange || !self.records.is_trusted_hit(&peeked))
             && let Some(retry_after_ms) = shedder.shed(ip)
-            && (req.mode == Mode::Exchange || self.records.cached(key_id).is_none())
         {
             return Ok(self.shed(shedder, retry_after_ms));
         }
@@ -230,7 +233,7 @@ impl Engine {
         let mut shed_for = None;
         let found = self
             .records
-            .lookup(key_id, || match req.ip.zip(shedder) {
+            .lookup(key_id, peeked, || match req.ip.zip(shedder) {
                 None => Admit::Read,
                 Some((ip, shedder)) => match shedder.charge(ip) {
                     Charged::Yes(c) => {
@@ -311,9 +314,9 @@ impl Engine {
         let granted: &[String] = tier_scopes.as_deref().unwrap_or(&record.scopes);
 
         // 4. The checks, in order of precedence.
-        let outcome = if record.is_revoked_at(now) {
+        let outcome = if record.is_revoked_at(now.unix) {
             Outcome::Revoked
-        } else if record.is_expired_at(now) {
+        } else if record.is_expired_at(now.unix) {
             Outcome::Expired
         } else if record.disabled {
             Outcome::Disabled
@@ -381,7 +384,7 @@ impl Engine {
             applicable.iter().zip(taken).map(|(spec, d)| AppliedLimit { name: spec.name, state: d.state }).collect()
         };
         for spec in &applicable {
-            let decision = match self.limiter.check_spec(&bucket_of(spec), spec, cost).outcome().await {
+            let decision = match self.limiter.check_spec(&bucket_of(spec), spec, cost, now.mono).outcome().await {
                 Ok(d) => d,
                 Err(e) => {
                     self.refund(applicable.iter().map(bucket_of).zip(&taken), cost);
@@ -403,7 +406,7 @@ impl Engine {
                     limits: if applied.len() > 1 { applied.to_vec() } else { Vec::new() },
                     malformed: None,
                     token_scopes,
-                    decided_at: now,
+                    decided_at: now.unix,
                 });
             }
             taken.push(decision);
@@ -420,7 +423,7 @@ impl Engine {
             limits,
             malformed: None,
             token_scopes,
-            decided_at: now,
+            decided_at: now.unix,
         })
     }
 

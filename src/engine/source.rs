@@ -98,28 +98,39 @@ impl RecordSource {
         &self.cache
     }
 
-    /// The record for `id` if the cache holds it fresh and trusted (not
-    /// while the feed has been lost past its grace); never reads the store.
-    pub fn cached(&self, id: KeyId) -> Option<std::sync::Arc<CachedKey>> {
-        match self.cache.get(id) {
-            Cached::Fresh(Lookup::Present(key)) if !self.feed_lost_too_long() => Some(key),
-            _ => None,
-        }
+    /// What the cache holds for `id`, read once per Verify and handed to
+    /// [`lookup`](Self::lookup); never reads the store.
+    #[inline]
+    pub fn peek(&self, id: KeyId, now_mono: u64) -> Cached {
+        self.cache.get(id, now_mono)
     }
 
-    /// The record for `id` from the cache, or from the store on a miss (one
-    /// read, shared by every concurrent miss for the same key_id).
+    /// Whether `peeked` is a key the cache holds fresh and trusted (not
+    /// while the feed has been lost past its grace).
+    #[inline]
+    pub fn is_trusted_hit(&self, peeked: &Cached) -> bool {
+        matches!(peeked, Cached::Fresh(Lookup::Present(_))) && !self.feed_lost_too_long()
+    }
+
+    /// The record for `id` from what the cache held (`peeked`, from
+    /// [`peek`](Self::peek)), or from the store on a miss (one read, shared
+    /// by every concurrent miss for the same key_id).
     ///
     /// `charge` is asked before the store is read (README, "Rate limits"):
     /// [`Admit::Refuse`] reads nothing and answers `Absent`, which the
     /// caller must not take as the store's; [`Admit::Wait`] asks again
     /// shortly, for at most the store budget (then the store is too slow
     /// for this caller: `UNAVAILABLE`).
-    pub async fn lookup(&self, id: KeyId, charge: impl FnMut() -> Admit) -> Result<Lookup, VerifyError> {
+    pub async fn lookup(
+        &self,
+        id: KeyId,
+        peeked: Cached,
+        charge: impl FnMut() -> Admit,
+    ) -> Result<Lookup, VerifyError> {
         let down_since = self.store_down_since.load(Ordering::Relaxed);
         let failing = self.failing_since.load(Ordering::Relaxed) != 0;
         let untrusted = self.feed_lost_too_long();
-        let stale = match self.cache.get(id) {
+        let stale = match peeked {
             // Never a cached NOT_FOUND while the store fails or the feed is
             // lost: the key may have been created meanwhile.
             Cached::Fresh(Lookup::Absent) if failing || untrusted || down_since != 0 => None,

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use super::{CHECKSUM_LEN, KEY_ID_LEN, MAX_PRESENTED_LEN, SECRET_LEN, checksum, is_base62};
+use super::{CHECKSUM_LEN, KEY_ID_LEN, MAX_PRESENTED_LEN, SECRET_LEN, all_base62, checksum, is_base62};
 
 /// `_` + key_id + `_` + secret + checksum: everything after the env.
 const TAIL_LEN: usize = 1 + KEY_ID_LEN + 1 + SECRET_LEN + CHECKSUM_LEN;
@@ -107,8 +107,17 @@ pub const DEFAULT_PREFIXES: [(KeyKind, &str); 3] =
 
 /// The public, random 8-character identifier of a key. It names the key in
 /// logs, listings and the admin API; it is not a secret.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct KeyId([u8; KEY_ID_LEN]);
+
+/// Hashed as one word: a key_id is looked up in several maps per Verify
+/// (README, "Performance"), and eight bytes need no length prefix.
+impl std::hash::Hash for KeyId {
+    #[inline]
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(u64::from_ne_bytes(self.0));
+    }
+}
 
 impl KeyId {
     /// Builds a key id from 8 base62 bytes.
@@ -361,13 +370,14 @@ impl KeyFormat {
         if !self.accepts_env(env) {
             return Err(Malformed::Env);
         }
-        if !b[id_start..].iter().enumerate().all(|(i, &c)| is_base62(c) || i == KEY_ID_LEN) {
+        let id = &b[id_start..secret_start - 1];
+        if !(all_base62(id) & all_base62(&b[secret_start..])) {
             return Err(Malformed::Alphabet);
         }
         if !checksum::verify(&b[..body_end], &b[body_end..]) {
             return Err(Malformed::Checksum);
         }
-        let key_id = KeyId::from_bytes(&b[id_start..secret_start - 1]).ok_or(Malformed::Alphabet)?;
+        let key_id = KeyId(id.try_into().map_err(|_| Malformed::Structure)?);
         Ok(PresentedKey { prefix: &s[..prefix_end], kind, env, key_id, secret: &b[secret_start..body_end] })
     }
 }

@@ -31,3 +31,22 @@ pub const MAX_PRESENTED_LEN: usize = 512;
 pub(crate) fn is_base62(b: u8) -> bool {
     b.is_ascii_alphanumeric()
 }
+
+/// Whether every byte of `s` is base62, without a branch per byte: a
+/// presented key's 46 characters are checked on every Verify.
+#[inline]
+pub(crate) fn all_base62(s: &[u8]) -> bool {
+    s.iter().fold(true, |ok, &c| ok & ((c | 0x20).wrapping_sub(b'a') < 26 || c.wrapping_sub(b'0') < 10))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_branchless_alphabet_check_is_the_alphabet() {
+        for c in 0..=255u8 {
+            assert_eq!(super::all_base62(&[c]), super::is_base62(c), "byte {c:#x}");
+            assert_eq!(super::all_base62(&[b'a', c, b'Z']), super::is_base62(c), "byte {c:#x}");
+        }
+        assert!(super::all_base62(b""));
+    }
+}

@@ -327,7 +327,8 @@ impl FleetLimiter {
             LimitFallback::LocalShare => {
                 self.instruments.fallback_local_share.increment(1);
                 let share = self.share(&bucket.quota);
-                match self.fallback.check(&BucketId { quota: share, ..*bucket }, &share, cost) {
+                let local = BucketId { quota: share, ..*bucket };
+                match self.fallback.check(&local, &share, cost, self.clock.mono_nanos()) {
                     LimitCheck::Ready(r) => r.map(|mut d| {
                         // The headers speak of the whole limit.
                         d.state.limit = spec.requests;
@@ -488,19 +489,18 @@ async fn housekeeping(limiter: Weak<FleetLimiter>) {
 }
 
 impl Limiter for FleetLimiter {
-    fn check(&self, bucket: &BucketId, policy: &RateLimitPolicy, cost: u32) -> LimitCheck<'_> {
+    fn check(&self, bucket: &BucketId, policy: &RateLimitPolicy, cost: u32, now: u64) -> LimitCheck<'_> {
         let spec = LimitSpec {
             requests: policy.requests,
             window_seconds: policy.window_seconds,
             burst: policy.burst,
             ..LimitSpec::from_legacy(policy)
         };
-        self.check_spec(bucket, &spec, cost)
+        self.check_spec(bucket, &spec, cost, now)
     }
 
     #[inline]
-    fn check_spec(&self, bucket: &BucketId, spec: &LimitSpec, cost: u32) -> LimitCheck<'_> {
-        let now = self.clock.mono_nanos();
+    fn check_spec(&self, bucket: &BucketId, spec: &LimitSpec, cost: u32, now: u64) -> LimitCheck<'_> {
         let cost = cost.max(1) as u64;
         if cost > bucket.quota.effective_burst() {
             // More than the whole burst can never pass: no store call, and
@@ -592,7 +592,7 @@ mod tests {
     }
 
     async fn take(l: &FleetLimiter, b: &BucketId, spec: &LimitSpec) -> Decision {
-        l.check_spec(b, spec, 1).outcome().await.unwrap()
+        l.check_spec(b, spec, 1, l.clock.mono_nanos()).outcome().await.unwrap()
     }
 
     #[tokio::test]
@@ -680,7 +680,7 @@ mod tests {
         for _ in 0..5 {
             assert!(take(&l, &bucket(&open, "aaaaAAAA"), &open).await.allowed);
         }
-        assert!(l.check_spec(&bucket(&closed, "aaaaAAAA"), &closed, 1).outcome().await.is_err());
+        assert!(l.check_spec(&bucket(&closed, "aaaaAAAA"), &closed, 1, l.clock.mono_nanos()).outcome().await.is_err());
         shared.set_failing(false);
         clock.advance(FALLBACK_FOR);
         let calls = shared.calls();
@@ -697,15 +697,15 @@ mod tests {
         for _ in 0..95 {
             assert!(take(&l, &id, &spec).await.allowed);
         }
-        let huge = l.check_spec(&id, &spec, 1000).outcome().await.unwrap();
+        let huge = l.check_spec(&id, &spec, 1000, l.clock.mono_nanos()).outcome().await.unwrap();
         assert!(!huge.allowed, "more than the burst never passes");
         let calls = shared.calls();
-        let big = l.check_spec(&id, &spec, 10).outcome().await.unwrap();
+        let big = l.check_spec(&id, &spec, 10, l.clock.mono_nanos()).outcome().await.unwrap();
         assert!(!big.allowed, "ten cells are not there");
         assert_eq!(big.state.retry_after_ms, 5 * 36_000, "five more cells at one per 36 s");
         assert!(shared.calls() > calls);
         let calls = shared.calls();
-        assert!(!l.check_spec(&id, &spec, 10).outcome().await.unwrap().allowed);
+        assert!(!l.check_spec(&id, &spec, 10, l.clock.mono_nanos()).outcome().await.unwrap().allowed);
         assert_eq!(shared.calls(), calls, "the same cost is refused locally");
         assert!(take(&l, &id, &spec).await.allowed, "a request of one cell still passes");
     }

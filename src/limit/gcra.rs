@@ -41,7 +41,12 @@ impl GcraBucket {
     /// Takes `cost` cells if they are all there; otherwise takes nothing.
     #[inline]
     pub fn check(&self, cost: u32) -> (bool, RateState) {
-        let now = self.clock.mono_nanos();
+        self.check_at(cost, self.clock.mono_nanos())
+    }
+
+    /// [`check`](Self::check) at monotonic `now`, read by the caller.
+    #[inline]
+    pub fn check_at(&self, cost: u32, now: u64) -> (bool, RateState) {
         let need = self.period_nanos.saturating_mul(cost.max(1) as u64);
         let mut state = RateState {
             limit: self.policy.requests,

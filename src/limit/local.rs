@@ -33,25 +33,25 @@ impl LocalLimiter {
     /// policy gets a new, whole bucket. A cache refresh or an unrelated
     /// update (a new name) keeps the bucket. The check runs under the map's
     /// shard lock, so a purge cannot drop a bucket between lookup and take.
-    fn take(&self, id: &BucketId, policy: &RateLimitPolicy, cost: u32) -> (bool, RateState) {
+    fn take(&self, id: &BucketId, policy: &RateLimitPolicy, cost: u32, now: u64) -> (bool, RateState) {
         if let Some(b) = self.buckets.get(id)
             && b.policy() == *policy
         {
-            return b.check(cost);
+            return b.check_at(cost, now);
         }
         let mut slot =
             self.buckets.entry(*id).or_insert_with(|| Arc::new(GcraBucket::new(*policy, self.clock.clone())));
         if slot.policy() != *policy {
             *slot = Arc::new(GcraBucket::new(*policy, self.clock.clone()));
         }
-        slot.check(cost)
+        slot.check_at(cost, now)
     }
 }
 
 impl Limiter for LocalLimiter {
     #[inline]
-    fn check(&self, bucket: &BucketId, policy: &RateLimitPolicy, cost: u32) -> LimitCheck<'_> {
-        let (allowed, state) = self.take(bucket, policy, cost);
+    fn check(&self, bucket: &BucketId, policy: &RateLimitPolicy, cost: u32, now: u64) -> LimitCheck<'_> {
+        let (allowed, state) = self.take(bucket, policy, cost, now);
         LimitCheck::Ready(Ok(Decision { allowed, state, source: CellSource::Local }))
     }
 
@@ -98,7 +98,7 @@ mod tests {
     }
 
     fn take(l: &LocalLimiter, b: &BucketId, p: &RateLimitPolicy, cost: u32) -> Decision {
-        match l.check(b, p, cost) {
+        match l.check(b, p, cost, l.clock.mono_nanos()) {
             LimitCheck::Ready(r) => r.unwrap(),
             LimitCheck::Pending(_) => panic!("a local bucket answers at once"),
         }

@@ -158,8 +158,9 @@ impl LimitCheck<'_> {
 pub trait Limiter: Send + Sync + 'static {
     /// Takes `cost` cells from `bucket` under `policy` if they are all
     /// there; otherwise takes nothing. A bucket whose policy changed starts
-    /// whole under the new one.
-    fn check(&self, bucket: &BucketId, policy: &RateLimitPolicy, cost: u32) -> LimitCheck<'_>;
+    /// whole under the new one. `now` is the caller's reading of the
+    /// limiter's clock in monotonic nanos (one read per Verify).
+    fn check(&self, bucket: &BucketId, policy: &RateLimitPolicy, cost: u32, now: u64) -> LimitCheck<'_>;
 
     /// Gives back `cost` cells that [`Limiter::check`] took (as `decision`
     /// says where from), because another limit of the same request denied
@@ -169,8 +170,8 @@ pub trait Limiter: Send + Sync + 'static {
     /// Checks a limit whose fallback matters (the fleet limiter applies it
     /// when the shared buckets are out of reach); by default the same as
     /// [`Limiter::check`].
-    fn check_spec(&self, bucket: &BucketId, spec: &LimitSpec, cost: u32) -> LimitCheck<'_> {
-        self.check(bucket, &spec.policy(), cost)
+    fn check_spec(&self, bucket: &BucketId, spec: &LimitSpec, cost: u32, now: u64) -> LimitCheck<'_> {
+        self.check(bucket, &spec.policy(), cost, now)
     }
 
     /// Drops every bucket of a key that is gone.

@@ -40,8 +40,11 @@ pub struct CachedKey {
     pub tenant_tag: Option<crate::limit::TenantTag>,
     /// The last unix second this key verified on this sidecar.
     pub last_touch: std::sync::atomic::AtomicI64,
-    /// Verdicts since the last usage flush, by outcome discriminant.
-    pub counts: [std::sync::atomic::AtomicU64; OUTCOMES],
+    /// Verdicts since the last usage flush, by outcome discriminant. 32
+    /// bits each (README, "Memory budget"): a flush takes them every few
+    /// seconds, and what a failed flush puts back stops at
+    /// [`crate::engine::usage::MAX_HELD_COUNT`].
+    pub counts: [std::sync::atomic::AtomicU32; OUTCOMES],
     /// The unix second the key last registered for a usage flush (0 = not
     /// registered).
     pub counted_at: std::sync::atomic::AtomicI64,

@@ -368,7 +368,9 @@ impl Engine {
         let tenant_layer = tenant_limits.as_deref().map_or(&[][..], |v| &v.limits[..]);
         if req.limits.is_empty() && record.limits.is_empty() && tenant_layer.is_empty() && self.limits.is_empty() {
             // The common case: at most the key's own `rate_limit`.
-            applicable.extend(legacy);
+            if let Some(l) = legacy {
+                applicable.push(l);
+            }
         } else {
             named::applicable(req.limits, [&record.limits, tenant_layer, &self.limits], legacy, &mut applicable);
         }
@@ -411,9 +413,15 @@ impl Engine {
             }
             taken.push(decision);
         }
-        let applied = applied_of(&taken);
-        let rate = most_constraining(&applied).copied();
-        let limits = if applied.len() > 1 { applied.to_vec() } else { Vec::new() };
+        // One limit, the common case, is its own most constraining one.
+        let (rate, limits) = match (&applicable[..], &taken[..]) {
+            ([], _) | (_, []) => (None, Vec::new()),
+            ([spec], [d]) => (Some(AppliedLimit { name: spec.name, state: d.state }), Vec::new()),
+            _ => {
+                let applied = applied_of(&taken);
+                (most_constraining(&applied).copied(), applied.to_vec())
+            }
+        };
 
         // 6. Valid.
         Ok(Verdict {

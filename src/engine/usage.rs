@@ -127,7 +127,7 @@ impl UsageBatcher {
                 .zip(key.counts.iter())
                 .filter_map(|(o, c)| {
                     let n = c.swap(0, Ordering::SeqCst);
-                    (n > 0).then(|| UsageCount { code: o.code_name().to_string(), count: n })
+                    (n > 0).then(|| UsageCount { code: o.code_name().to_string(), count: n as u64 })
                 })
                 .collect();
             if !counts.is_empty() {
@@ -148,7 +148,7 @@ impl UsageBatcher {
                 }
                 for c in counts {
                     if let Some(i) = Outcome::ALL.iter().position(|o| o.code_name() == c.code) {
-                        key.counts[i].fetch_add(c.count, Ordering::SeqCst);
+                        put_back(&key.counts[i], c.count);
                     }
                 }
                 self.register(key);
@@ -164,8 +164,21 @@ impl UsageBatcher {
 fn hand_over(from: &CachedKey, to: &CachedKey) {
     from.counted_at.store(0, Ordering::SeqCst);
     for (f, t) in from.counts.iter().zip(to.counts.iter()) {
-        t.fetch_add(f.swap(0, Ordering::SeqCst), Ordering::SeqCst);
+        put_back(t, f.swap(0, Ordering::SeqCst) as u64);
     }
+}
+
+/// Most verdicts of one code a key holds while flushes fail: past it, more
+/// are not counted. Half the counter, so that the hot path's plain
+/// increments (a few seconds' worth between flushes) cannot wrap it.
+pub const MAX_HELD_COUNT: u32 = u32::MAX / 2;
+
+/// Adds `n` to `counter` without passing [`MAX_HELD_COUNT`].
+fn put_back(counter: &std::sync::atomic::AtomicU32, n: u64) {
+    let _ = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| {
+        let sum = (c as u64 + n).min(MAX_HELD_COUNT as u64);
+        Some(sum.max(c as u64) as u32)
+    });
 }
 
 /// A key's counts over the last day at unix second `now`, from the store
@@ -184,6 +197,23 @@ mod tests {
         let key_id: KeyId = "AAAAAAAA".parse().unwrap();
         let record = crate::store::KeyRecord::for_tests(key_id, "k", version);
         Arc::new(CachedKey::new(record))
+    }
+
+    /// Counts put back by failed flushes stop at the cap instead of
+    /// wrapping the 32-bit counter.
+    #[test]
+    fn counts_put_back_stop_at_the_cap() {
+        let c = std::sync::atomic::AtomicU32::new(10);
+        put_back(&c, 5);
+        assert_eq!(c.load(Ordering::SeqCst), 15);
+        put_back(&c, u64::from(u32::MAX) * 3);
+        assert_eq!(c.load(Ordering::SeqCst), MAX_HELD_COUNT);
+        put_back(&c, 1);
+        assert_eq!(c.load(Ordering::SeqCst), MAX_HELD_COUNT);
+        // A counter the hot path pushed past the cap is never lowered.
+        let c = std::sync::atomic::AtomicU32::new(MAX_HELD_COUNT + 7);
+        put_back(&c, 1);
+        assert_eq!(c.load(Ordering::SeqCst), MAX_HELD_COUNT + 7);
     }
 
     /// Two copies of one record in use at once (a refill while calls held

@@ -513,6 +513,57 @@ async fn process_wide_limits_and_undecodable_requests() {
     s.stop().await;
 }
 
+/// README, "Limits": a call takes one of `--max-inflight` once its request
+/// has arrived whole. Streams whose requests never end (opened to hold the
+/// process's calls) hold none: a whole Verify sent after them is answered,
+/// and each of them ends `DEADLINE_EXCEEDED`, none `RESOURCE_EXHAUSTED`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_never_end_hold_none_of_the_process_calls() {
+    /// A request body that never sends a byte and never ends.
+    struct NeverEnds;
+    impl http_body::Body for NeverEnds {
+        type Data = bytes::Bytes;
+        type Error = tonic::Status;
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
+            std::task::Poll::Pending
+        }
+    }
+    use tower::{Service, ServiceExt};
+    let store = Arc::new(MemoryStore::new());
+    let options = ServerOptions { max_inflight: 2, ..ServerOptions::default() };
+    let s = TestServer::start_with(store, EngineSettings::new(test_pepper()), options, Clock::system()).await;
+    let mut admin = s.admin().await;
+    let (key, _) = create(&mut admin, create_req("held")).await;
+    // One connection, so the streams reach the server in the order sent:
+    // three that never end, then a whole Verify.
+    let channel = tonic::transport::Channel::from_shared(s.url()).unwrap().connect().await.unwrap();
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!("{}/keystile.v1.Verifier/Verify", s.url()))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(tonic::body::Body::new(NeverEnds))
+            .unwrap();
+        let mut ch = channel.clone();
+        let call = ch.ready().await.unwrap().call(request);
+        open.push(tokio::spawn(call));
+    }
+    let mut v = keystile::proto::verifier_client::VerifierClient::new(channel.clone());
+    let answer = v.verify(verify_req(&key)).await.expect("a whole request is answered");
+    assert_eq!(code(&answer.into_inner()), Code::Valid);
+    for call in open {
+        let response = tokio::time::timeout(Duration::from_secs(20), call).await.unwrap().unwrap().unwrap();
+        let status = response.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(status.as_deref(), Some("4"), "DEADLINE_EXCEEDED after the request deadline: {response:?}");
+    }
+    s.stop().await;
+}
+
 /// README, "Limits": a connection that sends nothing (a socket opened to
 /// hold one of the connection slots) is closed after the idle timeout, and
 /// its slot is free again.

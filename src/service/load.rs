@@ -4,8 +4,9 @@
 //! thousand streams each take the process's memory and every other
 //! caller's latency.
 //!
-//! - [`InflightCapLayer`]: beyond the cap a call is answered at once with
-//!   `RESOURCE_EXHAUSTED` (one failed atomic on the way: cheap to refuse).
+//! - [`InflightCapLayer`]: a call takes its place once its request is
+//!   whole; beyond the cap it is answered `RESOURCE_EXHAUSTED` at that
+//!   moment (one failed atomic on the way: cheap to refuse).
 //! - [`ConnectionGate`]: beyond the cap a new connection is closed as soon
 //!   as it is accepted; each accepted one is read only within its share
 //!   of a busy process ([`super::fairness`]), and closed when idle.
@@ -13,6 +14,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -24,17 +26,19 @@ use tower::{Layer, Service};
 
 use super::fairness::{ConnectionInfo, ConnectionLoad, FORGIVE_AFTER, Fairness, FrameCounter};
 
+/// The cap on calls in progress in the whole process (`--max-inflight`).
+/// A call takes its place once its request has arrived whole (README,
+/// "Limits"): a stream whose request never ends holds none, so streams
+/// opened and never finished cannot turn everyone else away.
 #[derive(Clone)]
 pub struct InflightCapLayer {
-    permits: Arc<Semaphore>,
-    cap: usize,
-    refused: metrics::Counter,
+    inflight: Arc<Inflight>,
 }
 
 impl InflightCapLayer {
     /// `refused` counts the calls answered `RESOURCE_EXHAUSTED`.
     pub fn new(cap: usize, refused: metrics::Counter) -> InflightCapLayer {
-        InflightCapLayer { permits: Arc::new(Semaphore::new(cap)), cap, refused }
+        InflightCapLayer { inflight: Arc::new(Inflight { held: AtomicUsize::new(0), cap, refused }) }
     }
 }
 
@@ -42,16 +46,51 @@ impl<S> Layer<S> for InflightCapLayer {
     type Service = InflightCap<S>;
 
     fn layer(&self, inner: S) -> InflightCap<S> {
-        InflightCap { inner, permits: self.permits.clone(), cap: self.cap, refused: self.refused.clone() }
+        InflightCap { inner, inflight: self.inflight.clone() }
+    }
+}
+
+/// The places under the cap, shared by every connection.
+struct Inflight {
+    held: AtomicUsize,
+    cap: usize,
+    refused: metrics::Counter,
+}
+
+impl Inflight {
+    /// Takes a place, or counts a refusal and says why.
+    fn take(&self) -> Result<(), tonic::Status> {
+        if self.held.fetch_add(1, Ordering::AcqRel) < self.cap {
+            return Ok(());
+        }
+        self.held.fetch_sub(1, Ordering::AcqRel);
+        self.refused.increment(1);
+        Err(tonic::Status::resource_exhausted(format!(
+            "this sidecar has {} calls in progress, its limit; retry with backoff",
+            self.cap
+        )))
+    }
+}
+
+/// One call's place: taken by its request body when the request is whole,
+/// given back when both the body and the call are done with it.
+struct Place {
+    inflight: Arc<Inflight>,
+    taken: AtomicBool,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if *self.taken.get_mut() {
+            self.inflight.held.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
 #[derive(Clone)]
 pub struct InflightCap<S> {
     inner: S,
-    permits: Arc<Semaphore>,
-    cap: usize,
-    refused: metrics::Counter,
+    inflight: Arc<Inflight>,
 }
 
 impl<S> Service<http::Request<Body>> for InflightCap<S>
@@ -67,26 +106,59 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        match self.permits.clone().try_acquire_owned() {
-            Ok(permit) => InflightFuture::Admitted { inner: self.inner.call(request), permit: Some(permit) },
-            Err(_) => {
-                self.refused.increment(1);
-                let status = tonic::Status::resource_exhausted(format!(
-                    "this sidecar has {} calls in progress, its limit; retry with backoff",
-                    self.cap
-                ));
-                InflightFuture::Refused { response: Some(status.into_http()) }
+        let place = Arc::new(Place { inflight: self.inflight.clone(), taken: AtomicBool::new(false) });
+        let body = Some(place.clone());
+        let request = request.map(|inner| Body::new(WholeRequest { inner, place: body }));
+        InflightFuture { inner: self.inner.call(request), place: Some(place) }
+    }
+}
+
+/// A request body that takes its call's place under the cap as it yields
+/// the request's end; when the cap is full it yields `RESOURCE_EXHAUSTED`
+/// instead, which the call answers with (no store read, no engine).
+struct WholeRequest {
+    inner: Body,
+    place: Option<Arc<Place>>,
+}
+
+impl http_body::Body for WholeRequest {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let whole = match &frame {
+            None => true,
+            Some(Ok(_)) => self.inner.is_end_stream(),
+            Some(Err(_)) => false,
+        };
+        if whole && let Some(place) = self.place.take() {
+            if let Err(refused) = place.inflight.take() {
+                return Poll::Ready(Some(Err(refused)));
             }
+            place.taken.store(true, Ordering::Release);
         }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The inner call holding its permit, or the refusal.
-    #[project = InflightProj]
-    pub enum InflightFuture<F> {
-        Admitted { #[pin] inner: F, permit: Option<OwnedSemaphorePermit> },
-        Refused { response: Option<http::Response<Body>> },
+    /// The inner call, holding its place (once taken) until it is done.
+    pub struct InflightFuture<F> {
+        #[pin]
+        inner: F,
+        place: Option<Arc<Place>>,
     }
 }
 
@@ -97,14 +169,10 @@ where
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            InflightProj::Admitted { inner, permit } => {
-                let out = std::task::ready!(inner.poll(cx));
-                permit.take();
-                Poll::Ready(out)
-            }
-            InflightProj::Refused { response } => Poll::Ready(Ok(response.take().expect("polled once"))),
-        }
+        let this = self.project();
+        let out = std::task::ready!(this.inner.poll(cx));
+        this.place.take();
+        Poll::Ready(out)
     }
 }
 

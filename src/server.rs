@@ -31,7 +31,7 @@ use crate::service::MAX_REQUEST_BYTES;
 use crate::service::admin::AdminService;
 use crate::service::exchange::ExchangeService;
 use crate::service::fairness::Fairness;
-use crate::service::load::{ConnectionGate, InflightCapLayer};
+use crate::service::load::{ConnectionGate, InflightCap};
 use crate::service::verifier::VerifierService;
 use crate::store::FeedEvent;
 
@@ -286,7 +286,7 @@ pub async fn serve(
             options.tls.is_none().then(|| Fairness::new(options.fairness, app.metrics.connection_pauses.clone())),
             app.metrics.connections_refused.clone(),
         ),
-        inflight: InflightCapLayer::new(options.max_inflight, app.metrics.calls_refused.clone()),
+        inflight: InflightCap::new(options.max_inflight, app.metrics.calls_refused.clone()),
         tls: options.tls.as_ref().map(ServerTls::check).transpose()?,
         health: tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(health.clone()),
@@ -350,7 +350,7 @@ pub async fn serve(
 #[derive(Clone)]
 struct Shared {
     gate: ConnectionGate,
-    inflight: InflightCapLayer,
+    inflight: InflightCap,
     tls: Option<tonic::transport::ServerTlsConfig>,
     health: tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
     stop: CancellationToken,
@@ -378,8 +378,7 @@ where
         .concurrency_limit_per_connection(options.max_inflight_per_connection)
         .load_shed(true)
         .timeout(options.request_timeout)
-        .layer(crate::service::fairness::StartedLayer)
-        .layer(shared.inflight)
+        .layer(crate::service::fairness::StartedLayer::new(shared.inflight))
         .layer(crate::service::limits::oversize_is_invalid_argument())
         .layer(crate::service::span::RpcSpanLayer)
         .layer(crate::service::limits::StreamCapLayer)

@@ -33,6 +33,8 @@ use atomic_waker::AtomicWaker;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tower::{Layer, Service};
 
+use super::load::{InflightCap, InflightFuture, Place};
+
 /// When the process counts as busy and how much each connection may then
 /// have queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -412,21 +414,31 @@ fn load_of<B>(request: &http::Request<B>) -> Option<&Arc<ConnectionLoad>> {
 }
 
 /// Marks every call as started once its request has been read (see the
-/// module's documentation).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct StartedLayer;
+/// module's documentation), and takes its place under the process's cap
+/// on calls in progress at that same moment ([`InflightCap`]).
+#[derive(Clone)]
+pub struct StartedLayer {
+    cap: InflightCap,
+}
+
+impl StartedLayer {
+    pub fn new(cap: InflightCap) -> StartedLayer {
+        StartedLayer { cap }
+    }
+}
 
 impl<S> Layer<S> for StartedLayer {
     type Service = Started<S>;
 
     fn layer(&self, inner: S) -> Started<S> {
-        Started { inner }
+        Started { inner, cap: self.cap.clone() }
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Started<S> {
     inner: S,
+    cap: InflightCap,
 }
 
 impl<S> Service<http::Request<tonic::body::Body>> for Started<S>
@@ -435,24 +447,31 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = InflightFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let Some(load) = load_of(&request).cloned() else { return self.inner.call(request) };
-        self.inner.call(request.map(|body| tonic::body::Body::new(ReadToTheEnd { inner: body, load: Some(load) })))
+        let load = load_of(&request).cloned();
+        let place = self.cap.place();
+        let body_place = Some(place.clone());
+        let request = request.map(|body| tonic::body::Body::new(ReadToTheEnd { inner: body, load, place: body_place }));
+        InflightFuture::new(self.inner.call(request), Some(place))
     }
 }
 
-/// A request body that marks its call started once it has been read to
-/// its end (END_STREAM, as the frame counter counted it), or dropped after
-/// it; a stream reset before its end fails the call instead.
+/// A request body that, once read to its end (END_STREAM, as the frame
+/// counter counted it), takes its call's place under the process's cap and
+/// marks the call started; when the cap is full it yields
+/// `RESOURCE_EXHAUSTED` instead, which the call answers with (no store
+/// read, no engine). Dropped unread, it marks the call started if its
+/// request had ended. A stream reset before its end fails the call.
 struct ReadToTheEnd {
     inner: tonic::body::Body,
     load: Option<Arc<ConnectionLoad>>,
+    place: Option<Arc<Place>>,
 }
 
 impl ReadToTheEnd {
@@ -482,10 +501,16 @@ impl http_body::Body for ReadToTheEnd {
             // never counted, so it must not run either (tonic would take the
             // reset for the end of a whole request and run the call).
             self.load = None;
+            self.place = None;
             return Poll::Ready(Some(Err(tonic::Status::aborted("the request was reset before it ended"))));
         }
         if self.inner.is_end_stream() {
             self.started();
+            if let Some(place) = self.place.take()
+                && let Err(refused) = place.take()
+            {
+                return Poll::Ready(Some(Err(refused)));
+            }
         }
         Poll::Ready(frame)
     }

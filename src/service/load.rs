@@ -4,7 +4,7 @@
 //! thousand streams each take the process's memory and every other
 //! caller's latency.
 //!
-//! - [`InflightCapLayer`]: a call takes its place once its request is
+//! - [`InflightCap`]: a call takes its place once its request is
 //!   whole; beyond the cap it is answered `RESOURCE_EXHAUSTED` at that
 //!   moment (one failed atomic on the way: cheap to refuse).
 //! - [`ConnectionGate`]: beyond the cap a new connection is closed as soon
@@ -29,24 +29,23 @@ use super::fairness::{ConnectionInfo, ConnectionLoad, FORGIVE_AFTER, Fairness, F
 /// The cap on calls in progress in the whole process (`--max-inflight`).
 /// A call takes its place once its request has arrived whole (README,
 /// "Limits"): a stream whose request never ends holds none, so streams
-/// opened and never finished cannot turn everyone else away.
+/// opened and never finished cannot turn everyone else away. The request
+/// body that sees the end takes the place ([`super::fairness::StartedLayer`],
+/// which marks the call started at that moment too).
 #[derive(Clone)]
-pub struct InflightCapLayer {
+pub struct InflightCap {
     inflight: Arc<Inflight>,
 }
 
-impl InflightCapLayer {
+impl InflightCap {
     /// `refused` counts the calls answered `RESOURCE_EXHAUSTED`.
-    pub fn new(cap: usize, refused: metrics::Counter) -> InflightCapLayer {
-        InflightCapLayer { inflight: Arc::new(Inflight { held: AtomicUsize::new(0), cap, refused }) }
+    pub fn new(cap: usize, refused: metrics::Counter) -> InflightCap {
+        InflightCap { inflight: Arc::new(Inflight { held: AtomicUsize::new(0), cap, refused }) }
     }
-}
 
-impl<S> Layer<S> for InflightCapLayer {
-    type Service = InflightCap<S>;
-
-    fn layer(&self, inner: S) -> InflightCap<S> {
-        InflightCap { inner, inflight: self.inflight.clone() }
+    /// A new call's place, not taken yet.
+    pub(crate) fn place(&self) -> Arc<Place> {
+        Arc::new(Place { inflight: self.inflight.clone(), taken: AtomicBool::new(false) })
     }
 }
 
@@ -57,26 +56,28 @@ struct Inflight {
     refused: metrics::Counter,
 }
 
-impl Inflight {
-    /// Takes a place, or counts a refusal and says why.
-    fn take(&self) -> Result<(), tonic::Status> {
-        if self.held.fetch_add(1, Ordering::AcqRel) < self.cap {
-            return Ok(());
-        }
-        self.held.fetch_sub(1, Ordering::AcqRel);
-        self.refused.increment(1);
-        Err(tonic::Status::resource_exhausted(format!(
-            "this sidecar has {} calls in progress, its limit; retry with backoff",
-            self.cap
-        )))
-    }
-}
-
 /// One call's place: taken by its request body when the request is whole,
 /// given back when both the body and the call are done with it.
-struct Place {
+pub(crate) struct Place {
     inflight: Arc<Inflight>,
     taken: AtomicBool,
+}
+
+impl Place {
+    /// Takes the place, or counts a refusal and says why.
+    pub(crate) fn take(&self) -> Result<(), tonic::Status> {
+        let inflight = &self.inflight;
+        if inflight.held.fetch_add(1, Ordering::AcqRel) < inflight.cap {
+            self.taken.store(true, Ordering::Release);
+            return Ok(());
+        }
+        inflight.held.fetch_sub(1, Ordering::AcqRel);
+        inflight.refused.increment(1);
+        Err(tonic::Status::resource_exhausted(format!(
+            "this sidecar has {} calls in progress, its limit; retry with backoff",
+            inflight.cap
+        )))
+    }
 }
 
 impl Drop for Place {
@@ -87,74 +88,8 @@ impl Drop for Place {
     }
 }
 
-#[derive(Clone)]
-pub struct InflightCap<S> {
-    inner: S,
-    inflight: Arc<Inflight>,
-}
-
-impl<S> Service<http::Request<Body>> for InflightCap<S>
-where
-    S: Service<http::Request<Body>, Response = http::Response<Body>>,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = InflightFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let place = Arc::new(Place { inflight: self.inflight.clone(), taken: AtomicBool::new(false) });
-        let body = Some(place.clone());
-        let request = request.map(|inner| Body::new(WholeRequest { inner, place: body }));
-        InflightFuture { inner: self.inner.call(request), place: Some(place) }
-    }
-}
-
-/// A request body that takes its call's place under the cap as it yields
-/// the request's end; when the cap is full it yields `RESOURCE_EXHAUSTED`
-/// instead, which the call answers with (no store read, no engine).
-struct WholeRequest {
-    inner: Body,
-    place: Option<Arc<Place>>,
-}
-
-impl http_body::Body for WholeRequest {
-    type Data = bytes::Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        let whole = match &frame {
-            None => true,
-            Some(Ok(_)) => self.inner.is_end_stream(),
-            Some(Err(_)) => false,
-        };
-        if whole && let Some(place) = self.place.take() {
-            if let Err(refused) = place.inflight.take() {
-                return Poll::Ready(Some(Err(refused)));
-            }
-            place.taken.store(true, Ordering::Release);
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 pin_project_lite::pin_project! {
-    /// The inner call, holding its place (once taken) until it is done.
+    /// A call, holding its place (once taken) until it is done.
     pub struct InflightFuture<F> {
         #[pin]
         inner: F,
@@ -162,10 +97,13 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<F, E> Future for InflightFuture<F>
-where
-    F: Future<Output = Result<http::Response<Body>, E>>,
-{
+impl<F> InflightFuture<F> {
+    pub(crate) fn new(inner: F, place: Option<Arc<Place>>) -> InflightFuture<F> {
+        InflightFuture { inner, place }
+    }
+}
+
+impl<F: Future> Future for InflightFuture<F> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {

@@ -45,7 +45,7 @@ fn main() {
                     key_id: new.key_id,
                     prefix: "ks".into(),
                     secret_hash: peppers.seal(new.key_id, &secret),
-                    name: format!("service {i}"),
+                    name: format!("service {i}").into(),
                     env: Env::Live,
                     tenant: "acme".into(),
                     scopes: vec!["read".into(), "write".into()],

@@ -202,7 +202,7 @@ impl Actor {
         }
         Some(Actor {
             key_id: Some(record.key_id),
-            tenant: (!record.tenant.is_empty()).then(|| record.tenant.clone()),
+            tenant: (!record.tenant.is_empty()).then(|| record.tenant.to_string()),
             test_only: record.env == Env::Test,
             can_write: holds(ADMIN_SCOPE) || holds("keys:write"),
             can_grant_admin: holds(ADMIN_SCOPE),
@@ -221,7 +221,7 @@ impl Actor {
     /// Refuses a key this actor may not manage.
     fn manages(&self, record: &KeyRecord) -> Result<(), AdminError> {
         if let Some(t) = &self.tenant
-            && &record.tenant != t
+            && record.tenant != t
         {
             return Err(AdminError::PermissionDenied(format!(
                 "key {} is not of tenant {t:?}, the only tenant this admin key manages",
@@ -363,13 +363,13 @@ impl Admin {
             let secret_hash = self.peppers.seal_kind(new.key_id, fields.kind, presented.secret());
             let record = KeyRecord {
                 key_id: new.key_id,
-                prefix: format.prefix_for(fields.kind).to_string(),
+                prefix: format.prefix_for(fields.kind).into(),
                 secret_hash,
                 kind: fields.kind,
                 allowed_origins: fields.allowed_origins.clone(),
-                name: fields.name.clone(),
+                name: fields.name.as_str().into(),
                 env,
-                tenant: fields.tenant.clone(),
+                tenant: fields.tenant.as_str().into(),
                 scopes: fields.scopes.clone(),
                 ip_allowlist: fields.ip_allowlist.clone(),
                 rate_limit: fields.rate_limit,
@@ -529,7 +529,7 @@ impl Admin {
                     )));
                 }
                 if let Some(n) = &name {
-                    r.name = n.clone();
+                    r.name = n.as_str().into();
                 }
                 if let Some(s) = &scopes {
                     r.scopes = s.clone();
@@ -648,9 +648,9 @@ impl Admin {
             return Err(AdminError::FailedPrecondition(format!("key {id} has expired and cannot be rotated")));
         }
         let fields = RecordFields {
-            name: old.name.clone(),
+            name: old.name.to_string(),
             owner: old.owner.clone(),
-            tenant: old.tenant.clone(),
+            tenant: old.tenant.to_string(),
             scopes: old.scopes.clone(),
             ip_allowlist: old.ip_allowlist.clone(),
             rate_limit: old.rate_limit,
@@ -735,7 +735,7 @@ impl Admin {
             peer: actor.peer.map(|p| p.to_string()).unwrap_or_default(),
             action: action.to_string(),
             key_id: record.map(|r| r.key_id.to_string()).unwrap_or_default(),
-            tenant: record.map(|r| r.tenant.clone()).unwrap_or_default(),
+            tenant: record.map(|r| r.tenant.to_string()).unwrap_or_default(),
             env: record.map(|r| r.env.to_string()).unwrap_or_default(),
             fields: fields.to_vec(),
             ..AuditEvent::default()

@@ -153,7 +153,7 @@ impl PepperSet {
 
     /// [`PepperSet::seal`] for a key of `kind`.
     pub fn seal_kind(&self, key_id: KeyId, kind: KeyKind, secret: &[u8]) -> SecretHash {
-        SecretHash { pepper_id: self.current.id.clone(), hash: self.current.hash_of(key_id, kind, secret) }
+        SecretHash { pepper_id: self.current.id.as_str().into(), hash: self.current.hash_of(key_id, kind, secret) }
     }
 
     /// Whether `secret` matches `stored`, in constant time.
@@ -181,7 +181,7 @@ impl PepperSet {
 /// What the store keeps of a secret: the keyed hash and the pepper's id.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SecretHash {
-    pub pepper_id: String,
+    pub pepper_id: compact_str::CompactString,
     pub hash: blake3::Hash,
 }
 
@@ -193,7 +193,7 @@ impl SecretHash {
 
     pub fn decode(s: &str) -> Option<SecretHash> {
         let (id, hex) = s.split_once(':')?;
-        Some(SecretHash { pepper_id: id.to_string(), hash: blake3::Hash::from_hex(hex).ok()? })
+        Some(SecretHash { pepper_id: id.into(), hash: blake3::Hash::from_hex(hex).ok()? })
     }
 }
 

@@ -62,9 +62,9 @@ pub fn to_proto(r: &KeyRecord, now: i64) -> proto::KeyRecord {
     proto::KeyRecord {
         key_id: r.key_id.to_string(),
         display_prefix: r.display_prefix(),
-        name: r.name.clone(),
+        name: r.name.to_string(),
         env: r.env.to_string(),
-        tenant: r.tenant.clone(),
+        tenant: r.tenant.to_string(),
         scopes: r.scopes.clone(),
         ip_allowlist: r.ip_allowlist.iter().map(|n| n.to_string()).collect(),
         rate_limit: r.rate_limit.map(|p| proto::RateLimit {

@@ -130,9 +130,9 @@ pub fn to_response(verdict: &Verdict, now_unix: i64) -> proto::VerifyResponse {
     if let Some(k) = &verdict.key {
         let r = &k.record;
         resp.key_id = r.key_id.to_string();
-        resp.name = r.name.clone();
+        resp.name = r.name.to_string();
         resp.env = r.env.to_string();
-        resp.tenant = r.tenant.clone();
+        resp.tenant = r.tenant.to_string();
         resp.scopes = verdict.granted_scopes().to_vec();
         resp.metadata = r.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         resp.expires_at = r.expires_at.unwrap_or(0);

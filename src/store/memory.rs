@@ -164,7 +164,7 @@ impl KeyStore for MemoryStore {
         let map = self.enter()?;
         let mut all: Vec<&KeyRecord> = map
             .values()
-            .filter(|r| query.tenant.as_ref().is_none_or(|t| &r.tenant == t))
+            .filter(|r| query.tenant.as_ref().is_none_or(|t| r.tenant == t))
             .filter(|r| query.owner.as_ref().is_none_or(|o| r.owner.eq_ignore_ascii_case(o)))
             .filter(|r| query.env.is_none_or(|e| r.env == e))
             .filter(|r| query.after.as_ref().is_none_or(|a| page_token(r).as_str() > a.as_str()))

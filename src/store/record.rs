@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use compact_str::CompactString;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
@@ -14,16 +15,16 @@ use crate::limit::{LimitSpec, RateLimitPolicy};
 pub struct KeyRecord {
     pub key_id: KeyId,
     /// The prefix the key was minted with, for its display prefix.
-    pub prefix: String,
+    pub prefix: CompactString,
     pub secret_hash: SecretHash,
     /// Secret, publishable or restricted (README, "Key kinds"); a presented
     /// key's prefix must say the same.
     #[serde(default, skip_serializing_if = "KeyKind::is_secret")]
     pub kind: KeyKind,
-    pub name: String,
+    pub name: CompactString,
     pub env: Env,
     #[serde(default)]
-    pub tenant: String,
+    pub tenant: CompactString,
     #[serde(default)]
     pub scopes: Vec<String>,
     #[serde(default)]
@@ -172,7 +173,7 @@ impl KeyRecord {
             kind: Default::default(),
             name: name.into(),
             env: crate::key::Env::Live,
-            tenant: String::new(),
+            tenant: Default::default(),
             scopes: vec![],
             ip_allowlist: vec![],
             rate_limit: None,
@@ -199,12 +200,17 @@ impl KeyRecord {
         fn text(s: &str) -> usize {
             s.len().next_multiple_of(16)
         }
+        // Up to 24 bytes are held inline (README, "Memory budget").
+        fn compact(s: &CompactString) -> usize {
+            if s.is_heap_allocated() { s.capacity().next_multiple_of(16) } else { 0 }
+        }
         fn list<T>(v: &[T], each: impl Fn(&T) -> usize) -> usize {
             std::mem::size_of_val(v).next_multiple_of(16) + v.iter().map(each).sum::<usize>()
         }
-        text(&self.prefix)
-            + text(&self.name)
-            + text(&self.tenant)
+        compact(&self.prefix)
+            + compact(&self.name)
+            + compact(&self.tenant)
+            + compact(&self.secret_hash.pepper_id)
             + text(&self.owner)
             + list(&self.scopes, |s| text(s))
             + list(&self.ip_allowlist, |_| 0)

@@ -348,7 +348,7 @@ impl KeyStore for RedisStore {
                 after = Some(token.clone());
                 let Some(json) = json else { continue };
                 let record = decode(&json)?;
-                if query.tenant.as_ref().is_some_and(|t| &record.tenant != t)
+                if query.tenant.as_ref().is_some_and(|t| record.tenant != t)
                     || query.owner.as_ref().is_some_and(|o| !record.owner.eq_ignore_ascii_case(o))
                     || query.env.is_some_and(|e| record.env != e)
                 {

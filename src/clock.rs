@@ -30,7 +30,7 @@ impl Clock {
     pub fn system() -> Clock {
         let origin = Instant::now();
         let wall = WallOffset { unix_at_origin: AtomicI64::new(0), due: AtomicU64::new(0) };
-        wall.refresh(0);
+        wall.refresh(&origin);
         Clock(Source::System { origin, wall: Arc::new(wall) })
     }
 
@@ -42,7 +42,7 @@ impl Clock {
             Source::System { origin, wall } => {
                 let mono = origin.elapsed().as_nanos() as u64;
                 if mono >= wall.due.load(Ordering::Relaxed) {
-                    wall.refresh(mono);
+                    wall.refresh(origin);
                 }
                 let unix_nanos = wall.unix_at_origin.load(Ordering::Relaxed).saturating_add(mono as i64);
                 Now { mono, unix: unix_nanos.div_euclid(1_000_000_000) }
@@ -108,14 +108,17 @@ struct WallOffset {
 }
 
 impl WallOffset {
-    /// Reads the wall clock at monotonic `mono`. Racing refreshes store
-    /// readings a few nanoseconds apart; either is right.
+    /// Reads the wall clock, and the monotonic clock right after it (a
+    /// caller's earlier reading would set the time ahead by any delay in
+    /// between). Racing refreshes store readings a few nanoseconds apart;
+    /// either is right.
     #[cold]
-    fn refresh(&self, mono: u64) {
+    fn refresh(&self, origin: &Instant) {
         let unix_nanos = match SystemTime::now().duration_since(UNIX_EPOCH) {
             Ok(d) => d.as_nanos() as i64,
             Err(_) => 0,
         };
+        let mono = origin.elapsed().as_nanos() as u64;
         self.unix_at_origin.store(unix_nanos - mono as i64, Ordering::Relaxed);
         self.due.store(mono + WALL_REFRESH_NANOS, Ordering::Relaxed);
     }

@@ -231,9 +231,12 @@ impl Engine {
         // read more than the address's allowance.
         let mut charge = None;
         let mut shed_for = None;
-        let found = self
-            .records
-            .lookup(key_id, peeked, || match req.ip.zip(shedder) {
+        // The clock reading is the limiters' too, unless the Verify had to
+        // wait (a store read, a tenant's policy, a shared bucket): then
+        // they read the clock again, so a wait is not admitted as cells.
+        let mut waited = Waited::default();
+        let found = waited
+            .on(self.records.lookup(key_id, peeked, || match req.ip.zip(shedder) {
                 None => Admit::Read,
                 Some((ip, shedder)) => match shedder.charge(ip) {
                     Charged::Yes(c) => {
@@ -246,7 +249,7 @@ impl Engine {
                     }
                     Charged::Busy => Admit::Wait,
                 },
-            })
+            }))
             .await;
         if let (Some(shedder), Some(ms)) = (shedder, shed_for) {
             return Ok(self.shed(shedder, ms));
@@ -292,14 +295,14 @@ impl Engine {
         let record = &key.record;
         let tenant_view = match record.tenant.is_empty() || (record.tiers.is_empty() && req.mode == Mode::Admin) {
             true => None,
-            false => Some(self.records.tenant_limits(&record.tenant).await?),
+            false => Some(waited.on(self.records.tenant_limits(&record.tenant)).await?),
         };
         // A key's tiers add their scopes (README, "Tiers"): the tenant's tier
         // of a name, else the deployment's. Only keys with tiers pay for it.
         let tier_scopes: Option<Arc<[String]>> = if record.tiers.is_empty() {
             None
         } else {
-            let deployment = self.records.tenant_limits("").await?;
+            let deployment = waited.on(self.records.tenant_limits("")).await?;
             let mut all = record.scopes.clone();
             for tier in &record.tiers {
                 let bundle = tenant_view.as_ref().and_then(|v| v.tiers.get(tier)).or(deployment.tiers.get(tier));
@@ -361,7 +364,7 @@ impl Engine {
         let tenant_limits = match (tenant_view, record.tenant.is_empty()) {
             (Some(v), _) => Some(v),
             (None, true) => None,
-            (None, false) => Some(self.records.tenant_limits(&record.tenant).await?),
+            (None, false) => Some(waited.on(self.records.tenant_limits(&record.tenant)).await?),
         };
         let mut applicable: smallvec::SmallVec<[LimitSpec; 4]> = smallvec::SmallVec::new();
         let legacy = record.rate_limit.as_ref().map(LimitSpec::from_legacy);
@@ -386,7 +389,8 @@ impl Engine {
             applicable.iter().zip(taken).map(|(spec, d)| AppliedLimit { name: spec.name, state: d.state }).collect()
         };
         for spec in &applicable {
-            let decision = match self.limiter.check_spec(&bucket_of(spec), spec, cost, now.mono).outcome().await {
+            let at = waited.now(now.mono, &self.clock);
+            let decision = match waited.on(self.limiter.check_spec(&bucket_of(spec), spec, cost, at).outcome()).await {
                 Ok(d) => d,
                 Err(e) => {
                     self.refund(applicable.iter().map(bucket_of).zip(&taken), cost);
@@ -472,6 +476,38 @@ impl Engine {
     }
 }
 
+/// Whether a Verify has had to wait since its clock reading (README,
+/// "Performance": one clock read per Verify, when it does not wait).
+#[derive(Default)]
+struct Waited {
+    /// Something waited since the last reading.
+    since: bool,
+    /// The reading taken after a wait, if any.
+    again: Option<u64>,
+}
+
+impl Waited {
+    /// Awaits `f`, noting whether it had to wait.
+    async fn on<F: std::future::Future>(&mut self, f: F) -> F::Output {
+        let mut f = std::pin::pin!(f);
+        std::future::poll_fn(|cx| {
+            let poll = f.as_mut().poll(cx);
+            self.since |= poll.is_pending();
+            poll
+        })
+        .await
+    }
+
+    /// Monotonic now: the Verify's `first` reading while nothing has
+    /// waited, else a reading taken after the last wait.
+    fn now(&mut self, first: u64, clock: &Clock) -> u64 {
+        if std::mem::take(&mut self.since) {
+            self.again = Some(clock.mono_nanos());
+        }
+        self.again.unwrap_or(first)
+    }
+}
+
 /// The deployment's layer: `--limit`s, and `--default-rate-limit` as the
 /// automatic limit `default` unless a `--limit` names `default` itself.
 fn deployment_limits(settings: &EngineSettings) -> Vec<LimitSpec> {
@@ -499,5 +535,42 @@ fn owner_matches(owner: &str, given: &str) -> bool {
 fn count_failure(shedder: Option<&FailureShedder>, ip: Option<IpAddr>) {
     if let (Some(ip), Some(shedder)) = (ip, shedder) {
         shedder.record_failure(ip);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A future pending once before it is ready (a store read, say).
+    fn pending_once() -> impl std::future::Future<Output = ()> {
+        let mut polled = false;
+        std::future::poll_fn(move |cx| {
+            if std::mem::replace(&mut polled, true) {
+                std::task::Poll::Ready(())
+            } else {
+                cx.waker().wake_by_ref();
+                std::task::Poll::Pending
+            }
+        })
+    }
+
+    /// The limiters get the Verify's one clock reading while nothing has
+    /// waited, and a reading taken after the last wait otherwise, so a
+    /// store read's time is never admitted as cells.
+    #[tokio::test]
+    async fn the_limiters_read_the_clock_again_only_after_a_wait() {
+        let clock = Clock::manual(1_000);
+        let first = clock.mono_nanos();
+        let mut waited = Waited::default();
+        waited.on(std::future::ready(())).await;
+        clock.advance(Duration::from_millis(5));
+        assert_eq!(waited.now(first, &clock), first, "nothing waited: the first reading");
+        waited.on(pending_once()).await;
+        assert_eq!(waited.now(first, &clock), first + 5_000_000, "after a wait: read again");
+        clock.advance(Duration::from_millis(5));
+        assert_eq!(waited.now(first, &clock), first + 5_000_000, "nothing waited since: that reading");
+        waited.on(pending_once()).await;
+        assert_eq!(waited.now(first, &clock), first + 10_000_000);
     }
 }

@@ -44,7 +44,8 @@ impl GcraBucket {
         self.check_at(cost, self.clock.mono_nanos())
     }
 
-    /// [`check`](Self::check) at monotonic `now`, read by the caller.
+    /// [`check`](Self::check) at monotonic `now`, read by the caller (it
+    /// may be a little older than readings other calls already used).
     #[inline]
     pub fn check_at(&self, cost: u32, now: u64) -> (bool, RateState) {
         let need = self.period_nanos.saturating_mul(cost.max(1) as u64);
@@ -67,7 +68,10 @@ impl GcraBucket {
             let next = start + need;
             if next - now > self.capacity_nanos {
                 let wait = next - now - self.capacity_nanos;
-                state.remaining = self.cells_in(self.capacity_nanos - (start - now)).min(state.limit);
+                // `now` may be older than a reading another call already
+                // moved the arrival time with (each Verify reads the clock
+                // once, at its start): then nothing is left, not a wrap.
+                state.remaining = self.cells_in(self.capacity_nanos.saturating_sub(start - now)).min(state.limit);
                 state.retry_after_ms = wait.div_ceil(1_000_000).max(1);
                 state.reset_seconds = ceil_seconds(wait).max(1);
                 return (false, state);
@@ -145,6 +149,24 @@ mod tests {
         assert!(ok, "a cell came back");
         assert_eq!(s.remaining, 0);
         assert_eq!(s.reset_seconds, 60, "the whole burst is back in a window");
+    }
+
+    /// A call whose clock reading is older than one another call already
+    /// spent the bucket with (each Verify reads the clock once, at its
+    /// start) is denied with nothing left, not a wrapped count.
+    #[test]
+    fn an_older_reading_than_the_last_spend_is_denied_cleanly() {
+        let clock = Clock::manual(1_000);
+        let l = GcraBucket::new(policy(5, 60, 0), clock.clone());
+        let earlier = clock.mono_nanos();
+        clock.advance(Duration::from_secs(30));
+        for _ in 0..5 {
+            assert!(l.check(1).0);
+        }
+        let (ok, s) = l.check_at(1, earlier);
+        assert!(!ok);
+        assert_eq!(s.remaining, 0);
+        assert!(s.retry_after_ms > 0);
     }
 
     #[test]

@@ -67,7 +67,8 @@
 //!   per core (`--runtime per-core`).
 //! - [`config`]: flags, environment and file, validated (all errors at
 //!   once); [`secret`]: the redacting types.
-//! - [`clock`]: injectable time; [`telemetry`]: logs and traces;
+//! - [`clock`]: injectable time, read once per Verify ([`clock::Clock::now`]
+//!   gives both clocks from one reading); [`telemetry`]: logs and traces;
 //!   [`metrics`]: the Prometheus instruments.
 //!
 //! The `keystile keys` / `tenants` CLI and `keystile bench` load generator

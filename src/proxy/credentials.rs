@@ -7,6 +7,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use smallvec::SmallVec;
+
 /// The default: the conventions of the API-token systems keystile serves.
 pub const DEFAULT_SOURCES: &str = "authorization,x-api-key,x-api-token";
 
@@ -100,6 +102,16 @@ pub trait RequestHeaders<'a> {
     /// Every header name, as sent, that is longer than `prefix` and starts
     /// with it (matched without case).
     fn names_with_prefix(&self, prefix: &'static str) -> impl Iterator<Item = &'a str>;
+    /// Calls `each(i, value)` with every value of every header named
+    /// `names[i]` (given in lower case; matched without case). Front ends
+    /// that hold headers as a list read it once for all the names.
+    fn each_value_of(&self, names: &[&str], mut each: impl FnMut(usize, &'a str)) {
+        for (i, name) in names.iter().enumerate() {
+            for value in self.values(name) {
+                each(i, value);
+            }
+        }
+    }
 }
 
 /// What the sources found. Its `Debug` never shows the credential.
@@ -133,8 +145,8 @@ impl CredentialSources {
     pub fn find<'a, H: RequestHeaders<'a>>(&self, headers: &H, query: &'a str) -> Found<'a> {
         let mut found: Option<(&'a str, u64)> = None;
         let mut conflict = false;
-        let mut take = |value: &'a str, i: usize| {
-            let v = bare(value);
+        // `v` is bare: trimmed, without its `Bearer`.
+        let mut take = |v: &'a str, i: usize| {
             if v.is_empty() {
                 return;
             }
@@ -145,27 +157,34 @@ impl CredentialSources {
                 Some(_) => conflict = true,
             }
         };
+        // The header names, by source (a query parameter's is empty, and
+        // its values are read below). Which of two equal credentials is
+        // kept does not matter, so headers are read in their own order.
+        let names: SmallVec<[&str; 8]> = self
+            .0
+            .iter()
+            .map(|source| match source {
+                Source::Authorization => "authorization",
+                Source::Header(name) => name,
+                Source::Query(_) => "",
+            })
+            .collect();
+        headers.each_value_of(&names, |i, v| match &self.0[i] {
+            Source::Authorization => {
+                if let Some(credential) = from_authorization(v) {
+                    take(credential, i);
+                }
+            }
+            Source::Header(_) => take(bare(v), i),
+            Source::Query(_) => {}
+        });
         for (i, source) in self.0.iter().enumerate() {
-            match source {
-                Source::Authorization => {
-                    for v in headers.values("authorization") {
-                        if let Some(credential) = from_authorization(v) {
-                            take(credential, i);
-                        }
-                    }
-                }
-                Source::Header(name) => {
-                    for v in headers.values(name) {
-                        take(v, i);
-                    }
-                }
-                Source::Query(name) => {
-                    for pair in query.split('&') {
-                        if let Some((k, v)) = pair.split_once('=')
-                            && k == name
-                        {
-                            take(v, i);
-                        }
+            if let Source::Query(name) = source {
+                for pair in query.split('&') {
+                    if let Some((k, v)) = pair.split_once('=')
+                        && k == name
+                    {
+                        take(bare(v), i);
                     }
                 }
             }
@@ -184,30 +203,34 @@ pub fn has_prefix(name: &[u8], prefix: &str) -> bool {
 }
 
 /// The credential of an `Authorization` value: after `Bearer` (any case),
-/// or the whole value when it has no scheme.
+/// or the whole value when it has no scheme. HTTP's blanks are ASCII (RFC
+/// 9110, OWS): bytes are searched, not chars.
 fn from_authorization(value: &str) -> Option<&str> {
     let v = value.trim_ascii();
-    match split_scheme(v) {
-        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => Some(rest),
-        Some(_) => None,
+    match after_bearer(v) {
+        Some(rest) => Some(rest),
+        // Another scheme (`Basic …`) is no credential of keystile's.
+        None if v.bytes().any(|b| b.is_ascii_whitespace()) => None,
         None => Some(v),
     }
 }
 
-/// A trimmed value's scheme and the rest, trimmed, when it has a blank.
-/// HTTP's blanks are ASCII (RFC 9110, OWS): bytes are searched, not chars.
-fn split_scheme(v: &str) -> Option<(&str, &str)> {
-    let i = v.bytes().position(|b| b.is_ascii_whitespace())?;
-    Some((&v[..i], v[i + 1..].trim_ascii()))
+/// What follows a leading `Bearer` (any case) and its blanks, trimmed.
+/// Looked at in place: a credential is not scanned for a blank it does
+/// not have.
+fn after_bearer(v: &str) -> Option<&str> {
+    let b = v.as_bytes();
+    if b.len() > 6 && b[6].is_ascii_whitespace() && b[..6].eq_ignore_ascii_case(b"bearer") {
+        Some(v[7..].trim_ascii())
+    } else {
+        None
+    }
 }
 
 /// A value without surrounding blanks and a leading `Bearer ` (any case).
 fn bare(value: &str) -> &str {
     let v = value.trim_ascii();
-    match split_scheme(v) {
-        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest,
-        _ => v,
-    }
+    after_bearer(v).unwrap_or(v)
 }
 
 #[cfg(test)]
@@ -237,7 +260,7 @@ mod tests {
     #[test]
     fn the_seed_conventions_are_found() {
         let s = CredentialSources::default();
-        let cases: [(Vec<(&str, &str)>, Found); 7] = [
+        let cases: [(Vec<(&str, &str)>, Found); 12] = [
             (vec![("Authorization", "Bearer ks_a")], Found::One("ks_a", 0b1)),
             (vec![("authorization", "bEaReR   ks_a ")], Found::One("ks_a", 0b1)),
             (vec![("Authorization", "ks_a")], Found::One("ks_a", 0b1)),
@@ -245,6 +268,11 @@ mod tests {
             (vec![("X-API-TOKEN", "Bearer ks_b")], Found::One("ks_b", 0b100)),
             (vec![("x-api-key", "ks_a"), ("authorization", "Bearer ks_a")], Found::One("ks_a", 0b11)),
             (vec![("x-api-key", "ks_a"), ("x-api-token", "ks_b")], Found::Conflict),
+            (vec![("Authorization", "BEARER\tks_a")], Found::One("ks_a", 0b1)),
+            (vec![("Authorization", "Digest ks_a")], Found::None),
+            (vec![("Authorization", "Bearerks_a")], Found::One("Bearerks_a", 0b1)),
+            (vec![("x-api-key", " Bearer  ks_a"), ("authorization", "ks_a")], Found::One("ks_a", 0b11)),
+            (vec![("x-api-key", "Token ks_a")], Found::One("Token ks_a", 0b10)),
         ];
         for (headers, want) in cases {
             assert_eq!(s.find(&Map(headers.clone()), ""), want, "{headers:?}");

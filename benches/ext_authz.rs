@@ -23,6 +23,10 @@ use keystile::store::memory::MemoryStore;
 use keystile::verdict::Request;
 use prost::Message;
 
+/// The binary's allocator (`src/main.rs`), so that the figures are its.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn check_request(key: &str) -> CheckRequest {
     let headers = [
         (":authority", "api.example.com".to_string()),

@@ -14,6 +14,10 @@ use keystile::store::memory::MemoryStore;
 use keystile::store::{KeyRecord, KeyStore};
 use keystile::verdict::{Outcome, Request};
 
+/// The binary's allocator (`src/main.rs`), so that the figures are its.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status

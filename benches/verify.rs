@@ -17,6 +17,10 @@ use keystile::store::RateLimitPolicy;
 use keystile::store::memory::MemoryStore;
 use keystile::verdict::Request;
 
+/// The binary's allocator (`src/main.rs`), so that the figures are its.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn benches(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let format = KeyFormat::default();

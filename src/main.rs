@@ -15,6 +15,12 @@ use keystile::clock::Clock;
 use keystile::config::{EX_USAGE, ServeArgs, ServeConfig};
 use keystile::server::{self, RuntimeKind};
 
+/// mimalloc rather than the system allocator: every call's tasks and
+/// futures are allocated and freed, many of them above the size glibc
+/// serves from its per-thread cache (BENCHMARKS.md, "Allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "keystile", version, about = "API-key verification sidecar")]
 struct Cli {

@@ -103,10 +103,11 @@ pub trait RequestHeaders<'a> {
     /// with it (matched without case).
     fn names_with_prefix(&self, prefix: &'static str) -> impl Iterator<Item = &'a str>;
     /// Calls `each(i, value)` with every value of every header named
-    /// `names[i]` (given in lower case; matched without case). Front ends
-    /// that hold headers as a list read it once for all the names.
+    /// `names[i]` (given in lower case; matched without case; an empty
+    /// name matches nothing). Front ends that hold headers as a list read
+    /// it once for all the names.
     fn each_value_of(&self, names: &[&str], mut each: impl FnMut(usize, &'a str)) {
-        for (i, name) in names.iter().enumerate() {
+        for (i, name) in names.iter().enumerate().filter(|(_, n)| !n.is_empty()) {
             for value in self.values(name) {
                 each(i, value);
             }
@@ -171,8 +172,10 @@ impl CredentialSources {
             .collect();
         headers.each_value_of(&names, |i, v| match &self.0[i] {
             Source::Authorization => {
+                // Bare once more: `Bearer Bearer ks_…` is `ks_…`, as sent
+                // in `x-api-key`.
                 if let Some(credential) = from_authorization(v) {
-                    take(credential, i);
+                    take(bare(credential), i);
                 }
             }
             Source::Header(_) => take(bare(v), i),
@@ -260,7 +263,7 @@ mod tests {
     #[test]
     fn the_seed_conventions_are_found() {
         let s = CredentialSources::default();
-        let cases: [(Vec<(&str, &str)>, Found); 12] = [
+        let cases: [(Vec<(&str, &str)>, Found); 13] = [
             (vec![("Authorization", "Bearer ks_a")], Found::One("ks_a", 0b1)),
             (vec![("authorization", "bEaReR   ks_a ")], Found::One("ks_a", 0b1)),
             (vec![("Authorization", "ks_a")], Found::One("ks_a", 0b1)),
@@ -273,6 +276,7 @@ mod tests {
             (vec![("Authorization", "Bearerks_a")], Found::One("Bearerks_a", 0b1)),
             (vec![("x-api-key", " Bearer  ks_a"), ("authorization", "ks_a")], Found::One("ks_a", 0b11)),
             (vec![("x-api-key", "Token ks_a")], Found::One("Token ks_a", 0b10)),
+            (vec![("authorization", "Bearer Bearer ks_a"), ("x-api-key", "ks_a")], Found::One("ks_a", 0b11)),
         ];
         for (headers, want) in cases {
             assert_eq!(s.find(&Map(headers.clone()), ""), want, "{headers:?}");

@@ -323,6 +323,20 @@ async fn sigterm_under_load_fails_no_accepted_call() {
     assert!(total > 0, "the load ran");
 }
 
+/// The sidecar turns transparent huge pages off for itself at start, so a
+/// kernel that gives them to every process does not inflate the
+/// allocator's idle RSS (BENCHMARKS.md, "Allocator"). Kernels that do not
+/// report `THP_enabled` (before Linux 5.0) have nothing to check.
+#[test]
+fn the_sidecar_runs_without_transparent_huge_pages() {
+    let sidecar = Sidecar::start(&["--dev"], &[]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", sidecar.child.id())).unwrap();
+    if let Some(thp) = status.lines().find_map(|l| l.strip_prefix("THP_enabled:")) {
+        assert_eq!(thp.trim(), "0", "THP_enabled of the sidecar");
+    }
+    sidecar.terminate();
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status

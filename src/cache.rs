@@ -48,7 +48,38 @@ pub struct CachedKey {
     /// The unix second the key last registered for a usage flush (0 = not
     /// registered).
     pub counted_at: std::sync::atomic::AtomicI64,
+    /// Answer bytes a front end derives from this record alone, encoded on
+    /// the key's first answer and copied into every later one (the
+    /// ext_authz allow's identity headers and access-log metadata;
+    /// BENCHMARKS.md, "A Check's answer encoded once per key"). A changed
+    /// key is a new entry, so they cannot go stale; they are weighed with
+    /// the key ([`ENCODED_PARTS_BYTES`]).
+    pub encoded: std::sync::OnceLock<EncodedParts>,
 }
+
+/// Bytes encoded once for a cached key, in two parts that an answer
+/// writes at two places.
+pub struct EncodedParts {
+    bytes: Box<[u8]>,
+    split: usize,
+}
+
+impl EncodedParts {
+    /// The two parts, written one after the other into one buffer.
+    pub fn new(both: Vec<u8>, split: usize) -> EncodedParts {
+        assert!(split <= both.len(), "the split lies inside the bytes");
+        EncodedParts { bytes: both.into_boxed_slice(), split }
+    }
+
+    pub fn parts(&self) -> (&[u8], &[u8]) {
+        self.bytes.split_at(self.split)
+    }
+}
+
+/// What [`CachedKey::encoded`] may hold beyond the identity strings it
+/// repeats: the header and field names, tags and lengths (about 170 bytes
+/// for five headers and three fields) and the allocation's rounding.
+pub const ENCODED_PARTS_BYTES: usize = 224;
 
 /// How many outcomes a key's usage counts keep apart (`verdict::Outcome`).
 pub const OUTCOMES: usize = 13;
@@ -62,6 +93,7 @@ impl CachedKey {
             last_touch: std::sync::atomic::AtomicI64::new(0),
             counts: Default::default(),
             counted_at: std::sync::atomic::AtomicI64::new(0),
+            encoded: std::sync::OnceLock::new(),
         }
     }
 }
@@ -98,7 +130,15 @@ const NEGATIVE_SHARE: u64 = 8;
 impl CachedKey {
     /// Bytes this key is counted for in the cache's budget.
     pub fn weight(&self) -> usize {
-        std::mem::size_of::<CachedKey>() + self.record.heap_bytes() + ENTRY_OVERHEAD_BYTES
+        let r = &self.record;
+        // The identity strings once more, as [`CachedKey::encoded`] may
+        // hold them (key_id, tenant and env twice: as headers and as
+        // access-log fields).
+        let encoded = 2 * (r.key_id.as_str().len() + r.tenant.len() + r.env.as_str().len())
+            + r.scopes.iter().map(|s| s.len() + 1).sum::<usize>()
+            + r.kind.as_str().len()
+            + ENCODED_PARTS_BYTES;
+        std::mem::size_of::<CachedKey>() + r.heap_bytes() + encoded + ENTRY_OVERHEAD_BYTES
     }
 }
 

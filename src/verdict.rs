@@ -232,7 +232,38 @@ crate::secret::debug_without_key!(Request<'_>, "Request", [ip, scopes, tenant, c
 /// stripped (README, "Verdicts"). Every front end reads addresses this way.
 pub fn parse_ip(ip: &str) -> Option<IpAddr> {
     let ip = trim(ip);
+    if let Some(v4) = dotted_quad(ip.as_bytes()) {
+        return Some(IpAddr::V4(v4));
+    }
     ip.parse::<IpAddr>().or_else(|_| ip.parse::<std::net::SocketAddr>().map(|s| s.ip())).ok().map(|a| a.to_canonical())
+}
+
+/// An IPv4 address in the one form the standard parser accepts (four
+/// decimal octets of at most 255, no leading zero), read octet by octet:
+/// the address nearly every request carries, in about half the general
+/// parser's instructions. Anything else is `None` and goes to that parser.
+#[inline]
+fn dotted_quad(b: &[u8]) -> Option<std::net::Ipv4Addr> {
+    let digit = |c: u8| u32::from(c - b'0');
+    let mut octets = [0u8; 4];
+    let mut rest = b;
+    for (i, octet) in octets.iter_mut().enumerate() {
+        let (n, tail) = match rest {
+            [a @ b'1'..=b'9', b @ b'0'..=b'9', c @ b'0'..=b'9', tail @ ..] => {
+                (digit(*a) * 100 + digit(*b) * 10 + digit(*c), tail)
+            }
+            [a @ b'1'..=b'9', b @ b'0'..=b'9', tail @ ..] => (digit(*a) * 10 + digit(*b), tail),
+            [a @ b'0'..=b'9', tail @ ..] => (digit(*a), tail),
+            _ => return None,
+        };
+        *octet = u8::try_from(n).ok()?;
+        rest = match (i, tail) {
+            (3, []) => tail,
+            (0..3, [b'.', after @ ..]) => after,
+            _ => return None,
+        };
+    }
+    Some(std::net::Ipv4Addr::from(octets))
 }
 
 /// [`str::trim`], without its walk over Unicode characters when both ends
@@ -402,6 +433,20 @@ pub(crate) mod tests {
         proptest::proptest!(|(s in proptest::collection::vec(chars, 0..8))| {
             let s: String = s.into_iter().collect();
             proptest::prop_assert_eq!(trim(&s), s.trim());
+        });
+    }
+
+    /// The IPv4 fast path reads what the standard parser reads, and
+    /// nothing it refuses (leading zeros, a fifth octet, 256, blanks).
+    #[test]
+    fn a_dotted_quad_is_what_the_standard_parser_reads() {
+        for ip in ["0.0.0.0", "255.255.255.255", "203.0.113.9", "10.0.0.10", "01.2.3.4", "1.2.3.04", "1.2.3.256"] {
+            assert_eq!(dotted_quad(ip.as_bytes()), ip.parse().ok(), "{ip:?}");
+        }
+        let chars = proptest::sample::select(vec!['0', '1', '2', '5', '9', '.', ' ', ':', 'a']);
+        proptest::proptest!(proptest::test_runner::Config::with_cases(20_000), |(s in proptest::collection::vec(chars, 0..17))| {
+            let s: String = s.into_iter().collect();
+            proptest::prop_assert_eq!(dotted_quad(s.as_bytes()), s.parse::<std::net::Ipv4Addr>().ok(), "{:?}", s);
         });
     }
 

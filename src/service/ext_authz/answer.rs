@@ -15,6 +15,7 @@ use prost::bytes::BufMut;
 
 use smallvec::SmallVec;
 
+use crate::cache::EncodedParts;
 use crate::proxy::{Allow, Decision, Deny};
 use crate::service::protobuf::{
     Formatted, message, nested, string, string_always, string_always_len, string_len, uint, uint_len,
@@ -46,20 +47,28 @@ impl CheckAnswer {
             Decision::Allow(allow) => {
                 // status: OK, every field default, still present.
                 message(1, 0, buf);
+                // What the key alone decides, encoded once per cached key:
+                // a token's or a tier's scopes are the call's own.
+                let owned;
+                let (upstream, fields) = match &allow.verdict.key {
+                    Some(k) if allow.verdict.token_scopes.is_none() => {
+                        k.encoded.get_or_init(|| key_parts(allow)).parts()
+                    }
+                    _ => {
+                        owned = key_parts(allow);
+                        owned.parts()
+                    }
+                };
                 // The client's headers are formatted once (their lengths
-                // come first); the identity values are the key's strings.
+                // come first).
                 let mut response = SmallVec::<[(&'static str, Formatted); 6]>::new();
                 allow.each_response_header(|name, value| response.push((name, Formatted::new(value))));
-                let upstream = allow.identity_headers();
-                let upstream = upstream.iter().filter(|(_, v)| !v.is_empty());
-                let ok_len = upstream.clone().map(|(n, v)| nested(2, header_option_len(n, v.len()))).sum::<usize>()
+                let ok_len = upstream.len()
                     + allow.remove_upstream.iter().map(|n| string_always_len(5, n)).sum::<usize>()
                     + response.iter().map(|(n, v)| nested(6, header_option_len(n, v.as_bytes().len()))).sum::<usize>()
                     + allow.remove_query.iter().map(|n| string_always_len(8, n)).sum::<usize>();
                 message(3, ok_len, buf);
-                for (name, value) in upstream {
-                    header_option(2, name, value.len(), buf, |buf| value.each_piece(|p| buf.put_slice(p)));
-                }
+                buf.put_slice(upstream);
                 for name in &allow.remove_upstream {
                     string_always(5, name, buf);
                 }
@@ -70,15 +79,7 @@ impl CheckAnswer {
                 for name in &allow.remove_query {
                     string_always(8, name, buf);
                 }
-                let fields = metadata(allow);
-                message(4, fields.iter().map(|(k, v)| field_entry_len(k, v)).sum(), buf);
-                for (k, v) in fields {
-                    let value_len = string_always_len(3, v);
-                    message(1, string_len(1, k) + nested(2, value_len), buf);
-                    string(1, k, buf);
-                    message(2, value_len, buf);
-                    string_always(3, v, buf);
-                }
+                buf.put_slice(fields);
             }
             Decision::Deny(deny) => {
                 let code = deny_code(deny.status) as i32 as u64;
@@ -95,6 +96,28 @@ impl CheckAnswer {
             }
         }
     }
+}
+
+/// An allow's parts that its key alone decides: the identity headers for
+/// the upstream request (`OkHttpResponse.headers`, field 2 entries), then
+/// the access-log metadata (`CheckResponse.dynamic_metadata`, field 4, key
+/// and length included).
+fn key_parts(allow: &Allow) -> EncodedParts {
+    let mut buf = Vec::with_capacity(256);
+    for (name, value) in allow.upstream() {
+        header_option(2, name, value.len(), &mut buf, |buf| value.each_piece(|p| buf.put_slice(p)));
+    }
+    let split = buf.len();
+    let fields = metadata(allow);
+    message(4, fields.iter().map(|(k, v)| field_entry_len(k, v)).sum(), &mut buf);
+    for (k, v) in fields {
+        let value_len = string_always_len(3, v);
+        message(1, string_len(1, k) + nested(2, value_len), &mut buf);
+        string(1, k, &mut buf);
+        message(2, value_len, &mut buf);
+        string_always(3, v, &mut buf);
+    }
+    EncodedParts::new(buf, split)
 }
 
 /// The message prost would build for the same answer.
@@ -239,6 +262,42 @@ mod tests {
             CheckAnswer(decision).write(&mut written);
             assert_eq!(written.len(), built.encoded_len(), "{built:?}");
             assert_eq!(CheckResponse::decode(&written[..]).unwrap(), built);
+        }
+    }
+
+    /// A key's identity headers and access-log fields are encoded on its
+    /// first allow and copied into the later ones. A token's scopes are
+    /// that call's own: they are neither taken from the key's parts nor put
+    /// into them, whichever comes first.
+    #[test]
+    fn a_keys_parts_are_encoded_once_and_a_tokens_scopes_stay_its_own() {
+        let k = key("acme", &["read", "write"], &[], None);
+        let allow = |token: Option<&[&str]>| {
+            let mut verdict = Verdict::bare(Outcome::Valid);
+            verdict.key = Some(k.clone());
+            verdict.token_scopes = token.map(|t| t.iter().map(|s| s.to_string()).collect());
+            Decision::Allow(Allow { verdict, remove_upstream: SmallVec::new(), remove_query: vec![] })
+        };
+        let scopes = |response: &CheckResponse| match &response.http_response {
+            Some(HttpResponse::OkResponse(ok)) => ok
+                .headers
+                .iter()
+                .filter_map(|h| h.header.as_ref())
+                .find(|h| h.key == "x-keystile-scopes")
+                .map(|h| h.value.clone()),
+            _ => None,
+        };
+        let want = ["read", "read,write", "read,write", "read"];
+        let calls = [allow(Some(&["read"])), allow(None), allow(None), allow(Some(&["read"]))];
+        for (i, (decision, want)) in calls.into_iter().zip(want).enumerate() {
+            let built = to_check_response(decision.clone());
+            let mut written = Vec::new();
+            CheckAnswer(decision).write(&mut written);
+            let written = CheckResponse::decode(&written[..]).unwrap();
+            assert_eq!(written, built);
+            assert_eq!(scopes(&written).as_deref(), Some(want));
+            // The token's allow, first, leaves them empty.
+            assert_eq!(k.encoded.get().is_some(), i > 0, "call {i}");
         }
     }
 }

@@ -238,6 +238,17 @@ impl<'a> Iterator for Fields<'a> {
             self.0 = rest;
             return Some(Ok((u32::from(key >> 3), value)));
         }
+        // The same with a two-byte length (128 bytes to 16 KiB): the
+        // messages that hold the headers.
+        if let [key, low, high, rest @ ..] = self.0
+            && key & 0x87 == 2
+            && low & 0x80 != 0
+            && high & 0x80 == 0
+            && let Some((value, rest)) = rest.split_at_checked(usize::from(low & 0x7f) | usize::from(*high) << 7)
+        {
+            self.0 = rest;
+            return Some(Ok((u32::from(key >> 3), value)));
+        }
         if self.0.is_empty() {
             return None;
         }
@@ -387,9 +398,9 @@ mod tests {
         });
     }
 
-    /// The short-field shortcut of [`Fields`] reads what the general step
-    /// reads, field for field, error for error, on any bytes (biased
-    /// towards one-byte keys and lengths, where the shortcut applies).
+    /// The shortcuts of [`Fields`] read what the general step reads, field
+    /// for field, error for error, on any bytes (biased towards one-byte
+    /// keys and one- and two-byte lengths, where the shortcuts apply).
     #[test]
     fn fields_read_the_same_with_and_without_the_shortcut() {
         fn by_step(b: &[u8]) -> Vec<Result<(u32, Vec<u8>), &'static str>> {
@@ -401,9 +412,12 @@ mod tests {
             0u8..0x80,
             proptest::strategy::Just(0x0au8),
             proptest::strategy::Just(0x12u8),
-            proptest::strategy::Just(0x1au8)
+            proptest::strategy::Just(0x1au8),
+            // 0x81 0x01: a two-byte length, 129.
+            proptest::strategy::Just(0x81u8),
+            proptest::strategy::Just(0x01u8)
         ];
-        proptest::proptest!(|(bytes in proptest::collection::vec(byte, 0..300))| {
+        proptest::proptest!(|(bytes in proptest::collection::vec(byte, 0..400))| {
             let fast: Vec<_> = Fields(&bytes).map(|r| r.map(|(n, v)| (n, v.to_vec()))).collect();
             proptest::prop_assert_eq!(fast, by_step(&bytes));
         });

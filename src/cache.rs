@@ -53,7 +53,8 @@ pub struct CachedKey {
     /// ext_authz allow's identity headers and access-log metadata;
     /// BENCHMARKS.md, "A Check's answer encoded once per key"). A changed
     /// key is a new entry, so they cannot go stale; they are weighed with
-    /// the key ([`ENCODED_PARTS_BYTES`]).
+    /// the key when a front end that fills them is on
+    /// ([`CacheSettings::encoded_answers`]).
     pub encoded: std::sync::OnceLock<EncodedParts>,
 }
 
@@ -65,10 +66,19 @@ pub struct EncodedParts {
 }
 
 impl EncodedParts {
-    /// The two parts, written one after the other into one buffer.
-    pub fn new(both: Vec<u8>, split: usize) -> EncodedParts {
+    /// The two parts, written one after the other, kept in an allocation
+    /// of their size (a shrunk vector may keep its larger block).
+    pub fn new(both: &[u8], split: usize) -> EncodedParts {
         assert!(split <= both.len(), "the split lies inside the bytes");
-        EncodedParts { bytes: both.into_boxed_slice(), split }
+        EncodedParts { bytes: Box::from(both), split }
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
     }
 
     pub fn parts(&self) -> (&[u8], &[u8]) {
@@ -76,10 +86,21 @@ impl EncodedParts {
     }
 }
 
-/// What [`CachedKey::encoded`] may hold beyond the identity strings it
-/// repeats: the header and field names, tags and lengths (about 170 bytes
-/// for five headers and three fields) and the allocation's rounding.
-pub const ENCODED_PARTS_BYTES: usize = 224;
+/// What [`CachedKey::encoded`] holds beyond the identity strings it
+/// repeats, at most: five header names of up to 17 bytes and three field
+/// names of up to 6, with their keys and lengths (up to 12 bytes a header
+/// and 11 a field when a value is longer than 127 bytes).
+pub const ENCODED_PARTS_BYTES: usize = 5 * (17 + 12) + 3 * (6 + 11) + 3;
+
+/// The most [`CachedKey::encoded`] can hold for `r`: the identity strings
+/// (key_id, tenant and env twice, as headers and as access-log fields;
+/// the scopes joined by commas; the kind) and [`ENCODED_PARTS_BYTES`].
+pub fn encoded_parts_bound(r: &KeyRecord) -> usize {
+    2 * (r.key_id.as_str().len() + r.tenant.len() + r.env.as_str().len())
+        + r.scopes.iter().map(|s| s.len() + 1).sum::<usize>()
+        + r.kind.as_str().len()
+        + ENCODED_PARTS_BYTES
+}
 
 /// How many outcomes a key's usage counts keep apart (`verdict::Outcome`).
 pub const OUTCOMES: usize = 13;
@@ -128,17 +149,12 @@ pub const NEGATIVE_ENTRY_BYTES: u64 = 48;
 const NEGATIVE_SHARE: u64 = 8;
 
 impl CachedKey {
-    /// Bytes this key is counted for in the cache's budget.
-    pub fn weight(&self) -> usize {
-        let r = &self.record;
-        // The identity strings once more, as [`CachedKey::encoded`] may
-        // hold them (key_id, tenant and env twice: as headers and as
-        // access-log fields).
-        let encoded = 2 * (r.key_id.as_str().len() + r.tenant.len() + r.env.as_str().len())
-            + r.scopes.iter().map(|s| s.len() + 1).sum::<usize>()
-            + r.kind.as_str().len()
-            + ENCODED_PARTS_BYTES;
-        std::mem::size_of::<CachedKey>() + r.heap_bytes() + encoded + ENTRY_OVERHEAD_BYTES
+    /// Bytes this key is counted for in the cache's budget; with
+    /// `encoded_answers`, what [`CachedKey::encoded`] may come to hold too,
+    /// with the allocator's rounding (size classes a quarter apart).
+    pub fn weight(&self, encoded_answers: bool) -> usize {
+        let encoded = if encoded_answers { encoded_parts_bound(&self.record) * 5 / 4 + 16 } else { 0 };
+        std::mem::size_of::<CachedKey>() + self.record.heap_bytes() + encoded + ENTRY_OVERHEAD_BYTES
     }
 }
 
@@ -165,6 +181,9 @@ pub struct CacheSettings {
     /// Key_ids the known-key filter is sized for (README, forged keys);
     /// 0 = no filter, every unknown key_id reads the store.
     pub known_keys: usize,
+    /// Whether a front end encodes answer parts once per cached key
+    /// (`--ext-authz`): each key is then weighed with them.
+    pub encoded_answers: bool,
 }
 
 impl Default for CacheSettings {
@@ -177,6 +196,7 @@ impl Default for CacheSettings {
             max_bytes: DEFAULT_MAX_BYTES,
             feed_grace: Duration::from_secs(2),
             known_keys: 1_000_000,
+            encoded_answers: false,
         }
     }
 }
@@ -219,12 +239,15 @@ impl KeyCache {
         let positive_bytes = settings.max_bytes - negative_bytes;
         // The entry bound, as a least weight: `max_entries` entries fill
         // the byte budget even when each is smaller than that.
+        let encoded_answers = settings.encoded_answers;
         let least_weight = positive_bytes.div_ceil(settings.max_entries.max(1)).min(u32::MAX as u64) as u32;
         let max_negative = (negative_bytes / NEGATIVE_ENTRY_BYTES).min(settings.max_entries / NEGATIVE_SHARE);
         KeyCache {
             entries: moka::sync::Cache::builder()
                 .max_capacity(positive_bytes)
-                .weigher(move |_, entry: &Entry| (entry.key.weight().min(u32::MAX as usize) as u32).max(least_weight))
+                .weigher(move |_, entry: &Entry| {
+                    (entry.key.weight(encoded_answers).min(u32::MAX as usize) as u32).max(least_weight)
+                })
                 .eviction_listener(move |_, _, cause| {
                     if cause == moka::notification::RemovalCause::Size {
                         evictions.increment(1);
@@ -400,6 +423,7 @@ mod tests {
                 max_bytes: 1 << 20,
                 feed_grace: Duration::from_secs(2),
                 known_keys: 0,
+                encoded_answers: false,
             },
             clock.clone(),
             metrics::Counter::noop(),

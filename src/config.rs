@@ -941,6 +941,7 @@ impl ServeArgs {
                 max_bytes: cache_max_bytes.unwrap_or(crate::cache::DEFAULT_MAX_BYTES),
                 feed_grace: feed_grace.unwrap_or_default(),
                 known_keys,
+                encoded_answers: self.ext_authz,
             },
             default_rate_limit,
             limits,

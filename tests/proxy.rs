@@ -244,6 +244,61 @@ async fn ext_authz_allows_with_identity_and_denies_with_the_verdicts_status() {
     s.store.set_failing(false);
 }
 
+/// The identity an allow sends upstream is encoded once per cached key
+/// (BENCHMARKS.md, "A Check's answer encoded once per key"), so it must
+/// follow every change: a key's own scopes when the key is updated, a
+/// tier's when the tier is, on every Check after the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_authz_identity_follows_key_and_tier_changes() {
+    let s = setup(ProxySettings::default()).await;
+    let mut admin = s.server.admin().await;
+    let tier = |scopes: &[&str]| proto::SetTierRequest {
+        tenant: "acme".into(),
+        name: "premium".into(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+    };
+    admin.set_tier(tier(&["read:analytics"])).await.unwrap();
+    let held = |tiers: &[&str]| proto::CreateKeyRequest {
+        tenant: "acme".into(),
+        scopes: vec!["profile".into()],
+        tiers: tiers.iter().map(|s| s.to_string()).collect(),
+        ..create_req("acme app")
+    };
+    let (tiered, _) = create(&mut admin, held(&["premium"])).await;
+    let (plain, plain_rec) = create(&mut admin, held(&[])).await;
+    let server = &s.server;
+    let scopes_of = |key: String| async move {
+        let bearer = format!("Bearer {key}");
+        let r = check(server, check_request("GET", "api.example.com", "/v1/x", &[("authorization", &bearer)], &[]))
+            .await
+            .unwrap();
+        let Some(HttpResponse::OkResponse(ok)) = &r.http_response else { panic!("{r:?}") };
+        headers_of(&ok.headers)["x-keystile-scopes"].clone()
+    };
+    for _ in 0..2 {
+        assert_eq!(scopes_of(tiered.clone()).await, "profile,read:analytics");
+        assert_eq!(scopes_of(plain.clone()).await, "profile");
+    }
+    // Each change is seen by the next Checks: the store and the cache are
+    // in one process, so within a few milliseconds.
+    admin.set_tier(tier(&["read:analytics", "export:data"])).await.unwrap();
+    let update = proto::UpdateKeyRequest {
+        key_id: plain_rec.key_id.clone(),
+        scopes: Some(proto::StringList { values: vec!["profile".into(), "orders:write".into()] }),
+        ..Default::default()
+    };
+    admin.update_key(update).await.unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        let (t, p) = (scopes_of(tiered.clone()).await, scopes_of(plain.clone()).await);
+        if t == "profile,read:analytics,export:data" && p == "profile,orders:write" {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(2), "the changes reached ext_authz: {t:?}, {p:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ext_authz_has_its_own_size_cap_and_strips_credentials() {
     let s = setup(ProxySettings { strip_credential: true, ..routed() }).await;

@@ -117,7 +117,7 @@ fn key_parts(allow: &Allow) -> EncodedParts {
         message(2, value_len, &mut buf);
         string_always(3, v, &mut buf);
     }
-    EncodedParts::new(buf, split)
+    EncodedParts::new(&buf, split)
 }
 
 /// The message prost would build for the same answer.
@@ -262,6 +262,27 @@ mod tests {
             CheckAnswer(decision).write(&mut written);
             assert_eq!(written.len(), built.encoded_len(), "{built:?}");
             assert_eq!(CheckResponse::decode(&written[..]).unwrap(), built);
+        }
+    }
+
+    /// What a key's parts hold stays within what the cache weighs them
+    /// for, whatever the lengths: empty values, values past 127 bytes (two
+    /// bytes of length each), many scopes.
+    #[test]
+    fn a_keys_parts_stay_within_their_weight() {
+        let long_scopes: Vec<String> = (0..60).map(|i| format!("scope-number-{i:03}:read")).collect();
+        let long_scopes: Vec<&str> = long_scopes.iter().map(String::as_str).collect();
+        let tenant_300 = "t".repeat(300);
+        let cases: [(&str, &[&str]); 5] =
+            [("", &[]), ("acme", &["read"]), (&tenant_300, &["read", "write"]), ("acme", &long_scopes), ("", &[""])];
+        for (tenant, scopes) in cases {
+            let k = key(tenant, scopes, &[], None);
+            let mut verdict = Verdict::bare(Outcome::Valid);
+            verdict.key = Some(k.clone());
+            let parts = key_parts(&Allow { verdict, remove_upstream: SmallVec::new(), remove_query: vec![] });
+            let bound = crate::cache::encoded_parts_bound(&k.record);
+            assert!(parts.len() <= bound, "{} bytes, weighed for {bound} ({tenant:?}, {scopes:?})", parts.len());
+            assert!(k.weight(true) >= k.weight(false) + bound, "the weight counts the parts");
         }
     }
 

@@ -252,6 +252,23 @@ mod tests {
     }
 
     #[test]
+    fn a_prefix_is_matched_without_case_and_only_with_more_after_it() {
+        let prefix = crate::proxy::IDENTITY_PREFIX;
+        for (name, want) in [
+            ("x-keystile-tenant", true),
+            ("X-KeyStile-A", true),
+            ("x-keystile-", false),
+            ("x-keystilf-tenant", false),
+            ("x-keystil", false),
+            ("", false),
+            ("accept-encoding", false),
+            ("x-keystile\u{e9}-tenant", false),
+        ] {
+            assert_eq!(has_prefix(name.as_bytes(), prefix), want, "{name:?}");
+        }
+    }
+
+    #[test]
     fn sources_parse_and_report_every_problem() {
         let s: CredentialSources = "authorization, X-Api-Key ,query:api_key".parse().unwrap();
         assert_eq!(s.to_string(), "authorization,x-api-key,query:api_key");

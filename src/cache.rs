@@ -88,9 +88,10 @@ impl EncodedParts {
 
 /// What [`CachedKey::encoded`] holds beyond the identity strings it
 /// repeats, at most: five header names of up to 17 bytes and three field
-/// names of up to 6, with their keys and lengths (up to 12 bytes a header
-/// and 11 a field when a value is longer than 127 bytes).
-pub const ENCODED_PARTS_BYTES: usize = 5 * (17 + 12) + 3 * (6 + 11) + 3;
+/// names of up to 6, with their keys and lengths (up to 13 bytes a header
+/// and 11 a field when a value is longer than 127 bytes), and the
+/// metadata message's own key and length.
+pub const ENCODED_PARTS_BYTES: usize = 5 * (17 + 13) + 3 * (6 + 11) + 3;
 
 /// The most [`CachedKey::encoded`] can hold for `r`: the identity strings
 /// (key_id, tenant and env twice, as headers and as access-log fields;

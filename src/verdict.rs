@@ -240,8 +240,9 @@ pub fn parse_ip(ip: &str) -> Option<IpAddr> {
 
 /// An IPv4 address in the one form the standard parser accepts (four
 /// decimal octets of at most 255, no leading zero), read octet by octet:
-/// the address nearly every request carries, in about half the general
-/// parser's instructions. Anything else is `None` and goes to that parser.
+/// the address nearly every request carries, in about 135 instructions
+/// against the general parser's 230 (`benches/instructions_per_call.sh`'s
+/// profile). Anything else is `None` and goes to that parser.
 #[inline]
 fn dotted_quad(b: &[u8]) -> Option<std::net::Ipv4Addr> {
     let digit = |c: u8| u32::from(c - b'0');

@@ -3,6 +3,10 @@
 //! Fills a memory store with N keys, then verifies each once so that it is
 //! cached, and reports the growth of RSS between the two (the store's own
 //! copy is already counted before). `cargo bench --bench footprint [N ...]`
+//!
+//! With `FOOTPRINT_EXT_AUTHZ=1`, as under `--ext-authz`: each key is also
+//! written into an ext_authz allow once, which encodes the parts the cache
+//! keeps for it, and the cache weighs them (README, "Memory budget").
 
 use std::sync::Arc;
 
@@ -10,9 +14,11 @@ use keystile::app::App;
 use keystile::clock::Clock;
 use keystile::engine::EngineSettings;
 use keystile::key::{Env, KeyFormat, Pepper, PepperSet, generate};
+use keystile::proxy::{Allow, Decision};
+use keystile::service::ext_authz::CheckAnswer;
 use keystile::store::memory::MemoryStore;
 use keystile::store::{KeyRecord, KeyStore};
-use keystile::verdict::{Outcome, Request};
+use keystile::verdict::{Outcome, Request, Verdict};
 
 /// The binary's allocator (`src/main.rs`), so that the figures are its.
 #[global_allocator]
@@ -31,6 +37,7 @@ fn main() {
     let sizes: Vec<usize> =
         std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect::<Vec<_>>().into_iter().collect();
     let sizes = if sizes.is_empty() { vec![1_000, 100_000, 1_000_000] } else { sizes };
+    let ext_authz = std::env::var("FOOTPRINT_EXT_AUTHZ").is_ok_and(|v| v == "1");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     println!(
         "{:>10} {:>14} {:>14} {:>16} {:>16}",
@@ -77,6 +84,7 @@ fn main() {
         let mut settings = EngineSettings::new(peppers);
         settings.cache.max_entries = n as u64 * 1000;
         settings.cache.max_bytes = (n as u64 * 4096).max(1 << 20);
+        settings.cache.encoded_answers = ext_authz;
         let app = App::build(settings, store.clone(), Clock::system());
         let engine = app.engine.clone();
         let before = rss_kib();
@@ -84,9 +92,17 @@ fn main() {
             // A scope the keys lack: each key is looked up and cached, and
             // nothing else (no last-used entry) is kept for it.
             let scopes = ["not-granted".to_string()];
+            let mut answer = Vec::with_capacity(1024);
             for key in &keys {
                 let v = engine.verify(&Request { scopes: &scopes, ..Request::of_key(key) }).await.unwrap();
                 assert_eq!(v.outcome, Outcome::InsufficientScope);
+                if ext_authz {
+                    let mut verdict = Verdict::bare(Outcome::Valid);
+                    verdict.key = v.key;
+                    let allow = Allow { verdict, remove_upstream: Default::default(), remove_query: Vec::new() };
+                    CheckAnswer(Decision::Allow(allow)).write(&mut answer);
+                    answer.clear();
+                }
             }
         });
         let cached = app.records.cache().len();

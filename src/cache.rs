@@ -87,11 +87,19 @@ impl EncodedParts {
 }
 
 /// What [`CachedKey::encoded`] holds beyond the identity strings it
-/// repeats, at most: five header names of up to 17 bytes and three field
-/// names of up to 6, with their keys and lengths (up to 13 bytes a header
-/// and 11 a field when a value is longer than 127 bytes), and the
-/// metadata message's own key and length.
-pub const ENCODED_PARTS_BYTES: usize = 5 * (17 + 13) + 3 * (6 + 11) + 3;
+/// repeats, at most: the identity header names and the three access-log
+/// field names (`key_id`, `tenant`, `env`: 15 bytes), with their keys and
+/// lengths (up to 13 bytes a header and 11 a field when a value is longer
+/// than 127 bytes), and the metadata message's own key and length.
+pub const ENCODED_PARTS_BYTES: usize = {
+    let names = &crate::proxy::IDENTITY_HEADERS;
+    let (mut i, mut bytes) = (0, 0);
+    while i < names.len() {
+        bytes += names[i].len() + 13;
+        i += 1;
+    }
+    bytes + 15 + 3 * 11 + 3
+};
 
 /// The most [`CachedKey::encoded`] can hold for `r`: the identity strings
 /// (key_id, tenant and env twice, as headers and as access-log fields;
@@ -183,7 +191,8 @@ pub struct CacheSettings {
     /// 0 = no filter, every unknown key_id reads the store.
     pub known_keys: usize,
     /// Whether a front end encodes answer parts once per cached key
-    /// (`--ext-authz`): each key is then weighed with them.
+    /// (`--ext-authz`): each key is then weighed with them. A program that
+    /// writes ext_authz answers itself should set it too.
     pub encoded_answers: bool,
 }
 

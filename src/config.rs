@@ -1144,6 +1144,14 @@ mod tests {
         assert!(!c.summary().contains("Pepper("));
     }
 
+    /// Keys are weighed with the answer parts ext_authz keeps for them
+    /// only when ext_authz is served (README, "Memory budget").
+    #[test]
+    fn ext_authz_weighs_the_answer_parts_it_keeps() {
+        assert!(!args(&["--dev"]).validate().unwrap().engine.cache.encoded_answers);
+        assert!(args(&["--dev", "--ext-authz"]).validate().unwrap().engine.cache.encoded_answers);
+    }
+
     #[test]
     fn every_error_is_reported_at_once() {
         let errs = args(&[

@@ -36,7 +36,9 @@
 //! - [`cache`]: the key cache, bounded in bytes: positive and stale entries
 //!   in moka weighed by what each record holds, negative entries in their
 //!   own share purged as they expire, and the generation fence against
-//!   fill-after-revoke.
+//!   fill-after-revoke; a cached key also keeps the answer bytes ext_authz
+//!   derives from its record alone (`CachedKey::encoded`), weighed with it
+//!   under `--ext-authz`.
 //! - [`store`]: one [`store::KeyStore`] trait, the in-memory store
 //!   (`store/memory.rs`) and Redis (`store/redis/`: the store, named
 //!   scripts, the change-feed follower, the connection, the shared
@@ -72,8 +74,10 @@
 //!   [`metrics`]: the Prometheus instruments.
 //!
 //! The `keystile keys` / `tenants` CLI and `keystile bench` load generator
-//! live in the binary's own tree (`src/cli/`); fuzz targets and their seed
-//! corpus in `tests/fuzz.rs` and `fuzz/corpus/` (README, "Fuzzing").
+//! live in the binary's own tree (`src/cli/`); `src/main.rs` also sets
+//! the allocator (mimalloc) and turns transparent huge pages off; fuzz
+//! targets and their seed corpus are in `tests/fuzz.rs` and `fuzz/corpus/`
+//! (README, "Fuzzing").
 
 pub mod admin;
 pub mod app;

@@ -47,28 +47,32 @@ impl CheckAnswer {
             Decision::Allow(allow) => {
                 // status: OK, every field default, still present.
                 message(1, 0, buf);
-                // What the key alone decides, encoded once per cached key:
-                // a token's or a tier's scopes are the call's own.
-                let owned;
-                let (upstream, fields) = match &allow.verdict.key {
+                // What the key alone decides, encoded once per cached key.
+                // A token's or a tier's scopes are the call's own: written
+                // in place, as before, with nothing allocated.
+                let cached = match &allow.verdict.key {
                     Some(k) if allow.verdict.token_scopes.is_none() => {
-                        k.encoded.get_or_init(|| key_parts(allow)).parts()
+                        Some(k.encoded.get_or_init(|| key_parts(allow)).parts())
                     }
-                    _ => {
-                        owned = key_parts(allow);
-                        owned.parts()
-                    }
+                    _ => None,
+                };
+                let upstream_len = match cached {
+                    Some((upstream, _)) => upstream.len(),
+                    None => allow.upstream().map(|(n, v)| nested(2, header_option_len(n, v.len()))).sum(),
                 };
                 // The client's headers are formatted once (their lengths
                 // come first).
                 let mut response = SmallVec::<[(&'static str, Formatted); 6]>::new();
                 allow.each_response_header(|name, value| response.push((name, Formatted::new(value))));
-                let ok_len = upstream.len()
+                let ok_len = upstream_len
                     + allow.remove_upstream.iter().map(|n| string_always_len(5, n)).sum::<usize>()
                     + response.iter().map(|(n, v)| nested(6, header_option_len(n, v.as_bytes().len()))).sum::<usize>()
                     + allow.remove_query.iter().map(|n| string_always_len(8, n)).sum::<usize>();
                 message(3, ok_len, buf);
-                buf.put_slice(upstream);
+                match cached {
+                    Some((upstream, _)) => buf.put_slice(upstream),
+                    None => write_upstream(allow, buf),
+                }
                 for name in &allow.remove_upstream {
                     string_always(5, name, buf);
                 }
@@ -79,7 +83,10 @@ impl CheckAnswer {
                 for name in &allow.remove_query {
                     string_always(8, name, buf);
                 }
-                buf.put_slice(fields);
+                match cached {
+                    Some((_, fields)) => buf.put_slice(fields),
+                    None => write_metadata(allow, buf),
+                }
             }
             Decision::Deny(deny) => {
                 let code = deny_code(deny.status) as i32 as u64;
@@ -104,20 +111,30 @@ impl CheckAnswer {
 /// and length included).
 fn key_parts(allow: &Allow) -> EncodedParts {
     let mut buf = Vec::with_capacity(256);
-    for (name, value) in allow.upstream() {
-        header_option(2, name, value.len(), &mut buf, |buf| value.each_piece(|p| buf.put_slice(p)));
-    }
+    write_upstream(allow, &mut buf);
     let split = buf.len();
+    write_metadata(allow, &mut buf);
+    EncodedParts::new(&buf, split)
+}
+
+/// The identity headers for the upstream request, as field 2 entries.
+fn write_upstream(allow: &Allow, buf: &mut impl BufMut) {
+    for (name, value) in allow.upstream() {
+        header_option(2, name, value.len(), buf, |buf| value.each_piece(|p| buf.put_slice(p)));
+    }
+}
+
+/// The access-log metadata, field 4 with its key and length.
+fn write_metadata(allow: &Allow, buf: &mut impl BufMut) {
     let fields = metadata(allow);
-    message(4, fields.iter().map(|(k, v)| field_entry_len(k, v)).sum(), &mut buf);
+    message(4, fields.iter().map(|(k, v)| field_entry_len(k, v)).sum(), buf);
     for (k, v) in fields {
         let value_len = string_always_len(3, v);
-        message(1, string_len(1, k) + nested(2, value_len), &mut buf);
-        string(1, k, &mut buf);
-        message(2, value_len, &mut buf);
-        string_always(3, v, &mut buf);
+        message(1, string_len(1, k) + nested(2, value_len), buf);
+        string(1, k, buf);
+        message(2, value_len, buf);
+        string_always(3, v, buf);
     }
-    EncodedParts::new(&buf, split)
 }
 
 /// The message prost would build for the same answer.

@@ -251,6 +251,15 @@ mod tests {
             let pairs: Vec<(&[u8], &[u8])> = headers.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())).collect();
             assert_eq!(sources.find(&CheckHeaders(&pairs), query), want, "{headers:?} {query}");
         }
+        // A name of 64 bytes (the longest a source may have) shares its
+        // bit of the length mask with an empty one: the empty header never
+        // matches, the name does, in any case.
+        let long = format!("x-{}", "k".repeat(62));
+        let sources: CredentialSources = long.parse().unwrap();
+        let short: &[u8] = b"";
+        let upper = long.to_uppercase();
+        let pairs: [(&[u8], &[u8]); 2] = [(short, b"ks_a"), (upper.as_bytes(), b"ks_b")];
+        assert_eq!(sources.find(&CheckHeaders(&pairs), ""), Found::One("ks_b", 0b1));
     }
 
     fn size_of<F>(_: &F) -> usize {

@@ -20,7 +20,7 @@ use keystile::engine::EngineSettings;
 use keystile::key::{Pepper, PepperSet};
 use keystile::service::ext_authz::{ExtAuthzService, wire};
 use keystile::store::memory::MemoryStore;
-use keystile::verdict::Request;
+use keystile::verdict::{Request, Words};
 use prost::Message;
 
 /// The binary's allocator (`src/main.rs`), so that the figures are its.
@@ -80,7 +80,8 @@ fn benches(c: &mut Criterion) {
         KeySpec { name: "bench".into(), env: "live".into(), scopes: vec!["api:read".into()], ..Default::default() };
     let key = rt.block_on(app.admin.create(spec, &Actor::deployment())).unwrap().key.expose().to_string();
     let scopes = vec!["api:read".to_string()];
-    let verify = Request { ip: Some("203.0.113.9".parse().unwrap()), scopes: &scopes, ..Request::of_key(&key) };
+    let verify =
+        Request { ip: Some("203.0.113.9".parse().unwrap()), scopes: Words::Owned(&scopes), ..Request::of_key(&key) };
     assert!(rt.block_on(app.engine.verify(&verify)).unwrap().is_valid());
     c.bench_function("ext_authz_verify_same_key", |b| {
         b.to_async(&rt).iter(|| async { app.engine.verify(black_box(&verify)).await.unwrap().is_valid() })

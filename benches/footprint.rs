@@ -18,7 +18,7 @@ use keystile::proxy::{Allow, Decision};
 use keystile::service::ext_authz::CheckAnswer;
 use keystile::store::memory::MemoryStore;
 use keystile::store::{KeyRecord, KeyStore};
-use keystile::verdict::{Outcome, Request, Verdict};
+use keystile::verdict::{Outcome, Request, Verdict, Words};
 
 /// The binary's allocator (`src/main.rs`), so that the figures are its.
 #[global_allocator]
@@ -94,7 +94,8 @@ fn main() {
             let scopes = ["not-granted".to_string()];
             let mut answer = Vec::with_capacity(1024);
             for key in &keys {
-                let v = engine.verify(&Request { scopes: &scopes, ..Request::of_key(key) }).await.unwrap();
+                let v =
+                    engine.verify(&Request { scopes: Words::Owned(&scopes), ..Request::of_key(key) }).await.unwrap();
                 assert_eq!(v.outcome, Outcome::InsufficientScope);
                 if ext_authz {
                     let mut verdict = Verdict::bare(Outcome::Valid);

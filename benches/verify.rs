@@ -15,7 +15,7 @@ use keystile::engine::EngineSettings;
 use keystile::key::{Env, KeyFormat, Pepper, PepperSet, generate};
 use keystile::store::RateLimitPolicy;
 use keystile::store::memory::MemoryStore;
-use keystile::verdict::Request;
+use keystile::verdict::{Request, Words};
 
 /// The binary's allocator (`src/main.rs`), so that the figures are its.
 #[global_allocator]
@@ -54,7 +54,7 @@ fn benches(c: &mut Criterion) {
     ));
     let key = minted.unwrap().key.expose().to_string();
     let scopes = vec!["read".to_string()];
-    let hit = Request { ip: Some("10.1.2.3".parse().unwrap()), scopes: &scopes, ..Request::of_key(&key) };
+    let hit = Request { ip: Some("10.1.2.3".parse().unwrap()), scopes: Words::Owned(&scopes), ..Request::of_key(&key) };
     assert!(rt.block_on(engine.verify(&hit)).unwrap().is_valid());
     c.bench_function("verify_cache_hit_scopes_ip_limit", |b| {
         b.to_async(&rt).iter(|| async { engine.verify(black_box(&hit)).await.unwrap().is_valid() })

@@ -15,7 +15,7 @@ use crate::cache::CachedKey;
 use crate::clock::Clock;
 use crate::engine::Engine;
 use crate::limit::shedder::FailureShedder;
-use crate::verdict::{Mode, Outcome, Request};
+use crate::verdict::{Mode, Outcome, Request, Words};
 
 /// The scope that admits a key to KeyAdmin.
 pub const ADMIN_SCOPE: &str = "keystile:admin";
@@ -124,8 +124,13 @@ impl Authenticator {
         peer: Option<IpAddr>,
     ) -> Result<(Arc<CachedKey>, Vec<String>), AuthError> {
         let scopes = [crate::token::exchange::EXCHANGE_SCOPE.to_string()];
-        let request =
-            Request { ip: peer, scopes: &scopes, mode: Mode::Exchange, owner_email: email, ..Request::of_key(secret) };
+        let request = Request {
+            ip: peer,
+            scopes: Words::Owned(&scopes),
+            mode: Mode::Exchange,
+            owner_email: email,
+            ..Request::of_key(secret)
+        };
         let verdict = self.valid(&request, "the key lacks the token:exchange scope", "the key is not valid").await?;
         let granted = verdict.granted_scopes().to_vec();
         Ok((verdict.key.expect("a valid verdict names its key"), granted))

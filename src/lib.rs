@@ -51,7 +51,8 @@
 //!   conversions, the one error → status map, the size cap, the RPC span
 //!   layer, the process-wide limits on connections and calls
 //!   (`service/load.rs`) and fairness between connections
-//!   (`service/fairness.rs`); answers written straight from the verdict
+//!   (`service/fairness.rs`); Verify's request read in place
+//!   (`service/verify_request.rs`); answers written straight from the verdict
 //!   (`service/verify_answer.rs`, `service/ext_authz/answer.rs`, their
 //!   shared protobuf rules in `service/protobuf.rs`, the server of one
 //!   unary method both run on, framed without tonic's streaming codec, in

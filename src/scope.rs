@@ -20,8 +20,8 @@ pub fn grants(granted: &str, wanted: &str, allow_star: bool) -> bool {
 
 /// Whether every requested scope is satisfied by one of the granted ones.
 #[inline]
-pub fn all_granted(granted: &[String], wanted: &[String], allow_star: bool) -> bool {
-    wanted.iter().all(|w| granted.iter().any(|g| grants(g, w, allow_star)))
+pub fn all_granted<'w>(granted: &[String], wanted: impl IntoIterator<Item = &'w str>, allow_star: bool) -> bool {
+    wanted.into_iter().all(|w| granted.iter().any(|g| grants(g, w, allow_star)))
 }
 
 /// Whether a requested scope is one a publishable key may answer for

@@ -174,7 +174,7 @@ pub struct Request<'a> {
     pub key: &'a str,
     /// The end client's address, already canonical (IPv4-mapped → IPv4).
     pub ip: Option<IpAddr>,
-    pub scopes: &'a [String],
+    pub scopes: Words<'a>,
     /// Empty = any tenant.
     pub tenant: &'a str,
     /// Rate-limit cells to take; at least 1.
@@ -182,7 +182,7 @@ pub struct Request<'a> {
     /// The named limits this request counts against; empty = the key's
     /// automatic ones (README, "Rate limits"). Valid names, checked at the
     /// front end.
-    pub limits: &'a [String],
+    pub limits: Words<'a>,
     /// What the credential is presented as.
     pub mode: Mode,
     /// For an exchange: the email the caller named; a key whose owner is an
@@ -192,6 +192,64 @@ pub struct Request<'a> {
     /// The browser's `Origin` (`scheme://host[:port]`), for publishable keys
     /// with an origin allowlist; empty = none.
     pub origin: &'a str,
+}
+
+/// A list of words a request names (its scopes, its limit names), as the
+/// front end holds them: owned strings (a parsed JSON body, a route), or
+/// slices of the request's own bytes (Verify's, read in place: README,
+/// "Performance"), so that neither is copied to be asked.
+#[derive(Clone, Copy)]
+pub enum Words<'a> {
+    Owned(&'a [String]),
+    Borrowed(&'a [&'a str]),
+}
+
+impl<'a> Words<'a> {
+    /// No words.
+    pub const NONE: Words<'static> = Words::Borrowed(&[]);
+
+    pub fn len(self) -> usize {
+        match self {
+            Words::Owned(w) => w.len(),
+            Words::Borrowed(w) => w.len(),
+        }
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn iter(self) -> impl Iterator<Item = &'a str> + Clone {
+        let (owned, borrowed): (&'a [String], &'a [&'a str]) = match self {
+            Words::Owned(w) => (w, &[]),
+            Words::Borrowed(w) => (&[], w),
+        };
+        owned.iter().map(String::as_str).chain(borrowed.iter().copied())
+    }
+}
+
+impl<'a> From<&'a [String]> for Words<'a> {
+    fn from(w: &'a [String]) -> Self {
+        Words::Owned(w)
+    }
+}
+
+impl<'a> From<&'a Vec<String>> for Words<'a> {
+    fn from(w: &'a Vec<String>) -> Self {
+        Words::Owned(w)
+    }
+}
+
+impl<'a> From<&'a [&'a str]> for Words<'a> {
+    fn from(w: &'a [&'a str]) -> Self {
+        Words::Borrowed(w)
+    }
+}
+
+impl std::fmt::Debug for Words<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
 }
 
 /// What a credential is presented as (README, "Token exchange").
@@ -214,10 +272,10 @@ impl<'a> Request<'a> {
         Request {
             key,
             ip: None,
-            scopes: &[],
+            scopes: Words::NONE,
             tenant: "",
             cost: 1,
-            limits: &[],
+            limits: Words::NONE,
             mode: Mode::Bearer,
             owner_email: "",
             origin: "",

@@ -175,12 +175,21 @@ fn key_parser(input: &[u8]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-/// A Verify request as the gRPC front end receives it: bytes that decode
-/// are converted at the edge and run through the engine; the answer is a
-/// verdict (the memory store cannot fail), and only the fuzzed key the
-/// fixture made can be VALID.
+/// A Verify request as the gRPC front end receives it: read in place
+/// (keystile's reader refuses exactly what prost refuses), converted at the
+/// edge and run through the engine; the answer is a verdict (the memory
+/// store cannot fail), and only the fuzzed key the fixture made can be
+/// VALID.
 fn verify_request(input: &[u8]) -> Result<(), TestCaseError> {
-    let Ok(req) = proto::VerifyRequest::decode(input) else { return Ok(()) };
+    use keystile::limit::named::MAX_REQUESTED;
+    use keystile::service::verifier::MAX_SCOPES;
+    let raw = keystile::service::verify_request::RawVerify(bytes::Bytes::copy_from_slice(input));
+    let decoded = proto::VerifyRequest::decode(input);
+    let Ok(req) = raw.view(MAX_SCOPES, MAX_REQUESTED) else {
+        prop_assert!(decoded.is_err(), "prost decodes a request keystile refuses");
+        return Ok(());
+    };
+    prop_assert!(decoded.is_ok(), "keystile reads a request prost refuses");
     let Ok(request) = keystile::verdict::Request::try_from(&req) else { return Ok(()) };
     let f = fixture();
     let verdict = f.rt.block_on(f.app.engine.verify(&request));

@@ -200,7 +200,7 @@ impl Engine {
         // here, before the cache or the store, whatever the key_id.
         if let Some(p) = &presented
             && p.kind == KeyKind::Publishable
-            && (req.mode != Mode::Bearer || !req.scopes.iter().all(|s| crate::scope::is_public(s)))
+            && (req.mode != Mode::Bearer || !req.scopes.iter().all(crate::scope::is_public))
         {
             return Ok(Verdict::bare(Outcome::InsufficientScope));
         }
@@ -333,8 +333,10 @@ impl Engine {
             Outcome::IpNotAllowed
         } else if !record.allowed_origins.is_empty() && !crate::origin::allowed(&record.allowed_origins, req.origin) {
             Outcome::OriginNotAllowed
-        } else if !crate::scope::all_granted(granted, req.scopes, self.allow_star_scope)
-            || token.as_ref().is_some_and(|t| !crate::scope::all_granted(&t.scopes, req.scopes, self.allow_star_scope))
+        } else if !crate::scope::all_granted(granted, req.scopes.iter(), self.allow_star_scope)
+            || token
+                .as_ref()
+                .is_some_and(|t| !crate::scope::all_granted(&t.scopes, req.scopes.iter(), self.allow_star_scope))
         {
             Outcome::InsufficientScope
         } else {
@@ -348,8 +350,7 @@ impl Engine {
         // For a key with tiers: its scopes and its tiers'.
         let token_scopes = match &token {
             Some(t) => {
-                let held =
-                    |s: &String| crate::scope::all_granted(granted, std::slice::from_ref(s), self.allow_star_scope);
+                let held = |s: &String| crate::scope::all_granted(granted, [s.as_str()], self.allow_star_scope);
                 Some(if t.scopes.iter().all(held) {
                     t.scopes.clone()
                 } else {

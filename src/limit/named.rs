@@ -10,6 +10,7 @@ use std::fmt;
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
 use super::RateLimitPolicy;
+use crate::verdict::Words;
 
 /// Longest limit name.
 pub const MAX_NAME: usize = 32;
@@ -243,7 +244,7 @@ impl fmt::Display for LimitSpec {
 ///   auto-apply: a key can switch a tenant's automatic limit off by
 ///   redefining it).
 pub fn applicable<A: smallvec::Array<Item = LimitSpec>>(
-    requested: &[String],
+    requested: Words<'_>,
     layers: [&[LimitSpec]; 3],
     legacy: Option<LimitSpec>,
     out: &mut smallvec::SmallVec<A>,
@@ -332,17 +333,17 @@ mod tests {
         ];
         let deployment = [spec("export=10/60s,auto")];
         let mut out = smallvec::SmallVec::<[LimitSpec; 4]>::new();
-        applicable(&[], [&key, &tenant, &deployment], None, &mut out);
+        applicable(Words::NONE, [&key, &tenant, &deployment], None, &mut out);
         assert_eq!(names(&out), ["integration=50/60s,auto", "analytics=100/60s@tenant,auto", "export=10/60s,auto"]);
 
         out.clear();
         let named = ["admin".to_string(), "missing".to_string(), "admin".to_string()];
-        applicable(&named, [&key, &tenant, &deployment], None, &mut out);
+        applicable(Words::from(&named[..]), [&key, &tenant, &deployment], None, &mut out);
         assert_eq!(names(&out), ["admin=500/60s@tenant"], "named: applied even if not auto; unknown names skipped");
 
         out.clear();
         let off = [spec("analytics=100/60s@tenant")];
-        applicable(&[], [&off, &tenant, &[]], None, &mut out);
+        applicable(Words::NONE, [&off, &tenant, &[]], None, &mut out);
         assert_eq!(
             names(&out),
             ["integration=1000/60s@tenant,auto"],
@@ -351,7 +352,7 @@ mod tests {
 
         out.clear();
         let legacy = LimitSpec::from_legacy(&"10/1s".parse().unwrap());
-        applicable(&[], [&[], &[], &[spec("default=99/1s,auto")]], Some(legacy), &mut out);
+        applicable(Words::NONE, [&[], &[], &[spec("default=99/1s,auto")]], Some(legacy), &mut out);
         assert_eq!(names(&out), ["default=10/1s,auto"], "a key's rate_limit is its `default` limit");
     }
 }

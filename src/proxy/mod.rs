@@ -24,7 +24,7 @@ use smallvec::SmallVec;
 
 use crate::engine::Engine;
 use crate::limit::LimitName;
-use crate::verdict::{self, Outcome, Request, Verdict};
+use crate::verdict::{self, Outcome, Request, Verdict, Words};
 pub use body::ErrorBody;
 pub use credentials::{CredentialSources, Found, RequestHeaders, Source};
 pub use routes::RouteTable;
@@ -399,9 +399,9 @@ impl Gate {
     pub async fn decide(&self, asked: Asked<'_>) -> Result<Decision, Deny> {
         let request = Request {
             ip: asked.ip,
-            scopes: &asked.scopes,
+            scopes: Words::Owned(&asked.scopes),
             tenant: asked.tenant,
-            limits: &asked.limits,
+            limits: Words::Owned(&asked.limits),
             origin: asked.origin,
             ..Request::of_key(asked.credential)
         };

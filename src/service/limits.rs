@@ -30,7 +30,7 @@ use super::MAX_REQUEST_BYTES;
 
 const OUT_OF_RANGE: &str = "11";
 const INTERNAL: &str = "13";
-const UNDECODABLE: HeaderValue = HeaderValue::from_static("the request is not a valid message of this method");
+const UNDECODABLE: HeaderValue = HeaderValue::from_static(super::status::UNDECODABLE);
 const INVALID_ARGUMENT: HeaderValue = HeaderValue::from_static("3");
 const TOO_LARGE: HeaderValue = HeaderValue::from_static("the request message is larger than 16 KiB");
 

@@ -16,6 +16,7 @@ pub mod status;
 pub mod unary;
 pub mod verifier;
 pub mod verify_answer;
+pub mod verify_request;
 
 /// Largest request message any service accepts (README, "Verdicts").
 pub const MAX_REQUEST_BYTES: usize = 16 * 1024;

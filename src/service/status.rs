@@ -45,6 +45,15 @@ pub fn from_exchange(e: &ExchangeError) -> Status {
     Status::new(code, e.to_string())
 }
 
+/// What a caller is told of a request that is not the message its method
+/// takes (a front end that reads its request itself, or tonic's decoder
+/// through `limits.rs`): the caller's mistake, `INVALID_ARGUMENT`.
+pub const UNDECODABLE: &str = "the request is not a valid message of this method";
+
+pub fn undecodable() -> Status {
+    Status::invalid_argument(UNDECODABLE)
+}
+
 /// `INVALID_ARGUMENT` for a request that breaks a limit.
 pub fn invalid(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg)

@@ -15,15 +15,17 @@ use prost::bytes::{Bytes, BytesMut};
 
 use super::unary::{UnaryCodec, UnaryServer};
 use super::verify_answer::VerifyAnswer;
+use super::verify_request::{RawVerify, VerifyView};
 
 use super::status;
 use crate::engine::Engine;
 use crate::limit::LimitName;
 use crate::limit::named::MAX_REQUESTED;
 use crate::proto;
-use crate::verdict::{self, Outcome, Verdict};
+use crate::verdict::{self, Outcome, Verdict, Words};
 
-const MAX_SCOPES: usize = 64;
+/// Most scopes one request may ask for.
+pub const MAX_SCOPES: usize = 64;
 const MAX_SCOPE_LEN: usize = 128;
 const MAX_TENANT_LEN: usize = 128;
 /// Longest `origin` (a scheme, a DNS name and a port fit well within it).
@@ -47,10 +49,10 @@ impl VerifierService {
 
 pub use crate::verdict::parse_ip;
 
-impl<'a> TryFrom<&'a proto::VerifyRequest> for verdict::Request<'a> {
+impl<'a> TryFrom<&'a VerifyView<'_>> for verdict::Request<'a> {
     type Error = Status;
 
-    fn try_from(r: &'a proto::VerifyRequest) -> Result<Self, Status> {
+    fn try_from(r: &'a VerifyView<'_>) -> Result<Self, Status> {
         if r.scopes.len() > MAX_SCOPES {
             return Err(status::invalid(format!("at most {MAX_SCOPES} scopes per request")));
         }
@@ -73,15 +75,15 @@ impl<'a> TryFrom<&'a proto::VerifyRequest> for verdict::Request<'a> {
             return Err(status::invalid(format!("tenant is longer than {MAX_TENANT_LEN} bytes")));
         }
         Ok(verdict::Request {
-            key: &r.key,
-            ip: parse_ip(&r.ip),
-            scopes: &r.scopes,
-            tenant: &r.tenant,
+            key: r.key,
+            ip: parse_ip(r.ip),
+            scopes: Words::Borrowed(&r.scopes),
+            tenant: r.tenant,
             cost: r.cost.unwrap_or(1).max(1),
-            limits: &r.limits,
+            limits: Words::Borrowed(&r.limits),
             mode: verdict::Mode::Bearer,
             owner_email: "",
-            origin: &r.origin,
+            origin: r.origin,
         })
     }
 }
@@ -163,8 +165,9 @@ pub fn to_response(verdict: &Verdict, now_unix: i64) -> proto::VerifyResponse {
 }
 
 impl VerifierService {
-    async fn verify(&self, request: Request<proto::VerifyRequest>) -> Result<Response<VerifyAnswer>, Status> {
-        let msg = request.into_inner();
+    async fn verify(&self, request: Request<RawVerify>) -> Result<Response<VerifyAnswer>, Status> {
+        let raw = request.into_inner();
+        let msg = raw.view(MAX_SCOPES, MAX_REQUESTED).map_err(|_| status::undecodable())?;
         let req = verdict::Request::try_from(&msg)?;
         let verdict = self.engine.verify(&req).await.map_err(|e| status::from_verify(&e))?;
         if crate::telemetry::traces_enabled() {
@@ -185,16 +188,15 @@ impl VerifierService {
 pub const SERVICE_NAME: &str = "keystile.v1.Verifier";
 const VERIFY_PATH: &str = "/keystile.v1.Verifier/Verify";
 
-/// `VerifyRequest` in (prost), [`VerifyAnswer`] out.
+/// `VerifyRequest` in (read in place by the handler), [`VerifyAnswer`] out.
 pub struct VerifyCodec;
 
 impl UnaryCodec for VerifyCodec {
-    type Request = proto::VerifyRequest;
+    type Request = RawVerify;
     type Answer = VerifyAnswer;
 
-    fn decode(message: Bytes) -> Result<proto::VerifyRequest, Status> {
-        use prost::Message;
-        proto::VerifyRequest::decode(message).map_err(|e| Status::internal(e.to_string()))
+    fn decode(message: Bytes) -> Result<RawVerify, Status> {
+        Ok(RawVerify(message))
     }
 
     /// An answer with a key, its scopes and three named limits is about
@@ -218,11 +220,11 @@ impl tonic::server::NamedService for VerifierServer {
 #[derive(Clone)]
 pub struct VerifyCall(Arc<VerifierService>);
 
-impl tonic::server::UnaryService<proto::VerifyRequest> for VerifyCall {
+impl tonic::server::UnaryService<RawVerify> for VerifyCall {
     type Response = VerifyAnswer;
     type Future = BoxFuture<Response<VerifyAnswer>, Status>;
 
-    fn call(&mut self, request: Request<proto::VerifyRequest>) -> Self::Future {
+    fn call(&mut self, request: Request<RawVerify>) -> Self::Future {
         let inner = self.0.clone();
         Box::pin(async move { inner.verify(request).await })
     }

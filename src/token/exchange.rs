@@ -113,7 +113,7 @@ pub async fn exchange(
         granted
     } else {
         for s in req.scopes {
-            if !crate::scope::all_granted(&granted, std::slice::from_ref(s), auth.allow_star_scope()) {
+            if !crate::scope::all_granted(&granted, [s.as_str()], auth.allow_star_scope()) {
                 return Err(ExchangeError::Forbidden("a requested scope is not granted to the key"));
             }
         }

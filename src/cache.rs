@@ -56,6 +56,33 @@ pub struct CachedKey {
     /// the key when a front end that fills them is on
     /// ([`CacheSettings::encoded_answers`]).
     pub encoded: std::sync::OnceLock<EncodedParts>,
+    /// For a key with tiers: its scopes merged with its tiers' (README,
+    /// "Tiers"), kept with the policies they were merged from; `None` for
+    /// a key without tiers, which has nothing to merge.
+    tier_scopes: Option<Box<std::sync::Mutex<Option<TierScopes>>>>,
+}
+
+/// A key's scopes merged with its tiers', and the numbers of the policy
+/// views (the tenant's, the deployment's) they were merged from. A view is
+/// never changed, only replaced by a new one with a new number, so a merge
+/// is current while both numbers are those of the views at hand.
+struct TierScopes {
+    from: [u64; 2],
+    scopes: Arc<[String]>,
+}
+
+/// The most a key's merged tier scopes are kept for (their strings,
+/// rounded as [`KeyRecord::heap_bytes`] rounds, and the list): a larger
+/// merge is made again on each call instead, so that what a key with tiers
+/// may hold is known when it is weighed.
+pub const TIER_SCOPES_KEPT_BYTES: usize = 512;
+
+/// The boxed slot of a key with tiers, rounded to the allocator's class.
+const TIER_SCOPES_SLOT_BYTES: usize = std::mem::size_of::<std::sync::Mutex<Option<TierScopes>>>().next_multiple_of(16);
+
+fn tier_scopes_bytes(scopes: &[String]) -> usize {
+    16 + std::mem::size_of_val(scopes).next_multiple_of(16)
+        + scopes.iter().map(|s| s.len().next_multiple_of(16)).sum::<usize>()
 }
 
 /// Bytes encoded once for a cached key, in two parts that an answer
@@ -117,6 +144,7 @@ pub const OUTCOMES: usize = 13;
 impl CachedKey {
     pub fn new(record: KeyRecord) -> CachedKey {
         let tenant_tag = (!record.tenant.is_empty()).then(|| crate::limit::tenant_tag(&record.tenant));
+        let tiered = !record.tiers.is_empty();
         CachedKey {
             record,
             tenant_tag,
@@ -124,7 +152,27 @@ impl CachedKey {
             counts: Default::default(),
             counted_at: std::sync::atomic::AtomicI64::new(0),
             encoded: std::sync::OnceLock::new(),
+            tier_scopes: tiered.then(Default::default),
         }
+    }
+
+    /// The key's scopes merged with its tiers' from the policy views
+    /// numbered `from`: the merge kept for those same views, else `merge()`
+    /// (kept when it is at most [`TIER_SCOPES_KEPT_BYTES`]). A cached key
+    /// with tiers so merges once per policy it is checked against, not on
+    /// every call (BENCHMARKS.md, "Verify's request read in place, one
+    /// codegen unit").
+    pub fn tier_scopes(&self, from: [u64; 2], merge: impl FnOnce() -> Vec<String>) -> Arc<[String]> {
+        let Some(slot) = &self.tier_scopes else { return merge().into() };
+        let lock = || slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(kept) = lock().as_ref().filter(|k| k.from == from) {
+            return kept.scopes.clone();
+        }
+        let scopes: Arc<[String]> = merge().into();
+        if tier_scopes_bytes(&scopes) <= TIER_SCOPES_KEPT_BYTES {
+            *lock() = Some(TierScopes { from, scopes: scopes.clone() });
+        }
+        scopes
     }
 }
 
@@ -163,7 +211,11 @@ impl CachedKey {
     /// with the allocator's rounding (size classes a quarter apart).
     pub fn weight(&self, encoded_answers: bool) -> usize {
         let encoded = if encoded_answers { encoded_parts_bound(&self.record) * 5 / 4 + 16 } else { 0 };
-        std::mem::size_of::<CachedKey>() + self.record.heap_bytes() + encoded + ENTRY_OVERHEAD_BYTES
+        let tier_scopes = match self.tier_scopes {
+            Some(_) => TIER_SCOPES_SLOT_BYTES + TIER_SCOPES_KEPT_BYTES,
+            None => 0,
+        };
+        std::mem::size_of::<CachedKey>() + self.record.heap_bytes() + encoded + tier_scopes + ENTRY_OVERHEAD_BYTES
     }
 }
 
@@ -463,6 +515,50 @@ mod tests {
     fn sized(clock: &Clock, max_bytes: u64, max_entries: u64) -> KeyCache {
         let settings = CacheSettings { max_bytes, max_entries, known_keys: 0, ..CacheSettings::default() };
         KeyCache::new(settings, clock.clone(), metrics::Counter::noop())
+    }
+
+    /// README, "Tiers": a key's scopes merged with its tiers' are merged
+    /// once per pair of policy views and kept within what the key is
+    /// weighed for; a key without tiers keeps nothing and weighs nothing
+    /// more.
+    #[test]
+    fn a_keys_tier_scopes_are_merged_once_per_policy_and_kept_within_its_weight() {
+        let mut record = KeyRecord::for_tests(id(), "n", 1);
+        let plain = CachedKey::new(record.clone());
+        record.tiers = vec!["pro".into()];
+        let tiered = CachedKey::new(record);
+        let record_grew = tiered.record.heap_bytes() - plain.record.heap_bytes();
+        assert_eq!(
+            tiered.weight(false) - plain.weight(false) - record_grew,
+            TIER_SCOPES_SLOT_BYTES + TIER_SCOPES_KEPT_BYTES
+        );
+
+        let merges = std::cell::Cell::new(0);
+        let merge = |scopes: Vec<String>| {
+            merges.set(merges.get() + 1);
+            scopes
+        };
+        let two = || vec!["read".to_string(), "export:data".to_string()];
+        let first = tiered.tier_scopes([3, 4], || merge(two()));
+        let again = tiered.tier_scopes([3, 4], || merge(two()));
+        assert_eq!((merges.get(), &*again), (1, &two()[..]));
+        assert!(Arc::ptr_eq(&first, &again), "the kept merge is shared, not copied");
+        // A new view of either policy (a tier changed): merged again.
+        let changed = tiered.tier_scopes([5, 4], || merge(vec!["read".into()]));
+        assert_eq!((merges.get(), &*changed), (2, &["read".to_string()][..]));
+        tiered.tier_scopes([5, 6], || merge(two()));
+        assert_eq!(merges.get(), 3);
+        // Too large to keep: merged on every call, nothing held beyond the weight.
+        let large = || vec!["s".repeat(100); 8];
+        assert!(tier_scopes_bytes(&large()) > TIER_SCOPES_KEPT_BYTES);
+        tiered.tier_scopes([7, 8], || merge(large()));
+        tiered.tier_scopes([7, 8], || merge(large()));
+        assert_eq!(merges.get(), 5);
+        // Without tiers: merged each time, nothing kept.
+        plain.tier_scopes([1, 1], || merge(two()));
+        plain.tier_scopes([1, 1], || merge(two()));
+        assert_eq!(merges.get(), 7);
+        assert!(tier_scopes_bytes(&two()) <= TIER_SCOPES_KEPT_BYTES);
     }
 
     /// README, "Memory budget": the cache holds what its byte budget

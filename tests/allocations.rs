@@ -1,7 +1,7 @@
 //! What a cached call allocates (README, "Performance"): nothing of its
 //! own. A Verify read in place from its request's bytes, decided by the
 //! engine and written as its answer, and an ext_authz Check read, decided
-//! and written (for a key and a token), are counted by an
+//! and written (for a key, a token and a key with tiers), are counted by an
 //! allocator that counts each thread's allocations. The transport's own
 //! (h2's frames, the answer's one buffer) are not part of this.
 //!
@@ -26,8 +26,10 @@ use keystile::clock::Clock;
 use keystile::engine::EngineSettings;
 use keystile::key::{Pepper, PepperSet};
 use keystile::limit::RateLimitPolicy;
+use keystile::limit::named::MAX_REQUESTED;
 use keystile::proto;
 use keystile::service::ext_authz::{ExtAuthzService, wire::RawCheck};
+use keystile::service::verifier::MAX_SCOPES;
 use keystile::service::verify_answer::VerifyAnswer;
 use keystile::service::verify_request::RawVerify;
 use keystile::store::memory::MemoryStore;
@@ -142,6 +144,15 @@ fn cached_calls_allocate_nothing() {
         rate_limit: Some(RateLimitPolicy { requests: 1_000_000_000, window_seconds: 1, burst: 0, per_tenant: false }),
         ..Default::default()
     });
+    rt.block_on(app.admin.set_tier("acme", "pro", vec!["export:data".into()], &deployment)).unwrap();
+    let tiered = create(KeySpec {
+        name: "tiered".into(),
+        env: "live".into(),
+        tenant: "acme".into(),
+        scopes: vec!["read".into()],
+        tiers: vec!["pro".into()],
+        ..Default::default()
+    });
     let tokens = app.tokens.clone().expect("tokens are on");
     let exchange = keystile::token::exchange::ExchangeRequest {
         secret: &key,
@@ -166,7 +177,7 @@ fn cached_calls_allocate_nothing() {
     let mut out = Vec::with_capacity(4096);
     let mut one_verify = || {
         let raw = RawVerify(verify.clone());
-        let view = raw.view(64, 8).unwrap();
+        let view = raw.view(MAX_SCOPES, MAX_REQUESTED).unwrap();
         let request = keystile::verdict::Request::try_from(&view).unwrap();
         let verdict = ready(app.engine.verify(&request)).unwrap();
         assert!(verdict.is_valid(), "{:?}", verdict.outcome);
@@ -183,7 +194,7 @@ fn cached_calls_allocate_nothing() {
 
     // ext_authz Check, for each kind of allow.
     let service = ExtAuthzService::new(app.gate.clone());
-    for (what, credential) in [("a key", &key), ("a token", &token)] {
+    for (what, credential) in [("a key", &key), ("a token", &token), ("a key with tiers", &tiered)] {
         let check = check_request(credential);
         let mut one_check = || {
             let answer = ready(service.check(RawCheck(check.clone()))).unwrap();

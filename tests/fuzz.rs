@@ -189,7 +189,25 @@ fn verify_request(input: &[u8]) -> Result<(), TestCaseError> {
         prop_assert!(decoded.is_err(), "prost decodes a request keystile refuses");
         return Ok(());
     };
-    prop_assert!(decoded.is_ok(), "keystile reads a request prost refuses");
+    let Ok(decoded) = decoded else {
+        return Err(TestCaseError::fail("keystile reads a request prost refuses"));
+    };
+    prop_assert_eq!(
+        (req.key, req.ip, req.tenant, req.origin, req.cost, req.want_metadata),
+        (
+            &decoded.key[..],
+            &decoded.ip[..],
+            &decoded.tenant[..],
+            &decoded.origin[..],
+            decoded.cost,
+            decoded.want_metadata
+        )
+    );
+    fn kept(all: &[String], max: usize) -> Vec<&str> {
+        all.iter().take(max + 1).map(String::as_str).collect()
+    }
+    prop_assert_eq!(req.scopes.to_vec(), kept(&decoded.scopes, MAX_SCOPES));
+    prop_assert_eq!(req.limits.to_vec(), kept(&decoded.limits, MAX_REQUESTED));
     let Ok(request) = keystile::verdict::Request::try_from(&req) else { return Ok(()) };
     let f = fixture();
     let verdict = f.rt.block_on(f.app.engine.verify(&request));

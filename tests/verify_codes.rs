@@ -232,7 +232,16 @@ async fn every_code(s: &TestServer) {
         .verify(proto::VerifyRequest { key: good.clone(), scopes: vec!["s".into(); 65], ..Default::default() })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!((err.code(), err.message()), (tonic::Code::InvalidArgument, "at most 64 scopes per request"));
+    // One limit name too many: the request is read in place, its lists
+    // kept only one past what a request may name.
+    let err = v
+        .verify(proto::VerifyRequest { key: good.clone(), limits: vec!["api".into(); 9], ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!((err.code(), err.message()), (tonic::Code::InvalidArgument, "at most 8 limits per request"));
+    let eight = proto::VerifyRequest { key: good.clone(), limits: vec!["api".into(); 8], ..Default::default() };
+    assert_eq!(code(&v.verify(eight).await.unwrap().into_inner()), Code::Valid);
 }
 
 fn short_id(key: &str) -> String {
@@ -510,6 +519,7 @@ async fn process_wide_limits_and_undecodable_requests() {
     let request = tonic::Request::new(NotAVerifyRequest { key: vec![0xff, 0xfe, 0xfd] });
     let err = grpc.unary(request, path, codec).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert_eq!(err.message(), keystile::service::status::UNDECODABLE);
     s.stop().await;
 }
 

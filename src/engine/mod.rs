@@ -303,16 +303,19 @@ impl Engine {
             None
         } else {
             let deployment = waited.on(self.records.tenant_limits("")).await?;
-            let mut all = record.scopes.clone();
-            for tier in &record.tiers {
-                let bundle = tenant_view.as_ref().and_then(|v| v.tiers.get(tier)).or(deployment.tiers.get(tier));
-                for s in bundle.into_iter().flatten() {
-                    if !all.contains(s) {
-                        all.push(s.clone());
+            let from = [tenant_view.as_ref().map_or(0, |v| v.id), deployment.id];
+            Some(key.tier_scopes(from, || {
+                let mut all = record.scopes.clone();
+                for tier in &record.tiers {
+                    let bundle = tenant_view.as_ref().and_then(|v| v.tiers.get(tier)).or(deployment.tiers.get(tier));
+                    for s in bundle.into_iter().flatten() {
+                        if !all.contains(s) {
+                            all.push(s.clone());
+                        }
                     }
                 }
-            }
-            Some(all.into())
+                all
+            }))
         };
         let granted: &[String] = tier_scopes.as_deref().unwrap_or(&record.scopes);
 

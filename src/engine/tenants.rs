@@ -20,10 +20,27 @@ use crate::verdict::VerifyError;
 type Hasher = foldhash::fast::RandomState;
 
 /// What the engine uses of a tenant's policy.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct TenantView {
     pub limits: Vec<LimitSpec>,
     pub tiers: std::collections::BTreeMap<String, Vec<String>>,
+    /// This view's own number, never reused: a policy read again is a new
+    /// view, so what is derived from views (a key's scopes merged with its
+    /// tiers', `CachedKey::tier_scopes`) names the views it came from.
+    pub id: u64,
+}
+
+impl TenantView {
+    pub fn new(limits: Vec<LimitSpec>, tiers: std::collections::BTreeMap<String, Vec<String>>) -> TenantView {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        TenantView { limits, tiers, id: NEXT.fetch_add(1, Ordering::Relaxed) }
+    }
+}
+
+impl Default for TenantView {
+    fn default() -> TenantView {
+        TenantView::new(Vec::new(), Default::default())
+    }
 }
 
 struct Entry {
@@ -85,8 +102,7 @@ impl TenantLimits {
         let seen = self.generation.load(Ordering::Acquire);
         match tokio::time::timeout(self.timeout, self.store.tenant_policy(tenant)).await {
             Ok(Ok(policy)) => {
-                let limits =
-                    Arc::new(policy.map(|p| TenantView { limits: p.limits, tiers: p.tiers }).unwrap_or_default());
+                let limits = Arc::new(policy.map(|p| TenantView::new(p.limits, p.tiers)).unwrap_or_default());
                 // Checked under the entry's shard lock: an invalidation
                 // bumps the generation before it removes, so either this
                 // sees the bump or the removal comes after the insert.

@@ -2,7 +2,10 @@
 //! ([`RawVerify`], one reference to the frame it arrived in) and its fields
 //! borrowed from it ([`VerifyView`]). Decoding into the generated message
 //! allocated a string per field and per scope, then freed them all, on
-//! every Verify (BENCHMARKS.md, "Verify's request read in place").
+//! every Verify (BENCHMARKS.md, "Verify's request read in place, one
+//! codegen unit"). The frame's bytes (and the read buffer they are a slice
+//! of) are held while the call is decided, as a Check's are; calls in
+//! progress are bounded by `--max-inflight`.
 //!
 //! The rules are prost's, so that a client sees no difference: a field of
 //! the wrong wire type, a string that is not UTF-8 or a truncated message
@@ -115,7 +118,9 @@ fn varint(wire_type: WireType, buf: &mut &[u8]) -> Result<u64, Undecodable> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limit::named::MAX_REQUESTED;
     use crate::proto::VerifyRequest;
+    use crate::service::verifier::MAX_SCOPES;
     use proptest::prelude::*;
     use prost::Message;
 
@@ -146,28 +151,47 @@ mod tests {
         Ok(())
     }
 
-    /// One field as any encoder (or attacker) might write it: any number
-    /// (the message's eight and unknown ones), any wire type, a payload of
-    /// that type or of another.
+    /// One field as any encoder (or attacker) might write it: mostly one of
+    /// the message's eight with its own wire type and a UTF-8 payload (so
+    /// that most messages decode and repeat fields), else any number (0,
+    /// unknown ones), any wire type, bytes that are not UTF-8, groups with
+    /// content and mismatched ends, and overlong varints.
     fn field() -> impl Strategy<Value = Vec<u8>> {
         let text = prop_oneof![
-            "[a-z:*-]{0,12}".prop_map(String::into_bytes),
-            proptest::collection::vec(any::<u8>(), 0..6),
+            10 => "[a-z:*_-]{0,12}".prop_map(String::into_bytes),
+            1 => proptest::collection::vec(any::<u8>(), 0..6),
             // Two-byte lengths.
-            "[a-z]{128,140}".prop_map(String::into_bytes),
+            1 => "[a-z]{128,140}".prop_map(String::into_bytes),
         ];
-        (0u64..12, 0u64..8, text, any::<u64>()).prop_map(|(number, wire_type, payload, n)| {
+        let number = prop_oneof![12 => 1u64..=8, 1 => 0u64..16];
+        let wire_type = prop_oneof![12 => Just(None), 1 => (0u64..8).prop_map(Some)];
+        (number, wire_type, text, any::<u64>(), 0u8..8).prop_map(|(number, wire_type, payload, n, shape)| {
+            let own = if matches!(number, 5 | 8) { 0 } else { 2 };
+            let wire_type = wire_type.unwrap_or(own);
             let mut out = Vec::new();
             prost::encoding::encode_varint(number << 3 | wire_type, &mut out);
             match wire_type {
-                0 => prost::encoding::encode_varint(n, &mut out),
+                // An overlong varint (11 bytes), now and then.
+                0 if shape == 0 => out.extend_from_slice(&[0xff; 11]),
+                0 => prost::encoding::encode_varint(if shape < 4 { n % 4 } else { n }, &mut out),
                 1 => out.extend_from_slice(&n.to_le_bytes()),
                 2 => {
                     prost::encoding::encode_varint(payload.len() as u64, &mut out);
                     out.extend_from_slice(&payload);
                 }
-                // A group: empty and closed, or left open.
-                3 if n % 2 == 0 => prost::encoding::encode_varint(number << 3 | 4, &mut out),
+                // A group: with a field inside, closed by its own end, by
+                // another number's, or left open.
+                3 => {
+                    if shape % 2 == 0 {
+                        prost::encoding::encode_varint(1 << 3, &mut out);
+                        prost::encoding::encode_varint(n, &mut out);
+                    }
+                    match shape % 4 {
+                        0 | 1 => prost::encoding::encode_varint(number << 3 | 4, &mut out),
+                        2 => prost::encoding::encode_varint((number + 1) << 3 | 4, &mut out),
+                        _ => {}
+                    }
+                }
                 5 => out.extend_from_slice(&n.to_le_bytes()[..4]),
                 _ => {}
             }
@@ -177,18 +201,60 @@ mod tests {
 
     #[test]
     fn reads_what_prost_reads_for_any_bytes() {
+        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+        // How many generated messages decode with a known field repeated:
+        // the cases the reader's rules are about, not only its refusals.
+        let (cases, repeated) = (AtomicUsize::new(0), AtomicUsize::new(0));
         proptest!(ProptestConfig::with_cases(4000), |(fields in proptest::collection::vec(field(), 0..12),
                                                        cut in any::<prop::sample::Index>(),
-                                                       whole in any::<bool>(),
+                                                       whole in proptest::bool::weighted(0.8),
                                                        noise in proptest::collection::vec(any::<u8>(), 0..64),
                                                        max in 0usize..4)| {
             let mut raw: Vec<u8> = fields.concat();
             if !whole {
                 raw.truncate(cut.index(raw.len() + 1));
             }
+            cases.fetch_add(1, Relaxed);
+            if let Ok(m) = VerifyRequest::decode(&raw[..]) {
+                let again = VerifyRequest::decode(&m.encode_to_vec()[..]).unwrap();
+                if m.scopes.len() + m.limits.len() > 1 || raw.len() > again.encoded_len() {
+                    repeated.fetch_add(1, Relaxed);
+                }
+            }
             same(&raw, max)?;
             same(&noise, max)?;
         });
+        let (cases, repeated) = (cases.load(Relaxed), repeated.load(Relaxed));
+        assert!(repeated * 6 > cases, "only {repeated} of {cases} cases decode with a field repeated");
+    }
+
+    /// Of a field given twice the last wins; lists gather every entry, in
+    /// order, and are cut one past their limit.
+    #[test]
+    fn the_last_value_wins_and_lists_gather_up_to_one_past_their_limit() {
+        let a = VerifyRequest {
+            key: "first".into(),
+            ip: "10.0.0.1".into(),
+            scopes: vec!["a".into(), "b".into()],
+            limits: (0..12).map(|i| format!("l{i}")).collect(),
+            cost: Some(3),
+            ..Default::default()
+        };
+        let b =
+            VerifyRequest { key: "second".into(), scopes: vec!["c".into()], want_metadata: true, ..Default::default() };
+        let mut raw = a.encode_to_vec();
+        raw.extend_from_slice(&b.encode_to_vec());
+        // `cost` once more, as a varint wider than 32 bits.
+        prost::encoding::encode_varint(5 << 3, &mut raw);
+        prost::encoding::encode_varint(1 << 33 | 9, &mut raw);
+        let raw = RawVerify(raw.into());
+        let v = raw.view(MAX_SCOPES, MAX_REQUESTED).unwrap();
+        assert_eq!((v.key, v.ip), ("second", "10.0.0.1"));
+        assert_eq!(v.scopes.as_slice(), ["a", "b", "c"]);
+        assert_eq!(v.limits.len(), MAX_REQUESTED + 1);
+        assert_eq!(v.limits[MAX_REQUESTED], format!("l{MAX_REQUESTED}"));
+        // A uint32 keeps the low 32 bits of a longer varint.
+        assert_eq!((v.cost, v.want_metadata), (Some(9), true));
     }
 
     #[test]
@@ -205,7 +271,7 @@ mod tests {
         };
         let raw = RawVerify(m.encode_to_vec().into());
         assert!(!format!("{raw:?}").contains("secret"));
-        let v = raw.view(64, 8).unwrap();
+        let v = raw.view(MAX_SCOPES, MAX_REQUESTED).unwrap();
         assert_eq!(
             (v.key, v.ip, v.tenant, v.origin),
             ("ks_live_secret", "203.0.113.9", "acme", "https://app.example.com")
@@ -213,15 +279,17 @@ mod tests {
         assert_eq!(v.scopes.as_slice(), ["read", "write", "x".repeat(200).as_str()]);
         assert_eq!((v.cost, v.limits.as_slice(), v.want_metadata), (Some(7), &["api"][..], true));
         let nothing = RawVerify(Bytes::new());
-        let empty = nothing.view(64, 8).unwrap();
+        let empty = nothing.view(MAX_SCOPES, MAX_REQUESTED).unwrap();
         assert_eq!((empty.key, empty.cost, empty.scopes.len()), ("", None, 0));
     }
 
     /// A hostile list is counted past the limit, never held whole.
     #[test]
     fn a_long_list_is_kept_only_past_its_limit() {
-        let m = VerifyRequest { scopes: vec![String::new(); 5000], ..Default::default() };
+        let m =
+            VerifyRequest { scopes: vec![String::new(); 5000], limits: vec!["api".into(); 5000], ..Default::default() };
         let raw = RawVerify(m.encode_to_vec().into());
-        assert_eq!(raw.view(64, 8).unwrap().scopes.len(), 65);
+        let v = raw.view(MAX_SCOPES, MAX_REQUESTED).unwrap();
+        assert_eq!((v.scopes.len(), v.limits.len()), (MAX_SCOPES + 1, MAX_REQUESTED + 1));
     }
 }

@@ -4,8 +4,10 @@
 # release `keystile serve --dev --workers 1 --ext-authz` runs under
 # callgrind and h2load sends it, one step after another, Health/Check (the
 # baseline), ext_authz Check with a cached key (the CheckRequest of
-# benches/proxy_h2load.sh) and Verify of the same key. The counters are
-# zeroed after a warm-up and read after each step.
+# benches/proxy_h2load.sh), Verify of the same key and Verify of
+# benches/verify_h2load.sh's realistic key (scopes, allowlist, rate
+# limit). The counters are zeroed after a warm-up and read after each
+# step.
 #
 # Unlike CPU time on a shared machine, the count barely moves between
 # runs (within half a per cent), so two builds can be compared with one
@@ -22,11 +24,11 @@
 #
 # Environment: BIN (default target/release/keystile), N (calls per step,
 # default 10000), C (connections, default 4), M (streams per connection,
-# default 16), STEPS (default "health check verify").
+# default 16), STEPS (default "health check verify realistic").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="${BIN:-target/release/keystile}"; N="${N:-10000}"; C="${C:-4}"; M="${M:-16}"
-STEPS="${STEPS:-health check verify}"
+STEPS="${STEPS:-health check verify realistic}"
 for tool in valgrind callgrind_control callgrind_annotate h2load; do
   command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install valgrind nghttp2-client)" >&2; exit 1; }
 done
@@ -46,8 +48,19 @@ admin="$(head -n 1 "$dir/out" | cut -d= -f2)"
 key="$(KEYSTILE_ADMIN_KEY="$admin" "$BIN" keys create --server "http://127.0.0.1:$port" \
   --name api-client --scope api:read --quiet)"
 python3 "$dir/gen.py" "$key" "$dir/check" "$dir/health" "$dir/verify" >/dev/null
+# The realistic key of benches/verify_h2load.sh: two scopes, a two-CIDR
+# allowlist and a rate limit, asked from an allowed address.
+realistic="$(KEYSTILE_ADMIN_KEY="$admin" "$BIN" keys create --server "http://127.0.0.1:$port" \
+  --name bench-realistic --scope read,write --allow-ip 10.0.0.0/8,192.168.0.0/16 --rate-limit 1000000000/1s --quiet)"
+python3 - "$realistic" "$dir/realistic" <<'PY'
+import struct, sys
+def s(num, text):
+    return bytes([num << 3 | 2, len(text)]) + text.encode()
+msg = s(1, sys.argv[1]) + s(2, "10.1.2.3") + s(3, "read")
+open(sys.argv[2], "wb").write(b"\x00" + struct.pack(">I", len(msg)) + msg)
+PY
 declare -A paths=([health]=grpc.health.v1.Health/Check [check]=envoy.service.auth.v3.Authorization/Check
-  [verify]=keystile.v1.Verifier/Verify)
+  [verify]=keystile.v1.Verifier/Verify [realistic]=keystile.v1.Verifier/Verify)
 load() {  # step, calls
   local out
   out="$(h2load -n "$2" -c "$C" -m "$M" -H 'content-type: application/grpc' -H 'te: trailers' \

@@ -431,60 +431,274 @@ pub fn headers(verdict: &Verdict, now_unix: i64) -> Vec<(&'static str, String)> 
     out
 }
 
-/// Calls `each` with every header of [`headers`], in its order, its value
-/// as formatting arguments: a front end that writes the values straight
-/// into its answer allocates nothing for them (README, "Performance").
-pub fn each_header(verdict: &Verdict, now_unix: i64, mut each: impl FnMut(&'static str, std::fmt::Arguments<'_>)) {
+/// Calls `each` with every header of [`headers`], in its order: a front end
+/// that writes the values straight into its answer allocates nothing for
+/// them, and measures and writes them without `core::fmt` (README,
+/// "Performance").
+pub fn each_header<'v>(verdict: &'v Verdict, now_unix: i64, mut each: impl FnMut(&'static str, HeaderValue<'v>)) {
     if let Some(AppliedLimit { name, state: r }) = &verdict.rate {
-        each("x-ratelimit-limit", format_args!("{}", r.limit));
-        each("x-ratelimit-remaining", format_args!("{}", r.remaining));
-        each("x-ratelimit-reset", format_args!("{}", now_unix.max(0) as u64 + r.reset_seconds));
+        each("x-ratelimit-limit", HeaderValue::Number(r.limit));
+        each("x-ratelimit-remaining", HeaderValue::Number(r.remaining));
+        each("x-ratelimit-reset", HeaderValue::Number(now_unix.max(0) as u64 + r.reset_seconds));
         if verdict.limits.len() < 2 {
-            each("ratelimit-policy", format_args!("\"{name}\";q={};w={}", r.limit, r.window_seconds));
+            each(
+                "ratelimit-policy",
+                HeaderValue::Item { name: name.as_str(), params: [("q", r.limit), ("w", r.window_seconds)] },
+            );
         } else {
-            each("ratelimit-policy", format_args!("{}", Policies(&verdict.limits)));
+            each("ratelimit-policy", HeaderValue::Policies(&verdict.limits));
         }
-        each("ratelimit", format_args!("\"{name}\";r={};t={}", r.remaining, r.reset_seconds));
+        each(
+            "ratelimit",
+            HeaderValue::Item { name: name.as_str(), params: [("r", r.remaining), ("t", r.reset_seconds)] },
+        );
         if verdict.outcome.http_status() == 429 {
-            each("retry-after", format_args!("{}", r.retry_after_ms.div_ceil(1000).max(1)));
+            each("retry-after", HeaderValue::Number(r.retry_after_ms.div_ceil(1000).max(1)));
         }
     }
     if verdict.outcome == Outcome::Valid && verdict.key.is_some() {
-        each("x-api-key-scopes", format_args!("{}", Joined(verdict.granted_scopes())));
+        each("x-api-key-scopes", HeaderValue::Scopes(verdict.granted_scopes()));
     }
 }
 
-/// `ratelimit-policy` of several limits: one item each, comma-separated.
-struct Policies<'a>(&'a [AppliedLimit]);
+/// The value of one of a verdict's headers, measured and written digit by
+/// digit: `core::fmt`'s general machinery (padding, a call per piece) cost
+/// more than the rest of a Verify's answer (BENCHMARKS.md, "Header values
+/// without core::fmt"). `Display` writes the same bytes.
+#[derive(Clone, Copy)]
+pub enum HeaderValue<'a> {
+    Number(u64),
+    /// A structured-field item: `"name";k1=v1;k2=v2`.
+    Item {
+        name: &'a str,
+        params: [(&'static str, u64); 2],
+    },
+    /// Every applied limit's `"name";q=…;w=…`, joined by `, `.
+    Policies(&'a [AppliedLimit]),
+    /// The granted scopes, joined by `,`.
+    Scopes(&'a [String]),
+}
 
-impl std::fmt::Display for Policies<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, l) in self.0.iter().enumerate() {
-            let sep = if i == 0 { "" } else { ", " };
-            write!(f, "{sep}\"{}\";q={};w={}", l.name, l.state.limit, l.state.window_seconds)?;
+/// The decimal digits of `n`.
+fn digits(n: u64) -> usize {
+    n.checked_ilog10().map_or(1, |d| d as usize + 1)
+}
+
+impl HeaderValue<'_> {
+    /// The length of the value in bytes.
+    pub fn len(&self) -> usize {
+        fn item(name: &str, params: &[(&str, u64); 2]) -> usize {
+            name.len() + 2 + params.iter().map(|(k, v)| 2 + k.len() + digits(*v)).sum::<usize>()
         }
-        Ok(())
-    }
-}
-
-/// Scopes joined by commas, written rather than collected.
-struct Joined<'a>(&'a [String]);
-
-impl std::fmt::Display for Joined<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, s) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(",")?;
+        match self {
+            HeaderValue::Number(n) => digits(*n),
+            HeaderValue::Item { name, params } => item(name, params),
+            HeaderValue::Policies(all) => {
+                all.iter().map(|l| item(l.name.as_str(), &policy(l))).sum::<usize>() + 2 * all.len().saturating_sub(1)
             }
-            f.write_str(s)?;
+            HeaderValue::Scopes(all) => all.iter().map(String::len).sum::<usize>() + all.len().saturating_sub(1),
         }
-        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The value written into `out` when it fits (every value but long
+    /// policy and scope lists), with its length: measured as it is
+    /// written, digits straight into place, so that a short value costs
+    /// one pass and its buffer one copy (`put_slice` per piece and
+    /// `core::fmt` each cost more than the pieces).
+    #[inline]
+    pub fn render<'o>(&self, out: &'o mut [u8; 96]) -> Option<&'o [u8]> {
+        let mut c = Cursor { out, at: 0 };
+        match self {
+            HeaderValue::Number(n) => c.number(*n),
+            HeaderValue::Item { name, params } => c.item(name, params)?,
+            HeaderValue::Policies(_) | HeaderValue::Scopes(_) => {
+                let mut fits = true;
+                self.write(&mut |b| fits = fits && c.bytes(b).is_some());
+                if !fits {
+                    return None;
+                }
+            }
+        }
+        let at = c.at;
+        Some(&c.out[..at])
+    }
+
+    /// Hands the value's bytes to `put`, piece by piece, in order.
+    pub fn write(&self, put: &mut impl FnMut(&[u8])) {
+        fn number(n: u64, put: &mut impl FnMut(&[u8])) {
+            put(itoa::Buffer::new().format(n).as_bytes());
+        }
+        fn item(name: &str, params: &[(&str, u64); 2], put: &mut impl FnMut(&[u8])) {
+            put(b"\"");
+            put(name.as_bytes());
+            put(b"\"");
+            for (k, v) in params {
+                put(b";");
+                put(k.as_bytes());
+                put(b"=");
+                number(*v, put);
+            }
+        }
+        match self {
+            HeaderValue::Number(n) => number(*n, put),
+            HeaderValue::Item { name, params } => item(name, params, put),
+            HeaderValue::Policies(all) => {
+                for (i, l) in all.iter().enumerate() {
+                    if i > 0 {
+                        put(b", ");
+                    }
+                    item(l.name.as_str(), &policy(l), put);
+                }
+            }
+            HeaderValue::Scopes(all) => {
+                for (i, s) in all.iter().enumerate() {
+                    if i > 0 {
+                        put(b",");
+                    }
+                    put(s.as_bytes());
+                }
+            }
+        }
+    }
+}
+
+/// Writes into a fixed array; a piece that does not fit is refused.
+struct Cursor<'o> {
+    out: &'o mut [u8; 96],
+    at: usize,
+}
+
+impl Cursor<'_> {
+    #[inline]
+    fn bytes(&mut self, b: &[u8]) -> Option<()> {
+        self.out.get_mut(self.at..self.at + b.len())?.copy_from_slice(b);
+        self.at += b.len();
+        Some(())
+    }
+
+    /// Up to 20 digits, which always fit after a piece of at most 64
+    /// bytes (an item's name is at most 32, its parameters 2 × 23).
+    #[inline]
+    fn number(&mut self, mut n: u64) {
+        const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+            2021222324252627282930313233343536373839\
+            4041424344454647484950515253545556575859\
+            6061626364656667686970717273747576777879\
+            8081828384858687888990919293949596979899";
+        let end = self.at + digits(n);
+        let mut i = end;
+        while n >= 100 {
+            let pair = (n % 100) as usize * 2;
+            n /= 100;
+            i -= 2;
+            self.out[i..i + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+        }
+        if n >= 10 {
+            i -= 2;
+            self.out[i..i + 2].copy_from_slice(&PAIRS[n as usize * 2..n as usize * 2 + 2]);
+        } else {
+            i -= 1;
+            self.out[i] = b'0' + n as u8;
+        }
+        self.at = end;
+    }
+
+    /// `"name";k1=v1;k2=v2`, for a name of up to 32 bytes.
+    #[inline]
+    fn item(&mut self, name: &str, params: &[(&'static str, u64); 2]) -> Option<()> {
+        if name.len() > 32 {
+            return None;
+        }
+        self.bytes(b"\"")?;
+        self.bytes(name.as_bytes())?;
+        self.bytes(b"\"")?;
+        for (k, v) in params {
+            self.bytes(b";")?;
+            self.bytes(k.as_bytes())?;
+            self.bytes(b"=")?;
+            self.number(*v);
+        }
+        Some(())
+    }
+}
+
+/// A limit's `ratelimit-policy` parameters.
+fn policy(l: &AppliedLimit) -> [(&'static str, u64); 2] {
+    [("q", l.state.limit), ("w", l.state.window_seconds)]
+}
+
+impl std::fmt::Display for HeaderValue<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut result = Ok(());
+        self.write(&mut |bytes| {
+            if result.is_ok() {
+                // Every piece is ASCII digits, punctuation or a whole name.
+                result = f.write_str(std::str::from_utf8(bytes).unwrap_or(""));
+            }
+        });
+        result
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// Header values are measured and written digit by digit: the bytes
+    /// are those `core::fmt` wrote before, and the length is theirs, for
+    /// any numbers (0, 9, 10, `u64::MAX`…), names and scope lists.
+    #[test]
+    fn header_values_are_what_format_wrote() {
+        use proptest::prelude::*;
+        let number = prop_oneof![
+            any::<u64>(),
+            (0u32..20).prop_map(|e| 10u64.saturating_pow(e)),
+            (1u32..20).prop_map(|e| 10u64.saturating_pow(e) - 1),
+            Just(0u64),
+            Just(u64::MAX)
+        ];
+        let state = (number.clone(), number.clone(), number.clone(), number.clone(), number.clone()).prop_map(
+            |(limit, remaining, reset_seconds, window_seconds, retry_after_ms)| RateState {
+                limit,
+                remaining,
+                reset_seconds,
+                window_seconds,
+                retry_after_ms,
+            },
+        );
+        let limit =
+            ("[a-z0-9_-]{1,32}", state).prop_map(|(name, state)| AppliedLimit { name: name.parse().unwrap(), state });
+        proptest!(|(n in number, limits in proptest::collection::vec(limit, 0..4),
+                    scopes in proptest::collection::vec("[a-z:*é-]{0,12}", 0..5))| {
+            let expect = |v: HeaderValue<'_>, text: String| -> Result<(), TestCaseError> {
+                let mut written = Vec::new();
+                v.write(&mut |b| written.extend_from_slice(b));
+                prop_assert_eq!(String::from_utf8(written).unwrap(), text.clone());
+                let mut stack = [0u8; 96];
+                match v.render(&mut stack) {
+                    Some(short) => prop_assert_eq!(short, text.as_bytes()),
+                    None => prop_assert!(text.len() > 96),
+                }
+                prop_assert_eq!(v.to_string(), text.clone());
+                prop_assert_eq!(v.len(), text.len());
+                Ok(())
+            };
+            expect(HeaderValue::Number(n), format!("{n}"))?;
+            for l in &limits {
+                let (name, s) = (l.name.as_str(), &l.state);
+                expect(HeaderValue::Item { name, params: [("q", s.limit), ("w", s.window_seconds)] },
+                    format!("\"{name}\";q={};w={}", s.limit, s.window_seconds))?;
+            }
+            let policies: Vec<String> =
+                limits.iter().map(|l| format!("\"{}\";q={};w={}", l.name, l.state.limit, l.state.window_seconds)).collect();
+            expect(HeaderValue::Policies(&limits), policies.join(", "))?;
+            expect(HeaderValue::Scopes(&scopes), scopes.join(","))?;
+        });
+    }
 
     #[test]
     fn trim_is_str_trim() {

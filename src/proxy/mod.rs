@@ -252,8 +252,8 @@ impl Allow {
     }
 
     /// Calls `each` with every header added to the answer to the client
-    /// (the rate-limit headers), its value as formatting arguments.
-    pub fn each_response_header(&self, mut each: impl FnMut(&'static str, fmt::Arguments<'_>)) {
+    /// (the rate-limit headers).
+    pub fn each_response_header<'a>(&'a self, mut each: impl FnMut(&'static str, verdict::HeaderValue<'a>)) {
         verdict::each_header(&self.verdict, self.verdict.decided_at, |name, value| {
             // The granted scopes go upstream, as `x-keystile-scopes`.
             if name != "x-api-key-scopes" {

@@ -3,8 +3,6 @@
 //! straight into the send buffer, field by field, as prost would encode
 //! the same message (README, "Performance").
 
-use std::fmt;
-
 use prost::bytes::BufMut;
 use prost::encoding::{WireType, encoded_len_varint, key_len};
 
@@ -91,55 +89,4 @@ pub fn uint(field: u32, n: u64, buf: &mut impl BufMut) {
 #[inline]
 pub fn uint_len(field: u32, n: u64) -> usize {
     if n == 0 { 0 } else { key_len(field) + encoded_len_varint(n) }
-}
-
-/// Formats into a fixed array; fails when it is full.
-pub struct Stack {
-    bytes: [u8; 96],
-    pub len: usize,
-}
-
-impl Default for Stack {
-    fn default() -> Stack {
-        Stack { bytes: [0; 96], len: 0 }
-    }
-}
-
-impl Stack {
-    pub fn bytes(&self) -> &[u8] {
-        &self.bytes[..self.len]
-    }
-}
-
-impl fmt::Write for Stack {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        let end = self.len + s.len();
-        self.bytes.get_mut(self.len..end).ok_or(fmt::Error)?.copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
-    }
-}
-
-/// A value formatted once, to be written after its length is known: on the
-/// stack when it fits (numbers, a policy), on the heap when it does not.
-pub enum Formatted {
-    Stack(Stack),
-    Heap(String),
-}
-
-impl Formatted {
-    pub fn new(args: fmt::Arguments<'_>) -> Formatted {
-        let mut stack = Stack::default();
-        match fmt::write(&mut stack, args) {
-            Ok(()) => Formatted::Stack(stack),
-            Err(_) => Formatted::Heap(args.to_string()),
-        }
-    }
-
-    pub fn as_bytes(&self) -> &[u8] {
-        match self {
-            Formatted::Stack(s) => s.bytes(),
-            Formatted::Heap(h) => h.as_bytes(),
-        }
-    }
 }

@@ -6,11 +6,9 @@
 //! is hashed, no header value is allocated. `tests/fuzz.rs` decodes what
 //! this writes and compares it with `to_response` for every fuzzed verdict.
 
-use std::fmt;
-
 use prost::bytes::BufMut;
 
-use super::protobuf::{Stack, message, nested, string, string_always, string_len, uint, uint_len};
+use super::protobuf::{message, nested, string, string_always, string_len, uint, uint_len};
 use super::verifier::wire_code;
 use crate::verdict::{self, AppliedLimit, Verdict};
 
@@ -56,14 +54,12 @@ impl VerifyAnswer {
             }
         }
         verdict::each_header(v, self.now_unix, |name, value| {
-            // Formatted once on the stack when it fits (numbers, a policy);
-            // a longer value (many scopes) is measured, then written.
-            let mut stack = Stack::default();
-            match fmt::write(&mut stack, value) {
-                Ok(()) => entry(14, name, stack.len, buf, |buf| buf.put_slice(stack.bytes())),
-                Err(_) => entry(14, name, formatted_len(value), buf, |buf| {
-                    let _ = fmt::write(&mut Put(buf), value);
-                }),
+            // Written on the stack when short; a long list is measured,
+            // then written piece by piece.
+            let mut stack = [0u8; 96];
+            match value.render(&mut stack) {
+                Some(short) => entry(14, name, short.len(), buf, |buf| buf.put_slice(short)),
+                None => entry(14, name, value.len(), buf, |buf| value.write(&mut |b| buf.put_slice(b))),
             }
         });
         for limit in v.applied() {
@@ -97,30 +93,6 @@ fn entry<B: BufMut>(field: u32, name: &str, value_len: usize, buf: &mut B, value
     if value_len > 0 {
         message(2, value_len, buf);
         value(buf);
-    }
-}
-
-/// The length of what `args` formats to, without keeping it.
-fn formatted_len(args: fmt::Arguments<'_>) -> usize {
-    struct Count(usize);
-    impl fmt::Write for Count {
-        fn write_str(&mut self, s: &str) -> fmt::Result {
-            self.0 += s.len();
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    let _ = fmt::write(&mut count, args);
-    count.0
-}
-
-/// Formats into a buffer.
-struct Put<'a, B>(&'a mut B);
-
-impl<B: BufMut> fmt::Write for Put<'_, B> {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        self.0.put_slice(s.as_bytes());
-        Ok(())
     }
 }
 

@@ -17,9 +17,8 @@ use smallvec::SmallVec;
 
 use crate::cache::EncodedParts;
 use crate::proxy::{Allow, Decision, Deny};
-use crate::service::protobuf::{
-    Formatted, message, nested, string, string_always, string_always_len, string_len, uint, uint_len,
-};
+use crate::service::protobuf::{message, nested, string, string_always, string_always_len, string_len, uint, uint_len};
+use crate::verdict::HeaderValue as VerdictHeader;
 
 /// What a header set by keystile does to one already there: replaces it
 /// (README, "Protect an API without code": identity headers cannot be
@@ -60,13 +59,12 @@ impl CheckAnswer {
                     Some((upstream, _)) => upstream.len(),
                     None => allow.upstream().map(|(n, v)| nested(2, header_option_len(n, v.len()))).sum(),
                 };
-                // The client's headers are formatted once (their lengths
-                // come first).
-                let mut response = SmallVec::<[(&'static str, Formatted); 6]>::new();
-                allow.each_response_header(|name, value| response.push((name, Formatted::new(value))));
+                // The client's headers: measured first, written after.
+                let mut response = SmallVec::<[(&'static str, VerdictHeader); 6]>::new();
+                allow.each_response_header(|name, value| response.push((name, value)));
                 let ok_len = upstream_len
                     + allow.remove_upstream.iter().map(|n| string_always_len(5, n)).sum::<usize>()
-                    + response.iter().map(|(n, v)| nested(6, header_option_len(n, v.as_bytes().len()))).sum::<usize>()
+                    + response.iter().map(|(n, v)| nested(6, header_option_len(n, v.len()))).sum::<usize>()
                     + allow.remove_query.iter().map(|n| string_always_len(8, n)).sum::<usize>();
                 message(3, ok_len, buf);
                 match cached {
@@ -77,8 +75,7 @@ impl CheckAnswer {
                     string_always(5, name, buf);
                 }
                 for (name, value) in &response {
-                    let value = value.as_bytes();
-                    header_option(6, name, value.len(), buf, |buf| buf.put_slice(value));
+                    header_option(6, name, value.len(), buf, |buf| value.write(&mut |b| buf.put_slice(b)));
                 }
                 for name in &allow.remove_query {
                     string_always(8, name, buf);

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Instructions per in-process cache-hit Verify, counted by valgrind's
-# callgrind (`apt-get install valgrind`; BENCHMARKS.md, "In process"): the
-# criterion benches of benches/verify.rs run under callgrind in profile
+# callgrind (`apt-get install valgrind`; BENCHMARKS.md, "In process
+# (criterion)"): the criterion benches of benches/verify.rs run under callgrind in profile
 # mode, collecting only inside criterion's timed loop (no setup), and each
 # bench's instructions are divided by the Verify calls it made. Like
 # benches/instructions_per_call.sh, the count barely moves between runs,

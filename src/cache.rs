@@ -519,8 +519,8 @@ mod tests {
 
     /// README, "Tiers": a key's scopes merged with its tiers' are merged
     /// once per pair of policy views and kept within what the key is
-    /// weighed for; a key without tiers keeps nothing and weighs nothing
-    /// more.
+    /// weighed for; a key without tiers keeps nothing (its slot is an empty
+    /// pointer).
     #[test]
     fn a_keys_tier_scopes_are_merged_once_per_policy_and_kept_within_its_weight() {
         let mut record = KeyRecord::for_tests(id(), "n", 1);

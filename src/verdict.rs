@@ -580,8 +580,8 @@ impl Cursor<'_> {
         Some(())
     }
 
-    /// Up to 20 digits, which always fit after a piece of at most 64
-    /// bytes (an item's name is at most 32, its parameters 2 × 23).
+    /// Up to 20 digits: a lone number, or an item's, which [`Cursor::item`]
+    /// makes room for.
     #[inline]
     fn number(&mut self, mut n: u64) {
         const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
@@ -607,10 +607,12 @@ impl Cursor<'_> {
         self.at = end;
     }
 
-    /// `"name";k1=v1;k2=v2`, for a name of up to 32 bytes.
+    /// `"name";k1=v1;k2=v2`, for a name of up to 32 bytes and parameter
+    /// names of up to 18 together (the item then fits whatever its
+    /// numbers: 2 + 32 + 2 × 3 + 18 + 2 × 20 ≤ 96).
     #[inline]
     fn item(&mut self, name: &str, params: &[(&'static str, u64); 2]) -> Option<()> {
-        if name.len() > 32 {
+        if name.len() > 32 || params[0].0.len() + params[1].0.len() > 18 {
             return None;
         }
         self.bytes(b"\"")?;

@@ -541,6 +541,19 @@ async fn tiers_add_scopes_and_changes_reach_every_replica() {
     let names: Vec<(&str, &str)> = listed.tiers.iter().map(|t| (t.tenant.as_str(), t.name.as_str())).collect();
     assert_eq!(names, [("acme", "premium"), ("", "basic")]);
 
+    // A deployment-wide tier changes too: a cached key holding it follows
+    // on every replica (its merged scopes are kept per policy, README
+    // "Tiers").
+    admin.set_tier(tier("", "basic", &["read:reports"])).await.unwrap();
+    for v in [&mut va, &mut vb] {
+        let t0 = std::time::Instant::now();
+        while code(&verify(v, asks(&basic, "read:reports")).await) != Code::Valid {
+            assert!(t0.elapsed() < Duration::from_secs(1), "the deployment tier change reached every replica");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(code(&verify(v, asks(&basic, "read:analytics")).await), Code::InsufficientScope);
+    }
+
     // Who may: a tenant's admin its own tiers only, never the deployment's;
     // no tier grants admin rights.
     let (globex_admin, _) = create(

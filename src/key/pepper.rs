@@ -92,8 +92,8 @@ impl Pepper {
     pub fn hash_of(&self, key_id: KeyId, kind: KeyKind, secret: &[u8]) -> blake3::Hash {
         // A secret key's input (key_id and secret: 40 bytes) is one block,
         // hashed at once: the streaming hasher costs more than the
-        // compression itself (BENCHMARKS, "In process"). The bytes hashed
-        // are the same either way.
+        // compression itself (BENCHMARKS, "In process (criterion)"). The
+        // bytes hashed are the same either way.
         if kind == KeyKind::Secret && secret.len() <= ONE_SHOT_SECRET {
             let mut input = [0u8; KEY_ID_LEN + ONE_SHOT_SECRET];
             let n = KEY_ID_LEN + secret.len();

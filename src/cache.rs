@@ -59,7 +59,9 @@ pub struct CachedKey {
     /// For a key with tiers: its scopes merged with its tiers' (README,
     /// "Tiers"), kept with the policies they were merged from; `None` for
     /// a key without tiers, which has nothing to merge.
-    tier_scopes: Option<Box<std::sync::Mutex<Option<TierScopes>>>>,
+    /// A read lock on a hit: calls of one hot key on several cores read
+    /// it together and wait only for a new merge being stored.
+    tier_scopes: Option<Box<std::sync::RwLock<Option<TierScopes>>>>,
 }
 
 /// A key's scopes merged with its tiers', and the numbers of the policy
@@ -78,7 +80,7 @@ struct TierScopes {
 pub const TIER_SCOPES_KEPT_BYTES: usize = 512;
 
 /// The boxed slot of a key with tiers, rounded to the allocator's class.
-const TIER_SCOPES_SLOT_BYTES: usize = std::mem::size_of::<std::sync::Mutex<Option<TierScopes>>>().next_multiple_of(16);
+const TIER_SCOPES_SLOT_BYTES: usize = std::mem::size_of::<std::sync::RwLock<Option<TierScopes>>>().next_multiple_of(16);
 
 fn tier_scopes_bytes(scopes: &[String]) -> usize {
     16 + std::mem::size_of_val(scopes).next_multiple_of(16)
@@ -164,13 +166,15 @@ impl CachedKey {
     /// codegen unit").
     pub fn tier_scopes(&self, from: [u64; 2], merge: impl FnOnce() -> Vec<String>) -> Arc<[String]> {
         let Some(slot) = &self.tier_scopes else { return merge().into() };
-        let lock = || slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(kept) = lock().as_ref().filter(|k| k.from == from) {
+        if let Some(kept) =
+            slot.read().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().filter(|k| k.from == from)
+        {
             return kept.scopes.clone();
         }
         let scopes: Arc<[String]> = merge().into();
         if tier_scopes_bytes(&scopes) <= TIER_SCOPES_KEPT_BYTES {
-            *lock() = Some(TierScopes { from, scopes: scopes.clone() });
+            *slot.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some(TierScopes { from, scopes: scopes.clone() });
         }
         scopes
     }

@@ -6,8 +6,10 @@
 # baseline), ext_authz Check with a cached key (the CheckRequest of
 # benches/proxy_h2load.sh), Verify of the same key and Verify of
 # benches/verify_h2load.sh's realistic key (scopes, allowlist, rate
-# limit). The counters are zeroed after a warm-up and read after each
-# step.
+# limit); with STEPS, also its `shed` (a forged key from an address past
+# its failed-attempt allowance: 429 with the rate-limit headers) and
+# `malformed` (a wrong checksum) answers. The counters are zeroed after a
+# warm-up and read after each step.
 #
 # Unlike CPU time on a shared machine, the count barely moves between
 # runs (within half a per cent), so two builds can be compared with one
@@ -40,7 +42,7 @@ trap 'kill "${pid:-}" 2>/dev/null; rm -rf "$dir"' EXIT
 sed -n '/^python3 - "\$key"/,/^PY$/p' benches/proxy_h2load.sh | sed '1d;$d' >"$dir/gen.py"
 valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.%p" "$BIN" serve --dev --workers 1 \
   --listen "127.0.0.1:$port" --http-listen "127.0.0.1:$(free_port)" --ext-authz \
-  --failed-attempts-per-minute 0 >"$dir/out" 2>"$dir/valgrind.log" &
+  >"$dir/out" 2>"$dir/valgrind.log" &
 pid=$!
 for _ in $(seq 600); do [ -s "$dir/out" ] && break; sleep 0.1; done
 [ -s "$dir/out" ] || { echo "the server did not start under valgrind:" >&2; cat "$dir/valgrind.log" >&2; exit 1; }
@@ -52,15 +54,13 @@ python3 "$dir/gen.py" "$key" "$dir/check" "$dir/health" "$dir/verify" >/dev/null
 # allowlist and a rate limit, asked from an allowed address.
 realistic="$(KEYSTILE_ADMIN_KEY="$admin" "$BIN" keys create --server "http://127.0.0.1:$port" \
   --name bench-realistic --scope read,write --allow-ip 10.0.0.0/8,192.168.0.0/16 --rate-limit 1000000000/1s --quiet)"
-python3 - "$realistic" "$dir/realistic" <<'PY'
-import struct, sys
-def s(num, text):
-    return bytes([num << 3 | 2, len(text)]) + text.encode()
-msg = s(1, sys.argv[1]) + s(2, "10.1.2.3") + s(3, "read")
-open(sys.argv[2], "wb").write(b"\x00" + struct.pack(">I", len(msg)) + msg)
-PY
+# Its bodies, and the shed and malformed ones, by that script's generator
+# (which also writes the same empty Health/Check body).
+sed -n '/^python3 - "\$dir" "\$simple"/,/^PY$/p' benches/verify_h2load.sh | sed '1d;$d' >"$dir/profiles.py"
+python3 "$dir/profiles.py" "$dir" "$realistic" "$realistic" "$realistic"
 declare -A paths=([health]=grpc.health.v1.Health/Check [check]=envoy.service.auth.v3.Authorization/Check
-  [verify]=keystile.v1.Verifier/Verify [realistic]=keystile.v1.Verifier/Verify)
+  [verify]=keystile.v1.Verifier/Verify [realistic]=keystile.v1.Verifier/Verify
+  [shed]=keystile.v1.Verifier/Verify [malformed]=keystile.v1.Verifier/Verify)
 load() {  # step, calls
   local out
   out="$(h2load -n "$2" -c "$C" -m "$M" -H 'content-type: application/grpc' -H 'te: trailers' \

@@ -4,7 +4,10 @@
 # profile of `keystile bench` (README, "Load testing"): `simple` (one
 # scope), `realistic` (two scopes, a two-CIDR allowlist, a rate limit, asked
 # from an allowed address) and `three-limits` (the same with three named
-# limits, all named by the request). A release `keystile serve --dev
+# limits, all named by the request), and two answers an attacker gets:
+# `shed` (a forged key from an address past its failed-attempt allowance,
+# 429 with the rate-limit headers) and `malformed` (a wrong checksum). A
+# release `keystile serve --dev
 # --workers 1` pinned to CPU 0, h2load pinned to CPU 1; for each
 # concurrency (connections x streams) the steps take turns ROUNDS times
 # and the medians are compared: requests per second, the ratio to
@@ -14,11 +17,13 @@
 #
 # Environment: B (binary), SERVE_ARGS (more `serve` flags), N (calls per
 # step, default 100000), ROUNDS
-# (default 3), SHAPES (default "1x1 4x32 16x64").
+# (default 3), SHAPES (default "1x1 4x32 16x64"), STEPS (default "health
+# simple realistic three-limits shed malformed"; health first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B="${B:-target/release/keystile}"
 N="${N:-100000}"; ROUNDS="${ROUNDS:-3}"; SHAPES="${SHAPES:-1x1 4x32 16x64}"
+STEPS="${STEPS:-health simple realistic three-limits shed malformed}"
 command -v h2load >/dev/null || { echo "h2load is needed: apt-get install nghttp2-client" >&2; exit 1; }
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 dir="$(mktemp -d)"
@@ -61,6 +66,23 @@ frame(f"{d}/health", b"")
 frame(f"{d}/simple", s(1, simple) + s(3, "read"))
 frame(f"{d}/realistic", s(1, realistic) + s(2, "10.1.2.3") + s(3, "read"))
 frame(f"{d}/three-limits", s(1, three) + s(2, "10.1.2.3") + s(3, "read") + s(6, "api") + s(6, "export") + s(6, "burst"))
+# A forged key: the simple key with another key_id (8 characters before the
+# 32-character secret and the 6-character checksum) and its checksum made
+# right, so it is well formed and unknown. Asked from one address, it is
+# shed once that address has spent its failed-attempt allowance.
+import zlib
+BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+def checksum(body):
+    v, out = zlib.crc32(body.encode()), ""
+    for _ in range(6):
+        v, out = v // 62, BASE62[v % 62] + out
+    return out
+id_at = len(simple) - 6 - 32 - 1 - 8
+forged = simple[:id_at] + "zzzzzzzz" + simple[id_at + 8:-6]
+forged += checksum(forged)
+frame(f"{d}/shed", s(1, forged) + s(2, "198.51.100.7") + s(3, "read"))
+# A wrong checksum: refused before the cache and the store.
+frame(f"{d}/malformed", s(1, forged[:-6] + ("000000" if forged[-6:] != "000000" else "000001")) + s(3, "read"))
 PY
 
 ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
@@ -69,7 +91,7 @@ results="$dir/results"
 for shape in $SHAPES; do
   c="${shape%x*}"; m="${shape#*x}"
   for round in $(seq "$ROUNDS"); do
-    for step in health simple realistic three-limits; do
+    for step in $STEPS; do
       path=/keystile.v1.Verifier/Verify; [ "$step" = health ] && path=/grpc.health.v1.Health/Check
       before="$(ticks)"
       out="$(taskset -c 1 h2load -n "$N" -c "$c" -m "$m" -H 'content-type: application/grpc' -H 'te: trailers' \
@@ -82,7 +104,7 @@ for shape in $SHAPES; do
   done
 done
 
-python3 - "$results" "$N" "$hz" <<'PY'
+python3 - "$results" "$N" "$hz" "$STEPS" <<'PY'
 import statistics, sys
 rows = [l.split() for l in open(sys.argv[1])]
 n, hz = int(sys.argv[2]), int(sys.argv[3])
@@ -90,7 +112,7 @@ shapes = list(dict.fromkeys(r[0] for r in rows))
 print(f"{'shape':<7} {'step':<13} {'median req/s':>12} {'÷ health':>9} {'CPU µs/call':>12} {'failed':>7}")
 for shape in shapes:
     med = {}
-    for step in ["health", "simple", "realistic", "three-limits"]:
+    for step in sys.argv[4].split():
         mine = [r for r in rows if r[0] == shape and r[1] == step]
         rps = statistics.median(float(r[2]) for r in mine)
         cpu = statistics.median(int(r[3]) / hz * 1e6 / n for r in mine)

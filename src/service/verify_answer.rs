@@ -53,21 +53,134 @@ impl VerifyAnswer {
                 uint(i as u32 + 1, n, buf);
             }
         }
-        verdict::each_header(v, self.now_unix, |name, value| {
-            // Written on the stack when short; a long list is measured,
-            // then written piece by piece.
-            let mut stack = [0u8; 96];
-            match value.render(&mut stack) {
-                Some(short) => entry(14, name, short.len(), buf, |buf| buf.put_slice(short)),
-                None => entry(14, name, value.len(), buf, |buf| value.write(&mut |b| buf.put_slice(b))),
-            }
-        });
+        if !DenialHeaders::write(v, self.now_unix, buf) {
+            // The header entries are framed on the stack and copied once; a
+            // value too long for it (a long scope list) is measured, then
+            // written piece by piece.
+            let mut block = HeaderBlock::new();
+            verdict::each_header(v, self.now_unix, |name, value| {
+                if !block.push(name, &value) {
+                    block.flush(buf);
+                    entry(14, name, value.len(), buf, |buf| value.write(&mut |b| buf.put_slice(b)));
+                }
+            });
+            block.flush(buf);
+        }
         for limit in v.applied() {
             limit_state(limit, buf);
         }
         if let Some(k) = &v.key {
             string(16, k.record.kind.as_str(), buf);
         }
+    }
+}
+
+/// The `headers` map entries (field 14) of an answer, framed on the stack:
+/// `put_slice` per piece (a key, a length, a name, a value) cost more than
+/// the values' digits (BENCHMARKS.md, "Header entries framed on the
+/// stack").
+struct HeaderBlock {
+    bytes: [u8; HeaderBlock::BYTES],
+    at: usize,
+}
+
+impl HeaderBlock {
+    /// Room for every header of a key with a rate limit and its scopes,
+    /// or of a shed answer; what does not fit is written after a flush.
+    const BYTES: usize = 512;
+    /// Field 14, length-delimited; a map entry's key (1) and value (2).
+    const ENTRY: u8 = 14 << 3 | 2;
+    const KEY: u8 = 1 << 3 | 2;
+    const VALUE: u8 = 2 << 3 | 2;
+
+    const fn new() -> HeaderBlock {
+        HeaderBlock { bytes: [0; HeaderBlock::BYTES], at: 0 }
+    }
+
+    /// Frames `name: value` as [`entry`] would, when the entry's length
+    /// fits in one byte and there is room for it; false, with nothing
+    /// written, when not. Inlined at both callers: out of line, the call
+    /// cost a fifth of what it saves.
+    #[inline(always)]
+    fn push(&mut self, name: &str, value: &verdict::HeaderValue) -> bool {
+        let value_at = self.at + 6 + name.len();
+        let Some(slot) = self.bytes.get_mut(value_at..value_at + 96) else {
+            return false;
+        };
+        let slot: &mut [u8; 96] = slot.try_into().expect("96 bytes");
+        let Some(len) = value.render(slot).map(<[u8]>::len) else {
+            return false;
+        };
+        // An empty value is left out of the entry, as prost does.
+        let value_part = if len == 0 { 0 } else { 2 + len };
+        let entry_len = 2 + name.len() + value_part;
+        if entry_len >= 0x80 {
+            return false;
+        }
+        let at = self.at;
+        self.bytes[at..at + 4].copy_from_slice(&[Self::ENTRY, entry_len as u8, Self::KEY, name.len() as u8]);
+        self.bytes[at + 4..at + 4 + name.len()].copy_from_slice(name.as_bytes());
+        if len > 0 {
+            self.bytes[value_at - 2..value_at].copy_from_slice(&[Self::VALUE, len as u8]);
+        }
+        self.at = at + 2 + entry_len;
+        true
+    }
+
+    /// Copies what was framed to `buf` and starts again.
+    fn flush(&mut self, buf: &mut impl BufMut) {
+        if self.at > 0 {
+            buf.put_slice(&self.bytes[..self.at]);
+            self.at = 0;
+        }
+    }
+}
+
+/// The header entries of the last denial with nothing left (a shed
+/// address, a spent rate limit) answered on this thread, and what they
+/// were made of. Such a denial's headers change at most once a second, so
+/// a flood of them (an attacker's) is answered with a copy (BENCHMARKS.md,
+/// "Header entries framed on the stack"). Bounded: one block per thread.
+struct DenialHeaders {
+    of: Option<(AppliedLimit, u64)>,
+    block: HeaderBlock,
+}
+
+thread_local! {
+    static DENIAL_HEADERS: std::cell::RefCell<DenialHeaders> =
+        const { std::cell::RefCell::new(DenialHeaders { of: None, block: HeaderBlock::new() }) };
+}
+
+impl DenialHeaders {
+    /// Writes `v`'s header entries when it is such a denial (429, no
+    /// requests left, one limit, so no policy list and no scopes), from
+    /// the last block when it was made of the same values; false, with
+    /// nothing written, for any other verdict.
+    #[inline]
+    fn write(v: &Verdict, now_unix: i64, buf: &mut impl BufMut) -> bool {
+        let Some(rate) = v.rate else { return false };
+        if v.outcome.http_status() != 429 || rate.state.remaining != 0 || v.limits.len() >= 2 {
+            return false;
+        }
+        // Every value `each_header` reads: the limit, the reset as a time
+        // and as seconds, and the wait in the seconds `retry-after` says.
+        let mut of = rate;
+        of.state.retry_after_ms = of.state.retry_after_ms.div_ceil(1000);
+        let of = (of, (now_unix.max(0) as u64).wrapping_add(rate.state.reset_seconds));
+        DENIAL_HEADERS.with_borrow_mut(|last| {
+            if last.of != Some(of) {
+                last.of = None;
+                last.block.at = 0;
+                let mut framed = true;
+                verdict::each_header(v, now_unix, |name, value| framed &= last.block.push(name, &value));
+                if !framed {
+                    return false;
+                }
+                last.of = Some(of);
+            }
+            buf.put_slice(&last.block.bytes[..last.block.at]);
+            true
+        })
     }
 }
 
@@ -125,6 +238,56 @@ pub(crate) mod tests {
         Arc::new(CachedKey::new(record))
     }
 
+    /// A denial's headers are copied from the last ones only when made of
+    /// the same values: answers in a row, each a field away from the one
+    /// before, each decode to the message `to_response` builds.
+    #[test]
+    fn a_denials_headers_are_reused_only_for_the_same_values() {
+        let shed = |reset: u64, retry_ms: u64| {
+            let mut v = Verdict::bare(Outcome::TooManyFailedAttempts);
+            v.rate = Some(applied("default", 20, 0, reset, retry_ms));
+            v
+        };
+        let now = 1_800_000_000;
+        let mut rows = vec![
+            (shed(7, 6_500), now),
+            (shed(7, 6_500), now),
+            (shed(7, 6_500), now + 1), // the reset time moved
+            (shed(8, 6_500), now),     // the same reset time, another t=
+            (shed(8, 6_001), now),     // the same retry-after second
+            (shed(8, 8_001), now),     // another one
+            (shed(8, 8_001), now),
+        ];
+        let mut other = shed(8, 8_001);
+        other.rate.as_mut().unwrap().state.limit = 21;
+        rows.push((other.clone(), now));
+        other.rate.as_mut().unwrap().state.window_seconds = 61;
+        rows.push((other.clone(), now));
+        other.rate.as_mut().unwrap().name = "other".parse().unwrap();
+        rows.push((other.clone(), now));
+        other.outcome = Outcome::RateLimited;
+        other.key = Some(key("acme", &["read"], &[], None));
+        rows.push((other.clone(), now));
+        // Not such a denial: written as any answer, and the next one is
+        // still right.
+        other.rate.as_mut().unwrap().state.remaining = 1;
+        rows.push((other.clone(), now));
+        // Two limits: a policy list, made of both. The first one first,
+        // as the rate, alone; then with the other.
+        other.limits = vec![];
+        other.rate = Some(applied("a", 5, 0, 3, 2_000));
+        rows.push((other.clone(), now));
+        other.limits = vec![applied("a", 5, 0, 3, 2_000), applied("b", 9, 0, 3, 2_000)];
+        rows.push((other, now));
+        rows.push((shed(8, 8_001), now));
+        for (verdict, now) in rows {
+            let built = to_response(&verdict, now);
+            let mut written = Vec::new();
+            VerifyAnswer { verdict, now_unix: now }.write(&mut written);
+            assert_eq!(proto::VerifyResponse::decode(&written[..]).unwrap(), built);
+        }
+    }
+
     /// Written and built-then-encoded answers are the same message, the
     /// same length, for every outcome with and without a key, limits and
     /// headers; decoded back they compare equal.
@@ -159,10 +322,32 @@ pub(crate) mod tests {
         let mut long = Verdict::bare(Outcome::Valid);
         long.key = Some(key("", &many.iter().map(String::as_str).collect::<Vec<_>>(), &[], None));
         verdicts.push(long);
+        // A header block with every kind of entry: an empty value (one
+        // empty scope), eight 32-byte limit names (a policy list too long
+        // to frame on the stack, between entries that are), and numbers
+        // of twenty digits, which fill the block before the last entries.
+        let mut empty = Verdict::bare(Outcome::Valid);
+        empty.key = Some(key("", &[""], &[], None));
+        verdicts.push(empty);
+        for big in [7, 10_000_000_000_000_000_000] {
+            let mut eight = Verdict::bare(Outcome::RateLimited);
+            eight.key = Some(rich.clone());
+            eight.limits = (0..8).map(|i| applied(&format!("{i}{}", "n".repeat(31)), big, big, big, big)).collect();
+            eight.rate = Some(eight.limits[3]);
+            verdicts.push(eight);
+        }
         for verdict in verdicts {
             let built = to_response(&verdict, 1_800_000_000);
+            // The header entries come in the order the verdict gives them.
+            let mut names = Vec::new();
+            verdict::each_header(&verdict, 1_800_000_000, |name, _| names.push(name));
             let mut written = Vec::new();
             VerifyAnswer { verdict, now_unix: 1_800_000_000 }.write(&mut written);
+            let at = |name: &str| {
+                let framed = [&[0x0a, name.len() as u8], name.as_bytes()].concat();
+                written.windows(framed.len()).position(|w| w == framed).unwrap()
+            };
+            assert!(names.windows(2).all(|w| at(w[0]) < at(w[1])), "{names:?}");
             assert_eq!(written.len(), built.encoded_len(), "{built:?}");
             assert_eq!(proto::VerifyResponse::decode(&written[..]).unwrap(), built);
         }

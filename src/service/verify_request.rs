@@ -103,7 +103,7 @@ fn string<'a>(wire_type: WireType, buf: &mut &'a [u8]) -> Result<&'a str, Undeco
     };
     let (value, rest) = buf.split_at_checked(len).ok_or(Undecodable)?;
     *buf = rest;
-    std::str::from_utf8(value).map_err(|_| Undecodable)
+    crate::service::protobuf::utf8(value).ok_or(Undecodable)
 }
 
 /// A varint field's value.

@@ -21,6 +21,7 @@ use tonic::codegen::BoxFuture;
 use tonic::{Request, Response, Status};
 
 use crate::proxy::{Asked, Decision, Deny, Gate, Overrides, ProxyRequest, RequestHeaders};
+use crate::service::protobuf::utf8;
 use crate::service::unary::{UnaryCodec, UnaryServer};
 
 /// Largest CheckRequest accepted by default: it carries every header of
@@ -41,21 +42,9 @@ pub mod wire;
 
 pub use answer::CheckAnswer;
 
-/// A field as text, or "" when it is not UTF-8. Nearly every field is
-/// ASCII, which a word-at-a-time check settles faster than the general
-/// validation does for short strings.
+/// A field as text, or "" when it is not UTF-8.
 fn text(b: &[u8]) -> &str {
     utf8(b).unwrap_or("")
-}
-
-/// `b` as text when it is UTF-8, one scan for ASCII.
-fn utf8(b: &[u8]) -> Option<&str> {
-    if b.is_ascii() {
-        // SAFETY: ASCII is UTF-8.
-        Some(unsafe { std::str::from_utf8_unchecked(b) })
-    } else {
-        std::str::from_utf8(b).ok()
-    }
 }
 
 pub struct ExtAuthzService {

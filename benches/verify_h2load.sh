@@ -82,8 +82,20 @@ forged = simple[:id_at] + "zzzzzzzz" + simple[id_at + 8:-6]
 forged += checksum(forged)
 frame(f"{d}/shed", s(1, forged) + s(2, "198.51.100.7") + s(3, "read"))
 # A wrong checksum: refused before the cache and the store.
-frame(f"{d}/malformed", s(1, forged[:-6] + ("000000" if forged[-6:] != "000000" else "000001")) + s(3, "read"))
+malformed = forged[:-6] + ("000000" if forged[-6:] != "000000" else "000001")
+frame(f"{d}/malformed", s(1, malformed) + s(3, "read"))
+open(f"{d}/forged.key", "w").write(forged)
+open(f"{d}/malformed.key", "w").write(malformed)
 PY
+# The attacker's answers are what they should be: the forged key is shed
+# once its address has spent its allowance (the server's default, 20 a
+# minute), and the other one is malformed.
+for _ in $(seq 25); do
+  answer="$("$B" verify --ip 198.51.100.7 --scope read --json - <"$dir/forged.key")"
+done
+grep -q '"code": *"RATE_LIMITED"' <<<"$answer" || { echo "the forged key is not shed: $answer" >&2; exit 1; }
+"$B" verify --scope read --json - <"$dir/malformed.key" | grep -q '"code": *"MALFORMED"' \
+  || { echo "the malformed key is not refused as malformed" >&2; exit 1; }
 
 ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
 hz="$(getconf CLK_TCK)"

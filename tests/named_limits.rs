@@ -240,7 +240,12 @@ fn never_rises(remaining: &[u64], slack: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_limit_holds_across_three_sidecars_even_and_skewed() {
     let redis = RedisServer::start();
-    let (_sidecars, clients, mut admin) = fleet(&redis, 3, &[]).await;
+    // What leases alone hold to: a lease call that takes longer than the
+    // store timeout sends its sidecar to its local share for a second
+    // (README, "Fleet-wide"), which admits beyond the 1 % on a
+    // loaded machine. That fallback has its own test
+    // (`redis_down_limits_fall_back_as_configured_and_recover`).
+    let (_sidecars, clients, mut admin) = fleet(&redis, 3, &["--store-timeout", "5s"]).await;
     settle().await;
     // 600 an hour: one cell back every 6 s, so a run of a few seconds sees
     // the burst and at most one refill.

@@ -2,7 +2,7 @@
 //! (`verify_answer.rs`, `ext_authz/answer.rs`): each writes a message
 //! straight into the send buffer, field by field, as prost would encode
 //! the same message (README, "Performance"). And the one reading rule the
-//! requests read in place share (`verify_request.rs`, `ext_authz/wire.rs`):
+//! requests read in place share (`verify_request.rs`, `ext_authz/mod.rs`):
 //! a text field is checked as UTF-8 by [`utf8`].
 
 use prost::bytes::BufMut;

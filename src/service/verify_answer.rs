@@ -86,8 +86,10 @@ struct HeaderBlock {
 
 impl HeaderBlock {
     /// Room for every header of a key with a rate limit and its scopes,
-    /// or of a shed answer; what does not fit is written after a flush.
-    const BYTES: usize = 512;
+    /// or of a shed answer (about 200 bytes), and for all but the last of
+    /// a limit with a 32-byte name and twenty-digit numbers (about 350):
+    /// what does not fit is written after a flush.
+    const BYTES: usize = 384;
     /// Field 14, length-delimited; a map entry's key (1) and value (2).
     const ENTRY: u8 = 14 << 3 | 2;
     const KEY: u8 = 1 << 3 | 2;
@@ -138,9 +140,10 @@ impl HeaderBlock {
 
 /// The header entries of the last denial with nothing left (a shed
 /// address, a spent rate limit) answered on this thread, and what they
-/// were made of. Such a denial's headers change at most once a second, so
-/// a flood of them (an attacker's) is answered with a copy (BENCHMARKS.md,
-/// "Header entries framed on the stack"). Bounded: one block per thread.
+/// were made of. Such a denial's headers change only when the clock's
+/// second or the wait's second turns, so a flood of them from one address
+/// (an attacker's) is answered mostly with copies (BENCHMARKS.md, "Header
+/// entries framed on the stack"). Bounded: one block per thread.
 struct DenialHeaders {
     of: Option<(AppliedLimit, u64)>,
     block: HeaderBlock,
@@ -280,12 +283,36 @@ pub(crate) mod tests {
         other.limits = vec![applied("a", 5, 0, 3, 2_000), applied("b", 9, 0, 3, 2_000)];
         rows.push((other, now));
         rows.push((shed(8, 8_001), now));
+        // Headers too long for the block (a 32-byte name, numbers of
+        // twenty digits): written as any answer.
+        let mut long = shed(7, 6_500);
+        long.rate = Some(applied(&"n".repeat(32), 10_000_000_000_000_000_000, 0, 10_000_000_000_000_000_000, u64::MAX));
+        rows.push((long, now));
         for (verdict, now) in rows {
             let built = to_response(&verdict, now);
             let mut written = Vec::new();
             VerifyAnswer { verdict, now_unix: now }.write(&mut written);
             assert_eq!(proto::VerifyResponse::decode(&written[..]).unwrap(), built);
         }
+        // And a denial like the last one is a copy of its block: a mark
+        // put in the kept block shows in the next answer made of the same
+        // values (the wait 700 ms shorter, the same second), not in one
+        // a second later.
+        let write = |verdict: Verdict, now: i64| {
+            let mut written = Vec::new();
+            VerifyAnswer { verdict, now_unix: now }.write(&mut written);
+            written
+        };
+        let first = write(shed(9, 8_900), now);
+        DENIAL_HEADERS.with_borrow_mut(|last| {
+            let at = last.block.at;
+            last.block.bytes[at - 1] = b'x';
+        });
+        let copy = write(shed(9, 8_200), now);
+        assert_eq!(copy.len(), first.len());
+        assert_ne!(copy, first, "the second answer was framed again, not copied");
+        let next = write(shed(8, 7_900), now + 1);
+        assert_eq!(proto::VerifyResponse::decode(&next[..]).unwrap(), to_response(&shed(8, 7_900), now + 1));
     }
 
     /// Written and built-then-encoded answers are the same message, the
@@ -324,8 +351,9 @@ pub(crate) mod tests {
         verdicts.push(long);
         // A header block with every kind of entry: an empty value (one
         // empty scope), eight 32-byte limit names (a policy list too long
-        // to frame on the stack, between entries that are), and numbers
-        // of twenty digits, which fill the block before the last entries.
+        // to frame on the stack, between entries that are), and one such
+        // limit with numbers of twenty digits, whose headers fill the
+        // block before the last one (retry-after, or the scopes).
         let mut empty = Verdict::bare(Outcome::Valid);
         empty.key = Some(key("", &[""], &[], None));
         verdicts.push(empty);
@@ -335,6 +363,13 @@ pub(crate) mod tests {
             eight.limits = (0..8).map(|i| applied(&format!("{i}{}", "n".repeat(31)), big, big, big, big)).collect();
             eight.rate = Some(eight.limits[3]);
             verdicts.push(eight);
+        }
+        let huge = 10_000_000_000_000_000_000;
+        for outcome in [Outcome::RateLimited, Outcome::Valid] {
+            let mut full = Verdict::bare(outcome);
+            full.key = Some(rich.clone());
+            full.rate = Some(applied(&"n".repeat(32), huge, huge, huge, u64::MAX));
+            verdicts.push(full);
         }
         for verdict in verdicts {
             let built = to_response(&verdict, 1_800_000_000);

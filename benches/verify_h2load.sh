@@ -11,7 +11,8 @@
 # --workers 1` pinned to CPU 0, h2load pinned to CPU 1; for each
 # concurrency (connections x streams) the steps take turns ROUNDS times
 # and the medians are compared: requests per second, the ratio to
-# Health/Check, and the server's CPU per call from /proc/PID/stat.
+# Health/Check (of the medians, and the median of each round's), and the
+# server's CPU per call from /proc/PID/stat.
 #
 #   cargo build --release && bash benches/verify_h2load.sh
 #
@@ -121,14 +122,19 @@ import statistics, sys
 rows = [l.split() for l in open(sys.argv[1])]
 n, hz = int(sys.argv[2]), int(sys.argv[3])
 shapes = list(dict.fromkeys(r[0] for r in rows))
-print(f"{'shape':<7} {'step':<13} {'median req/s':>12} {'÷ health':>9} {'CPU µs/call':>12} {'failed':>7}")
+# "by round": the median of each round's ratio to the Health/Check step
+# run just before it, steadier than the ratio of medians when the
+# machine's speed drifts between rounds.
+print(f"{'shape':<7} {'step':<13} {'median req/s':>12} {'÷ health':>9} {'by round':>9} {'CPU µs/call':>12} {'failed':>7}")
 for shape in shapes:
     med = {}
+    health = [float(r[2]) for r in rows if r[0] == shape and r[1] == "health"]
     for step in sys.argv[4].split():
         mine = [r for r in rows if r[0] == shape and r[1] == step]
         rps = statistics.median(float(r[2]) for r in mine)
+        by_round = statistics.median(float(r[2]) / h for r, h in zip(mine, health))
         cpu = statistics.median(int(r[3]) / hz * 1e6 / n for r in mine)
         failed = sum(int(r[4]) for r in mine)
         med[step] = rps
-        print(f"{shape:<7} {step:<13} {rps:>12.0f} {rps / med['health']:>9.2f} {cpu:>12.1f} {failed:>7}")
+        print(f"{shape:<7} {step:<13} {rps:>12.0f} {rps / med['health']:>9.2f} {by_round:>9.2f} {cpu:>12.1f} {failed:>7}")
 PY

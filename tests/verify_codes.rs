@@ -211,6 +211,24 @@ async fn every_code(s: &TestServer) {
     assert_eq!((r.http_status, r.error.as_str()), (429, "too_many_failed_attempts"));
     assert!(r.headers.contains_key("retry-after"));
     assert!(r.key_id.is_empty(), "shed before the key is looked at");
+    // Its headers: the shedder's limit and window, the wait as t= and
+    // retry-after. The next shed answer, made of the same values, is a
+    // copy of them (README, "Performance"); a second later the wait is a
+    // second shorter and the reset time the same.
+    let t: u64 = r.headers["ratelimit"].strip_prefix("\"default\";r=0;t=").unwrap().parse().unwrap();
+    assert!((2..=3).contains(&t), "one failure back every 3 s: {t}");
+    assert_eq!(r.headers["x-ratelimit-limit"], "20");
+    assert_eq!(r.headers["x-ratelimit-remaining"], "0");
+    assert_eq!(r.headers["ratelimit-policy"], "\"default\";q=20;w=60");
+    assert_eq!(r.headers["retry-after"], t.to_string());
+    let again = verify(&mut v, with_ip(&good, "198.51.100.7")).await;
+    assert_eq!(again.headers, r.headers);
+    s.clock.advance(Duration::from_secs(1));
+    let later = verify(&mut v, with_ip(&good, "198.51.100.7")).await;
+    assert_eq!(code(&later), Code::RateLimited);
+    assert_eq!(later.headers["ratelimit"], format!("\"default\";r=0;t={}", t - 1));
+    assert_eq!(later.headers["retry-after"], (t - 1).to_string());
+    assert_eq!(later.headers["x-ratelimit-reset"], r.headers["x-ratelimit-reset"]);
     assert_eq!(code(&verify(&mut v, with_ip(&good, "198.51.100.8")).await), Code::Valid);
     assert_eq!(code(&verify(&mut v, with_ip(&good, "")).await), Code::Valid, "no IP, never shed");
     // IPv6: one /64 shares a bucket. (A key already cached is answered

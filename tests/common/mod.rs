@@ -346,6 +346,22 @@ pub async fn verify(client: &mut VerifierClient<Channel>, req: proto::VerifyRequ
     client.verify(req).await.expect("Verify answers").into_inner()
 }
 
+/// Verifies `req` until the answer is `want`, failing with `what` after a
+/// second (the cross-replica bound of README, "Storage, cache and
+/// revocation").
+pub async fn until_code(
+    client: &mut VerifierClient<Channel>,
+    req: proto::VerifyRequest,
+    want: proto::Code,
+    what: &str,
+) {
+    let t0 = std::time::Instant::now();
+    while code(&verify(client, req.clone()).await) != want {
+        assert!(t0.elapsed() < Duration::from_secs(1), "{what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 pub fn code(resp: &proto::VerifyResponse) -> proto::Code {
     proto::Code::try_from(resp.code).unwrap()
 }

@@ -137,6 +137,15 @@ impl std::fmt::Debug for Found<'_> {
 }
 
 impl CredentialSources {
+    /// The header names the sources read (a query parameter's is none).
+    pub fn header_names(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().filter_map(|source| match source {
+            Source::Authorization => Some("authorization"),
+            Source::Header(name) => Some(name.as_str()),
+            Source::Query(_) => None,
+        })
+    }
+
     pub fn sources(&self) -> &[Source] {
         &self.0
     }

@@ -297,6 +297,13 @@ impl Gate {
         &self.settings
     }
 
+    /// Every header [`read`](Self::read) may look for, besides the names
+    /// with [`IDENTITY_PREFIX`]: a front end may drop the others as it
+    /// reads a request.
+    pub fn header_names(&self) -> impl Iterator<Item = &str> {
+        self.settings.sources.header_names().chain(["origin", "x-forwarded-for"])
+    }
+
     /// Decides one request. `Err` is the answer when the store cannot
     /// answer: never an allow (ext_authz turns it into `UNAVAILABLE`,
     /// forward-auth sends it as a 503).

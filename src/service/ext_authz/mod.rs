@@ -49,11 +49,16 @@ fn text(b: &[u8]) -> &str {
 
 pub struct ExtAuthzService {
     gate: Arc<Gate>,
+    /// The headers the gate reads, and `:authority`: a CheckRequest's
+    /// others are dropped as it is read.
+    headers: wire::HeaderFilter,
 }
 
 impl ExtAuthzService {
     pub fn new(gate: Arc<Gate>) -> ExtAuthzService {
-        ExtAuthzService { gate }
+        let names = gate.header_names().chain([AUTHORITY]);
+        let headers = wire::HeaderFilter::new(names, crate::proxy::IDENTITY_PREFIX);
+        ExtAuthzService { gate, headers }
     }
 
     pub fn into_server(self, max_request_bytes: usize) -> ExtAuthzServer {
@@ -61,16 +66,21 @@ impl ExtAuthzService {
     }
 }
 
+/// The pseudo-header of the host, where `host` is empty.
+const AUTHORITY: &str = ":authority";
+
 /// Envoy's headers, as the view holds them: `headers` entries (lower-case
-/// names) and `header_map` values.
-struct CheckHeaders<'v, 'a>(&'v [(&'a [u8], &'a [u8])]);
+/// names) and `header_map` values, those the filter kept.
+struct CheckHeaders<'v, 'a>(&'v [(&'a [u8], &'a [u8])], &'v wire::HeaderFilter);
 
 impl<'a> RequestHeaders<'a> for CheckHeaders<'_, 'a> {
     fn values(&self, name: &str) -> impl Iterator<Item = &'a str> {
+        debug_assert!(self.1.keeps(name.as_bytes()), "{name} is dropped as a CheckRequest is read");
         self.0.iter().filter(move |(k, _)| k.eq_ignore_ascii_case(name.as_bytes())).filter_map(|(_, v)| utf8(v))
     }
 
     fn names_with_prefix(&self, prefix: &'static str) -> impl Iterator<Item = &'a str> {
+        debug_assert!(self.1.keeps_prefix(prefix), "{prefix}* is dropped as a CheckRequest is read");
         // Checked as UTF-8 only when they match: most names do not. A
         // name that is not UTF-8 is no header keystile sets.
         self.0
@@ -84,6 +94,7 @@ impl<'a> RequestHeaders<'a> for CheckHeaders<'_, 'a> {
     fn each_value_of(&self, names: &[&str], mut each: impl FnMut(usize, &'a str)) {
         // The names' lengths, as bits: a header of a length no name has
         // (most of a request's) is passed over with one test.
+        debug_assert!(names.iter().all(|n| n.is_empty() || self.1.keeps(n.as_bytes())), "{names:?}");
         let lengths = names.iter().fold(0u64, |m, n| m | 1 << (n.len() % 64));
         for (k, v) in self.0 {
             if lengths & 1 << (k.len() % 64) == 0 {
@@ -121,16 +132,16 @@ impl ExtAuthzService {
     /// hold it while the engine answers.
     fn read<'a>(&'a self, check: &'a wire::RawCheck) -> Result<Result<Asked<'a>, Deny>, Status> {
         let mut view = wire::CheckView::default();
-        check.read_into(&mut view).map_err(Status::invalid_argument)?;
+        check.read_into(&mut view, &self.headers).map_err(Status::invalid_argument)?;
         if !view.has_http {
             return Err(Status::invalid_argument("CheckRequest has no attributes.request.http"));
         }
         let peer = crate::verdict::parse_ip(text(view.source_address));
-        let headers = CheckHeaders(&view.headers);
+        let headers = CheckHeaders(&view.headers, &self.headers);
         let extension =
             |name: &str| view.context_extensions.iter().find(|(k, _)| *k == name.as_bytes()).map(|(_, v)| text(v));
         let host = match text(view.host) {
-            "" => headers.values(":authority").next().unwrap_or(""),
+            "" => headers.values(AUTHORITY).next().unwrap_or(""),
             h => h,
         };
         let req = ProxyRequest {
@@ -238,7 +249,11 @@ mod tests {
         ];
         for (headers, query, want) in cases {
             let pairs: Vec<(&[u8], &[u8])> = headers.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())).collect();
-            assert_eq!(sources.find(&CheckHeaders(&pairs), query), want, "{headers:?} {query}");
+            assert_eq!(
+                sources.find(&CheckHeaders(&pairs, &wire::HeaderFilter::ALL), query),
+                want,
+                "{headers:?} {query}"
+            );
         }
         // A name of 64 bytes (the longest a source may have) shares its
         // bit of the length mask with an empty one: the empty header never
@@ -248,7 +263,80 @@ mod tests {
         let short: &[u8] = b"";
         let upper = long.to_uppercase();
         let pairs: [(&[u8], &[u8]); 2] = [(short, b"ks_a"), (upper.as_bytes(), b"ks_b")];
-        assert_eq!(sources.find(&CheckHeaders(&pairs), ""), Found::One("ks_b", 0b1));
+        assert_eq!(sources.find(&CheckHeaders(&pairs, &wire::HeaderFilter::ALL), ""), Found::One("ks_b", 0b1));
+    }
+
+    /// A Check read with the service's filter (the headers the gate asks
+    /// for) is answered byte for byte as one read with every header: a
+    /// credential in any source and case, a forged identity header, an
+    /// origin, the host from `:authority`, two credentials, none.
+    #[tokio::test]
+    async fn dropping_the_headers_no_one_reads_changes_no_answer() {
+        use envoy_types::ext_authz::v3::pb::CheckRequest;
+        use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+        use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request as Req};
+        use prost::Message;
+
+        // Two sidecars of one store, so that each counts the key's limit
+        // the same way.
+        let settings = EngineSettings::new(PepperSet::single(Pepper::parse(&[7u8; 32]).unwrap()));
+        let (store, clock) = (Arc::new(MemoryStore::new()), Clock::manual(1_800_000_000));
+        let app = App::build(settings.clone(), store.clone(), clock.clone());
+        let other = App::build(settings, store, clock);
+        let spec = crate::admin::KeySpec {
+            name: "filter".into(),
+            env: "live".into(),
+            scopes: vec!["public:read".into()],
+            kind: crate::key::KeyKind::Publishable,
+            allowed_origins: vec!["https://app.example.com".into()],
+            rate_limit: Some(crate::limit::RateLimitPolicy {
+                requests: 100,
+                window_seconds: 60,
+                burst: 0,
+                per_tenant: false,
+            }),
+            ..Default::default()
+        };
+        let key = app.admin.create(spec, &crate::admin::Actor::deployment()).await.unwrap().key.expose().to_string();
+        let filtered = ExtAuthzService::new(app.gate.clone());
+        assert!(!filtered.headers.keeps(b"user-agent") && filtered.headers.keeps(b"X-Api-Token"));
+        let every = ExtAuthzService { gate: other.gate.clone(), headers: wire::HeaderFilter::ALL };
+        let noise = [("accept", "*/*"), ("user-agent", "x/1"), ("x-request-id", "7d3c"), ("traceparent", "00-4b")];
+        let bearer = format!("Bearer {key}");
+        let cases: [(&str, Vec<(&str, &str)>); 6] = [
+            ("", vec![(":authority", "api.example.com"), ("X-API-KEY", &key), ("origin", "https://app.example.com")]),
+            ("h", vec![("authorization", &bearer), ("X-Keystile-Other", "1"), ("origin", "https://app.example.com")]),
+            ("h", vec![("x-api-token", &bearer), ("origin", "https://evil.example.com")]),
+            ("h", vec![("x-api-key", &key), ("authorization", "Bearer ks_live_other")]),
+            ("h", vec![("x-forwarded-for", "198.51.100.1")]),
+            ("h", vec![("authorization", "Basic dXNlcjpwdw==")]),
+        ];
+        for (i, (host, mut headers)) in cases.into_iter().enumerate() {
+            headers.extend(noise);
+            let http = HttpRequest {
+                method: "GET".into(),
+                path: "/v1/users".into(),
+                host: host.into(),
+                headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                ..Default::default()
+            };
+            let request = CheckRequest {
+                attributes: Some(AttributeContext {
+                    request: Some(Req { http: Some(http), ..Default::default() }),
+                    ..Default::default()
+                }),
+            };
+            let raw = wire::RawCheck(request.encode_to_vec().into());
+            let (mut a, mut b) = (BytesMut::new(), BytesMut::new());
+            filtered.check(raw.clone()).await.unwrap().write(&mut a);
+            every.check(raw).await.unwrap().write(&mut b);
+            assert_eq!(a, b, "{:?}", headers.iter().map(|(k, _)| k).collect::<Vec<_>>());
+            // The first two are allowed; the second's forged header is
+            // removed from the upstream request.
+            let allowed = a.windows(17).any(|w| w == b"x-keystile-key-id");
+            assert_eq!(allowed, i < 2, "case {i}");
+            assert_eq!(a.windows(16).any(|w| w == b"x-keystile-other"), i == 1, "case {i}");
+        }
     }
 
     fn size_of<F>(_: &F) -> usize {

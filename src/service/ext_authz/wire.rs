@@ -1,11 +1,12 @@
 //! Envoy's `envoy.service.auth.v3.CheckRequest`, read in place: the message
 //! as received ([`RawCheck`], one reference to tonic's buffer) and a view
 //! of the few fields keystile reads ([`CheckView`]), borrowed from it, with
-//! Envoy's field numbers. Nothing is copied or allocated for a request of
-//! up to [`INLINE_HEADERS`] headers, and fields keystile does not read are
-//! skipped, not decoded: decoding into Envoy's own type (every header into
-//! a `HashMap<String, String>`) cost more than the verification itself
-//! (BENCHMARKS.md, "Proxy front ends").
+//! Envoy's field numbers. Fields keystile does not read are skipped, not
+//! decoded: decoding into Envoy's own type (every header into a
+//! `HashMap<String, String>`) cost more than the verification itself
+//! (BENCHMARKS.md, "Proxy front ends"). Of the headers, only those a
+//! [`HeaderFilter`] keeps are held (the ones the gate may ask for), and
+//! nothing is copied or allocated for up to [`INLINE_HEADERS`] of them.
 //!
 //! Field numbers (envoy/service/auth/v3/{external_auth,attribute_context}.proto):
 //! CheckRequest.attributes = 1; AttributeContext.source = 1, request = 4,
@@ -44,7 +45,8 @@ pub struct CheckView<'a> {
     pub method: &'a [u8],
     pub path: &'a [u8],
     pub host: &'a [u8],
-    /// `headers` map entries and `header_map` values, in order.
+    /// `headers` map entries and `header_map` values, in order: those the
+    /// [`HeaderFilter`] it was read with keeps.
     pub headers: SmallVec<[(&'a [u8], &'a [u8]); INLINE_HEADERS]>,
     pub context_extensions: SmallVec<[(&'a [u8], &'a [u8]); 4]>,
 }
@@ -54,23 +56,84 @@ impl RawCheck {
     /// are not a protobuf message.
     pub fn view(&self) -> Result<CheckView<'_>, &'static str> {
         let mut v = CheckView::default();
-        self.read_into(&mut v)?;
+        self.read_into(&mut v, &HeaderFilter::ALL)?;
         Ok(v)
     }
 
-    /// [`view`](Self::view) into an empty view where it lies: a view is
-    /// about a kilobyte (its inline headers), which a return would copy.
-    pub fn read_into<'a>(&'a self, v: &mut CheckView<'a>) -> Result<(), &'static str> {
+    /// [`view`](Self::view) into an empty view where it lies (a view is
+    /// about a kilobyte, its inline headers, which a return would copy),
+    /// with only the headers `keep` keeps.
+    pub fn read_into<'a>(&'a self, v: &mut CheckView<'a>, keep: &HeaderFilter) -> Result<(), &'static str> {
         for field in Fields(&self.0) {
             if let (1, attributes) = field? {
-                read_attributes(attributes, v)?;
+                read_attributes(attributes, v, keep)?;
             }
         }
         Ok(())
     }
 }
 
-fn read_attributes<'a>(b: &'a [u8], v: &mut CheckView<'a>) -> Result<(), &'static str> {
+/// Which headers a [`CheckView`] keeps: the names a reader asks for (any
+/// case) and the names with a prefix, and maybe a few more. A request's
+/// other headers, most of them, are passed over as they are read, so that
+/// every later search of the view (one per name asked) sees only what it
+/// may find. The test is loose, never strict: a name asked for is always
+/// kept, whatever its case; a name kept by chance is only searched.
+pub struct HeaderFilter {
+    /// For each first byte (`| 0x20`, mod 64), the lengths (mod 64) of the
+    /// names that start with it, as bits: two tests pass over most names.
+    by_first: [u64; 64],
+    prefix: &'static str,
+    /// The prefix's first eight bytes, little-endian, when it has as many.
+    prefix8: Option<u64>,
+    all: bool,
+}
+
+/// Bit 5 of every byte: ASCII letters' case.
+const CASE: u64 = 0x2020_2020_2020_2020;
+
+impl HeaderFilter {
+    /// Keeps every header.
+    pub const ALL: HeaderFilter = HeaderFilter { by_first: [0; 64], prefix: "", prefix8: None, all: true };
+
+    /// Keeps the headers named `names` (lower case) and those longer than
+    /// `prefix` (lower case) that start with it.
+    pub fn new<'n>(names: impl IntoIterator<Item = &'n str>, prefix: &'static str) -> HeaderFilter {
+        let mut by_first = [0u64; 64];
+        for name in names.into_iter().map(str::as_bytes) {
+            if let Some(b) = name.first() {
+                by_first[usize::from((b | 0x20) % 64)] |= 1 << (name.len() % 64);
+            }
+        }
+        let prefix8 = prefix.as_bytes().first_chunk::<8>().map(|c| u64::from_le_bytes(*c) | CASE);
+        HeaderFilter { by_first, prefix, prefix8, all: false }
+    }
+
+    #[inline]
+    pub fn keeps(&self, name: &[u8]) -> bool {
+        if self.all {
+            return true;
+        }
+        let Some(b) = name.first() else { return false };
+        if self.by_first[usize::from((b | 0x20) % 64)] & 1 << (name.len() % 64) != 0 {
+            return true;
+        }
+        if name.len() <= self.prefix.len() {
+            return false;
+        }
+        match (self.prefix8, name.first_chunk::<8>()) {
+            (Some(p), Some(c)) => u64::from_le_bytes(*c) | CASE == p,
+            _ => crate::proxy::credentials::has_prefix(name, self.prefix),
+        }
+    }
+
+    /// Whether every name with `prefix` is kept.
+    pub fn keeps_prefix(&self, prefix: &str) -> bool {
+        self.all || self.prefix == prefix
+    }
+}
+
+fn read_attributes<'a>(b: &'a [u8], v: &mut CheckView<'a>, keep: &HeaderFilter) -> Result<(), &'static str> {
     for field in Fields(b) {
         match field? {
             (1, peer) => {
@@ -92,7 +155,7 @@ fn read_attributes<'a>(b: &'a [u8], v: &mut CheckView<'a>) -> Result<(), &'stati
                 for f in Fields(request) {
                     if let (2, http) = f? {
                         v.has_http = true;
-                        read_http(http, v)?;
+                        read_http(http, v, keep)?;
                     }
                 }
             }
@@ -103,11 +166,16 @@ fn read_attributes<'a>(b: &'a [u8], v: &mut CheckView<'a>) -> Result<(), &'stati
     Ok(())
 }
 
-fn read_http<'a>(b: &'a [u8], v: &mut CheckView<'a>) -> Result<(), &'static str> {
+fn read_http<'a>(b: &'a [u8], v: &mut CheckView<'a>, keep: &HeaderFilter) -> Result<(), &'static str> {
     for field in Fields(b) {
         match field? {
             (2, m) => v.method = m,
-            (3, entry) => v.headers.push(pair(entry, 1, 2)?),
+            (3, entry) => {
+                let (name, value) = pair(entry, 1, 2)?;
+                if keep.keeps(name) {
+                    v.headers.push((name, value));
+                }
+            }
             (4, p) => v.path = p,
             (5, h) => v.host = h,
             (13, map) => {
@@ -122,7 +190,9 @@ fn read_http<'a>(b: &'a [u8], v: &mut CheckView<'a>) -> Result<(), &'static str>
                                 _ => {}
                             }
                         }
-                        v.headers.push((key, if value.is_empty() { raw } else { value }));
+                        if keep.keeps(key) {
+                            v.headers.push((key, if value.is_empty() { raw } else { value }));
+                        }
                     }
                 }
             }
@@ -382,6 +452,38 @@ mod tests {
             tail.extend_from_slice(&noise);
             proptest::prop_assert_eq!(pair(&tail, 1, 2), pair_walk(&tail, 1, 2));
         });
+    }
+
+    /// The filter keeps every header a reader may ask for, in any case:
+    /// the names, and the names with the prefix (of eight bytes or more,
+    /// or fewer).
+    #[test]
+    fn the_header_filter_keeps_every_name_asked_for() {
+        use proptest::prelude::*;
+        let names = ["authorization", "x-api-key", "origin", ":authority", "x-forwarded-for"];
+        for prefix in ["x-keystile-", "x-k"] {
+            let filter = HeaderFilter::new(names, prefix);
+            assert!(!filter.keeps(b"user-agent") && !filter.keeps(b"x-request-id") && !filter.keeps(b""));
+            assert!(!filter.keeps(prefix.as_bytes()), "only names longer than the prefix");
+            // Names near the asked ones: each one's letters in any case,
+            // cut or lengthened, with a byte changed.
+            let near = (0..names.len() + 1, any::<u64>(), 0..40usize, any::<u8>(), any::<u8>());
+            proptest!(|((i, cases, cut, at, byte) in near)| {
+                let base = names.get(i).map_or_else(|| format!("{prefix}tenant"), |n| n.to_string());
+                let mut name: Vec<u8> = base.bytes().enumerate()
+                    .map(|(j, c)| if cases >> (j % 64) & 1 == 1 { c.to_ascii_uppercase() } else { c })
+                    .collect();
+                match cut % 4 {
+                    0 => name.truncate(cut % (name.len() + 1)),
+                    1 => name.push(byte),
+                    2 => { let j = usize::from(at) % name.len(); name[j] = byte; }
+                    _ => {}
+                }
+                let asked = names.iter().any(|n| n.as_bytes().eq_ignore_ascii_case(&name))
+                    || crate::proxy::credentials::has_prefix(&name, prefix);
+                prop_assert!(!asked || filter.keeps(&name), "{:?}", String::from_utf8_lossy(&name));
+            });
+        }
     }
 
     #[test]

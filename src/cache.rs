@@ -20,6 +20,14 @@
 //! invalidation bumps the counter under its lock; a loader inserts only if
 //! the counter is what it was before the store read began. So a lookup that
 //! started before a revocation can never put the revoked record back.
+//!
+//! In front of moka, each thread keeps its last few fresh hits
+//! ([`FRONT_SLOTS`]), each with the cache's change count when it was read
+//! from moka. Every change to the positive entries (an insert, an
+//! invalidation) bumps that count after it is made, so a kept hit is
+//! answered only while moka would answer the same; a hot key is then
+//! found without moka's hashing, epoch pin and read log (README,
+//! "Performance").
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,6 +38,26 @@ use crate::key::KeyId;
 use crate::store::KeyRecord;
 
 const STRIPES: usize = 256;
+
+/// Fresh hits each thread keeps in front of moka, by key_id.
+pub const FRONT_SLOTS: usize = 16;
+
+/// A fresh hit kept by a thread: which cache, which key, and the cache's
+/// change count when it was read.
+struct FrontSlot {
+    cache: u64,
+    id: KeyId,
+    entry: Entry,
+    changes: u64,
+}
+
+thread_local! {
+    static FRONT: std::cell::RefCell<[Option<FrontSlot>; FRONT_SLOTS]> =
+        const { std::cell::RefCell::new([const { None }; FRONT_SLOTS]) };
+}
+
+/// Tells the caches of one process apart in the threads' fronts.
+static CACHES: AtomicU64 = AtomicU64::new(1);
 
 /// A record as the hot path needs it. Holds no rate-limit state: buckets
 /// live in [`crate::limit`], so an eviction cannot reset a quota.
@@ -288,6 +316,11 @@ pub struct KeyCache {
     generations: Box<[Mutex<u64>]>,
     /// Bumped by `invalidate_all`, read together with the stripe.
     epoch: AtomicU64,
+    /// This cache, in the threads' fronts.
+    instance: u64,
+    /// Changes made to `entries` (inserts, invalidations), counted after
+    /// each is made: a front's hit is good while this is unchanged.
+    changes: AtomicU64,
     settings: CacheSettings,
     ttl_nanos: u64,
     negative_nanos: u64,
@@ -325,6 +358,8 @@ impl KeyCache {
             max_negative: max_negative as usize,
             generations: (0..STRIPES).map(|_| Mutex::new(0)).collect(),
             epoch: AtomicU64::new(0),
+            instance: CACHES.fetch_add(1, Ordering::Relaxed),
+            changes: AtomicU64::new(0),
             ttl_nanos: settings.ttl.as_nanos() as u64,
             negative_nanos: settings.negative_ttl.as_nanos() as u64,
             settings,
@@ -347,14 +382,29 @@ impl KeyCache {
     /// clock read).
     #[inline]
     pub fn get(&self, id: KeyId, now: u64) -> Cached {
-        if let Some(entry) = self.entries.get(&id) {
-            let age = now.saturating_sub(entry.loaded_at);
-            return match age < self.ttl_nanos {
+        // Read before moka: a change made after this read bumps the count
+        // past it, so what is kept with it goes at the next change.
+        let changes = self.changes.load(Ordering::Acquire);
+        let slot = front_slot(id);
+        let kept = FRONT.with_borrow(|front| match &front[slot] {
+            Some(f) if f.cache == self.instance && f.id == id && f.changes == changes => Some(f.entry.clone()),
+            _ => None,
+        });
+        if let Some(entry) = kept {
+            return match now.saturating_sub(entry.loaded_at) < self.ttl_nanos {
                 true => Cached::Fresh(Lookup::Present(entry.key)),
                 false => Cached::Stale(entry.key),
             };
         }
-        self.get_negative(id, now)
+        let Some(entry) = self.entries.get(&id) else {
+            return self.get_negative(id, now);
+        };
+        if now.saturating_sub(entry.loaded_at) >= self.ttl_nanos {
+            return Cached::Stale(entry.key);
+        }
+        let key = entry.key.clone();
+        FRONT.with_borrow_mut(|front| front[slot] = Some(FrontSlot { cache: self.instance, id, entry, changes }));
+        Cached::Fresh(Lookup::Present(key))
     }
 
     #[cold]
@@ -383,11 +433,13 @@ impl KeyCache {
             Lookup::Present(key) => {
                 self.remove_negative(id);
                 self.entries.insert(id, Entry { key, loaded_at: now });
+                self.changes.fetch_add(1, Ordering::Release);
                 true
             }
             // A key that is gone must not stay behind as a stale entry.
             Lookup::Absent => {
                 self.entries.invalidate(&id);
+                self.changes.fetch_add(1, Ordering::Release);
                 if self.negative_nanos == 0 {
                     return false;
                 }
@@ -444,6 +496,7 @@ impl KeyCache {
         let mut stripe = self.stripe(id).lock().unwrap_or_else(|e| e.into_inner());
         *stripe += 1;
         self.entries.invalidate(&id);
+        self.changes.fetch_add(1, Ordering::Release);
         self.remove_negative(id);
     }
 
@@ -454,6 +507,7 @@ impl KeyCache {
         let guards: Vec<_> = self.generations.iter().map(|g| g.lock().unwrap_or_else(|e| e.into_inner())).collect();
         self.epoch.fetch_add(1, Ordering::SeqCst);
         self.entries.invalidate_all();
+        self.changes.fetch_add(1, Ordering::Release);
         let mut removed = 0;
         self.negative.retain(|_, _| {
             removed += 1;
@@ -473,6 +527,14 @@ impl KeyCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// A key_id's slot in a thread's front: key_ids are uniformly random, so
+/// a few of their bits are a good hash.
+#[inline]
+fn front_slot(id: KeyId) -> usize {
+    let b = id.as_bytes();
+    usize::from(b[1] ^ b[6].rotate_left(3)) % FRONT_SLOTS
 }
 
 #[cfg(test)]
@@ -648,6 +710,75 @@ mod tests {
         assert!(matches!(c.get(id(), clock.mono_nanos()), Cached::Fresh(Lookup::Absent)));
         clock.advance(Duration::from_secs(5));
         assert!(matches!(c.get(id(), clock.mono_nanos()), Cached::Missing));
+    }
+
+    /// A thread's front answers only what moka would (README, "Storage,
+    /// cache and revocation"): a kept hit goes with a new record for its
+    /// key, an invalidation, an `invalidate_all` and its TTL; on another
+    /// thread too; and when moka no longer held the key (its size bound
+    /// pushed it out) before the invalidation came.
+    #[test]
+    fn a_threads_kept_hit_goes_with_every_change() {
+        let clock = Clock::manual(0);
+        let c = cache(&clock);
+        let present = |c: &KeyCache| match c.get(id(), clock.mono_nanos()) {
+            Cached::Fresh(Lookup::Present(k)) => Some(k),
+            _ => None,
+        };
+        let put = |c: &KeyCache, name_len| assert!(c.insert_if_current(id(), c.generation(id()), key(id(), name_len)));
+        put(&c, 1);
+        let first = present(&c).unwrap();
+        assert!(Arc::ptr_eq(&present(&c).unwrap(), &first), "the same record, kept");
+        put(&c, 2);
+        let second = present(&c).unwrap();
+        assert_eq!(second.record.name.len(), 2, "a new record for the key replaces the kept one");
+        c.invalidate(id());
+        assert!(matches!(c.get(id(), clock.mono_nanos()), Cached::Missing), "invalidated");
+        put(&c, 2);
+        assert!(present(&c).is_some());
+        assert!(c.insert_if_current(id(), c.generation(id()), Lookup::Absent));
+        assert!(matches!(c.get(id(), clock.mono_nanos()), Cached::Fresh(Lookup::Absent)), "found gone");
+
+        put(&c, 3);
+        assert!(present(&c).is_some());
+        c.invalidate_all();
+        assert!(matches!(c.get(id(), clock.mono_nanos()), Cached::Missing), "all invalidated");
+
+        put(&c, 4);
+        assert!(present(&c).is_some());
+        clock.advance(Duration::from_secs(61));
+        assert!(matches!(c.get(id(), clock.mono_nanos()), Cached::Stale(_)), "past its TTL");
+
+        // Dropped by moka as an eviction drops it (no change counted): the
+        // front still answers, until the key's invalidation.
+        put(&c, 5);
+        assert!(present(&c).is_some());
+        c.entries.invalidate(&id());
+        assert!(present(&c).is_some(), "kept past moka's eviction");
+        c.invalidate(id());
+        assert!(matches!(c.get(id(), clock.mono_nanos()), Cached::Missing), "evicted, then revoked");
+
+        // Another thread's kept hit.
+        put(&c, 6);
+        let turn = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            let other = s.spawn(|| {
+                let kept = present(&c).is_some();
+                turn.wait();
+                turn.wait();
+                (kept, matches!(c.get(id(), clock.mono_nanos()), Cached::Missing))
+            });
+            turn.wait();
+            c.invalidate(id());
+            turn.wait();
+            assert_eq!(other.join().unwrap(), (true, true), "the other thread's kept hit went too");
+        });
+
+        // Two caches on one thread never answer for each other.
+        put(&c, 7);
+        assert!(present(&c).is_some());
+        let other = cache(&clock);
+        assert!(matches!(other.get(id(), clock.mono_nanos()), Cached::Missing));
     }
 
     #[test]

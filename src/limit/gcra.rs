@@ -45,9 +45,18 @@ impl GcraBucket {
     }
 
     /// [`check`](Self::check) at monotonic `now`, read by the caller (it
-    /// may be a little older than readings other calls already used).
+    /// may be a little older than readings other calls already used), of a
+    /// bucket its limiter still holds.
     #[inline]
     pub fn check_at(&self, cost: u32, now: u64) -> (bool, RateState) {
+        self.take_live(cost, now).unwrap_or_else(|| self.retired_answer())
+    }
+
+    /// [`check_at`](Self::check_at), or `None` if the bucket was retired
+    /// ([`retire_if_whole`](Self::retire_if_whole)): a holder of it outside
+    /// its limiter's map then asks the map again.
+    #[inline]
+    pub fn take_live(&self, cost: u32, now: u64) -> Option<(bool, RateState)> {
         let need = self.period_nanos.saturating_mul(cost.max(1) as u64);
         let mut state = RateState {
             limit: self.policy.requests,
@@ -60,10 +69,13 @@ impl GcraBucket {
             // More than the whole burst: this request can never pass.
             state.retry_after_ms = self.policy.window_seconds * 1000;
             state.reset_seconds = self.policy.window_seconds;
-            return (false, state);
+            return Some((false, state));
         }
         let mut tat = self.tat.load(Ordering::Relaxed);
         loop {
+            if tat == RETIRED {
+                return None;
+            }
             let start = tat.max(now);
             let next = start + need;
             if next - now > self.capacity_nanos {
@@ -74,13 +86,13 @@ impl GcraBucket {
                 state.remaining = self.cells_in(self.capacity_nanos.saturating_sub(start - now)).min(state.limit);
                 state.retry_after_ms = wait.div_ceil(1_000_000).max(1);
                 state.reset_seconds = ceil_seconds(wait).max(1);
-                return (false, state);
+                return Some((false, state));
             }
             match self.tat.compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Relaxed) {
                 Ok(_) => {
                     state.remaining = self.cells_in(self.capacity_nanos - (next - now)).min(state.limit);
                     state.reset_seconds = ceil_seconds(next - now);
-                    return (true, state);
+                    return Some((true, state));
                 }
                 Err(actual) => tat = actual,
             }
@@ -89,11 +101,43 @@ impl GcraBucket {
 
     /// Gives back `cost` cells taken by [`GcraBucket::check`] (never more
     /// than make the bucket whole).
+    /// A retired bucket's answer, never given by a limiter's map (it holds
+    /// no retired bucket): nothing left for a window.
+    #[cold]
+    fn retired_answer(&self) -> (bool, RateState) {
+        let window = self.policy.window_seconds;
+        let state = RateState {
+            limit: self.policy.requests,
+            remaining: 0,
+            reset_seconds: window,
+            window_seconds: window,
+            retry_after_ms: window * 1000,
+        };
+        (false, state)
+    }
+
+    /// Retires the bucket if it is whole (then it is the same as a new
+    /// one), in one step with any take: a take that lands first leaves it
+    /// unretired, one that comes after finds it retired. The caller drops
+    /// it from its map.
+    pub fn retire_if_whole(&self) -> bool {
+        let tat = self.tat.load(Ordering::Acquire);
+        tat != RETIRED
+            && tat <= self.clock.mono_nanos()
+            && self.tat.compare_exchange(tat, RETIRED, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+    }
+
+    /// Retires the bucket whatever it holds (its key is gone, or its
+    /// policy changed): no cell is taken from it again.
+    pub fn retire(&self) {
+        self.tat.store(RETIRED, Ordering::Release);
+    }
+
     pub fn refund(&self, cost: u32) {
         let back = self.period_nanos.saturating_mul(cost.max(1) as u64);
         let now = self.clock.mono_nanos();
         let _ = self.tat.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |tat| {
-            (tat > now).then(|| tat.saturating_sub(back).max(now))
+            (tat != RETIRED && tat > now).then(|| tat.saturating_sub(back).max(now))
         });
     }
 
@@ -115,6 +159,9 @@ impl GcraBucket {
     }
 }
 
+/// The theoretical arrival time of a retired bucket: later than any.
+const RETIRED: u64 = u64::MAX;
+
 fn ceil_seconds(nanos: u64) -> u64 {
     nanos.div_ceil(1_000_000_000)
 }
@@ -127,6 +174,26 @@ mod tests {
 
     fn policy(requests: u64, window_seconds: u64, burst: u64) -> RateLimitPolicy {
         RateLimitPolicy { requests, window_seconds, burst, per_tenant: false }
+    }
+
+    /// A retired bucket gives no cell again, a refund does not bring it
+    /// back, and only a whole bucket retires by `retire_if_whole`.
+    #[test]
+    fn a_retired_bucket_gives_nothing() {
+        let clock = Clock::manual(1_000);
+        let l = GcraBucket::new(policy(5, 60, 0), clock.clone());
+        assert!(l.check(1).0);
+        assert!(!l.retire_if_whole(), "a cell is out");
+        clock.advance(Duration::from_secs(12));
+        assert!(l.retire_if_whole());
+        assert!(!l.is_whole());
+        assert_eq!(l.take_live(1, clock.mono_nanos()), None);
+        l.refund(1);
+        assert_eq!(l.take_live(1, clock.mono_nanos()), None, "a refund does not revive it");
+        let fresh = GcraBucket::new(policy(5, 60, 0), clock.clone());
+        fresh.retire();
+        assert_eq!(fresh.take_live(1, clock.mono_nanos()), None);
+        assert!(!fresh.check(1).0);
     }
 
     #[test]

@@ -22,11 +22,43 @@ type Hasher = foldhash::fast::RandomState;
 pub struct LocalLimiter {
     buckets: DashMap<BucketId, Arc<GcraBucket>, Hasher>,
     clock: Clock,
+    /// This limiter, in the threads' fronts.
+    instance: u64,
+}
+
+/// Buckets each thread keeps in front of the map, by bucket id: a hot
+/// key's bucket is found without hashing its id, locking a shard and
+/// comparing in the map (README, "Performance"). A bucket the map drops is
+/// retired first ([`GcraBucket::retire_if_whole`], [`GcraBucket::retire`]),
+/// so a kept one is never taken from after it left the map.
+pub const FRONT_SLOTS: usize = 16;
+
+/// A kept bucket: which limiter, which id, the bucket.
+type Kept = Option<(u64, BucketId, Arc<GcraBucket>)>;
+
+thread_local! {
+    static FRONT: std::cell::RefCell<[Kept; FRONT_SLOTS]> =
+        const { std::cell::RefCell::new([const { None }; FRONT_SLOTS]) };
+}
+
+/// Tells the limiters of one process apart in the threads' fronts.
+static LIMITERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A bucket's slot in a thread's front: key_ids and tenant tags are
+/// uniformly random, so a few of their bits are a good hash.
+#[inline]
+fn front_slot(id: &BucketId) -> usize {
+    let owner = match &id.owner {
+        BucketOwner::Key(k) => k.as_bytes()[1] ^ k.as_bytes()[6].rotate_left(3),
+        BucketOwner::Tenant { tag, .. } => tag[0] ^ tag[5].rotate_left(3),
+    };
+    usize::from(owner ^ id.name.as_str().len() as u8) % FRONT_SLOTS
 }
 
 impl LocalLimiter {
     pub fn new(clock: Clock) -> LocalLimiter {
-        LocalLimiter { buckets: DashMap::with_hasher(Hasher::default()), clock }
+        let instance = LIMITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        LocalLimiter { buckets: DashMap::with_hasher(Hasher::default()), clock, instance }
     }
 
     /// Takes `cost` cells from the bucket for `id` under `policy`; a changed
@@ -34,17 +66,41 @@ impl LocalLimiter {
     /// update (a new name) keeps the bucket. The check runs under the map's
     /// shard lock, so a purge cannot drop a bucket between lookup and take.
     fn take(&self, id: &BucketId, policy: &RateLimitPolicy, cost: u32, now: u64) -> (bool, RateState) {
+        let at = front_slot(id);
+        let kept = FRONT.with_borrow(|front| match &front[at] {
+            Some((limiter, kept, bucket)) if *limiter == self.instance && kept == id && bucket.policy() == *policy => {
+                bucket.take_live(cost, now)
+            }
+            _ => None,
+        });
+        if let Some(answer) = kept {
+            return answer;
+        }
+        let (answer, bucket) = self.take_from_map(id, policy, cost, now);
+        FRONT.with_borrow_mut(|front| front[at] = Some((self.instance, *id, bucket)));
+        answer
+    }
+
+    /// [`take`](Self::take) through the map, and the bucket it took from.
+    fn take_from_map(
+        &self,
+        id: &BucketId,
+        policy: &RateLimitPolicy,
+        cost: u32,
+        now: u64,
+    ) -> ((bool, RateState), Arc<GcraBucket>) {
         if let Some(b) = self.buckets.get(id)
             && b.policy() == *policy
         {
-            return b.check_at(cost, now);
+            return (b.check_at(cost, now), b.clone());
         }
         let mut slot =
             self.buckets.entry(*id).or_insert_with(|| Arc::new(GcraBucket::new(*policy, self.clock.clone())));
         if slot.policy() != *policy {
+            slot.retire();
             *slot = Arc::new(GcraBucket::new(*policy, self.clock.clone()));
         }
-        slot.check_at(cost, now)
+        (slot.check_at(cost, now), slot.clone())
     }
 }
 
@@ -62,13 +118,21 @@ impl Limiter for LocalLimiter {
     }
 
     fn forget_key(&self, id: KeyId) {
-        self.buckets.retain(|b, _| b.owner != BucketOwner::Key(id));
+        self.buckets.retain(|b, bucket| {
+            let keep = b.owner != BucketOwner::Key(id);
+            if !keep {
+                bucket.retire();
+            }
+            keep
+        });
     }
 
     fn purge(&self) {
-        // Under the shard's write lock no check can reach the bucket, so a
-        // whole bucket emptied by the test is dropped before anyone sees it.
-        self.buckets.retain(|_, b| !b.is_whole());
+        // Under the shard's write lock no check through the map can reach
+        // the bucket, and one through a thread's front either lands before
+        // the retirement (the bucket is not whole, and stays) or finds it
+        // retired and asks the map, which no longer holds it.
+        self.buckets.retain(|_, b| !b.retire_if_whole());
     }
 
     fn len(&self) -> usize {
@@ -133,6 +197,48 @@ mod tests {
         clock.advance(Duration::from_secs(3600));
         l.purge();
         assert!(l.is_empty());
+    }
+
+    /// A bucket a thread keeps in front of the map is not taken from once
+    /// the map dropped it: after a purge of whole buckets, after its key's
+    /// deletion, after a change of policy; and two limiters on one thread
+    /// never share one.
+    #[test]
+    fn a_kept_bucket_goes_when_the_map_drops_it() {
+        let clock = Clock::manual(0);
+        let l = LocalLimiter::new(clock.clone());
+        let two = policy(2, 60);
+        let id = with(&key_bucket("aaaaAAAA"), &two);
+        assert!(take(&l, &id, &two, 1).allowed);
+        clock.advance(Duration::from_secs(60));
+        l.purge();
+        assert!(l.is_empty(), "whole, so purged");
+        assert!(take(&l, &id, &two, 1).allowed);
+        assert_eq!(l.len(), 1, "the take went through the map and made a new bucket");
+
+        assert!(take(&l, &id, &two, 1).allowed);
+        assert!(!take(&l, &id, &two, 1).allowed, "spent");
+        l.forget_key("aaaaAAAA".parse().unwrap());
+        assert!(take(&l, &id, &two, 1).allowed, "the deleted key's spent bucket is not used again");
+        assert_eq!(l.len(), 1);
+
+        let other = LocalLimiter::new(clock.clone());
+        assert_eq!(take(&other, &id, &two, 1).state.remaining, 1, "another limiter's bucket of that id");
+        assert_eq!(take(&l, &id, &two, 1).state.remaining, 0, "and this one's is its own");
+
+        // On another thread: what it kept from the map goes with a purge.
+        let hourly = policy(1, 3600);
+        let spent = with(&key_bucket("bbbbBBBB"), &hourly);
+        std::thread::scope(|s| {
+            s.spawn(|| assert!(take(&l, &spent, &hourly, 1).allowed));
+        });
+        assert!(!take(&l, &spent, &hourly, 1).allowed);
+        clock.advance(Duration::from_secs(3600));
+        l.purge();
+        std::thread::scope(|s| {
+            s.spawn(|| assert!(take(&l, &spent, &hourly, 1).allowed, "a new bucket"));
+        });
+        assert!(!take(&l, &spent, &hourly, 1).allowed, "the other thread's take is in the map's bucket");
     }
 
     #[test]

@@ -32,5 +32,7 @@ for line in sys.stdin:
         ir, n = (int(g.replace(",", "")) for g in m.groups())
         name = os.environ["BENCH"]
         print(f"{name:<42} {ir / n:>6.0f} instructions per verify ({n} calls)")
-        break'
+        break
+else:
+    sys.exit(os.environ["BENCH"] + ": no Verify call was counted inside the timed loop of this build")'
 done

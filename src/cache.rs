@@ -390,11 +390,13 @@ impl KeyCache {
             Some(f) if f.cache == self.instance && f.id == id && f.changes == changes => Some(f.entry.clone()),
             _ => None,
         });
-        if let Some(entry) = kept {
-            return match now.saturating_sub(entry.loaded_at) < self.ttl_nanos {
-                true => Cached::Fresh(Lookup::Present(entry.key)),
-                false => Cached::Stale(entry.key),
-            };
+        // Only a fresh hit is answered from the front: past its TTL, what
+        // moka holds decides (a key moka evicted is then missing, never
+        // served stale from a thread's front during an outage).
+        if let Some(entry) = kept
+            && now.saturating_sub(entry.loaded_at) < self.ttl_nanos
+        {
+            return Cached::Fresh(Lookup::Present(entry.key));
         }
         let Some(entry) = self.entries.get(&id) else {
             return self.get_negative(id, now);
@@ -757,6 +759,12 @@ mod tests {
         assert!(present(&c).is_some(), "kept past moka's eviction");
         c.invalidate(id());
         assert!(matches!(c.get(id(), clock.mono_nanos()), Cached::Missing), "evicted, then revoked");
+        // Evicted, then past its TTL: missing, as moka says, not stale.
+        put(&c, 5);
+        assert!(present(&c).is_some());
+        c.entries.invalidate(&id());
+        clock.advance(Duration::from_secs(61));
+        assert!(matches!(c.get(id(), clock.mono_nanos()), Cached::Missing), "never stale from the front");
 
         // Another thread's kept hit.
         put(&c, 6);

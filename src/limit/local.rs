@@ -200,9 +200,10 @@ mod tests {
     }
 
     /// A bucket a thread keeps in front of the map is not taken from once
-    /// the map dropped it: after a purge of whole buckets, after its key's
-    /// deletion, after a change of policy; and two limiters on one thread
-    /// never share one.
+    /// the map dropped it: after a purge of whole buckets (on this thread
+    /// and another) and after its key's deletion; and two limiters on one
+    /// thread never share one. (A changed policy is another bucket id, so
+    /// another slot's key.)
     #[test]
     fn a_kept_bucket_goes_when_the_map_drops_it() {
         let clock = Clock::manual(0);

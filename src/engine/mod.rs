@@ -25,7 +25,7 @@ use crate::limit::LimitName;
 use crate::limit::fleet::FleetSettings;
 use crate::limit::named::{self, LimitSpec};
 use crate::limit::shedder::{Charged, FailureShedder};
-use crate::limit::{BucketId, Decision, Limiter, RateLimitPolicy, RateState};
+use crate::limit::{BucketId, Decision, LimitCheck, Limiter, RateLimitPolicy, RateState};
 use crate::metrics::Metrics;
 use crate::token::{TokenSettings, Tokens};
 use crate::verdict::{AppliedLimit, Mode, Outcome, Request, Verdict, VerifyError, most_constraining};
@@ -235,22 +235,24 @@ impl Engine {
         // wait (a store read, a tenant's policy, a shared bucket): then
         // they read the clock again, so a wait is not admitted as cells.
         let mut waited = Waited::default();
-        let found = waited
-            .on(self.records.lookup(key_id, peeked, || match req.ip.zip(shedder) {
-                None => Admit::Read,
-                Some((ip, shedder)) => match shedder.charge(ip) {
-                    Charged::Yes(c) => {
-                        charge = Some(c);
-                        Admit::Read
-                    }
-                    Charged::Shed(ms) => {
-                        shed_for = Some(ms);
-                        Admit::Refuse
-                    }
-                    Charged::Busy => Admit::Wait,
-                },
-            }))
-            .await;
+        let charge_read = || match req.ip.zip(shedder) {
+            None => Admit::Read,
+            Some((ip, shedder)) => match shedder.charge(ip) {
+                Charged::Yes(c) => {
+                    charge = Some(c);
+                    Admit::Read
+                }
+                Charged::Shed(ms) => {
+                    shed_for = Some(ms);
+                    Admit::Refuse
+                }
+                Charged::Busy => Admit::Wait,
+            },
+        };
+        let found = match self.records.answer_cached(peeked) {
+            Ok(found) => Ok(found),
+            Err(miss) => waited.on(self.records.lookup_missed(key_id, miss, charge_read)).await,
+        };
         if let (Some(shedder), Some(ms)) = (shedder, shed_for) {
             return Ok(self.shed(shedder, ms));
         }
@@ -394,7 +396,13 @@ impl Engine {
         };
         for spec in &applicable {
             let at = waited.now(now.mono, &self.clock);
-            let decision = match waited.on(self.limiter.check_spec(&bucket_of(spec), spec, cost, at).outcome()).await {
+            // An in-process bucket answers at once: taken as it is, with
+            // no future around it (README, "Performance").
+            let decision = match self.limiter.check_spec(&bucket_of(spec), spec, cost, at) {
+                LimitCheck::Ready(answer) => answer,
+                LimitCheck::Pending(wait) => waited.on(wait).await,
+            };
+            let decision = match decision {
                 Ok(d) => d,
                 Err(e) => {
                     self.refund(applicable.iter().map(bucket_of).zip(&taken), cost);

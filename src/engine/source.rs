@@ -37,7 +37,15 @@ const BREAKER_AFTER: u32 = 3;
 /// How often a lookup waiting for its address's reads in flight asks again.
 const ADMIT_POLL: Duration = Duration::from_millis(1);
 
-/// Whether a lookup may read the store now (see [`RecordSource::lookup`]).
+/// What the cache could not answer alone (see
+/// [`RecordSource::answer_cached`]): the stale entry it held, if any, and
+/// since when the store has been known to be down (0: it is not).
+pub struct Miss {
+    stale: Option<std::sync::Arc<CachedKey>>,
+    down_since: u64,
+}
+
+/// Whether a lookup may read the store now (see [`RecordSource::lookup_missed`]).
 pub enum Admit {
     Read,
     Refuse,
@@ -99,7 +107,7 @@ impl RecordSource {
     }
 
     /// What the cache holds for `id`, read once per Verify and handed to
-    /// [`lookup`](Self::lookup); never reads the store.
+    /// [`answer_cached`](Self::answer_cached); never reads the store.
     #[inline]
     pub fn peek(&self, id: KeyId, now_mono: u64) -> Cached {
         self.cache.get(id, now_mono)
@@ -113,20 +121,11 @@ impl RecordSource {
     }
 
     /// The record for `id` from what the cache held (`peeked`, from
-    /// [`peek`](Self::peek)), or from the store on a miss (one read, shared
-    /// by every concurrent miss for the same key_id).
-    ///
-    /// `charge` is asked before the store is read (README, "Rate limits"):
-    /// [`Admit::Refuse`] reads nothing and answers `Absent`, which the
-    /// caller must not take as the store's; [`Admit::Wait`] asks again
-    /// shortly, for at most the store budget (then the store is too slow
-    /// for this caller: `UNAVAILABLE`).
-    pub async fn lookup(
-        &self,
-        id: KeyId,
-        peeked: Cached,
-        charge: impl FnMut() -> Admit,
-    ) -> Result<Lookup, VerifyError> {
+    /// [`peek`](Self::peek)) when it can answer alone, without a future (a
+    /// cache hit, the common case: README, "Performance"); else the miss
+    /// to hand to [`lookup_missed`](Self::lookup_missed).
+    #[inline]
+    pub fn answer_cached(&self, peeked: Cached) -> Result<Lookup, Miss> {
         let down_since = self.store_down_since.load(Ordering::Relaxed);
         let failing = self.failing_since.load(Ordering::Relaxed) != 0;
         let untrusted = self.feed_lost_too_long();
@@ -144,6 +143,25 @@ impl RecordSource {
             Cached::Stale(key) => Some(key),
             Cached::Missing => None,
         };
+        Err(Miss { stale, down_since })
+    }
+
+    /// The record for a key_id the cache could not answer for: from the
+    /// store (one read, shared by every concurrent miss for the same
+    /// key_id), else the stale entry `miss` holds, if the outage is young.
+    ///
+    /// `charge` is asked before the store is read (README, "Rate limits"):
+    /// [`Admit::Refuse`] reads nothing and answers `Absent`, which the
+    /// caller must not take as the store's; [`Admit::Wait`] asks again
+    /// shortly, for at most the store budget (then the store is too slow
+    /// for this caller: `UNAVAILABLE`).
+    pub async fn lookup_missed(
+        &self,
+        id: KeyId,
+        miss: Miss,
+        charge: impl FnMut() -> Admit,
+    ) -> Result<Lookup, VerifyError> {
+        let Miss { stale, down_since } = miss;
         // A key_id no one created: NOT_FOUND without the store, and nothing
         // cached for it (README, forged keys).
         if stale.is_none()
@@ -159,7 +177,7 @@ impl RecordSource {
         Box::pin(self.read_through(id, stale, down_since, charge)).await
     }
 
-    /// [`lookup`](Self::lookup) past the cache: the store, shared by every
+    /// [`lookup_missed`](Self::lookup_missed) past the known-key filter: the store, shared by every
     /// concurrent miss of `id`, and `stale` if it cannot answer.
     async fn read_through(
         &self,

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cache::{CacheSettings, Lookup};
-use crate::clock::{Clock, Now};
+use crate::clock::Clock;
 use crate::key::{KeyFormat, KeyKind, PepperSet};
 use crate::limit::LimitName;
 use crate::limit::fleet::FleetSettings;
@@ -144,7 +144,297 @@ impl Engine {
         // One clock read per Verify (README, "Performance"): the cache's
         // age, the limiters, the checks and the usage count share it.
         let now = self.clock.now();
-        let outcome = self.decide(req, shedder, now).await.map(|v| Verdict { decided_at: now.unix, ..v });
+        // The pipeline, in this function's own state rather than a future
+        // of its own, which would be built and then copied here on every
+        // call (over a kilobyte; README, "Performance"). Each step that
+        // decides breaks out of the block with the Verify's answer.
+        let outcome: Result<Verdict, VerifyError> = 'decide: {
+            // 1. Parse: prefix, shape and checksum, before anything else; or,
+            // for a token (README, "Token exchange"), its signature, issuer and
+            // expiry, without the store.
+            let token = match &self.tokens {
+                Some(tokens) if crate::token::looks_like_token(req.key) => match tokens.verify(req.key) {
+                    Ok(t) if req.mode == Mode::Bearer => Some(t),
+                    // A token this deployment signed, past its expiry: said so,
+                    // as for a key (no key is named).
+                    Err(crate::token::TokenRejection::Expired) if req.mode == Mode::Bearer => {
+                        break 'decide Ok(Verdict::bare(Outcome::Expired));
+                    }
+                    _ => {
+                        count_failure(shedder, req.ip);
+                        break 'decide Ok(Verdict::bare(Outcome::Malformed));
+                    }
+                },
+                _ => None,
+            };
+            let presented = match &token {
+                Some(_) => None,
+                None => match self.format.parse(req.key) {
+                    Ok(p) => Some(p),
+                    Err(why) => {
+                        count_failure(shedder, req.ip);
+                        break 'decide Ok(Verdict { malformed: Some(why), ..Verdict::bare(Outcome::Malformed) });
+                    }
+                },
+            };
+            // A publishable key answers only for public scopes (README, "Key
+            // kinds"): its kind is in its prefix, so anything else is refused
+            // here, before the cache or the store, whatever the key_id.
+            if let Some(p) = &presented
+                && p.kind == KeyKind::Publishable
+                && (req.mode != Mode::Bearer || !req.scopes.iter().all(crate::scope::is_public))
+            {
+                break 'decide Ok(Verdict::bare(Outcome::InsufficientScope));
+            }
+            let key_id = match (&presented, &token) {
+                (Some(p), _) => p.key_id,
+                (None, Some(t)) => t.key_id,
+                (None, None) => unreachable!("a key or a token"),
+            };
+            // 2. Shed an address that failed too often: it protects the store,
+            // so a key already in the cache is answered whatever its address's
+            // failures (nobody can lock a victim's valid key out by forging
+            // failures from the victim's address).
+            // An exchange is shed whatever the cache holds: its secret and
+            // email are what is being guessed.
+            // The cache is read once: what it holds is taken on to the lookup.
+            let peeked = self.records.peek(key_id, now.mono);
+            if let (Some(ip), Some(shedder)) = (req.ip, shedder)
+                && (req.mode == Mode::Exchange || !self.records.is_trusted_hit(&peeked))
+                && let Some(retry_after_ms) = shedder.shed(ip)
+            {
+                break 'decide Ok(self.shed(shedder, retry_after_ms));
+            }
+
+            // 3. The record, and the secret checked against it (a token's
+            // signature stood for it). A read of the store is charged to the
+            // caller's address before it is made and given back if the key is
+            // good (README, "Rate limits"): many misses sent at once cannot
+            // read more than the address's allowance.
+            let mut charge = None;
+            let mut shed_for = None;
+            // The clock reading is the limiters' too, unless the Verify had to
+            // wait (a store read, a tenant's policy, a shared bucket): then
+            // they read the clock again, so a wait is not admitted as cells.
+            let mut waited = Waited::default();
+            let charge_read = || match req.ip.zip(shedder) {
+                None => Admit::Read,
+                Some((ip, shedder)) => match shedder.charge(ip) {
+                    Charged::Yes(c) => {
+                        charge = Some(c);
+                        Admit::Read
+                    }
+                    Charged::Shed(ms) => {
+                        shed_for = Some(ms);
+                        Admit::Refuse
+                    }
+                    Charged::Busy => Admit::Wait,
+                },
+            };
+            let found = match self.records.answer_cached(peeked) {
+                Ok(found) => Ok(found),
+                Err(miss) => waited.on(self.records.lookup_missed(key_id, miss, charge_read)).await,
+            };
+            if let (Some(shedder), Some(ms)) = (shedder, shed_for) {
+                break 'decide Ok(self.shed(shedder, ms));
+            }
+            // The charge is given back when dropped (a valid key, a store
+            // error, a caller gone); a failure keeps it.
+            let mut failed = || match charge.take() {
+                Some(c) => c.failed(),
+                None => count_failure(shedder, req.ip),
+            };
+            let found = tri!(found, 'decide);
+            let key = match found {
+                Lookup::Present(key)
+                    if match (&presented, &token) {
+                        // The kind too: a publishable key's secret is public, so
+                        // re-prefixed as a secret key it must find nothing.
+                        (Some(p), _) => {
+                            key.record.env == p.env
+                                && key.record.kind == p.kind
+                                && self.peppers.matches_kind(&key.record.secret_hash, p.key_id, p.kind, p.secret())
+                        }
+                        (None, Some(t)) => key.record.env.as_str() == t.env,
+                        (None, None) => false,
+                    } =>
+                {
+                    key
+                }
+                _ => {
+                    failed();
+                    break 'decide Ok(Verdict::bare(Outcome::NotFound));
+                }
+            };
+            // An exchange of a key owned by an email names that email: a wrong
+            // one is a wrong credential, answered and counted as such before
+            // any other check or limit could tell the secret was right.
+            if req.mode == Mode::Exchange && !owner_matches(&key.record.owner, req.owner_email) {
+                failed();
+                break 'decide Ok(Verdict::bare(Outcome::NotFound));
+            }
+            drop(charge);
+
+            // The tenant's policy (limits, tiers), read once when needed.
+            let record = &key.record;
+            let tenant_view = match record.tenant.is_empty() || (record.tiers.is_empty() && req.mode == Mode::Admin) {
+                true => None,
+                false => Some(tri!(waited.on(self.records.tenant_limits(&record.tenant)).await, 'decide)),
+            };
+            // A key's tiers add their scopes (README, "Tiers"): the tenant's tier
+            // of a name, else the deployment's. Only keys with tiers pay for it.
+            let tier_scopes: Option<Arc<[String]>> = if record.tiers.is_empty() {
+                None
+            } else {
+                let deployment = tri!(waited.on(self.records.tenant_limits("")).await, 'decide);
+                let from = [tenant_view.as_ref().map_or(0, |v| v.id), deployment.id];
+                Some(key.tier_scopes(from, || {
+                    let mut all = record.scopes.clone();
+                    for tier in &record.tiers {
+                        let bundle =
+                            tenant_view.as_ref().and_then(|v| v.tiers.get(tier)).or(deployment.tiers.get(tier));
+                        for s in bundle.into_iter().flatten() {
+                            if !all.contains(s) {
+                                all.push(s.clone());
+                            }
+                        }
+                    }
+                    all
+                }))
+            };
+            let granted: &[String] = tier_scopes.as_deref().unwrap_or(&record.scopes);
+
+            // 4. The checks, in order of precedence.
+            let outcome = if record.is_revoked_at(now.unix) {
+                Outcome::Revoked
+            } else if record.is_expired_at(now.unix) {
+                Outcome::Expired
+            } else if record.disabled {
+                Outcome::Disabled
+            } else if record.exchange_only && req.mode != Mode::Exchange && token.is_none() {
+                Outcome::ExchangeOnly
+            } else if !req.tenant.is_empty() && req.tenant != record.tenant {
+                Outcome::TenantMismatch
+            } else if !record.ip_allowlist.is_empty()
+                && !req.ip.is_some_and(|ip| record.ip_allowlist.iter().any(|net| net.contains(&ip)))
+            {
+                Outcome::IpNotAllowed
+            } else if !record.allowed_origins.is_empty() && !crate::origin::allowed(&record.allowed_origins, req.origin)
+            {
+                Outcome::OriginNotAllowed
+            } else if !crate::scope::all_granted(granted, req.scopes.iter(), self.allow_star_scope)
+                || token
+                    .as_ref()
+                    .is_some_and(|t| !crate::scope::all_granted(&t.scopes, req.scopes.iter(), self.allow_star_scope))
+            {
+                Outcome::InsufficientScope
+            } else {
+                Outcome::Valid
+            };
+            if outcome != Outcome::Valid {
+                break 'decide Ok(Verdict { outcome, key: Some(key), ..Verdict::bare(outcome) });
+            }
+            // A token's scopes that its key still holds: all of them, unless
+            // the key lost some since the exchange (then a copy without them).
+            // For a key with tiers: its scopes and its tiers'.
+            let token_scopes = match &token {
+                Some(t) => {
+                    let held = |s: &String| crate::scope::all_granted(granted, [s.as_str()], self.allow_star_scope);
+                    Some(if t.scopes.iter().all(held) {
+                        t.scopes.clone()
+                    } else {
+                        t.scopes.iter().filter(|s| held(s)).cloned().collect::<Vec<_>>().into()
+                    })
+                }
+                None => tier_scopes.clone(),
+            };
+
+            // 5. The limits (README, "Rate limits"): every applicable one is
+            // checked, and cells stay taken only if all pass.
+            let tenant_limits = match (tenant_view, record.tenant.is_empty()) {
+                (Some(v), _) => Some(v),
+                (None, true) => None,
+                (None, false) => Some(tri!(waited.on(self.records.tenant_limits(&record.tenant)).await, 'decide)),
+            };
+            let mut applicable: smallvec::SmallVec<[LimitSpec; 4]> = smallvec::SmallVec::new();
+            let legacy = record.rate_limit.as_ref().map(LimitSpec::from_legacy);
+            let tenant_layer = tenant_limits.as_deref().map_or(&[][..], |v| &v.limits[..]);
+            if req.limits.is_empty() && record.limits.is_empty() && tenant_layer.is_empty() && self.limits.is_empty() {
+                // The common case: at most the key's own `rate_limit`.
+                if let Some(l) = legacy {
+                    applicable.push(l);
+                }
+            } else {
+                named::applicable(req.limits, [&record.limits, tenant_layer, &self.limits], legacy, &mut applicable);
+            }
+            // The cells taken so far, one decision per limit of `applicable`
+            // in order, to give back if a later limit denies. Only these are
+            // held while a limiter answers: the bucket ids are made again for
+            // a refund and the applied limits after the loop, which keeps
+            // every Verify's future (moved before it runs) smaller.
+            let mut taken: smallvec::SmallVec<[Decision; 4]> = smallvec::SmallVec::new();
+            let cost = req.cost.max(1);
+            let bucket_of = |spec: &LimitSpec| BucketId::of(spec, record.key_id, key.tenant_tag.as_ref(), record.env);
+            let applied_of = |taken: &[Decision]| -> smallvec::SmallVec<[AppliedLimit; 4]> {
+                applicable.iter().zip(taken).map(|(spec, d)| AppliedLimit { name: spec.name, state: d.state }).collect()
+            };
+            for spec in &applicable {
+                let at = waited.now(now.mono, &self.clock);
+                // An in-process bucket answers at once: taken as it is, with
+                // no future around it (README, "Performance").
+                let decision = match self.limiter.check_spec(&bucket_of(spec), spec, cost, at) {
+                    LimitCheck::Ready(answer) => answer,
+                    LimitCheck::Pending(wait) => waited.on(wait).await,
+                };
+                let decision = match decision {
+                    Ok(d) => d,
+                    Err(e) => {
+                        self.refund(applicable.iter().map(bucket_of).zip(&taken), cost);
+                        break 'decide Err(VerifyError::LimiterUnavailable(e.to_string()));
+                    }
+                };
+                if !decision.allowed {
+                    self.refund(applicable.iter().map(bucket_of).zip(&taken), cost);
+                    let mut applied = applied_of(&taken);
+                    for a in applied.iter_mut() {
+                        a.state.remaining = (a.state.remaining + cost as u64).min(a.state.limit);
+                    }
+                    let denied = AppliedLimit { name: spec.name, state: decision.state };
+                    applied.push(denied);
+                    break 'decide Ok(Verdict {
+                        outcome: Outcome::RateLimited,
+                        key: Some(key),
+                        rate: Some(denied),
+                        limits: if applied.len() > 1 { applied.to_vec() } else { Vec::new() },
+                        malformed: None,
+                        token_scopes,
+                        decided_at: now.unix,
+                    });
+                }
+                taken.push(decision);
+            }
+            // One limit, the common case, is its own most constraining one.
+            let (rate, limits) = match (&applicable[..], &taken[..]) {
+                ([], _) | (_, []) => (None, Vec::new()),
+                ([spec], [d]) => (Some(AppliedLimit { name: spec.name, state: d.state }), Vec::new()),
+                _ => {
+                    let applied = applied_of(&taken);
+                    (most_constraining(&applied).copied(), applied.to_vec())
+                }
+            };
+
+            // 6. Valid.
+            Ok(Verdict {
+                outcome: Outcome::Valid,
+                key: Some(key),
+                rate,
+                limits,
+                malformed: None,
+                token_scopes,
+                decided_at: now.unix,
+            })
+        };
+        let outcome = outcome.map(|v| Verdict { decided_at: now.unix, ..v });
         if let Some(started) = started {
             self.metrics.verify_seconds.record(started.elapsed().as_secs_f64());
         }
@@ -159,296 +449,6 @@ impl Engine {
             Err(_) => self.metrics.verify_unavailable.increment(1),
         }
         outcome
-    }
-
-    async fn decide(
-        &self,
-        req: &Request<'_>,
-        shedder: Option<&FailureShedder>,
-        now: Now,
-    ) -> Result<Verdict, VerifyError> {
-        // 1. Parse: prefix, shape and checksum, before anything else; or,
-        // for a token (README, "Token exchange"), its signature, issuer and
-        // expiry, without the store.
-        let token = match &self.tokens {
-            Some(tokens) if crate::token::looks_like_token(req.key) => match tokens.verify(req.key) {
-                Ok(t) if req.mode == Mode::Bearer => Some(t),
-                // A token this deployment signed, past its expiry: said so,
-                // as for a key (no key is named).
-                Err(crate::token::TokenRejection::Expired) if req.mode == Mode::Bearer => {
-                    return Ok(Verdict::bare(Outcome::Expired));
-                }
-                _ => {
-                    count_failure(shedder, req.ip);
-                    return Ok(Verdict::bare(Outcome::Malformed));
-                }
-            },
-            _ => None,
-        };
-        let presented = match &token {
-            Some(_) => None,
-            None => match self.format.parse(req.key) {
-                Ok(p) => Some(p),
-                Err(why) => {
-                    count_failure(shedder, req.ip);
-                    return Ok(Verdict { malformed: Some(why), ..Verdict::bare(Outcome::Malformed) });
-                }
-            },
-        };
-        // A publishable key answers only for public scopes (README, "Key
-        // kinds"): its kind is in its prefix, so anything else is refused
-        // here, before the cache or the store, whatever the key_id.
-        if let Some(p) = &presented
-            && p.kind == KeyKind::Publishable
-            && (req.mode != Mode::Bearer || !req.scopes.iter().all(crate::scope::is_public))
-        {
-            return Ok(Verdict::bare(Outcome::InsufficientScope));
-        }
-        let key_id = match (&presented, &token) {
-            (Some(p), _) => p.key_id,
-            (None, Some(t)) => t.key_id,
-            (None, None) => unreachable!("a key or a token"),
-        };
-        // 2. Shed an address that failed too often: it protects the store,
-        // so a key already in the cache is answered whatever its address's
-        // failures (nobody can lock a victim's valid key out by forging
-        // failures from the victim's address).
-        // An exchange is shed whatever the cache holds: its secret and
-        // email are what is being guessed.
-        // The cache is read once: what it holds is taken on to the lookup.
-        let peeked = self.records.peek(key_id, now.mono);
-        if let (Some(ip), Some(shedder)) = (req.ip, shedder)
-            && (req.mode == Mode::Exchange || !self.records.is_trusted_hit(&peeked))
-            && let Some(retry_after_ms) = shedder.shed(ip)
-        {
-            return Ok(self.shed(shedder, retry_after_ms));
-        }
-
-        // 3. The record, and the secret checked against it (a token's
-        // signature stood for it). A read of the store is charged to the
-        // caller's address before it is made and given back if the key is
-        // good (README, "Rate limits"): many misses sent at once cannot
-        // read more than the address's allowance.
-        let mut charge = None;
-        let mut shed_for = None;
-        // The clock reading is the limiters' too, unless the Verify had to
-        // wait (a store read, a tenant's policy, a shared bucket): then
-        // they read the clock again, so a wait is not admitted as cells.
-        let mut waited = Waited::default();
-        let charge_read = || match req.ip.zip(shedder) {
-            None => Admit::Read,
-            Some((ip, shedder)) => match shedder.charge(ip) {
-                Charged::Yes(c) => {
-                    charge = Some(c);
-                    Admit::Read
-                }
-                Charged::Shed(ms) => {
-                    shed_for = Some(ms);
-                    Admit::Refuse
-                }
-                Charged::Busy => Admit::Wait,
-            },
-        };
-        let found = match self.records.answer_cached(peeked) {
-            Ok(found) => Ok(found),
-            Err(miss) => waited.on(self.records.lookup_missed(key_id, miss, charge_read)).await,
-        };
-        if let (Some(shedder), Some(ms)) = (shedder, shed_for) {
-            return Ok(self.shed(shedder, ms));
-        }
-        // The charge is given back when dropped (a valid key, a store
-        // error, a caller gone); a failure keeps it.
-        let mut failed = || match charge.take() {
-            Some(c) => c.failed(),
-            None => count_failure(shedder, req.ip),
-        };
-        let found = found?;
-        let key = match found {
-            Lookup::Present(key)
-                if match (&presented, &token) {
-                    // The kind too: a publishable key's secret is public, so
-                    // re-prefixed as a secret key it must find nothing.
-                    (Some(p), _) => {
-                        key.record.env == p.env
-                            && key.record.kind == p.kind
-                            && self.peppers.matches_kind(&key.record.secret_hash, p.key_id, p.kind, p.secret())
-                    }
-                    (None, Some(t)) => key.record.env.as_str() == t.env,
-                    (None, None) => false,
-                } =>
-            {
-                key
-            }
-            _ => {
-                failed();
-                return Ok(Verdict::bare(Outcome::NotFound));
-            }
-        };
-        // An exchange of a key owned by an email names that email: a wrong
-        // one is a wrong credential, answered and counted as such before
-        // any other check or limit could tell the secret was right.
-        if req.mode == Mode::Exchange && !owner_matches(&key.record.owner, req.owner_email) {
-            failed();
-            return Ok(Verdict::bare(Outcome::NotFound));
-        }
-        drop(charge);
-
-        // The tenant's policy (limits, tiers), read once when needed.
-        let record = &key.record;
-        let tenant_view = match record.tenant.is_empty() || (record.tiers.is_empty() && req.mode == Mode::Admin) {
-            true => None,
-            false => Some(waited.on(self.records.tenant_limits(&record.tenant)).await?),
-        };
-        // A key's tiers add their scopes (README, "Tiers"): the tenant's tier
-        // of a name, else the deployment's. Only keys with tiers pay for it.
-        let tier_scopes: Option<Arc<[String]>> = if record.tiers.is_empty() {
-            None
-        } else {
-            let deployment = waited.on(self.records.tenant_limits("")).await?;
-            let from = [tenant_view.as_ref().map_or(0, |v| v.id), deployment.id];
-            Some(key.tier_scopes(from, || {
-                let mut all = record.scopes.clone();
-                for tier in &record.tiers {
-                    let bundle = tenant_view.as_ref().and_then(|v| v.tiers.get(tier)).or(deployment.tiers.get(tier));
-                    for s in bundle.into_iter().flatten() {
-                        if !all.contains(s) {
-                            all.push(s.clone());
-                        }
-                    }
-                }
-                all
-            }))
-        };
-        let granted: &[String] = tier_scopes.as_deref().unwrap_or(&record.scopes);
-
-        // 4. The checks, in order of precedence.
-        let outcome = if record.is_revoked_at(now.unix) {
-            Outcome::Revoked
-        } else if record.is_expired_at(now.unix) {
-            Outcome::Expired
-        } else if record.disabled {
-            Outcome::Disabled
-        } else if record.exchange_only && req.mode != Mode::Exchange && token.is_none() {
-            Outcome::ExchangeOnly
-        } else if !req.tenant.is_empty() && req.tenant != record.tenant {
-            Outcome::TenantMismatch
-        } else if !record.ip_allowlist.is_empty()
-            && !req.ip.is_some_and(|ip| record.ip_allowlist.iter().any(|net| net.contains(&ip)))
-        {
-            Outcome::IpNotAllowed
-        } else if !record.allowed_origins.is_empty() && !crate::origin::allowed(&record.allowed_origins, req.origin) {
-            Outcome::OriginNotAllowed
-        } else if !crate::scope::all_granted(granted, req.scopes.iter(), self.allow_star_scope)
-            || token
-                .as_ref()
-                .is_some_and(|t| !crate::scope::all_granted(&t.scopes, req.scopes.iter(), self.allow_star_scope))
-        {
-            Outcome::InsufficientScope
-        } else {
-            Outcome::Valid
-        };
-        if outcome != Outcome::Valid {
-            return Ok(Verdict { outcome, key: Some(key), ..Verdict::bare(outcome) });
-        }
-        // A token's scopes that its key still holds: all of them, unless
-        // the key lost some since the exchange (then a copy without them).
-        // For a key with tiers: its scopes and its tiers'.
-        let token_scopes = match &token {
-            Some(t) => {
-                let held = |s: &String| crate::scope::all_granted(granted, [s.as_str()], self.allow_star_scope);
-                Some(if t.scopes.iter().all(held) {
-                    t.scopes.clone()
-                } else {
-                    t.scopes.iter().filter(|s| held(s)).cloned().collect::<Vec<_>>().into()
-                })
-            }
-            None => tier_scopes.clone(),
-        };
-
-        // 5. The limits (README, "Rate limits"): every applicable one is
-        // checked, and cells stay taken only if all pass.
-        let tenant_limits = match (tenant_view, record.tenant.is_empty()) {
-            (Some(v), _) => Some(v),
-            (None, true) => None,
-            (None, false) => Some(waited.on(self.records.tenant_limits(&record.tenant)).await?),
-        };
-        let mut applicable: smallvec::SmallVec<[LimitSpec; 4]> = smallvec::SmallVec::new();
-        let legacy = record.rate_limit.as_ref().map(LimitSpec::from_legacy);
-        let tenant_layer = tenant_limits.as_deref().map_or(&[][..], |v| &v.limits[..]);
-        if req.limits.is_empty() && record.limits.is_empty() && tenant_layer.is_empty() && self.limits.is_empty() {
-            // The common case: at most the key's own `rate_limit`.
-            if let Some(l) = legacy {
-                applicable.push(l);
-            }
-        } else {
-            named::applicable(req.limits, [&record.limits, tenant_layer, &self.limits], legacy, &mut applicable);
-        }
-        // The cells taken so far, one decision per limit of `applicable`
-        // in order, to give back if a later limit denies. Only these are
-        // held while a limiter answers: the bucket ids are made again for
-        // a refund and the applied limits after the loop, which keeps
-        // every Verify's future (moved before it runs) smaller.
-        let mut taken: smallvec::SmallVec<[Decision; 4]> = smallvec::SmallVec::new();
-        let cost = req.cost.max(1);
-        let bucket_of = |spec: &LimitSpec| BucketId::of(spec, record.key_id, key.tenant_tag.as_ref(), record.env);
-        let applied_of = |taken: &[Decision]| -> smallvec::SmallVec<[AppliedLimit; 4]> {
-            applicable.iter().zip(taken).map(|(spec, d)| AppliedLimit { name: spec.name, state: d.state }).collect()
-        };
-        for spec in &applicable {
-            let at = waited.now(now.mono, &self.clock);
-            // An in-process bucket answers at once: taken as it is, with
-            // no future around it (README, "Performance").
-            let decision = match self.limiter.check_spec(&bucket_of(spec), spec, cost, at) {
-                LimitCheck::Ready(answer) => answer,
-                LimitCheck::Pending(wait) => waited.on(wait).await,
-            };
-            let decision = match decision {
-                Ok(d) => d,
-                Err(e) => {
-                    self.refund(applicable.iter().map(bucket_of).zip(&taken), cost);
-                    return Err(VerifyError::LimiterUnavailable(e.to_string()));
-                }
-            };
-            if !decision.allowed {
-                self.refund(applicable.iter().map(bucket_of).zip(&taken), cost);
-                let mut applied = applied_of(&taken);
-                for a in applied.iter_mut() {
-                    a.state.remaining = (a.state.remaining + cost as u64).min(a.state.limit);
-                }
-                let denied = AppliedLimit { name: spec.name, state: decision.state };
-                applied.push(denied);
-                return Ok(Verdict {
-                    outcome: Outcome::RateLimited,
-                    key: Some(key),
-                    rate: Some(denied),
-                    limits: if applied.len() > 1 { applied.to_vec() } else { Vec::new() },
-                    malformed: None,
-                    token_scopes,
-                    decided_at: now.unix,
-                });
-            }
-            taken.push(decision);
-        }
-        // One limit, the common case, is its own most constraining one.
-        let (rate, limits) = match (&applicable[..], &taken[..]) {
-            ([], _) | (_, []) => (None, Vec::new()),
-            ([spec], [d]) => (Some(AppliedLimit { name: spec.name, state: d.state }), Vec::new()),
-            _ => {
-                let applied = applied_of(&taken);
-                (most_constraining(&applied).copied(), applied.to_vec())
-            }
-        };
-
-        // 6. Valid.
-        Ok(Verdict {
-            outcome: Outcome::Valid,
-            key: Some(key),
-            rate,
-            limits,
-            malformed: None,
-            token_scopes,
-            decided_at: now.unix,
-        })
     }
 
     /// The answer to an address that failed too often: 429 with when it
@@ -487,6 +487,17 @@ impl Engine {
         self.records.purge();
     }
 }
+
+/// `?` inside the pipeline's block: an error is the block's answer.
+macro_rules! tri {
+    ($result:expr, $block:lifetime) => {
+        match $result {
+            Ok(value) => value,
+            Err(e) => break $block Err(e),
+        }
+    };
+}
+use tri;
 
 /// Whether a Verify has had to wait since its clock reading (README,
 /// "Performance": one clock read per Verify, when it does not wait).

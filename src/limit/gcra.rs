@@ -55,7 +55,7 @@ impl GcraBucket {
     /// [`check_at`](Self::check_at), or `None` if the bucket was retired
     /// ([`retire_if_whole`](Self::retire_if_whole)): a holder of it outside
     /// its limiter's map then asks the map again.
-    #[inline]
+    #[inline(always)]
     pub fn take_live(&self, cost: u32, now: u64) -> Option<(bool, RateState)> {
         let need = self.period_nanos.saturating_mul(cost.max(1) as u64);
         let mut state = RateState {

@@ -65,6 +65,7 @@ impl LocalLimiter {
     /// policy gets a new, whole bucket. A cache refresh or an unrelated
     /// update (a new name) keeps the bucket. The check runs under the map's
     /// shard lock, so a purge cannot drop a bucket between lookup and take.
+    #[inline]
     fn take(&self, id: &BucketId, policy: &RateLimitPolicy, cost: u32, now: u64) -> (bool, RateState) {
         let at = front_slot(id);
         let kept = FRONT.with_borrow(|front| match &front[at] {

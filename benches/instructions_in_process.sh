@@ -2,8 +2,9 @@
 # Instructions per in-process cache-hit Verify, counted by valgrind's
 # callgrind (`apt-get install valgrind`; BENCHMARKS.md, "In process
 # (criterion)"): the criterion benches of benches/verify.rs run under callgrind in profile
-# mode, collecting only inside criterion's timed loop (no setup), and each
-# bench's instructions are divided by the Verify calls it made. Like
+# mode, collecting only inside the engine's Verify (the poll of its future,
+# `Engine::verify_with`), and the instructions of the calls criterion's
+# timed loop made are divided by their number (setup calls are left out). Like
 # benches/instructions_per_call.sh, the count barely moves between runs,
 # where nanoseconds move by a third on a shared machine.
 #
@@ -22,17 +23,17 @@ for l in sys.stdin:
     if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="verify" and m.get("executable"): print(m["executable"])')"
 dir="$(mktemp -d)"; trap 'rm -rf "$dir"' EXIT
 for bench in $BENCHES; do
-  valgrind --tool=callgrind --callgrind-out-file="$dir/cg" --toggle-collect='criterion::bencher::AsyncBencher*iter*' \
+  valgrind --tool=callgrind --callgrind-out-file="$dir/cg" --toggle-collect='keystile::engine::Engine::verify_with::{{closure}}' \
     "$bin" --bench --profile-time 2 "^$bench\$" >/dev/null 2>&1
   callgrind_annotate --tree=caller "$dir/cg" 2>/dev/null | BENCH="$bench" python3 -c '
 import os, re, sys
 for line in sys.stdin:
-    m = re.match(r"\s*([\d,]+) .*< \S*keystile::engine::Engine::verify::\{\{closure\}\} \(([\d,]+)x\)", line)
+    m = re.match(r"\s*([\d,]+) .*< \S*criterion::bencher::AsyncBencher\S* \(([\d,]+)x\)", line)
     if m:
         ir, n = (int(g.replace(",", "")) for g in m.groups())
         name = os.environ["BENCH"]
         print(f"{name:<42} {ir / n:>6.0f} instructions per verify ({n} calls)")
         break
 else:
-    sys.exit(os.environ["BENCH"] + ": no Verify call was counted inside the timed loop of this build")'
+    sys.exit(os.environ["BENCH"] + ": no Verify call from the timed loop was counted (was Engine::verify_with inlined?)")'
 done

@@ -116,9 +116,10 @@ struct Monotonic {
 }
 
 impl Monotonic {
-    /// Nanoseconds since `origin`; never below zero (counters of two cores
-    /// may differ by a few ticks, and every user of the clock takes a
-    /// reading older than another call's in its stride).
+    /// Nanoseconds since `origin`; never below zero. The counters of two
+    /// cores may differ by a few ticks: every user of the clock already
+    /// takes a reading a little older than another call's in its stride
+    /// (a Verify reads the clock once, at its start).
     #[inline]
     fn nanos(&self) -> u64 {
         self.ticks.delta_as_nanos(self.origin, self.ticks.raw())

@@ -71,7 +71,8 @@
 //! - [`config`]: flags, environment and file, validated (all errors at
 //!   once); [`secret`]: the redacting types.
 //! - [`clock`]: injectable time, read once per Verify ([`clock::Clock::now`]
-//!   gives both clocks from one reading); [`telemetry`]: logs and traces;
+//!   gives both clocks from one reading of the CPU's counter, by `quanta`);
+//!   [`telemetry`]: logs and traces;
 //!   [`metrics`]: the Prometheus instruments.
 //!
 //! The `keystile keys` / `tenants` CLI and `keystile bench` load generator

@@ -177,8 +177,9 @@ impl RecordSource {
         Box::pin(self.read_through(id, stale, down_since, charge)).await
     }
 
-    /// [`lookup_missed`](Self::lookup_missed) past the known-key filter: the store, shared by every
-    /// concurrent miss of `id`, and `stale` if it cannot answer.
+    /// [`lookup_missed`](Self::lookup_missed) past the known-key filter:
+    /// the store, shared by every concurrent miss of `id`, and `stale` if
+    /// it cannot answer.
     async fn read_through(
         &self,
         id: KeyId,

@@ -87,7 +87,7 @@ impl TenantLimits {
             Some(e) => Some(e.limits.clone()),
             None => None,
         };
-        // Boxed, as a key's read is (`RecordSource::lookup`): a cached
+        // Boxed, as a key's read is (`RecordSource::lookup_missed`): a cached
         // policy's future stays small.
         Box::pin(self.fetch(tenant, now, stale)).await
     }
